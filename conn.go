@@ -1,0 +1,402 @@
+package tether
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/coder/websocket"
+	"golang.org/x/time/rate"
+)
+
+// Message is one inbound application message.
+type Message struct {
+	// Data is the message's payload, owned by the receiver.
+	Data []byte
+	// Binary is true for a binary frame, false for a text frame.
+	Binary bool
+}
+
+// Inbound pings beyond this rate are a policy violation: a peer needs one
+// ping per heartbeat interval, not hundreds per second.
+const (
+	pingRateLimit = 10 // per second, sustained
+	pingBurst     = 20
+)
+
+// Conn is one live WebSocket connection with a heartbeat: the peer is
+// pinged when it has been silent for the heartbeat interval and dropped when
+// it has been silent for the timeout. It is safe for use by multiple
+// goroutines.
+//
+// A Conn costs one goroutine while idle: its reader, which reads all the
+// time, because a WebSocket peer's pings and pongs are only seen by reading.
+// A writer goroutine exists only while the send queue holds messages, and
+// heartbeats are driven by a scheduler shared with other conns.
+//
+// Receive messages with the [OnMessage] option. Wait for the end with
+// [Conn.Done], then read the reason with [Conn.Err].
+type Conn struct {
+	ws     *websocket.Conn
+	cfg    *config
+	sched  *scheduler
+	remote string
+
+	ctx    context.Context // cancelled when the conn ends: aborts every I/O
+	cancel context.CancelFunc
+	hb     heartbeat
+
+	pingLimiter *rate.Limiter // created at the first inbound ping; reader only
+
+	mu        sync.Mutex // guards the fields below
+	queue     sendQueue
+	writing   bool // a writer goroutine owns the queue
+	err       error
+	closeCode websocket.StatusCode // graceful close to send once the queue is drained
+	closeText string
+	budget    *time.Timer // forces a graceful close that takes too long
+
+	wg   sync.WaitGroup // writer, closer and ping goroutines
+	done chan struct{}
+}
+
+// Accept upgrades an HTTP request to a WebSocket connection with a
+// heartbeat. On failure it has already written an HTTP error response.
+//
+// Cross-origin requests are refused with 403 unless allowed by
+// [WithOriginPatterns].
+func Accept(w http.ResponseWriter, r *http.Request, opts ...Option) (*Conn, error) {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		http.Error(w, http.StatusText(http.StatusInternalServerError), http.StatusInternalServerError)
+		return nil, err
+	}
+	c := newConn(cfg, r.RemoteAddr)
+	ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+		Subprotocols:   cfg.subprotocols,
+		OriginPatterns: cfg.originPatterns,
+		OnPingReceived: c.onPing,
+		OnPongReceived: c.onPong,
+	})
+	if err != nil {
+		c.cancel()
+		return nil, fmt.Errorf("tether: accept: %w", err)
+	}
+	c.start(ws)
+	return c, nil
+}
+
+// Wrap adds a heartbeat to an established WebSocket connection, from
+// [websocket.Accept] or [websocket.Dial]. Wrap takes over reading: do not
+// call ws.Read or ws.Reader afterwards.
+//
+// A wrapped conn cannot observe the peer's pings or pongs (coder/websocket
+// only reports them to hooks set when the conn is made), so only data and
+// the pongs to its own pings count as proof of life, and the inbound ping
+// limit does not apply. Prefer [Accept] where you can.
+func Wrap(ws *websocket.Conn, opts ...Option) (*Conn, error) {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return nil, err
+	}
+	c := newConn(cfg, "")
+	c.start(ws)
+	return c, nil
+}
+
+func newConn(cfg *config, remote string) *Conn {
+	c := &Conn{
+		cfg:    cfg,
+		sched:  sharedScheduler(tickFor(cfg.timeout)),
+		remote: remote,
+		done:   make(chan struct{}),
+	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.hb.init(cfg)
+	return c
+}
+
+func (c *Conn) start(ws *websocket.Conn) {
+	c.ws = ws
+	ws.SetReadLimit(c.cfg.maxMessageSize)
+	c.hb.mu.Lock()
+	first := c.hb.born.Add(c.hb.pingAfter)
+	c.hb.mu.Unlock()
+	c.sched.wheel.Add(&c.hb.timer, c.check, first)
+	go c.readLoop()
+}
+
+// Subprotocol returns the negotiated subprotocol, or "" for none.
+func (c *Conn) Subprotocol() string { return c.ws.Subprotocol() }
+
+// RemoteAddr returns the peer's address as the HTTP server saw it, or ""
+// for a wrapped conn.
+func (c *Conn) RemoteAddr() string { return c.remote }
+
+// Done returns a channel that is closed once the conn has ended and all of
+// its goroutines have returned.
+func (c *Conn) Done() <-chan struct{} { return c.done }
+
+// Err returns why the conn ended, or nil while it is open. See the Err*
+// variables for the reasons.
+func (c *Conn) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// State returns the conn's liveness.
+func (c *Conn) State() State { return State(c.hb.state.Load()) }
+
+// LastSeen returns when the peer last sent a frame of any kind; before the
+// first, it returns when the conn was made.
+func (c *Conn) LastSeen() time.Time {
+	return c.hb.born.Add(time.Duration(c.hb.lastSeen.Load()))
+}
+
+// RTT returns the smoothed round-trip time of pings (RFC 6298's SRTT), or 0
+// before the first pong.
+func (c *Conn) RTT() time.Duration {
+	c.hb.mu.Lock()
+	defer c.hb.mu.Unlock()
+	return c.hb.srtt
+}
+
+// Heartbeat returns the heartbeat in force: the configured one, or its
+// stretched form under [WithAdaptiveHeartbeat].
+func (c *Conn) Heartbeat() (interval, timeout time.Duration) {
+	c.hb.mu.Lock()
+	defer c.hb.mu.Unlock()
+	return c.hb.interval, c.hb.timeout
+}
+
+// Ping sends a ping now and waits for its pong or for ctx to end. It
+// returns the round trip, which also feeds [Conn.RTT].
+func (c *Conn) Ping(ctx context.Context) (time.Duration, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(c.ctx, cancel)
+	defer stop()
+	start := time.Now()
+	if err := c.ws.Ping(ctx); err != nil {
+		if e := c.Err(); e != nil {
+			return 0, e
+		}
+		return 0, fmt.Errorf("tether: ping: %w", err)
+	}
+	rtt := time.Since(start)
+	c.hb.touch()
+	c.hb.mu.Lock()
+	c.hb.sampleLocked(rtt)
+	c.hb.mu.Unlock()
+	if f := c.cfg.observer.Pong; f != nil {
+		f(c, rtt)
+	}
+	return rtt, nil
+}
+
+// Send queues a text message and returns at once; a writer goroutine sends
+// it within the write timeout. Send keeps no reference to data.
+//
+// When the queue is full (see [WithSendQueue]), the overflow policy decides:
+// with Disconnect, Send returns [ErrQueueFull] and the conn closes with
+// [StatusSlowConsumer]; with DropNewest it returns [ErrQueueFull] and the
+// conn stays; with DropOldest older messages make room and Send succeeds.
+// After the conn has ended, Send returns an error that wraps
+// [net.ErrClosed]. ctx is only checked on entry: Send never blocks.
+func (c *Conn) Send(ctx context.Context, data []byte) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return c.enqueue(append([]byte(nil), data...))
+}
+
+// enqueue queues msg, which the caller gives up: it may be shared by many
+// conns, and is never written to.
+func (c *Conn) enqueue(msg []byte) error {
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return fmt.Errorf("tether: send: %w", net.ErrClosed)
+	}
+	dropped, ok := c.queue.push(msg, c.cfg.queueMessages, c.cfg.queueBytes, c.cfg.overflow == DropOldest)
+	if ok && !c.writing {
+		c.writing = true
+		c.wg.Add(1)
+		go c.writeLoop()
+	}
+	c.mu.Unlock()
+	if dropped > 0 || !ok && c.cfg.overflow == DropNewest {
+		if f := c.cfg.observer.Drop; f != nil {
+			f(c, max(dropped, 1))
+		}
+	}
+	if ok {
+		return nil
+	}
+	if c.cfg.overflow == Disconnect {
+		c.end(ErrQueueFull, endGraceful, StatusSlowConsumer, "slow consumer")
+	}
+	return ErrQueueFull
+}
+
+// Close starts a close handshake and returns at once: messages already
+// queued are sent first, then a close frame with code and reason (at most
+// 123 bytes). The conn is dropped if the handshake has not finished within
+// the write timeout. [Conn.Done] is closed when it is over. Close may be
+// called from an [OnMessage] function. Closing an ended conn returns an
+// error that wraps [net.ErrClosed].
+func (c *Conn) Close(code websocket.StatusCode, reason string) error {
+	ce := websocket.CloseError{Code: code, Reason: reason}
+	if !c.end(fmt.Errorf("tether: closed: %w: %w", net.ErrClosed, ce), endGraceful, code, reason) {
+		return fmt.Errorf("tether: close: %w", net.ErrClosed)
+	}
+	return nil
+}
+
+// CloseNow drops the conn without a close handshake, as for a dead peer.
+// It returns at once; [Conn.Done] is closed when the conn's goroutines have
+// returned.
+func (c *Conn) CloseNow() error {
+	if !c.end(fmt.Errorf("tether: closed: %w", net.ErrClosed), endForced, 0, "") {
+		return fmt.Errorf("tether: close: %w", net.ErrClosed)
+	}
+	return nil
+}
+
+type endMode bool
+
+const (
+	endForced   endMode = false
+	endGraceful endMode = true
+)
+
+// end ends the conn once: the first reason wins and later calls return
+// false. A forced end aborts all I/O at once; a graceful one lets the
+// writer drain the queue and send a close frame, within the write timeout.
+func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text string) bool {
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return false
+	}
+	c.err = reason
+	c.hb.state.Store(int32(Closed))
+	if mode == endForced {
+		c.queue.reset()
+		c.mu.Unlock()
+		c.cancel()
+		return true
+	}
+	c.closeCode, c.closeText = code, text
+	c.budget = time.AfterFunc(c.cfg.writeTimeout, c.cancel)
+	if !c.writing {
+		// No writer to hand the close to: start one with an empty queue.
+		c.writing = true
+		c.wg.Add(1)
+		go c.writeLoop()
+	}
+	c.mu.Unlock()
+	return true
+}
+
+func (c *Conn) writeLoop() {
+	defer c.wg.Done()
+	for {
+		c.mu.Lock()
+		msg, ok := c.queue.pop()
+		if !ok {
+			c.writing = false
+			code, text := c.closeCode, c.closeText
+			c.mu.Unlock()
+			if code != 0 {
+				// The peer's close reply ends the reader; errors here mean
+				// the peer is gone, which the reader reports.
+				_ = c.ws.Close(code, text)
+			}
+			return
+		}
+		c.mu.Unlock()
+
+		ctx, cancel := context.WithTimeout(c.ctx, c.cfg.writeTimeout)
+		err := c.ws.Write(ctx, websocket.MessageText, msg)
+		timedOut := ctx.Err() == context.DeadlineExceeded
+		cancel()
+		if err != nil {
+			if timedOut {
+				c.end(ErrWriteTimeout, endForced, 0, "")
+			} else {
+				c.end(fmt.Errorf("%w: %w", ErrConnLost, err), endForced, 0, "")
+			}
+			c.mu.Lock()
+			c.writing = false
+			c.mu.Unlock()
+			return
+		}
+	}
+}
+
+func (c *Conn) readLoop() {
+	for {
+		typ, data, err := c.ws.Read(c.ctx)
+		if err != nil {
+			c.end(readError(err), endForced, 0, "")
+			break
+		}
+		c.hb.touch()
+		if f := c.cfg.onMessage; f != nil {
+			c.hb.busy.Store(true)
+			f(c, Message{Data: data, Binary: typ == websocket.MessageBinary})
+			c.hb.busy.Store(false)
+			c.hb.touch()
+		}
+	}
+	c.cancel()
+	c.wg.Wait()
+	_ = c.ws.CloseNow()
+	c.mu.Lock()
+	if c.budget != nil {
+		c.budget.Stop()
+	}
+	err := c.err
+	c.mu.Unlock()
+	c.sched.wheel.Remove(&c.hb.timer)
+	c.cfg.logger.Debug("tether: disconnect", "remote", c.remote, "reason", err)
+	if f := c.cfg.observer.Disconnect; f != nil {
+		f(c, err)
+	}
+	close(c.done)
+}
+
+// readError turns the error that ended the reader into a reason.
+func readError(err error) error {
+	switch {
+	case errors.Is(err, websocket.ErrMessageTooBig):
+		return fmt.Errorf("%w: %w", ErrMessageTooBig, err)
+	case websocket.CloseStatus(err) != -1:
+		return fmt.Errorf("tether: peer closed: %w", err)
+	default:
+		return fmt.Errorf("%w: %w", ErrConnLost, err)
+	}
+}
+
+// onPing runs on the reader for every inbound ping; false withholds the pong.
+func (c *Conn) onPing(context.Context, []byte) bool {
+	c.hb.touch()
+	if c.pingLimiter == nil {
+		c.pingLimiter = rate.NewLimiter(pingRateLimit, pingBurst)
+	}
+	if !c.pingLimiter.Allow() {
+		c.end(ErrPingFlood, endGraceful, websocket.StatusPolicyViolation, "ping flood")
+		return false
+	}
+	return true
+}
+
+// onPong runs on the reader for every inbound pong, even a late one whose
+// ping has given up waiting.
+func (c *Conn) onPong(context.Context, []byte) { c.hb.touch() }

@@ -1,0 +1,268 @@
+package tether
+
+import (
+	"context"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tether-ws/tether/internal/wheel"
+)
+
+// State is a connection's liveness.
+type State int32
+
+const (
+	// Healthy: the peer has shown life within the heartbeat interval, or
+	// answered its last ping on time.
+	Healthy State = iota
+	// Suspect: a ping has gone unanswered for longer than the RTT estimate
+	// allows. Any inbound frame makes the conn Healthy again.
+	Suspect
+	// Closed: the conn has ended; [Conn.Err] says why.
+	Closed
+)
+
+func (s State) String() string {
+	switch s {
+	case Healthy:
+		return "healthy"
+	case Suspect:
+		return "suspect"
+	case Closed:
+		return "closed"
+	}
+	return "unknown"
+}
+
+const (
+	// stretchAfter on-time pongs in a row double an adaptive heartbeat.
+	stretchAfter = 3
+	// suspectFloor keeps a jittery RTT from flagging healthy peers.
+	suspectFloor = 200 * time.Millisecond
+	// maxPingsInFlight bounds the short-lived ping goroutines per scheduler.
+	// A due conn that finds no slot is retried a tick later.
+	maxPingsInFlight = 4096
+)
+
+// scheduler wakes connections whose heartbeat is due. One scheduler serves
+// many conns: a timing wheel with one goroutine, which runs only while a
+// conn is registered, and a bound on the pings in flight.
+type scheduler struct {
+	wheel *wheel.Wheel
+	pings atomic.Int32
+}
+
+// Conns with the same tick share one scheduler.
+var schedulers sync.Map // time.Duration -> *scheduler
+
+// tickFor is the scheduler resolution for a heartbeat timeout: fine enough
+// that detection is late by under 2 %, coarse enough to cost nothing.
+func tickFor(timeout time.Duration) time.Duration {
+	return min(max(timeout/64, time.Millisecond), 250*time.Millisecond)
+}
+
+func sharedScheduler(tick time.Duration) *scheduler {
+	if s, ok := schedulers.Load(tick); ok {
+		return s.(*scheduler)
+	}
+	s, _ := schedulers.LoadOrStore(tick, &scheduler{wheel: wheel.New(tick)})
+	return s.(*scheduler)
+}
+
+// heartbeat is one conn's liveness bookkeeping. lastSeen is written by the
+// reader on every frame and read by the scheduler; the rest is guarded by mu.
+type heartbeat struct {
+	born     time.Time    // monotonic origin for lastSeen
+	lastSeen atomic.Int64 // ns since born of the last inbound frame
+	busy     atomic.Bool  // the message handler is running
+	state    atomic.Int32 // State
+
+	mu           sync.Mutex
+	base, baseTO time.Duration // configured interval and timeout
+	max          time.Duration // adaptive cap; 0 = off
+	interval     time.Duration // current, possibly stretched
+	timeout      time.Duration
+	pingAfter    time.Duration // silence before the next ping, jittered
+	pingSent     time.Duration // since born; 0 = no ping in flight
+	srtt, rttvar time.Duration
+	onTime       int
+	pings, pongs uint64
+	seenLife     bool // any frame or pong since connect
+	timer        wheel.Timer
+}
+
+func (h *heartbeat) init(cfg *config) {
+	h.born = time.Now()
+	h.base, h.baseTO, h.max = cfg.interval, cfg.timeout, cfg.adaptiveMax
+	h.interval, h.timeout = cfg.interval, cfg.timeout
+	// Conns that connect together (after a restart) must not ping together:
+	// the first ping comes after a silence uniform in [interval/2, interval].
+	h.pingAfter = h.interval/2 + rand.N(h.interval/2+1)
+}
+
+func (h *heartbeat) since(t time.Time) time.Duration { return t.Sub(h.born) }
+
+// touch records an inbound frame: proof of life. It is on the hot path of
+// every frame, so it is two atomic operations and nothing else.
+func (h *heartbeat) touch() {
+	h.lastSeen.Store(int64(time.Since(h.born)))
+	if h.state.Load() == int32(Suspect) {
+		h.state.CompareAndSwap(int32(Suspect), int32(Healthy))
+	}
+}
+
+func (h *heartbeat) jitter() {
+	// ±10 % so that pings of conns with equal settings drift apart.
+	h.pingAfter = h.interval*9/10 + rand.N(h.interval/5+1)
+}
+
+// suspectAfter is how long a pong may take before the peer is suspect:
+// RFC 6298's RTO (srtt + 4·rttvar) with a floor, and always leaving room
+// before the timeout so that Suspect comes before death.
+func (h *heartbeat) suspectAfter() time.Duration {
+	d := time.Second
+	if h.srtt > 0 {
+		d = max(h.srtt+4*h.rttvar, suspectFloor)
+	}
+	return max(min(d, (h.timeout-h.interval)/2), time.Millisecond)
+}
+
+// sample feeds one RTT measurement to the estimator (RFC 6298, 2.2-2.3).
+func (h *heartbeat) sampleLocked(rtt time.Duration) {
+	if h.srtt == 0 {
+		h.srtt, h.rttvar = rtt, rtt/2
+		return
+	}
+	diff := h.srtt - rtt
+	if diff < 0 {
+		diff = -diff
+	}
+	h.rttvar = (3*h.rttvar + diff) / 4
+	h.srtt = (7*h.srtt + rtt) / 8
+}
+
+// pongLocked settles a heartbeat ping: rtt < 0 means no pong came.
+func (h *heartbeat) pongLocked(rtt time.Duration) {
+	h.pingSent = 0
+	late := rtt < 0 || rtt > h.suspectAfter()
+	if rtt >= 0 {
+		h.pongs++
+		h.seenLife = true
+		h.sampleLocked(rtt)
+	}
+	if h.max > 0 {
+		switch {
+		case late:
+			h.onTime = 0
+			h.interval, h.timeout = h.base, h.baseTO
+		default:
+			h.onTime++
+			if h.onTime >= stretchAfter && h.interval < h.max {
+				h.onTime = 0
+				next := min(2*h.interval, h.max)
+				h.timeout = time.Duration(float64(h.timeout) * float64(next) / float64(h.interval))
+				h.interval = next
+			}
+		}
+		// A slow link must not be killed by a stretched-then-snapped timeout.
+		h.timeout = max(h.timeout, h.interval+h.srtt+4*h.rttvar)
+	}
+	h.jitter()
+}
+
+// check runs on the scheduler when the conn's timer is due. It decides
+// between nothing, a ping and death, and returns when to look again.
+func (c *Conn) check(now time.Time) time.Time {
+	h := &c.hb
+	if h.state.Load() == int32(Closed) {
+		return time.Time{}
+	}
+	last := time.Duration(h.lastSeen.Load())
+	silent := h.since(now) - last
+	if h.busy.Load() {
+		// Our own handler is slow, not the peer: look again later.
+		return now.Add(h.interval)
+	}
+
+	h.mu.Lock()
+	if silent >= h.timeout {
+		h.mu.Unlock()
+		c.end(ErrHeartbeatTimeout, endForced, 0, "")
+		return time.Time{}
+	}
+	next := h.born.Add(last + h.timeout)
+	var suspect, ping bool
+	switch {
+	case h.pingSent != 0:
+		deadline := h.pingSent + h.suspectAfter()
+		if h.since(now) >= deadline {
+			suspect = h.state.CompareAndSwap(int32(Healthy), int32(Suspect))
+		} else {
+			next = earliest(next, h.born.Add(deadline))
+		}
+	case h.lastSeen.Load() > 0 && !h.seenLife:
+		// Data arrived before any ping: the conn is busy, not in a connect
+		// herd, so the regular jitter applies from now on.
+		h.seenLife = true
+		h.jitter()
+		next = earliest(next, h.born.Add(last+h.pingAfter))
+	case silent >= h.pingAfter:
+		if c.sched.pings.Add(1) > maxPingsInFlight {
+			c.sched.pings.Add(-1)
+			next = earliest(next, now.Add(c.sched.wheel.Tick()))
+			break
+		}
+		ping = true
+		h.pingSent = max(h.since(now), 1)
+		h.pings++
+		next = earliest(next, now.Add(h.suspectAfter()))
+	default:
+		next = earliest(next, h.born.Add(last+h.pingAfter))
+	}
+	deathAt := h.born.Add(last + h.timeout)
+	h.mu.Unlock()
+
+	if suspect {
+		c.cfg.logger.Debug("tether: peer suspect", "remote", c.remote, "silent", silent)
+		if f := c.cfg.observer.Suspect; f != nil {
+			f(c)
+		}
+	}
+	if ping {
+		c.wg.Add(1)
+		go c.heartbeatPing(now, deathAt)
+	}
+	return next
+}
+
+func earliest(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
+// heartbeatPing sends one heartbeat ping and waits for its pong until the
+// peer would be declared dead anyway.
+func (c *Conn) heartbeatPing(sent, deadline time.Time) {
+	defer c.wg.Done()
+	defer c.sched.pings.Add(-1)
+	ctx, cancel := context.WithDeadline(c.ctx, deadline)
+	err := c.ws.Ping(ctx)
+	cancel()
+	rtt := time.Duration(-1)
+	if err == nil {
+		rtt = time.Since(sent)
+		c.hb.touch()
+	}
+	c.hb.mu.Lock()
+	c.hb.pongLocked(rtt)
+	c.hb.mu.Unlock()
+	if err == nil {
+		if f := c.cfg.observer.Pong; f != nil {
+			f(c, rtt)
+		}
+	}
+}
