@@ -87,6 +87,7 @@ type heartbeat struct {
 	pingAfter    time.Duration // silence before the next ping, jittered
 	pingSent     time.Duration // since born; 0 = no ping in flight
 	srtt, rttvar time.Duration
+	sampled      bool // srtt and rttvar hold a measurement
 	onTime       int
 	pings, pongs uint64
 	seenLife     bool // any frame or pong since connect
@@ -123,7 +124,7 @@ func (h *heartbeat) jitter() {
 // before the timeout so that Suspect comes before death.
 func (h *heartbeat) suspectAfter() time.Duration {
 	d := time.Second
-	if h.srtt > 0 {
+	if h.sampled {
 		d = max(h.srtt+4*h.rttvar, suspectFloor)
 	}
 	return max(min(d, (h.timeout-h.interval)/2), time.Millisecond)
@@ -131,8 +132,8 @@ func (h *heartbeat) suspectAfter() time.Duration {
 
 // sample feeds one RTT measurement to the estimator (RFC 6298, 2.2-2.3).
 func (h *heartbeat) sampleLocked(rtt time.Duration) {
-	if h.srtt == 0 {
-		h.srtt, h.rttvar = rtt, rtt/2
+	if !h.sampled {
+		h.srtt, h.rttvar, h.sampled = rtt, rtt/2, true
 		return
 	}
 	diff := h.srtt - rtt
