@@ -260,7 +260,11 @@ func (c *Conn) heartbeatPing(sent, deadline time.Time) {
 	}
 	c.hb.mu.Lock()
 	c.hb.pongLocked(rtt)
+	// The timer waits for the suspect deadline; with the pong in, the next
+	// thing due is the next ping, which may come sooner.
+	next := c.hb.born.Add(time.Duration(c.hb.lastSeen.Load()) + c.hb.pingAfter)
 	c.hb.mu.Unlock()
+	c.sched.wheel.Reset(&c.hb.timer, next)
 	if err == nil {
 		if f := c.cfg.observer.Pong; f != nil {
 			f(c, rtt)

@@ -314,3 +314,26 @@ func TestSynctestAdaptiveStretchAndSnapBack(t *testing.T) {
 		<-c.Done()
 	})
 }
+
+// With a timeout of several intervals the cadence still follows the
+// interval: a quick pong must bring the next ping forward, not leave it
+// waiting for the suspect deadline.
+func TestSynctestPingCadenceWithLongTimeout(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		// The interval is below the 200 ms suspect floor, so the suspect
+		// deadline of each ping lies beyond the next ping.
+		const interval, timeout = 100 * time.Millisecond, 2 * time.Second
+		srv := newBubbleServer(t, tether.WithHeartbeat(interval, timeout))
+		defer srv.close()
+		p, c := srv.dial(healthy)
+		defer p.close()
+		time.Sleep(100 * time.Second)
+		// interval ±10 %, plus up to one tick (2 s/64) late, over 100 s:
+		// between 100/(0.11+0.03125) and 100/0.09 pings.
+		if n := len(p.pings); n < 700 || n > 1112 {
+			t.Fatalf("%d pings in 100 s at a 100 ms interval", n)
+		}
+		c.CloseNow()
+		<-c.Done()
+	})
+}

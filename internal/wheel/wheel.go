@@ -69,11 +69,10 @@ func (w *Wheel) Add(t *Timer, fn Func, at time.Time) {
 		// the wheel's state once it has seen its stop channel closed.
 		w.stop = make(chan struct{})
 		w.done = make(chan struct{})
-		now := time.Now()
-		if w.start.IsZero() {
-			w.start = now
-		}
-		w.cur = w.tickOf(now)
+		// No timer is armed while no goroutine runs, so the time origin can
+		// move: ticks count from now, whatever clock the last run used.
+		w.start = time.Now()
+		w.cur = 0
 		go w.run(w.stop, w.done)
 	}
 	w.armLocked(t, at)
