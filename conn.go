@@ -306,6 +306,15 @@ func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text s
 
 func (c *Conn) writeLoop() {
 	defer c.wg.Done()
+	// The timeout is a timer that ends the conn with its reason before
+	// anything closes the socket, so the reader cannot report the aborted
+	// socket first. One timer serves the whole run.
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
 	for {
 		c.mu.Lock()
 		msg, ok := c.queue.pop()
@@ -322,23 +331,23 @@ func (c *Conn) writeLoop() {
 		}
 		c.mu.Unlock()
 
-		ctx, cancel := context.WithTimeout(c.ctx, c.cfg.writeTimeout)
-		err := c.ws.Write(ctx, websocket.MessageText, msg)
-		timedOut := ctx.Err() == context.DeadlineExceeded
-		cancel()
+		if timer == nil {
+			timer = time.AfterFunc(c.cfg.writeTimeout, c.writeTimedOut)
+		} else {
+			timer.Reset(c.cfg.writeTimeout)
+		}
+		err := c.ws.Write(c.ctx, websocket.MessageText, msg)
+		if !timer.Stop() {
+			return // timed out: the conn has ended
+		}
 		if err != nil {
-			if timedOut {
-				c.end(ErrWriteTimeout, endForced, 0, "")
-			} else {
-				c.end(fmt.Errorf("%w: %w", ErrConnLost, err), endForced, 0, "")
-			}
-			c.mu.Lock()
-			c.writing = false
-			c.mu.Unlock()
+			c.end(fmt.Errorf("%w: %w", ErrConnLost, err), endForced, 0, "")
 			return
 		}
 	}
 }
+
+func (c *Conn) writeTimedOut() { c.end(ErrWriteTimeout, endForced, 0, "") }
 
 func (c *Conn) readLoop() {
 	for {

@@ -1,26 +1,36 @@
 package tether_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/coder/websocket"
 	"github.com/tether-ws/tether"
 )
 
 func TestHealthyPeerStaysConnected(t *testing.T) {
-	const interval, timeout = 20 * time.Millisecond, 60 * time.Millisecond
+	// The timeout leaves room for a loaded machine's scheduling delays.
+	const interval, timeout = 20 * time.Millisecond, 200 * time.Millisecond
+	const period = 45 * interval
 	srv := newServer(t, tether.WithHeartbeat(interval, timeout))
 	p := dialPeer(t, srv.url(), peerOpts{})
 	c := srv.next(t)
 
-	time.Sleep(15 * timeout) // many intervals of silence
+	time.Sleep(period) // many intervals of silence
 	if err := c.Err(); err != nil {
 		t.Fatalf("healthy idle peer dropped: %v", err)
 	}
 	if n := p.pingCount(); n < 5 {
-		t.Fatalf("peer got %d pings in %v, want several", n, 15*timeout)
+		t.Fatalf("peer got %d pings in %v, want several", n, period)
 	}
 	rtt := c.RTT()
 	if rtt <= 0 || rtt > timeout {
@@ -65,4 +75,568 @@ func TestSendDelivers(t *testing.T) {
 			t.Fatalf("message %d never arrived", i)
 		}
 	}
+}
+
+// A peer that floods pings is closed with 1008 and ErrPingFlood; another
+// conn of the same server is unaffected.
+func TestPingFloodClosed(t *testing.T) {
+	srv := newServer(t)
+	good := dialPeer(t, srv.url(), peerOpts{})
+	cGood := srv.next(t)
+	flood := dialPeer(t, srv.url(), peerOpts{})
+	cFlood := srv.next(t)
+
+	ctx, stop := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for flood.ws.Ping(ctx) == nil {
+		}
+	}()
+	t.Cleanup(func() {
+		stop()
+		wg.Wait()
+	})
+
+	waitDone(t, cFlood, 5*time.Second)
+	if !errors.Is(cFlood.Err(), tether.ErrPingFlood) {
+		t.Fatalf("flooder's Err = %v, want ErrPingFlood", cFlood.Err())
+	}
+	if err := flood.readErr(t, 5*time.Second); websocket.CloseStatus(err) != websocket.StatusPolicyViolation {
+		t.Fatalf("flooder's read error %v, want close status 1008", err)
+	}
+
+	assertOpen(t, cGood, "well-behaved conn")
+	if d := roundTrip(t, cGood, good, "still here"); d > time.Second {
+		t.Fatalf("message to the well-behaved conn took %v", d)
+	}
+	assertOpen(t, cGood, "well-behaved conn")
+}
+
+// A message over the size limit closes the conn with 1009 and
+// ErrMessageTooBig; a message at the limit passes, and another conn is
+// unaffected.
+func TestMessageTooBig(t *testing.T) {
+	const limit = 1024
+	echo := tether.OnMessage(func(c *tether.Conn, m tether.Message) { c.Send(context.Background(), m.Data) })
+	srv := newServer(t, tether.WithMaxMessageSize(limit), echo)
+	good := dialPeer(t, srv.url(), peerOpts{})
+	cGood := srv.next(t)
+	big := dialPeer(t, srv.url(), peerOpts{})
+	cBig := srv.next(t)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := big.ws.Write(ctx, websocket.MessageBinary, make([]byte, 2*limit)); err != nil {
+		t.Logf("write of the big message: %v", err) // the server may close first
+	}
+	waitDone(t, cBig, 5*time.Second)
+	if !errors.Is(cBig.Err(), tether.ErrMessageTooBig) {
+		t.Fatalf("Err = %v, want ErrMessageTooBig", cBig.Err())
+	}
+	if err := big.readErr(t, 5*time.Second); websocket.CloseStatus(err) != websocket.StatusMessageTooBig {
+		t.Fatalf("peer's read error %v, want close status 1009", err)
+	}
+
+	// Both ways on the other conn, with a message exactly at the limit.
+	at := bytes.Repeat([]byte("x"), limit)
+	if err := good.ws.Write(ctx, websocket.MessageText, at); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	if got := good.recv(t, 5*time.Second); !bytes.Equal(got, at) {
+		t.Fatalf("echo of a %d-byte message came back with %d bytes", len(at), len(got))
+	}
+	if err := good.ws.Write(ctx, websocket.MessageText, []byte("hello")); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	if got := good.recv(t, 5*time.Second); string(got) != "hello" {
+		t.Fatalf("echo %q, want hello", got)
+	}
+	assertOpen(t, cGood, "other conn")
+}
+
+// seqMsg is message i of a run, padded to size.
+func seqMsg(i, size int) []byte {
+	m := make([]byte, size)
+	copy(m, fmt.Sprintf("m%08d", i))
+	return m
+}
+
+func seqOf(t *testing.T, m []byte) int {
+	t.Helper()
+	var i int
+	if _, err := fmt.Sscanf(string(m[:9]), "m%08d", &i); err != nil {
+		t.Fatalf("unexpected message %q", m[:min(len(m), 20)])
+	}
+	return i
+}
+
+// drain reads messages from p until its reader ends or until stopAt
+// returns true, and returns them with the reader's error.
+func drain(t *testing.T, p *peer, stopAt func([]byte) bool) (msgs [][]byte, err error) {
+	t.Helper()
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case m := <-p.msgs:
+			msgs = append(msgs, m)
+			if stopAt != nil && stopAt(m) {
+				return msgs, nil
+			}
+		case <-p.done:
+			for len(p.msgs) > 0 {
+				msgs = append(msgs, <-p.msgs)
+			}
+			return msgs, p.result()
+		case <-timeout:
+			t.Fatalf("peer still reading after 10 s and %d messages", len(msgs))
+		}
+	}
+}
+
+// Overflow policies, against a peer that does not read (yet): sends in a
+// tight loop outrun the writer, and the peer's TCP buffers can only take
+// so much, so the send queue overflows after a bounded number of sends.
+func TestSendQueueOverflow(t *testing.T) {
+	const size, queue, maxSends = 64 << 10, 8, 20000
+
+	t.Run("Disconnect", func(t *testing.T) {
+		srv := newServer(t, tether.WithSendQueue(queue, 1<<30), tether.WithWriteTimeout(300*time.Millisecond))
+		dialPeer(t, srv.url(), peerOpts{noRead: true})
+		c := srv.next(t)
+		msg := make([]byte, size)
+		var err error
+		for i := 0; err == nil; i++ {
+			if i == maxSends {
+				t.Fatalf("%d sends of %d bytes to a peer that does not read, and no overflow", i, size)
+			}
+			err = c.Send(context.Background(), msg)
+		}
+		if !errors.Is(err, tether.ErrQueueFull) {
+			t.Fatalf("Send = %v, want ErrQueueFull", err)
+		}
+		if !errors.Is(c.Err(), tether.ErrQueueFull) {
+			t.Fatalf("Err = %v right after the overflow, want ErrQueueFull", c.Err())
+		}
+		if err := c.Send(context.Background(), msg); !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("Send after the overflow = %v, want net.ErrClosed", err)
+		}
+		// The close handshake cannot finish with a peer that does not read;
+		// the write timeout bounds it.
+		waitDone(t, c, 5*time.Second)
+		if !errors.Is(c.Err(), tether.ErrQueueFull) {
+			t.Fatalf("Err = %v at the end, want ErrQueueFull", c.Err())
+		}
+	})
+
+	t.Run("DisconnectSlowReader", func(t *testing.T) {
+		gate := make(chan struct{})
+		srv := newServer(t, tether.WithSendQueue(queue, 1<<30), tether.WithWriteTimeout(5*time.Second))
+		p := dialPeer(t, srv.url(), peerOpts{readGate: gate})
+		c := srv.next(t)
+		sent := 0
+		for {
+			if sent == maxSends {
+				t.Fatalf("%d sends to a peer that does not read, and no overflow", sent)
+			}
+			err := c.Send(context.Background(), seqMsg(sent, size))
+			if err != nil {
+				if !errors.Is(err, tether.ErrQueueFull) {
+					t.Fatalf("Send = %v, want ErrQueueFull", err)
+				}
+				break
+			}
+			sent++
+		}
+		close(gate) // the peer starts reading: it gets what was queued, then 4008
+		msgs, err := drain(t, p, nil)
+		if websocket.CloseStatus(err) != tether.StatusSlowConsumer {
+			t.Fatalf("peer's read error %v, want close status %d", err, tether.StatusSlowConsumer)
+		}
+		if len(msgs) != sent {
+			t.Fatalf("peer got %d messages before the close frame, want the %d queued", len(msgs), sent)
+		}
+		for i, m := range msgs {
+			if seqOf(t, m) != i {
+				t.Fatalf("message %d is %d", i, seqOf(t, m))
+			}
+		}
+		waitDone(t, c, 5*time.Second)
+		if !errors.Is(c.Err(), tether.ErrQueueFull) {
+			t.Fatalf("Err = %v, want ErrQueueFull", c.Err())
+		}
+	})
+
+	t.Run("DropNewest", func(t *testing.T) {
+		var dropped atomic.Int64
+		obs := tether.Observer{Drop: func(_ *tether.Conn, n int) { dropped.Add(int64(n)) }}
+		gate := make(chan struct{})
+		srv := newServer(t, tether.WithSendQueue(queue, 1<<30), tether.WithOverflow(tether.DropNewest), tether.WithObserver(obs))
+		p := dialPeer(t, srv.url(), peerOpts{readGate: gate})
+		c := srv.next(t)
+		refused := map[int]bool{}
+		for i := 0; len(refused) < 3; i++ {
+			if i == maxSends {
+				t.Fatalf("%d sends to a peer that does not read, and no overflow", i)
+			}
+			if err := c.Send(context.Background(), seqMsg(i, size)); err != nil {
+				if !errors.Is(err, tether.ErrQueueFull) {
+					t.Fatalf("Send = %v, want ErrQueueFull", err)
+				}
+				refused[i] = true
+			}
+		}
+		assertOpen(t, c, "after the overflow")
+		if n := dropped.Load(); n != int64(len(refused)) {
+			t.Fatalf("Drop hook counted %d, want %d refused messages", n, len(refused))
+		}
+
+		close(gate)
+		// Once the queue has room, sends succeed again.
+		last := -1
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+			if err := c.Send(context.Background(), seqMsg(maxSends, size)); err == nil {
+				break
+			} else if !errors.Is(err, tether.ErrQueueFull) || time.Now().After(deadline) {
+				t.Fatalf("Send after the peer started reading: %v", err)
+			}
+		}
+		msgs, _ := drain(t, p, func(m []byte) bool { return seqOf(t, m) == maxSends })
+		for _, m := range msgs {
+			i := seqOf(t, m)
+			if i <= last {
+				t.Fatalf("message %d after %d", i, last)
+			}
+			if refused[i] {
+				t.Fatalf("refused message %d was delivered", i)
+			}
+			last = i
+		}
+		if last != maxSends {
+			t.Fatalf("last message %d, want %d", last, maxSends)
+		}
+		assertOpen(t, c, "after the peer caught up")
+	})
+
+	t.Run("DropOldest", func(t *testing.T) {
+		var dropped atomic.Int64
+		obs := tether.Observer{Drop: func(_ *tether.Conn, n int) { dropped.Add(int64(n)) }}
+		gate := make(chan struct{})
+		srv := newServer(t, tether.WithSendQueue(queue, 1<<30), tether.WithOverflow(tether.DropOldest), tether.WithObserver(obs))
+		p := dialPeer(t, srv.url(), peerOpts{readGate: gate})
+		c := srv.next(t)
+		sent := 0
+		for dropped.Load() < 3 {
+			if sent == maxSends {
+				t.Fatalf("%d sends to a peer that does not read, and nothing dropped", sent)
+			}
+			if err := c.Send(context.Background(), seqMsg(sent, size)); err != nil {
+				t.Fatalf("Send %d = %v, want nil under DropOldest", sent, err)
+			}
+			sent++
+		}
+		assertOpen(t, c, "after the overflow")
+		if err := c.Send(context.Background(), seqMsg(maxSends, size)); err != nil {
+			t.Fatalf("Send = %v, want nil under DropOldest", err)
+		}
+		sent++
+
+		close(gate)
+		msgs, _ := drain(t, p, func(m []byte) bool { return seqOf(t, m) == maxSends })
+		last := -1
+		for _, m := range msgs {
+			i := seqOf(t, m)
+			if i <= last {
+				t.Fatalf("message %d after %d", i, last)
+			}
+			last = i
+		}
+		if last != maxSends {
+			t.Fatalf("last message %d, want the newest, %d", last, maxSends)
+		}
+		if n := dropped.Load(); int(n) != sent-len(msgs) {
+			t.Fatalf("Drop hook counted %d, but %d of %d messages were not delivered", n, sent-len(msgs), sent)
+		}
+		assertOpen(t, c, "after the peer caught up")
+	})
+}
+
+// A peer that stops reading is dropped by the write timeout, and meanwhile
+// another conn of the same server gets its messages at once.
+func TestWriteTimeoutEvictsStalledReader(t *testing.T) {
+	const writeTimeout = 200 * time.Millisecond
+	obs, disconnects := disconnectObserver()
+	srv := newServer(t, tether.WithWriteTimeout(writeTimeout), tether.WithSendQueue(128, 1<<30), tether.WithObserver(obs))
+	dialPeer(t, srv.url(), peerOpts{noRead: true})
+	cStalled := srv.next(t)
+	healthy := dialPeer(t, srv.url(), peerOpts{})
+	cHealthy := srv.next(t)
+
+	start := time.Now()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // 1 MiB every 10 ms until the kernel buffers are full and beyond
+		defer wg.Done()
+		big := make([]byte, 1<<20)
+		for {
+			if cStalled.Send(context.Background(), big) != nil {
+				return
+			}
+			select {
+			case <-cStalled.Done():
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+	}()
+	t.Cleanup(wg.Wait)
+
+	type round struct {
+		start time.Time
+		took  time.Duration
+	}
+	var rounds []round
+	for i := 0; ; i++ {
+		select {
+		case <-cStalled.Done():
+		default:
+			if time.Since(start) > 10*time.Second {
+				t.Fatalf("stalled reader still connected after 10 s (err %v)", cStalled.Err())
+			}
+			s := time.Now()
+			rounds = append(rounds, round{s, roundTrip(t, cHealthy, healthy, fmt.Sprint("round ", i))})
+			time.Sleep(2 * time.Millisecond)
+			continue
+		}
+		break
+	}
+	d := <-disconnects
+	if !errors.Is(cStalled.Err(), tether.ErrWriteTimeout) {
+		t.Errorf("stalled conn's Err = %v, want ErrWriteTimeout", cStalled.Err())
+	}
+	t.Logf("stalled reader dropped %v after the first send, %d rounds on the healthy conn", d.at.Sub(start), len(rounds))
+	if d.at.Sub(start) < writeTimeout {
+		t.Errorf("stalled reader dropped %v after the first send, before the write timeout %v", d.at.Sub(start), writeTimeout)
+	}
+	// The last write was stuck for the write timeout before the drop: the
+	// rounds in that window ran while the stalled conn's writer was blocked.
+	during := 0
+	for _, r := range rounds {
+		if r.took > writeTimeout/2 {
+			t.Errorf("round at %v took %v, want well under the write timeout %v", r.start.Sub(start), r.took, writeTimeout)
+		}
+		if r.start.After(d.at.Add(-writeTimeout)) {
+			during++
+		}
+	}
+	if during == 0 {
+		t.Fatal("no round measured while the stalled conn's write was blocked")
+	}
+	assertOpen(t, cHealthy, "healthy conn")
+}
+
+// Close delivers what is queued, then the close frame; later closes fail.
+func TestClose(t *testing.T) {
+	t.Run("QueuedThenCloseFrame", func(t *testing.T) {
+		obs, disconnects := disconnectObserver()
+		srv := newServer(t, tether.WithObserver(obs))
+		p := dialPeer(t, srv.url(), peerOpts{})
+		c := srv.next(t)
+		for i := range 50 {
+			if err := c.Send(context.Background(), seqMsg(i, 100)); err != nil {
+				t.Fatalf("send %d: %v", i, err)
+			}
+		}
+		if err := c.Close(websocket.StatusNormalClosure, "bye"); err != nil {
+			t.Fatalf("Close: %v", err)
+		}
+		msgs, err := drain(t, p, nil)
+		if len(msgs) != 50 {
+			t.Fatalf("peer got %d messages before the close frame, want 50", len(msgs))
+		}
+		for i, m := range msgs {
+			if seqOf(t, m) != i {
+				t.Fatalf("message %d is %d", i, seqOf(t, m))
+			}
+		}
+		var ce websocket.CloseError
+		if !errors.As(err, &ce) || ce != (websocket.CloseError{Code: websocket.StatusNormalClosure, Reason: "bye"}) {
+			t.Fatalf("peer's read error %v, want close 1000 \"bye\"", err)
+		}
+
+		waitDone(t, c, 5*time.Second)
+		if !errors.Is(c.Err(), net.ErrClosed) {
+			t.Fatalf("Err = %v, want net.ErrClosed", c.Err())
+		}
+		ce = websocket.CloseError{}
+		if !errors.As(c.Err(), &ce) || ce != (websocket.CloseError{Code: websocket.StatusNormalClosure, Reason: "bye"}) {
+			t.Fatalf("Err = %v, want it to carry close 1000 \"bye\"", c.Err())
+		}
+		if d := <-disconnects; d.c != c || d.err != c.Err() {
+			t.Fatalf("Disconnect reported %v, want %v", d.err, c.Err())
+		}
+		if err := c.Close(websocket.StatusNormalClosure, "again"); !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("second Close = %v, want net.ErrClosed", err)
+		}
+		if err := c.Send(context.Background(), []byte("late")); !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("Send after Close = %v, want net.ErrClosed", err)
+		}
+	})
+
+	t.Run("CloseNow", func(t *testing.T) {
+		srv := newServer(t)
+		p := dialPeer(t, srv.url(), peerOpts{})
+		c := srv.next(t)
+		if err := c.CloseNow(); err != nil {
+			t.Fatalf("CloseNow: %v", err)
+		}
+		waitDone(t, c, time.Second)
+		if !errors.Is(c.Err(), net.ErrClosed) {
+			t.Fatalf("Err = %v, want net.ErrClosed", c.Err())
+		}
+		if err := p.readErr(t, 5*time.Second); websocket.CloseStatus(err) != -1 {
+			t.Fatalf("peer's read error %v, want no close frame", err)
+		}
+		if err := c.CloseNow(); !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("second CloseNow = %v, want net.ErrClosed", err)
+		}
+		if err := c.Close(websocket.StatusNormalClosure, ""); !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("Close after CloseNow = %v, want net.ErrClosed", err)
+		}
+	})
+
+	t.Run("PeerGoingAway", func(t *testing.T) {
+		srv := newServer(t)
+		p := dialPeer(t, srv.url(), peerOpts{})
+		c := srv.next(t)
+		if err := p.ws.Close(websocket.StatusGoingAway, "moving"); err != nil {
+			t.Fatalf("peer's Close: %v", err)
+		}
+		waitDone(t, c, 5*time.Second)
+		if websocket.CloseStatus(c.Err()) != websocket.StatusGoingAway {
+			t.Fatalf("Err = %v, want close status 1001", c.Err())
+		}
+		if errors.Is(c.Err(), net.ErrClosed) {
+			t.Fatalf("Err = %v wraps net.ErrClosed, but this side did not close", c.Err())
+		}
+	})
+
+	t.Run("PeerVanishes", func(t *testing.T) {
+		srv := newServer(t)
+		p := dialPeer(t, srv.url(), peerOpts{})
+		c := srv.next(t)
+		p.ws.CloseNow() // TCP close, no close frame
+		waitDone(t, c, 5*time.Second)
+		if !errors.Is(c.Err(), tether.ErrConnLost) {
+			t.Fatalf("Err = %v, want ErrConnLost", c.Err())
+		}
+	})
+
+	t.Run("RawPeerVanishes", func(t *testing.T) {
+		srv := newServer(t)
+		conn := dialRaw(t, srv.URL)
+		c := srv.next(t)
+		conn.Close()
+		waitDone(t, c, 5*time.Second)
+		if !errors.Is(c.Err(), tether.ErrConnLost) {
+			t.Fatalf("Err = %v, want ErrConnLost", c.Err())
+		}
+	})
+
+	t.Run("FromOnMessage", func(t *testing.T) {
+		closeErrs := make(chan error, 10)
+		srv := newServer(t, tether.OnMessage(func(c *tether.Conn, m tether.Message) {
+			closeErrs <- c.Close(websocket.StatusNormalClosure, "from handler")
+		}))
+		p := dialPeer(t, srv.url(), peerOpts{})
+		c := srv.next(t)
+		if err := p.ws.Write(context.Background(), websocket.MessageText, []byte("close me")); err != nil {
+			t.Fatalf("write: %v", err)
+		}
+		waitDone(t, c, 5*time.Second)
+		if err := <-closeErrs; err != nil {
+			t.Fatalf("Close in OnMessage: %v", err)
+		}
+		var ce websocket.CloseError
+		if err := p.readErr(t, 5*time.Second); !errors.As(err, &ce) || ce.Code != websocket.StatusNormalClosure || ce.Reason != "from handler" {
+			t.Fatalf("peer's read error %v, want close 1000 \"from handler\"", err)
+		}
+		if !errors.Is(c.Err(), net.ErrClosed) {
+			t.Fatalf("Err = %v, want net.ErrClosed", c.Err())
+		}
+	})
+}
+
+// Accept and Wrap refuse nonsensical options with an error that says what
+// is wrong.
+func TestInvalidOptions(t *testing.T) {
+	cases := []struct {
+		name string
+		opts []tether.Option
+		want []string // substrings of the error
+	}{
+		{"TimeoutNotAboveInterval", []tether.Option{tether.WithHeartbeat(time.Second, time.Second)}, []string{"timeout", "interval", "1s"}},
+		{"ZeroInterval", []tether.Option{tether.WithHeartbeat(0, time.Second)}, []string{"interval", "positive"}},
+		{"NegativeMaxMessageSize", []tether.Option{tether.WithMaxMessageSize(-1)}, []string{"message size", "-1"}},
+		{"NegativeQueueMessages", []tether.Option{tether.WithSendQueue(-1, 1<<20)}, []string{"send queue", "-1"}},
+		{"NegativeQueueBytes", []tether.Option{tether.WithSendQueue(16, -5)}, []string{"send queue", "-5"}},
+		{"ZeroWriteTimeout", []tether.Option{tether.WithWriteTimeout(0)}, []string{"write timeout", "positive"}},
+		{"AdaptiveMaxBelowInterval", []tether.Option{tether.WithHeartbeat(time.Second, 2*time.Second), tether.WithAdaptiveHeartbeat(500 * time.Millisecond)}, []string{"adaptive", "500ms", "1s"}},
+		{"UnknownOverflow", []tether.Option{tether.WithOverflow(tether.OverflowPolicy(7))}, []string{"overflow"}},
+	}
+	check := func(t *testing.T, err error, want []string) {
+		t.Helper()
+		if err == nil {
+			t.Fatal("no error")
+		}
+		msg := err.Error()
+		if !strings.Contains(msg, "invalid option") {
+			t.Errorf("error %q does not say it is an invalid option", msg)
+		}
+		for _, w := range want {
+			if !strings.Contains(msg, w) {
+				t.Errorf("error %q does not mention %q", msg, w)
+			}
+		}
+	}
+	for _, tc := range cases {
+		t.Run(tc.name+"/Accept", func(t *testing.T) {
+			srv := newServer(t, tc.opts...)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			ws, resp, err := websocket.Dial(ctx, srv.url(), nil)
+			if err == nil {
+				ws.CloseNow()
+				t.Fatal("handshake succeeded")
+			}
+			if resp == nil || resp.StatusCode != http.StatusInternalServerError {
+				t.Fatalf("handshake failed with %v, want HTTP 500", err)
+			}
+			check(t, srv.nextErr(t), tc.want)
+		})
+		t.Run(tc.name+"/Wrap", func(t *testing.T) {
+			srv := newWrapServer(t, tc.opts...)
+			p := dialPeer(t, srv.url(), peerOpts{})
+			check(t, srv.nextErr(t), tc.want)
+			// The handler dropped the conn it could not wrap.
+			if err := p.readErr(t, 5*time.Second); err == nil {
+				t.Fatal("peer's conn still open")
+			}
+		})
+	}
+
+	t.Run("Valid", func(t *testing.T) {
+		opts := []tether.Option{
+			tether.WithHeartbeat(time.Second, 2*time.Second), tether.WithAdaptiveHeartbeat(time.Second),
+			tether.WithMaxMessageSize(1), tether.WithSendQueue(1, 1), tether.WithWriteTimeout(time.Millisecond),
+			nil,
+		}
+		srv := newServer(t, opts...)
+		dialPeer(t, srv.url(), peerOpts{})
+		assertOpen(t, srv.next(t), "valid options")
+		wsrv := newWrapServer(t, opts...)
+		dialPeer(t, wsrv.url(), peerOpts{})
+		assertOpen(t, wsrv.next(t), "valid options")
+	})
 }

@@ -232,7 +232,16 @@ func (c *Conn) check(now time.Time) time.Time {
 		}
 	}
 	if ping {
+		// The reader waits for c.wg once the conn has ended; Add only
+		// while it has not, under the lock that end takes.
+		c.mu.Lock()
+		if c.err != nil {
+			c.mu.Unlock()
+			c.sched.pings.Add(-1)
+			return time.Time{}
+		}
 		c.wg.Add(1)
+		c.mu.Unlock()
 		go c.heartbeatPing(now, deathAt)
 	}
 	return next

@@ -1,7 +1,13 @@
 package tether_test
 
 import (
+	"bufio"
 	"context"
+	"crypto/rand"
+	"crypto/sha1"
+	"encoding/base64"
+	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -22,9 +28,34 @@ type server struct {
 
 func newServer(t *testing.T, opts ...tether.Option) *server {
 	t.Helper()
+	return newServerFunc(t, func(w http.ResponseWriter, r *http.Request) (*tether.Conn, error) {
+		return tether.Accept(w, r, opts...)
+	})
+}
+
+// newWrapServer is newServer for tether.Wrap: its handler accepts with
+// coder/websocket and wraps the result.
+func newWrapServer(t *testing.T, opts ...tether.Option) *server {
+	t.Helper()
+	return newServerFunc(t, func(w http.ResponseWriter, r *http.Request) (*tether.Conn, error) {
+		ws, err := websocket.Accept(w, r, nil)
+		if err != nil {
+			return nil, err
+		}
+		c, err := tether.Wrap(ws, opts...)
+		if err != nil {
+			ws.CloseNow()
+			return nil, err
+		}
+		return c, nil
+	})
+}
+
+func newServerFunc(t *testing.T, accept func(http.ResponseWriter, *http.Request) (*tether.Conn, error)) *server {
+	t.Helper()
 	s := &server{conns: make(chan *tether.Conn, 100), errs: make(chan error, 100)}
 	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		c, err := tether.Accept(w, r, opts...)
+		c, err := accept(w, r)
 		if err != nil {
 			s.errs <- err
 			return
@@ -55,6 +86,24 @@ func (s *server) next(t *testing.T) *tether.Conn {
 	return nil
 }
 
+// nextErr returns the error of the next failed accept.
+func (s *server) nextErr(t *testing.T) error {
+	t.Helper()
+	select {
+	case c := <-s.conns:
+		t.Cleanup(func() {
+			c.CloseNow()
+			<-c.Done()
+		})
+		t.Fatal("conn accepted, want an accept error")
+	case err := <-s.errs:
+		return err
+	case <-time.After(5 * time.Second):
+		t.Fatal("no accept error")
+	}
+	return nil
+}
+
 // peer is a coder/websocket client that reads in the background, as a
 // well-behaved peer does, and counts the pings it receives.
 type peer struct {
@@ -62,18 +111,23 @@ type peer struct {
 	mu    sync.Mutex
 	pings []time.Time
 	msgs  chan []byte
-	done  chan error
+	quit  chan struct{} // closed at cleanup: unblocks the reader
+	done  chan struct{} // closed when the reader has returned
+	err   error         // why the reader returned; set before done is closed
 }
 
 type peerOpts struct {
-	noPong    bool          // OnPingReceived returns false: a zombie
+	noPong    bool // OnPingReceived returns false: a zombie
 	pongDelay func() time.Duration
 	noRead    bool // never reads: no pongs, no close handshake
+	// readGate, if set, holds the reader back until it is closed: until
+	// then the peer behaves as with noRead.
+	readGate chan struct{}
 }
 
 func dialPeer(t *testing.T, url string, o peerOpts) *peer {
 	t.Helper()
-	p := &peer{msgs: make(chan []byte, 1000), done: make(chan error, 1)}
+	p := &peer{msgs: make(chan []byte, 1000), quit: make(chan struct{}), done: make(chan struct{})}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	ws, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{
@@ -92,26 +146,44 @@ func dialPeer(t *testing.T, url string, o peerOpts) *peer {
 	if err != nil {
 		t.Fatalf("dial: %v", err)
 	}
+	ws.SetReadLimit(-1) // tests send messages of any size
 	p.ws = ws
 	if o.noRead {
 		close(p.done)
 	} else {
-		go func() {
-			for {
-				_, data, err := ws.Read(context.Background())
-				if err != nil {
-					p.done <- err
-					return
-				}
-				p.msgs <- data
-			}
-		}()
+		go p.read(o.readGate)
 	}
 	t.Cleanup(func() {
+		close(p.quit)
 		ws.CloseNow()
 		<-p.done
 	})
 	return p
+}
+
+func (p *peer) read(gate chan struct{}) {
+	defer close(p.done)
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-p.quit:
+			return
+		}
+	}
+	for {
+		_, data, err := p.ws.Read(context.Background())
+		if err != nil {
+			p.mu.Lock()
+			p.err = err
+			p.mu.Unlock()
+			return
+		}
+		select {
+		case p.msgs <- data:
+		case <-p.quit:
+			return
+		}
+	}
 }
 
 func (p *peer) pingCount() int {
@@ -126,6 +198,102 @@ func (p *peer) pingTimes() []time.Time {
 	return append([]time.Time(nil), p.pings...)
 }
 
+// readErr waits for the peer's reader to end and returns why.
+func (p *peer) readErr(t *testing.T, limit time.Duration) error {
+	t.Helper()
+	select {
+	case <-p.done:
+	case <-time.After(limit):
+		t.Fatalf("peer still reading after %v", limit)
+	}
+	return p.result()
+}
+
+// result returns why the peer's reader ended, once done is closed.
+func (p *peer) result() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.err
+}
+
+// recv returns the next message the peer read.
+func (p *peer) recv(t *testing.T, limit time.Duration) []byte {
+	t.Helper()
+	select {
+	case m := <-p.msgs:
+		return m
+	case <-time.After(limit):
+		t.Fatalf("peer received no message within %v", limit)
+	}
+	return nil
+}
+
+// roundTrip sends msg on c and returns how long the peer took to get it.
+func roundTrip(t *testing.T, c *tether.Conn, p *peer, msg string) time.Duration {
+	t.Helper()
+	start := time.Now()
+	if err := c.Send(context.Background(), []byte(msg)); err != nil {
+		t.Fatalf("send: %v", err)
+	}
+	if got := string(p.recv(t, 5*time.Second)); got != msg {
+		t.Fatalf("peer got %q, want %q", got, msg)
+	}
+	return time.Since(start)
+}
+
+// dialRaw opens a WebSocket to url with a hand-written upgrade request on a
+// plain TCP conn and returns the conn once the 101 response has been read.
+// The conn is closed when the test ends.
+func dialRaw(t *testing.T, httpURL string) net.Conn {
+	t.Helper()
+	host := strings.TrimPrefix(httpURL, "http://")
+	conn, err := net.DialTimeout("tcp", host, 5*time.Second)
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+
+	nonce := make([]byte, 16)
+	rand.Read(nonce)
+	key := base64.StdEncoding.EncodeToString(nonce)
+	req := fmt.Sprintf("GET / HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n", host, key)
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := conn.Write([]byte(req)); err != nil {
+		t.Fatalf("write upgrade request: %v", err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("read upgrade response: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade response %s, want 101", resp.Status)
+	}
+	sum := sha1.Sum([]byte(key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
+	if got, want := resp.Header.Get("Sec-WebSocket-Accept"), base64.StdEncoding.EncodeToString(sum[:]); got != want {
+		t.Fatalf("Sec-WebSocket-Accept %q, want %q", got, want)
+	}
+	conn.SetDeadline(time.Time{})
+	return conn
+}
+
+// disconnect is one Observer.Disconnect event.
+type disconnect struct {
+	c   *tether.Conn
+	err error
+	at  time.Time
+}
+
+// disconnectObserver returns an observer that reports every disconnect,
+// with its time, on the returned channel.
+func disconnectObserver() (tether.Observer, chan disconnect) {
+	ch := make(chan disconnect, 100)
+	return tether.Observer{Disconnect: func(c *tether.Conn, err error) {
+		ch <- disconnect{c, err, time.Now()}
+	}}, ch
+}
+
 // waitDone waits for c to end, failing the test after limit.
 func waitDone(t *testing.T, c *tether.Conn, limit time.Duration) {
 	t.Helper()
@@ -133,5 +301,18 @@ func waitDone(t *testing.T, c *tether.Conn, limit time.Duration) {
 	case <-c.Done():
 	case <-time.After(limit):
 		t.Fatalf("conn still open after %v (state %v)", limit, c.State())
+	}
+}
+
+// assertOpen fails the test if c has ended.
+func assertOpen(t *testing.T, c *tether.Conn, what string) {
+	t.Helper()
+	if err := c.Err(); err != nil {
+		t.Fatalf("%s: conn ended: %v", what, err)
+	}
+	select {
+	case <-c.Done():
+		t.Fatalf("%s: conn done", what)
+	default:
 	}
 }
