@@ -42,12 +42,18 @@ const (
 // [Conn.Done], then read the reason with [Conn.Err].
 type Conn struct {
 	ws     *websocket.Conn
+	nc     net.Conn // the socket, for an accepted conn; nil for a wrapped one
 	cfg    *config
 	sched  *scheduler
 	remote string
 
-	ctx    context.Context // cancelled when the conn ends: aborts every I/O
+	ctx    context.Context // cancelled when the conn ends
 	cancel context.CancelFunc
+	// ioCtx is passed to every read and write. For an accepted conn it is
+	// context.Background(): coder/websocket then registers nothing per frame,
+	// and closing nc aborts the I/O instead. A wrapped conn has no nc and
+	// uses ctx.
+	ioCtx context.Context
 	hb     heartbeat
 
 	pingLimiter *rate.Limiter // created at the first inbound ping; reader only
@@ -76,7 +82,8 @@ func Accept(w http.ResponseWriter, r *http.Request, opts ...Option) (*Conn, erro
 		return nil, err
 	}
 	c := newConn(cfg, r.RemoteAddr)
-	ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+	hw := &hijackWriter{ResponseWriter: w}
+	ws, err := websocket.Accept(hw, r, &websocket.AcceptOptions{
 		Subprotocols:   cfg.subprotocols,
 		OriginPatterns: cfg.originPatterns,
 		OnPingReceived: c.onPing,
@@ -86,6 +93,7 @@ func Accept(w http.ResponseWriter, r *http.Request, opts ...Option) (*Conn, erro
 		c.cancel()
 		return nil, fmt.Errorf("tether: accept: %w", err)
 	}
+	c.nc, c.ioCtx = hw.nc, context.Background()
 	c.start(ws)
 	return c, nil
 }
@@ -116,6 +124,7 @@ func newConn(cfg *config, remote string) *Conn {
 		done:   make(chan struct{}),
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.ioCtx = c.ctx
 	c.hb.init(cfg)
 	return c
 }
@@ -289,11 +298,11 @@ func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text s
 	if mode == endForced {
 		c.queue.reset()
 		c.mu.Unlock()
-		c.cancel()
+		c.abort()
 		return true
 	}
 	c.closeCode, c.closeText = code, text
-	c.budget = time.AfterFunc(c.cfg.writeTimeout, c.cancel)
+	c.budget = time.AfterFunc(c.cfg.writeTimeout, c.abort)
 	if !c.writing {
 		// No writer to hand the close to: start one with an empty queue.
 		c.writing = true
@@ -302,6 +311,14 @@ func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text s
 	}
 	c.mu.Unlock()
 	return true
+}
+
+// abort fails every pending and future operation on the conn at once.
+func (c *Conn) abort() {
+	c.cancel()
+	if c.nc != nil {
+		c.nc.Close()
+	}
 }
 
 func (c *Conn) writeLoop() {
@@ -336,7 +353,7 @@ func (c *Conn) writeLoop() {
 		} else {
 			timer.Reset(c.cfg.writeTimeout)
 		}
-		err := c.ws.Write(c.ctx, websocket.MessageText, msg)
+		err := c.ws.Write(c.ioCtx, websocket.MessageText, msg)
 		if !timer.Stop() {
 			return // timed out: the conn has ended
 		}
@@ -351,7 +368,7 @@ func (c *Conn) writeTimedOut() { c.end(ErrWriteTimeout, endForced, 0, "") }
 
 func (c *Conn) readLoop() {
 	for {
-		typ, data, err := c.ws.Read(c.ctx)
+		typ, data, err := c.ws.Read(c.ioCtx)
 		if err != nil {
 			c.end(readError(err), endForced, 0, "")
 			break
@@ -364,9 +381,11 @@ func (c *Conn) readLoop() {
 			c.hb.touch()
 		}
 	}
-	c.cancel()
-	c.wg.Wait()
+	c.abort()
+	// A read error does not release coder/websocket's pending pings and
+	// close handshake; CloseNow does, now that the socket is closed.
 	_ = c.ws.CloseNow()
+	c.wg.Wait()
 	c.mu.Lock()
 	if c.budget != nil {
 		c.budget.Stop()

@@ -640,3 +640,38 @@ func TestInvalidOptions(t *testing.T) {
 		assertOpen(t, wsrv.next(t), "valid options")
 	})
 }
+
+// A client may send its first frame in the same packet as its handshake;
+// the bytes buffered by net/http at Hijack must reach the conn.
+func TestFrameRightBehindHandshake(t *testing.T) {
+	got := make(chan string, 1)
+	srv := newServer(t, tether.OnMessage(func(_ *tether.Conn, m tether.Message) { got <- string(m.Data) }))
+	host := strings.TrimPrefix(srv.URL, "http://")
+	conn, err := net.DialTimeout("tcp", host, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+
+	payload := []byte("hello in the first packet")
+	mask := [4]byte{1, 2, 3, 4}
+	frame := []byte{0x81, 0x80 | byte(len(payload))} // FIN, text; masked, short length
+	frame = append(frame, mask[:]...)
+	for i, b := range payload {
+		frame = append(frame, b^mask[i%4])
+	}
+	req := "GET / HTTP/1.1\r\nHost: " + host + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+	if _, err := conn.Write(append([]byte(req), frame...)); err != nil {
+		t.Fatal(err)
+	}
+	c := srv.next(t)
+	select {
+	case m := <-got:
+		if m != string(payload) {
+			t.Fatalf("got %q, want %q", m, payload)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("frame sent behind the handshake never arrived (conn err %v)", c.Err())
+	}
+}

@@ -259,7 +259,9 @@ func earliest(a, b time.Time) time.Time {
 func (c *Conn) heartbeatPing(sent, deadline time.Time) {
 	defer c.wg.Done()
 	defer c.sched.pings.Add(-1)
-	ctx, cancel := context.WithDeadline(c.ctx, deadline)
+	// Not derived from c.ctx, which would keep a registry of children for
+	// the conn's life: the reader's CloseNow ends the wait when the conn ends.
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	err := c.ws.Ping(ctx)
 	cancel()
 	rtt := time.Duration(-1)
