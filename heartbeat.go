@@ -222,7 +222,7 @@ func (c *Conn) check(now time.Time) time.Time {
 	default:
 		next = earliest(next, h.born.Add(last+h.pingAfter))
 	}
-	deathAt := h.born.Add(last + h.timeout)
+	pingTimeout := h.timeout
 	h.mu.Unlock()
 
 	if suspect {
@@ -242,7 +242,7 @@ func (c *Conn) check(now time.Time) time.Time {
 		}
 		c.wg.Add(1)
 		c.mu.Unlock()
-		go c.heartbeatPing(now, deathAt)
+		go c.heartbeatPing(now, now.Add(pingTimeout))
 	}
 	return next
 }
@@ -254,8 +254,11 @@ func earliest(a, b time.Time) time.Time {
 	return a
 }
 
-// heartbeatPing sends one heartbeat ping and waits for its pong until the
-// peer would be declared dead anyway.
+// heartbeatPing sends one heartbeat ping and waits for its pong. The end of
+// the conn ends the wait; so does deadline, for a peer that sends data but
+// never pongs. deadline must lie beyond the death the scheduler enforces:
+// coder/websocket closes the conn when a write's context expires, and a dead
+// peer must be reported as ErrHeartbeatTimeout, not as a failed write.
 func (c *Conn) heartbeatPing(sent, deadline time.Time) {
 	defer c.wg.Done()
 	defer c.sched.pings.Add(-1)

@@ -452,7 +452,9 @@ func TestConnPing(t *testing.T) {
 // for every goroutine the heartbeat starts. Under -race this catches a
 // ping started concurrently with the end of the conn.
 func TestCloseWhileHeartbeatDue(t *testing.T) {
-	srv := newServer(t, tether.WithHeartbeat(time.Millisecond, 50*time.Millisecond))
+	// Pings every millisecond; the timeout is long so that only the close
+	// ends these healthy conns, even on a loaded machine.
+	srv := newServer(t, tether.WithHeartbeat(time.Millisecond, 2*time.Second))
 	for i := range 300 {
 		p := dialPeer(t, srv.url(), peerOpts{})
 		c := srv.next(t)
