@@ -54,7 +54,7 @@ type Conn struct {
 	// and closing nc aborts the I/O instead. A wrapped conn has no nc and
 	// uses ctx.
 	ioCtx context.Context
-	hb     heartbeat
+	hb    heartbeat
 
 	pingLimiter *rate.Limiter // created at the first inbound ping; reader only
 
