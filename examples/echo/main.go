@@ -14,6 +14,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -32,13 +33,27 @@ func main() {
 	flag.Parse()
 
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	if err := run(*addr, *interval, *timeout, log); err != nil {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := func() error {
+		if *interval <= 0 || *timeout <= *interval {
+			return fmt.Errorf("need 0 < -interval < -timeout, got %v and %v", *interval, *timeout)
+		}
+		ln, err := net.Listen("tcp", *addr)
+		if err != nil {
+			return err
+		}
+		return serve(ctx, ln, *interval, *timeout, log)
+	}()
+	if err != nil {
 		log.Error("echo", "err", err)
 		os.Exit(1)
 	}
 }
 
-func run(addr string, interval, timeout time.Duration, log *slog.Logger) error {
+// serve runs the echo server on ln until ctx ends, then closes every conn
+// with 1001 (going away) and returns.
+func serve(ctx context.Context, ln net.Listener, interval, timeout time.Duration, log *slog.Logger) error {
 	var conns sync.Map // *tether.Conn -> struct{}, for a graceful shutdown
 	opts := []tether.Option{
 		tether.WithHeartbeat(interval, timeout),
@@ -57,9 +72,6 @@ func run(addr string, interval, timeout time.Duration, log *slog.Logger) error {
 			},
 		}),
 	}
-	if interval <= 0 || timeout <= interval {
-		return fmt.Errorf("need 0 < -interval < -timeout, got %v and %v", interval, timeout)
-	}
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) {
@@ -75,13 +87,11 @@ func run(addr string, interval, timeout time.Duration, log *slog.Logger) error {
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
 		w.Write([]byte(page))
 	})
-	srv := &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	errc := make(chan error, 1)
-	go func() { errc <- srv.ListenAndServe() }()
-	log.Info("listening", "addr", "http://"+addr+"/", "interval", interval, "timeout", timeout)
+	go func() { errc <- srv.Serve(ln) }()
+	log.Info("listening", "addr", "http://"+ln.Addr().String()+"/", "interval", interval, "timeout", timeout)
 
 	select {
 	case err := <-errc:
@@ -92,6 +102,7 @@ func run(addr string, interval, timeout time.Duration, log *slog.Logger) error {
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	err := srv.Shutdown(shutdownCtx)
+	<-errc // Serve has returned
 	conns.Range(func(k, _ any) bool {
 		c := k.(*tether.Conn)
 		c.Close(websocket.StatusGoingAway, "server shutting down")
