@@ -1,0 +1,599 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+type idleConfig struct {
+	n                 int
+	interval, timeout time.Duration // the server's heartbeat
+	hold              time.Duration
+	sample            time.Duration // /stats sampling period during the hold
+	sources           int           // source IPs 127.0.0.2 .. 127.0.0.(1+sources)
+	concurrency       int           // dials in flight
+	setup             time.Duration // budget to start the server, dial and settle
+	jsonOut           bool
+	heapProfile       string // file for the server's heap profile at the end of the hold
+	memProfileRate    int    // the server's runtime.MemProfileRate, with heapProfile
+
+	// serverCmd is the server's command line, "serve" included; by default
+	// this very executable with "serve".
+	serverCmd []string
+}
+
+func idleMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var cfg idleConfig
+	fs := flag.NewFlagSet("tetherload idle", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.IntVar(&cfg.n, "n", 10000, "client conns to open and hold")
+	fs.DurationVar(&cfg.interval, "interval", 15*time.Second, "server heartbeat interval")
+	fs.DurationVar(&cfg.timeout, "timeout", 30*time.Second, "server heartbeat timeout")
+	fs.DurationVar(&cfg.hold, "hold", 30*time.Second, "how long to hold the conns once all are open")
+	fs.DurationVar(&cfg.sample, "sample", 5*time.Second, "/stats sampling period during the hold")
+	fs.IntVar(&cfg.sources, "sources", 49, "source IPs to spread conns over: 127.0.0.2 .. 127.0.0.(1+sources)")
+	fs.IntVar(&cfg.concurrency, "concurrency", 64, "dials in flight at once")
+	fs.DurationVar(&cfg.setup, "setup", 3*time.Minute, "time allowed to start the server, dial and settle")
+	fs.BoolVar(&cfg.jsonOut, "json", false, "print the result as JSON")
+	fs.StringVar(&cfg.heapProfile, "heapprofile", "", "write the server's heap profile at the end of the hold to `file` (starts it with -pprof)")
+	fs.IntVar(&cfg.memProfileRate, "memprofilerate", 0, "the server's runtime.MemProfileRate (1: every allocation); 0 keeps the default")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	res, err := runIdle(ctx, cfg, stderr)
+	if err != nil {
+		return err
+	}
+	if cfg.jsonOut {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(res)
+	}
+	return res.print(stdout)
+}
+
+func (cfg *idleConfig) validate() error {
+	var errs []error
+	if cfg.n <= 0 {
+		errs = append(errs, fmt.Errorf("-n %d must be positive", cfg.n))
+	}
+	if cfg.sources < 1 || cfg.sources > 253 {
+		errs = append(errs, fmt.Errorf("-sources %d must be within 1..253", cfg.sources))
+	}
+	if cfg.concurrency < 1 {
+		errs = append(errs, fmt.Errorf("-concurrency %d must be positive", cfg.concurrency))
+	}
+	if cfg.interval <= 0 || cfg.timeout <= cfg.interval {
+		errs = append(errs, fmt.Errorf("heartbeat %v/%v: need 0 < interval < timeout", cfg.interval, cfg.timeout))
+	}
+	if cfg.hold < 0 || cfg.sample <= 0 || cfg.setup <= 0 {
+		errs = append(errs, errors.New("-hold must not be negative, -sample and -setup must be positive"))
+	}
+	return errors.Join(errs...)
+}
+
+// IdleResult is what one idle run measured. Per-conn figures are the
+// server's growth over its baseline (before any conn) divided by Conns, at
+// the end of the hold.
+type IdleResult struct {
+	Conns     int     `json:"conns"`
+	Interval  string  `json:"interval"`
+	Timeout   string  `json:"timeout"`
+	Hold      string  `json:"hold"`
+	Sources   int     `json:"source_ips"`
+	DialSecs  float64 `json:"dial_seconds"`
+	Baseline  Stats   `json:"baseline"`        // before any conn
+	Loaded    Stats   `json:"loaded"`          // all conns open, start of the hold
+	HoldStart Stats   `json:"hold_start"`      // just after Loaded, without GC: the hold's CPU origin
+	Samples   []Stats `json:"hold_samples"`    // during the hold, without forced GC
+	Final     Stats   `json:"final"`           // end of the hold
+	Scavenged Stats   `json:"final_scavenged"` // after debug.FreeOSMemory
+
+	RSSPerConn          float64 `json:"rss_per_conn_bytes"`
+	StartRSSPerConn     float64 `json:"start_rss_per_conn_bytes"`     // at the start of the hold, after GC
+	PeakRSSPerConn      float64 `json:"peak_rss_per_conn_bytes"`      // highest sample in the hold
+	ScavengedRSSPerConn float64 `json:"scavenged_rss_per_conn_bytes"` // floor: no free pages kept
+	HeapPerConn         float64 `json:"heap_inuse_per_conn_bytes"`
+	HeapAllocPerConn    float64 `json:"heap_alloc_per_conn_bytes"`
+	StackPerConn        float64 `json:"stack_per_conn_bytes"`
+	GoroutinesPerConn   float64 `json:"goroutines_per_conn"`
+	CPUPerSecond        float64 `json:"server_cpu_seconds_per_second"` // during the hold
+	HeartbeatTimeouts   int64   `json:"heartbeat_timeouts"`
+	OtherEnds           int64   `json:"other_ends"`
+	ClientReadsEnded    int64   `json:"client_reads_ended"` // client conns that died during the run
+	HeartbeatPongs      int64   `json:"heartbeat_pongs"`    // during the hold
+	ServerPID           int     `json:"server_pid"`
+	HeapProfile         string  `json:"heap_profile,omitempty"`
+}
+
+// runIdle runs one idle scenario against a child server process. It always
+// returns within cfg.setup + cfg.hold + a minute, with its conns closed and
+// its child gone.
+func runIdle(ctx context.Context, cfg idleConfig, progress io.Writer) (_ *IdleResult, err error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, cfg.setup+cfg.hold+time.Minute)
+	defer cancel()
+	setupCtx, setupCancel := context.WithTimeout(ctx, cfg.setup)
+	defer setupCancel()
+
+	child, err := startServer(setupCtx, cfg, progress)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if cerr := child.stop(); err == nil && cerr != nil {
+			err = cerr
+		}
+	}()
+	sc := newStatsClient(child.addr)
+	defer sc.close()
+
+	res := &IdleResult{
+		Conns:     cfg.n,
+		Interval:  cfg.interval.String(),
+		Timeout:   cfg.timeout.String(),
+		Hold:      cfg.hold.String(),
+		Sources:   cfg.sources,
+		ServerPID: child.cmd.Process.Pid,
+	}
+	if res.Baseline, err = sc.get(setupCtx, "gc=1"); err != nil {
+		return nil, fmt.Errorf("baseline: %w", err)
+	}
+
+	pool := newClientPool(cfg.sources)
+	defer func() {
+		if cerr := pool.close(10 * time.Second); err == nil && cerr != nil {
+			err = cerr
+		}
+	}()
+	fmt.Fprintf(progress, "tetherload: dialling %d conns to %s from %d source IPs\n", cfg.n, child.addr, cfg.sources)
+	start := time.Now()
+	if err := pool.dialAll(setupCtx, "ws://"+child.addr+"/ws", cfg.n, cfg.concurrency); err != nil {
+		return nil, err
+	}
+	res.DialSecs = time.Since(start).Seconds()
+
+	// Settle: every conn accepted by the server.
+	for {
+		st, err := sc.get(setupCtx, "gc=0")
+		if err != nil {
+			return nil, fmt.Errorf("waiting for the server to accept every conn: %w", err)
+		}
+		if st.Open >= int64(cfg.n) {
+			break
+		}
+		if st.OtherEnds+st.HeartbeatTimeouts > 0 {
+			return nil, fmt.Errorf("conns ended while dialling: %d by heartbeat timeout, %d otherwise", st.HeartbeatTimeouts, st.OtherEnds)
+		}
+		select {
+		case <-setupCtx.Done():
+			return nil, fmt.Errorf("server has %d of %d conns open: %w", st.Open, cfg.n, setupCtx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	if res.Loaded, err = sc.get(ctx, "gc=1"); err != nil {
+		return nil, err
+	}
+	// The hold's CPU time counts from here, after the forced GC above.
+	if res.HoldStart, err = sc.get(ctx, "gc=0"); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(progress, "tetherload: %d conns open after %.1fs; holding for %v\n", cfg.n, res.DialSecs, cfg.hold)
+
+	// Hold, sampling without forcing GCs, which would be charged as CPU.
+	holdEnd := time.Now().Add(cfg.hold)
+	for {
+		left := time.Until(holdEnd)
+		if left <= 0 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("hold: %w", ctx.Err())
+		case <-time.After(min(cfg.sample, left)):
+		}
+		if time.Until(holdEnd) <= 0 {
+			break
+		}
+		st, err := sc.get(ctx, "gc=0")
+		if err != nil {
+			return nil, fmt.Errorf("hold: %w", err)
+		}
+		res.Samples = append(res.Samples, st)
+		fmt.Fprintf(progress, "tetherload: +%3.0fs open %d, rss %.1f MiB (%.2f KiB/conn), goroutines %d, pongs %d, heartbeat timeouts %d, other ends %d\n",
+			st.Time.Sub(res.Loaded.Time).Seconds(), st.Open, float64(st.RSS)/(1<<20),
+			(float64(st.RSS)-float64(res.Baseline.RSS))/float64(cfg.n)/(1<<10), st.Goroutines,
+			st.Pongs, st.HeartbeatTimeouts, st.OtherEnds)
+	}
+	if res.Final, err = sc.get(ctx, "gc=1"); err != nil {
+		return nil, err
+	}
+	if cfg.heapProfile != "" {
+		if err := sc.saveHeapProfile(ctx, cfg.heapProfile); err != nil {
+			return nil, err
+		}
+		res.HeapProfile = cfg.heapProfile
+	}
+	if res.Scavenged, err = sc.get(ctx, "free=1"); err != nil {
+		return nil, err
+	}
+	res.ClientReadsEnded = pool.lost.Load()
+	res.compute()
+	return res, nil
+}
+
+func (r *IdleResult) compute() {
+	n := float64(r.Conns)
+	per := func(v, base uint64) float64 { return (float64(v) - float64(base)) / n }
+	b, f := r.Baseline, r.Final
+	r.RSSPerConn = per(f.RSS, b.RSS)
+	r.ScavengedRSSPerConn = per(r.Scavenged.RSS, b.RSS)
+	r.HeapPerConn = per(f.HeapInuse, b.HeapInuse)
+	r.HeapAllocPerConn = per(f.HeapAlloc, b.HeapAlloc)
+	r.StackPerConn = per(f.StackInuse, b.StackInuse)
+	r.GoroutinesPerConn = float64(f.Goroutines-b.Goroutines) / n
+	r.StartRSSPerConn = per(r.Loaded.RSS, b.RSS)
+	r.PeakRSSPerConn = max(r.RSSPerConn, r.StartRSSPerConn)
+	for _, s := range r.Samples {
+		r.PeakRSSPerConn = max(r.PeakRSSPerConn, per(s.RSS, b.RSS))
+	}
+	// CPU over the hold: neither end includes a forced GC, since
+	// sampleStats reads CPU time before collecting.
+	if d := f.Time.Sub(r.HoldStart.Time).Seconds(); d > 0 {
+		r.CPUPerSecond = (f.CPUSeconds - r.HoldStart.CPUSeconds) / d
+	}
+	r.HeartbeatTimeouts = f.HeartbeatTimeouts
+	r.OtherEnds = f.OtherEnds
+	r.HeartbeatPongs = f.Pongs - r.Loaded.Pongs
+}
+
+func (r *IdleResult) print(w io.Writer) error {
+	const kib = 1 << 10
+	fmt.Fprintf(w, "tetherload idle: %d conns, heartbeat %s/%s, hold %s, %d source IPs, dialled in %.1fs\n\n",
+		r.Conns, r.Interval, r.Timeout, r.Hold, r.Sources, r.DialSecs)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "server\tRSS MiB\theap MiB\tstack MiB\tgoroutines\topen conns\t")
+	for _, row := range []struct {
+		name string
+		s    Stats
+	}{
+		{"baseline", r.Baseline},
+		{"start of hold", r.Loaded},
+		{"end of hold", r.Final},
+		{"after FreeOSMemory", r.Scavenged},
+	} {
+		mib := func(v uint64) float64 { return float64(v) / (1 << 20) }
+		fmt.Fprintf(tw, "%s\t%.1f\t%.1f\t%.2f\t%d\t%d\t\n",
+			row.name, mib(row.s.RSS), mib(row.s.HeapInuse), mib(row.s.StackInuse), row.s.Goroutines, row.s.Open)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(tw, "conns\tRSS/conn KiB\theap/conn KiB\tstack/conn KiB\tgoroutines/conn\tserver CPU s/s\tdropped by heartbeat\tother ends\t")
+	fmt.Fprintf(tw, "%d\t%.2f\t%.2f\t%.2f\t%.4f\t%.4f\t%d\t%d\t\n",
+		r.Conns, r.RSSPerConn/kib, r.HeapPerConn/kib, r.StackPerConn/kib, r.GoroutinesPerConn,
+		r.CPUPerSecond, r.HeartbeatTimeouts, r.OtherEnds)
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintf(w, "per conn at the end of the hold; RSS/conn was %.2f KiB at its start, peaked at %.2f KiB, and is %.2f KiB after FreeOSMemory\n",
+		r.StartRSSPerConn/kib, r.PeakRSSPerConn/kib, r.ScavengedRSSPerConn/kib)
+	fmt.Fprintf(w, "heap alloc/conn %.2f KiB; %d heartbeat pongs during the hold\n", r.HeapAllocPerConn/kib, r.HeartbeatPongs)
+	if r.ClientReadsEnded > 0 {
+		fmt.Fprintf(w, "WARNING: %d client conns died during the run\n", r.ClientReadsEnded)
+	}
+	if r.HeapProfile != "" {
+		fmt.Fprintf(w, "server heap profile: %s\n", r.HeapProfile)
+	}
+	return nil
+}
+
+// childEnv marks a child process that must run as "tetherload serve"
+// whatever its executable is: the test binary looks for it.
+const childEnv = "TETHERLOAD_CHILD"
+
+// child is the server process.
+type child struct {
+	cmd     *exec.Cmd
+	addr    string
+	exited  chan struct{} // closed once Wait has returned
+	waitErr error
+	drained chan struct{} // closed once its stdout is at EOF
+	once    sync.Once
+	stopErr error
+}
+
+func startServer(ctx context.Context, cfg idleConfig, stderr io.Writer) (*child, error) {
+	argv := cfg.serverCmd
+	if len(argv) == 0 {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, err
+		}
+		argv = []string{exe, "serve"}
+	}
+	args := append(argv[1:len(argv):len(argv)], "-addr", "127.0.0.1:0",
+		"-interval", cfg.interval.String(), "-timeout", cfg.timeout.String())
+	if cfg.heapProfile != "" {
+		args = append(args, "-pprof")
+		if cfg.memProfileRate > 0 {
+			args = append(args, "-memprofilerate", fmt.Sprint(cfg.memProfileRate))
+		}
+	}
+	cmd := exec.Command(argv[0], args...)
+	cmd.Env = append(os.Environ(), childEnv+"=serve")
+	cmd.Stderr = stderr
+	// The server must not outlive us, even if we are killed.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stdout = w
+	if err := cmd.Start(); err != nil {
+		r.Close()
+		w.Close()
+		return nil, fmt.Errorf("start server: %w", err)
+	}
+	w.Close()
+	c := &child{cmd: cmd, exited: make(chan struct{}), drained: make(chan struct{})}
+	go func() {
+		c.waitErr = cmd.Wait()
+		close(c.exited)
+	}()
+	first := make(chan string, 1)
+	go func() {
+		defer close(c.drained)
+		defer r.Close()
+		br := bufio.NewReader(r)
+		line, _ := br.ReadString('\n')
+		first <- strings.TrimSpace(line)
+		_, _ = io.Copy(io.Discard, br)
+	}()
+
+	select {
+	case line := <-first:
+		if _, _, err := net.SplitHostPort(line); err != nil {
+			c.stop()
+			return nil, fmt.Errorf("server's first line %q is not an address", line)
+		}
+		c.addr = line
+		return c, nil
+	case <-ctx.Done():
+		c.stop()
+		return nil, fmt.Errorf("waiting for the server's address: %w", ctx.Err())
+	}
+}
+
+// stop ends the server: SIGTERM, then SIGKILL if it has not exited within
+// 10 s. It returns an error if the server did not exit cleanly.
+func (c *child) stop() error {
+	c.once.Do(func() {
+		select {
+		case <-c.exited:
+		default:
+			_ = c.cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-c.exited:
+			case <-time.After(10 * time.Second):
+				_ = c.cmd.Process.Kill()
+				<-c.exited
+				c.stopErr = errors.New("server ignored SIGTERM for 10s and was killed")
+			}
+		}
+		<-c.drained
+		if c.stopErr == nil && c.waitErr != nil {
+			c.stopErr = fmt.Errorf("server: %w", c.waitErr)
+		}
+	})
+	return c.stopErr
+}
+
+// statsClient reads the server's /stats.
+type statsClient struct {
+	base string
+	hc   *http.Client
+}
+
+func newStatsClient(addr string) *statsClient {
+	return &statsClient{
+		base: "http://" + addr,
+		hc:   &http.Client{Transport: &http.Transport{}, Timeout: 30 * time.Second},
+	}
+}
+
+func (s *statsClient) close() { s.hc.CloseIdleConnections() }
+
+func (s *statsClient) fetch(ctx context.Context, path string, w io.Writer) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.base+path, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := s.hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		return fmt.Errorf("GET %s: %s: %s", path, resp.Status, bytes.TrimSpace(msg))
+	}
+	_, err = io.Copy(w, resp.Body)
+	return err
+}
+
+func (s *statsClient) get(ctx context.Context, query string) (Stats, error) {
+	var buf bytes.Buffer
+	var st Stats
+	if err := s.fetch(ctx, "/stats?"+query, &buf); err != nil {
+		return st, err
+	}
+	if err := json.Unmarshal(buf.Bytes(), &st); err != nil {
+		return st, fmt.Errorf("/stats: %w", err)
+	}
+	return st, nil
+}
+
+func (s *statsClient) saveHeapProfile(ctx context.Context, path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	err = s.fetch(ctx, "/debug/pprof/heap?gc=1", f)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("heap profile: %w", err)
+	}
+	return nil
+}
+
+// clientPool holds the client conns, each with a goroutine that reads all
+// the time: coder/websocket answers the server's pings only while reading.
+type clientPool struct {
+	clients []*http.Client // one per source IP
+
+	mu    sync.Mutex
+	conns []*websocket.Conn
+
+	readers sync.WaitGroup
+	closing atomic.Bool
+	lost    atomic.Int64 // reads that ended before close
+}
+
+func newClientPool(sources int) *clientPool {
+	p := &clientPool{}
+	for i := range sources {
+		d := &net.Dialer{
+			LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(2+i))},
+			Timeout:   10 * time.Second,
+		}
+		p.clients = append(p.clients, &http.Client{Transport: &http.Transport{DialContext: d.DialContext}})
+	}
+	return p
+}
+
+// dialAll opens n conns, concurrency at a time, so that the server's accept
+// backlog is never overrun. It stops at the first conn that cannot be made.
+func (p *clientPool) dialAll(ctx context.Context, url string, n, concurrency int) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(concurrency, n) {
+		wg.Go(func() {
+			for i := range next {
+				if err := p.dial(ctx, url, i); err != nil {
+					cancel(fmt.Errorf("conn %d: %w", i, err))
+				}
+			}
+		})
+	}
+feed:
+	for i := range n {
+		select {
+		case next <- i:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(next)
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil {
+		return fmt.Errorf("dial: %w", err)
+	}
+	return nil
+}
+
+func (p *clientPool) dial(ctx context.Context, url string, i int) error {
+	hc := p.clients[i%len(p.clients)]
+	var err error
+	for attempt := range 3 {
+		if attempt > 0 {
+			select {
+			case <-ctx.Done():
+				return err
+			case <-time.After(time.Duration(attempt) * 100 * time.Millisecond):
+			}
+		}
+		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		var c *websocket.Conn
+		c, _, err = websocket.Dial(dctx, url, &websocket.DialOptions{HTTPClient: hc})
+		cancel()
+		if err == nil {
+			p.keep(c)
+			return nil
+		}
+		if ctx.Err() != nil {
+			return err
+		}
+	}
+	return err
+}
+
+func (p *clientPool) keep(c *websocket.Conn) {
+	p.mu.Lock()
+	p.conns = append(p.conns, c)
+	p.mu.Unlock()
+	p.readers.Go(func() {
+		for {
+			if _, _, err := c.Read(context.Background()); err != nil {
+				if !p.closing.Load() {
+					p.lost.Add(1)
+				}
+				return
+			}
+		}
+	})
+}
+
+// close drops every conn and waits up to timeout for their readers.
+func (p *clientPool) close(timeout time.Duration) error {
+	p.closing.Store(true)
+	p.mu.Lock()
+	conns := p.conns
+	p.conns = nil
+	p.mu.Unlock()
+	for _, c := range conns {
+		_ = c.CloseNow()
+	}
+	done := make(chan struct{})
+	go func() {
+		p.readers.Wait()
+		close(done)
+	}()
+	defer func() {
+		for _, hc := range p.clients {
+			hc.CloseIdleConnections()
+		}
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-time.After(timeout):
+		return fmt.Errorf("client readers still running %v after close", timeout)
+	}
+}
