@@ -107,6 +107,9 @@ func Accept(w http.ResponseWriter, r *http.Request, opts ...Option) (*Conn, erro
 // the pongs to its own pings count as proof of life, and the inbound ping
 // limit does not apply. Prefer [Accept] where you can.
 func Wrap(ws *websocket.Conn, opts ...Option) (*Conn, error) {
+	if ws == nil {
+		return nil, errors.New("tether: Wrap of a nil *websocket.Conn")
+	}
 	cfg, err := newConfig(opts)
 	if err != nil {
 		return nil, err

@@ -629,6 +629,12 @@ func TestInvalidOptions(t *testing.T) {
 		})
 	}
 
+	t.Run("WrapNil", func(t *testing.T) {
+		if c, err := tether.Wrap(nil); err == nil || c != nil {
+			t.Fatalf("Wrap(nil) = %v, %v; want an error", c, err)
+		}
+	})
+
 	t.Run("Valid", func(t *testing.T) {
 		opts := []tether.Option{
 			tether.WithHeartbeat(time.Second, 2*time.Second), tether.WithAdaptiveHeartbeat(time.Second),
