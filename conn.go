@@ -82,8 +82,8 @@ func Accept(w http.ResponseWriter, r *http.Request, opts ...Option) (*Conn, erro
 		return nil, err
 	}
 	c := newConn(cfg, r.RemoteAddr)
-	hw := &hijackWriter{ResponseWriter: w}
-	ws, err := websocket.Accept(hw, r, &websocket.AcceptOptions{
+	rw, hw := wrapForHijack(w)
+	ws, err := websocket.Accept(rw, r, &websocket.AcceptOptions{
 		Subprotocols:   cfg.subprotocols,
 		OriginPatterns: cfg.originPatterns,
 		OnPingReceived: c.onPing,
@@ -93,7 +93,9 @@ func Accept(w http.ResponseWriter, r *http.Request, opts ...Option) (*Conn, erro
 		c.cancel()
 		return nil, fmt.Errorf("tether: accept: %w", err)
 	}
-	c.nc, c.ioCtx = hw.nc, context.Background()
+	if hw != nil && hw.nc != nil {
+		c.nc, c.ioCtx = hw.nc, context.Background()
+	}
 	c.start(ws)
 	return c, nil
 }

@@ -1,12 +1,14 @@
 package tether_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -682,5 +684,77 @@ func TestFrameRightBehindHandshake(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatalf("frame sent behind the handshake never arrived (conn err %v)", c.Err())
+	}
+}
+
+// noHijack is middleware whose writer offers neither Hijack nor Unwrap.
+type noHijack struct{ http.ResponseWriter }
+
+// deferredHeader is a gin-like writer: WriteHeader only records the status,
+// WriteHeaderNow sends it, and Hijack delegates.
+type deferredHeader struct {
+	http.ResponseWriter
+	status  int
+	written bool
+}
+
+func (d *deferredHeader) WriteHeader(code int) { d.status = code }
+func (d *deferredHeader) WriteHeaderNow() {
+	if !d.written {
+		d.written = true
+		d.ResponseWriter.WriteHeader(d.status)
+	}
+}
+func (d *deferredHeader) Write(b []byte) (int, error) { d.WriteHeaderNow(); return d.ResponseWriter.Write(b) }
+func (d *deferredHeader) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	return http.NewResponseController(d.ResponseWriter).Hijack()
+}
+
+// Accept behind middleware that cannot hijack answers 501, as
+// coder/websocket does, instead of a 101 for a failed upgrade.
+func TestAcceptWithoutHijacker(t *testing.T) {
+	errs := make(chan error, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, err := tether.Accept(noHijack{w}, r)
+		errs <- err
+	}))
+	defer srv.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, resp, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"), nil)
+	if err == nil || resp == nil || resp.StatusCode != http.StatusNotImplemented {
+		t.Fatalf("dial through a writer without Hijack: resp %v, err %v; want 501", resp, err)
+	}
+	if err := <-errs; err == nil {
+		t.Fatal("Accept returned no error")
+	}
+}
+
+// Accept works through writers that defer the status line until
+// WriteHeaderNow, such as gin's.
+func TestAcceptThroughDeferredHeaderWriter(t *testing.T) {
+	conns := make(chan *tether.Conn, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, err := tether.Accept(&deferredHeader{ResponseWriter: w, status: http.StatusOK}, r)
+		if err != nil {
+			t.Errorf("accept: %v", err)
+			return
+		}
+		conns <- c
+	}))
+	defer srv.Close()
+	p := dialPeer(t, "ws"+strings.TrimPrefix(srv.URL, "http"), peerOpts{})
+	c := <-conns
+	defer func() { c.CloseNow(); <-c.Done() }()
+	if err := c.Send(context.Background(), []byte("through gin")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-p.msgs:
+		if string(m) != "through gin" {
+			t.Fatalf("got %q", m)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no message through the deferred-header writer")
 	}
 }

@@ -3,6 +3,7 @@ package tether
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
 	"net"
 	"net/http"
 )
@@ -25,12 +26,45 @@ type hijackWriter struct {
 	nc net.Conn
 }
 
+// wrapForHijack returns w wrapped in a hijackWriter, or w itself when no
+// Hijacker is reachable through Unwrap: coder/websocket must then see that
+// and answer 501 before it writes the 101.
+func wrapForHijack(w http.ResponseWriter) (http.ResponseWriter, *hijackWriter) {
+	for u := w; ; {
+		switch t := u.(type) {
+		case http.Hijacker:
+			hw := &hijackWriter{ResponseWriter: w}
+			return hw, hw
+		case interface{ Unwrap() http.ResponseWriter }:
+			u = t.Unwrap()
+		default:
+			return w, nil
+		}
+	}
+}
+
+// Unwrap lets http.ResponseController reach the writer underneath.
+func (h *hijackWriter) Unwrap() http.ResponseWriter { return h.ResponseWriter }
+
+// WriteHeaderNow forwards to writers that defer WriteHeader until told
+// (gin's); coder/websocket calls it before hijacking.
+func (h *hijackWriter) WriteHeaderNow() {
+	if w, ok := h.ResponseWriter.(interface{ WriteHeaderNow() }); ok {
+		w.WriteHeaderNow()
+	}
+}
+
 func (h *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	nc, brw, err := http.NewResponseController(h.ResponseWriter).Hijack()
 	if err != nil {
 		return nil, nil, err
 	}
 	h.nc = nc
+	if tc, ok := nc.(*tls.Conn); ok {
+		// Closing a tls.Conn writes close_notify, which can block for 5 s on
+		// a peer that does not read; aborting must not. Close the socket.
+		h.nc = tc.NetConn()
+	}
 	var conn net.Conn = nc
 	if n := brw.Reader.Buffered(); n > 0 {
 		// The client sent frames right behind its handshake: keep them.
