@@ -705,7 +705,10 @@ func (d *deferredHeader) WriteHeaderNow() {
 		d.ResponseWriter.WriteHeader(d.status)
 	}
 }
-func (d *deferredHeader) Write(b []byte) (int, error) { d.WriteHeaderNow(); return d.ResponseWriter.Write(b) }
+func (d *deferredHeader) Write(b []byte) (int, error) {
+	d.WriteHeaderNow()
+	return d.ResponseWriter.Write(b)
+}
 func (d *deferredHeader) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	return http.NewResponseController(d.ResponseWriter).Hijack()
 }
