@@ -151,8 +151,8 @@ func (c *Conn) Subprotocol() string { return c.ws.Subprotocol() }
 // for a wrapped conn.
 func (c *Conn) RemoteAddr() string { return c.remote }
 
-// Done returns a channel that is closed once the conn has ended and all of
-// its goroutines have returned.
+// Done returns a channel that is closed once the conn has ended and its
+// reader, writer and ping goroutines have returned.
 func (c *Conn) Done() <-chan struct{} { return c.done }
 
 // Err returns why the conn ended, or nil while it is open. See the Err*
@@ -189,7 +189,9 @@ func (c *Conn) Heartbeat() (interval, timeout time.Duration) {
 }
 
 // Ping sends a ping now and waits for its pong or for ctx to end. It
-// returns the round trip, which also feeds [Conn.RTT].
+// returns the round trip, which also feeds [Conn.RTT]. If ctx ends while
+// the ping frame itself is still being written (the peer is not reading),
+// coder/websocket closes the conn.
 func (c *Conn) Ping(ctx context.Context) (time.Duration, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -218,8 +220,11 @@ func (c *Conn) Ping(ctx context.Context) (time.Duration, error) {
 //
 // When the queue is full (see [WithSendQueue]), the overflow policy decides:
 // with Disconnect, Send returns [ErrQueueFull] and the conn closes with
-// [StatusSlowConsumer]; with DropNewest it returns [ErrQueueFull] and the
-// conn stays; with DropOldest older messages make room and Send succeeds.
+// [StatusSlowConsumer], the close frame going out right after the write in
+// flight; with DropNewest it returns [ErrQueueFull] and the conn stays; with
+// DropOldest older messages make room and Send succeeds. A message larger
+// than the queue's byte bound can never fit: Send returns [ErrQueueFull]
+// and, whatever the policy, the conn stays.
 // After the conn has ended, Send returns an error that wraps
 // [net.ErrClosed]. ctx is only checked on entry: Send never blocks.
 func (c *Conn) Send(ctx context.Context, data []byte) error {
@@ -237,6 +242,11 @@ func (c *Conn) enqueue(msg []byte) error {
 		c.mu.Unlock()
 		return fmt.Errorf("tether: send: %w", net.ErrClosed)
 	}
+	if len(msg) > c.cfg.queueBytes {
+		c.mu.Unlock()
+		// The caller's mistake, not a slow peer: nothing to drop or close.
+		return fmt.Errorf("%w: a message of %d bytes exceeds the queue's %d", ErrQueueFull, len(msg), c.cfg.queueBytes)
+	}
 	dropped, ok := c.queue.push(msg, c.cfg.queueMessages, c.cfg.queueBytes, c.cfg.overflow == DropOldest)
 	if ok && !c.writing {
 		c.writing = true
@@ -253,18 +263,23 @@ func (c *Conn) enqueue(msg []byte) error {
 		return nil
 	}
 	if c.cfg.overflow == Disconnect {
-		c.end(ErrQueueFull, endGraceful, StatusSlowConsumer, "slow consumer")
+		c.end(ErrQueueFull, endPolicy, StatusSlowConsumer, "slow consumer")
 	}
 	return ErrQueueFull
 }
 
 // Close starts a close handshake and returns at once: messages already
-// queued are sent first, then a close frame with code and reason (at most
-// 123 bytes). The conn is dropped if the handshake has not finished within
-// the write timeout. [Conn.Done] is closed when it is over. Close may be
-// called from an [OnMessage] function. Closing an ended conn returns an
-// error that wraps [net.ErrClosed].
+// queued are sent first, then a close frame with code and reason. The conn
+// is dropped if the handshake has not finished within the write timeout
+// (for a wrapped conn, coder/websocket's own 5 s waits may add to that).
+// [Conn.Done] is closed when it is over. Close may be called from an
+// [OnMessage] function. Closing an ended conn returns an error that wraps
+// [net.ErrClosed]; an invalid code (not 1000-1003, 1007-1014 or
+// 3000-4999) or a reason over 123 bytes is an error and closes nothing.
 func (c *Conn) Close(code websocket.StatusCode, reason string) error {
+	if !validCloseCode(code) || len(reason) > maxCloseReason {
+		return fmt.Errorf("tether: close: invalid code %d or reason of %d bytes", code, len(reason))
+	}
 	ce := websocket.CloseError{Code: code, Reason: reason}
 	if !c.end(fmt.Errorf("tether: closed: %w: %w", net.ErrClosed, ce), endGraceful, code, reason) {
 		return fmt.Errorf("tether: close: %w", net.ErrClosed)
@@ -282,16 +297,36 @@ func (c *Conn) CloseNow() error {
 	return nil
 }
 
-type endMode bool
+// maxCloseReason is what fits in a close frame's 125-byte payload after the
+// 2-byte code (RFC 6455, 5.5).
+const maxCloseReason = 123
+
+// validCloseCode reports whether an endpoint may send code (RFC 6455, 7.4).
+func validCloseCode(code websocket.StatusCode) bool {
+	switch {
+	case code >= 1000 && code <= 1003, code >= 1007 && code <= 1014:
+		return true
+	case code >= 3000 && code <= 4999:
+		return true
+	}
+	return false
+}
+
+type endMode int
 
 const (
-	endForced   endMode = false
-	endGraceful endMode = true
+	// endForced aborts all I/O at once: for dead peers.
+	endForced endMode = iota
+	// endGraceful sends what is queued, then the close frame: for Close.
+	endGraceful
+	// endPolicy drops what is queued and sends the close frame next: the
+	// peer broke a rule (too slow, flooding) and must learn why, which it
+	// would not if it had to read a full queue first.
+	endPolicy
 )
 
 // end ends the conn once: the first reason wins and later calls return
-// false. A forced end aborts all I/O at once; a graceful one lets the
-// writer drain the queue and send a close frame, within the write timeout.
+// false. A close frame, when one is sent, is bounded by the write timeout.
 func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text string) bool {
 	c.mu.Lock()
 	if c.err != nil {
@@ -305,6 +340,9 @@ func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text s
 		c.mu.Unlock()
 		c.abort()
 		return true
+	}
+	if mode == endPolicy {
+		c.queue.reset()
 	}
 	c.closeCode, c.closeText = code, text
 	c.budget = time.AfterFunc(c.cfg.writeTimeout, c.abort)
@@ -381,9 +419,10 @@ func (c *Conn) readLoop() {
 		c.hb.touch()
 		if f := c.cfg.onMessage; f != nil {
 			c.hb.busy.Store(true)
+			c.hb.handled.Add(1)
 			f(c, Message{Data: data, Binary: typ == websocket.MessageBinary})
+			c.hb.touch() // before clearing busy: see check
 			c.hb.busy.Store(false)
-			c.hb.touch()
 		}
 	}
 	c.abort()
@@ -424,7 +463,7 @@ func (c *Conn) onPing(context.Context, []byte) bool {
 		c.pingLimiter = rate.NewLimiter(pingRateLimit, pingBurst)
 	}
 	if !c.pingLimiter.Allow() {
-		c.end(ErrPingFlood, endGraceful, websocket.StatusPolicyViolation, "ping flood")
+		c.end(ErrPingFlood, endPolicy, websocket.StatusPolicyViolation, "ping flood")
 		return false
 	}
 	return true

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -252,13 +253,16 @@ func TestSendQueueOverflow(t *testing.T) {
 			}
 			sent++
 		}
-		close(gate) // the peer starts reading: it gets what was queued, then 4008
+		// The peer starts reading: it gets what was already on its way (a
+		// prefix, in order), then 4008 at once; the rest of the full queue
+		// is dropped rather than sent to a consumer that cannot keep up.
+		close(gate)
 		msgs, err := drain(t, p, nil)
 		if websocket.CloseStatus(err) != tether.StatusSlowConsumer {
 			t.Fatalf("peer's read error %v, want close status %d", err, tether.StatusSlowConsumer)
 		}
-		if len(msgs) != sent {
-			t.Fatalf("peer got %d messages before the close frame, want the %d queued", len(msgs), sent)
+		if len(msgs) >= sent {
+			t.Fatalf("peer got all %d queued messages before the close frame; the queue should be dropped", sent)
 		}
 		for i, m := range msgs {
 			if seqOf(t, m) != i {
@@ -759,5 +763,117 @@ func TestAcceptThroughDeferredHeaderWriter(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("no message through the deferred-header writer")
+	}
+}
+
+// smallBufListener shrinks the server's socket send buffers, so that a
+// slow reader fills them within a few messages.
+type smallBufListener struct{ net.Listener }
+
+func (l smallBufListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		c.(*net.TCPConn).SetWriteBuffer(16 << 10)
+	}
+	return c, err
+}
+
+// A consumer that reads, but too slowly, overflows its queue and learns why:
+// the 4008 close frame follows the write in flight instead of waiting
+// behind a full queue it could not read within the write timeout.
+func TestSlowConsumerGets4008(t *testing.T) {
+	conns := make(chan *tether.Conn, 1)
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, err := tether.Accept(w, r, tether.WithSendQueue(64, 1<<20), tether.WithWriteTimeout(500*time.Millisecond))
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		conns <- c
+	}))
+	srv.Listener = smallBufListener{srv.Listener}
+	srv.Start()
+	defer srv.Close()
+
+	ctx := context.Background()
+	d := &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 16<<10) })
+	}}
+	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"), &websocket.DialOptions{
+		HTTPClient: &http.Client{Transport: &http.Transport{DialContext: d.DialContext}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.CloseNow()
+	ws.SetReadLimit(-1)
+	c := <-conns
+	defer func() { c.CloseNow(); <-c.Done() }()
+
+	readErr := make(chan error, 1)
+	go func() {
+		for {
+			if _, _, err := ws.Read(ctx); err != nil {
+				readErr <- err
+				return
+			}
+			time.Sleep(20 * time.Millisecond) // a slow consumer: 16 KiB per 20 ms
+		}
+	}()
+	msg := make([]byte, 16<<10)
+	for c.Send(ctx, msg) == nil {
+	}
+	waitDone(t, c, 10*time.Second)
+	if !errors.Is(c.Err(), tether.ErrQueueFull) {
+		t.Fatalf("server Err = %v, want ErrQueueFull", c.Err())
+	}
+	select {
+	case err := <-readErr:
+		if code := websocket.CloseStatus(err); code != tether.StatusSlowConsumer {
+			t.Fatalf("slow consumer read %v (close status %d), want close 4008", err, code)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("slow consumer's read never ended")
+	}
+}
+
+// Close refuses codes an endpoint may not send and reasons that do not fit
+// in a close frame, and leaves the conn open.
+func TestCloseRejectsInvalidCodeAndReason(t *testing.T) {
+	srv := newServer(t)
+	dialPeer(t, srv.url(), peerOpts{})
+	c := srv.next(t)
+	for _, tc := range []struct {
+		code   websocket.StatusCode
+		reason string
+	}{
+		{0, ""}, {1005, ""}, {1006, ""}, {999, ""}, {5000, ""},
+		{websocket.StatusNormalClosure, strings.Repeat("x", 124)},
+	} {
+		if err := c.Close(tc.code, tc.reason); err == nil || errors.Is(err, net.ErrClosed) {
+			t.Errorf("Close(%d, %d bytes) = %v, want a validation error", tc.code, len(tc.reason), err)
+		}
+	}
+	assertOpen(t, c, "after invalid closes")
+	if err := c.Close(4000, strings.Repeat("x", 123)); err != nil {
+		t.Fatalf("valid Close: %v", err)
+	}
+	waitDone(t, c, 5*time.Second)
+}
+
+// A message larger than the whole queue is refused, under every policy,
+// without closing a peer that is not slow at all.
+func TestSendOversizedMessageKeepsConn(t *testing.T) {
+	for _, policy := range []tether.OverflowPolicy{tether.Disconnect, tether.DropOldest, tether.DropNewest} {
+		t.Run(policy.String(), func(t *testing.T) {
+			srv := newServer(t, tether.WithSendQueue(8, 1024), tether.WithOverflow(policy))
+			p := dialPeer(t, srv.url(), peerOpts{})
+			c := srv.next(t)
+			if err := c.Send(context.Background(), make([]byte, 1025)); !errors.Is(err, tether.ErrQueueFull) {
+				t.Fatalf("Send of 1025 bytes into a 1024-byte queue = %v, want ErrQueueFull", err)
+			}
+			roundTrip(t, c, p, "still fine")
+			assertOpen(t, c, "after an oversized Send")
+		})
 	}
 }

@@ -74,10 +74,11 @@ func sharedScheduler(tick time.Duration) *scheduler {
 // heartbeat is one conn's liveness bookkeeping. lastSeen is written by the
 // reader on every frame and read by the scheduler; the rest is guarded by mu.
 type heartbeat struct {
-	born     time.Time    // monotonic origin for lastSeen
-	lastSeen atomic.Int64 // ns since born of the last inbound frame
-	busy     atomic.Bool  // the message handler is running
-	state    atomic.Int32 // State
+	born     time.Time     // monotonic origin for lastSeen
+	lastSeen atomic.Int64  // ns since born of the last inbound frame
+	busy     atomic.Bool   // the message handler is running
+	handled  atomic.Uint64 // messages handed to the handler so far
+	state    atomic.Int32  // State
 
 	mu           sync.Mutex
 	base, baseTO time.Duration // configured interval and timeout
@@ -115,8 +116,10 @@ func (h *heartbeat) touch() {
 }
 
 func (h *heartbeat) jitter() {
-	// ±10 % so that pings of conns with equal settings drift apart.
-	h.pingAfter = h.interval*9/10 + rand.N(h.interval/5+1)
+	// Within [0.8, 1]·interval, so that pings of conns with equal settings
+	// drift apart, and never later than the interval: a timeout just above
+	// the interval must still leave the peer time to answer.
+	h.pingAfter = h.interval*4/5 + rand.N(h.interval/5+1)
 }
 
 // suspectAfter is how long a pong may take before the peer is suspect:
@@ -144,9 +147,18 @@ func (h *heartbeat) sampleLocked(rtt time.Duration) {
 	h.srtt = (7*h.srtt + rtt) / 8
 }
 
-// pongLocked settles a heartbeat ping: rtt < 0 means no pong came.
-func (h *heartbeat) pongLocked(rtt time.Duration) {
+// pongLocked settles a heartbeat ping: rtt < 0 means no pong came. A
+// measurement taken while our own message handler held up the reader says
+// nothing about the link (the pong waited for us), so it is not sampled and
+// does not count for or against the adaptive heartbeat.
+func (h *heartbeat) pongLocked(rtt time.Duration, heldUp bool) {
 	h.pingSent = 0
+	if heldUp && rtt >= 0 {
+		h.pongs++
+		h.seenLife = true
+		h.jitter()
+		return
+	}
 	late := rtt < 0 || rtt > h.suspectAfter()
 	if rtt >= 0 {
 		h.pongs++
@@ -162,13 +174,14 @@ func (h *heartbeat) pongLocked(rtt time.Duration) {
 			h.onTime++
 			if h.onTime >= stretchAfter && h.interval < h.max {
 				h.onTime = 0
-				next := min(2*h.interval, h.max)
-				h.timeout = time.Duration(float64(h.timeout) * float64(next) / float64(h.interval))
-				h.interval = next
+				h.interval = min(2*h.interval, h.max)
 			}
 		}
-		// A slow link must not be killed by a stretched-then-snapped timeout.
-		h.timeout = max(h.timeout, h.interval+h.srtt+4*h.rttvar)
+		// The timeout keeps the configured ratio to the interval, computed
+		// from the base each time so that no floor ratchets it up; and a
+		// slow link must still have time to answer.
+		scaled := time.Duration(float64(h.baseTO) * float64(h.interval) / float64(h.base))
+		h.timeout = max(scaled, h.interval+h.srtt+4*h.rttvar)
 	}
 	h.jitter()
 }
@@ -180,14 +193,17 @@ func (c *Conn) check(now time.Time) time.Time {
 	if h.state.Load() == int32(Closed) {
 		return time.Time{}
 	}
-	last := time.Duration(h.lastSeen.Load())
-	silent := h.since(now) - last
+	h.mu.Lock()
+	// busy before lastSeen: the reader touches before it clears busy, so a
+	// handler that just returned is never taken for a long silence.
 	if h.busy.Load() {
 		// Our own handler is slow, not the peer: look again later.
-		return now.Add(h.interval)
+		interval := h.interval
+		h.mu.Unlock()
+		return now.Add(interval)
 	}
-
-	h.mu.Lock()
+	last := time.Duration(h.lastSeen.Load())
+	silent := h.since(now) - last
 	if silent >= h.timeout {
 		h.mu.Unlock()
 		c.end(ErrHeartbeatTimeout, endForced, 0, "")
@@ -225,7 +241,7 @@ func (c *Conn) check(now time.Time) time.Time {
 	pingTimeout := h.timeout
 	h.mu.Unlock()
 
-	if suspect {
+	if suspect && h.state.Load() == int32(Suspect) {
 		c.cfg.logger.Debug("tether: peer suspect", "remote", c.remote, "silent", silent)
 		if f := c.cfg.observer.Suspect; f != nil {
 			f(c)
@@ -242,7 +258,7 @@ func (c *Conn) check(now time.Time) time.Time {
 		}
 		c.wg.Add(1)
 		c.mu.Unlock()
-		go c.heartbeatPing(now, now.Add(pingTimeout))
+		go c.heartbeatPing(now.Add(pingTimeout))
 	}
 	return next
 }
@@ -259,12 +275,14 @@ func earliest(a, b time.Time) time.Time {
 // never pongs. deadline must lie beyond the death the scheduler enforces:
 // coder/websocket closes the conn when a write's context expires, and a dead
 // peer must be reported as ErrHeartbeatTimeout, not as a failed write.
-func (c *Conn) heartbeatPing(sent, deadline time.Time) {
+func (c *Conn) heartbeatPing(deadline time.Time) {
 	defer c.wg.Done()
 	defer c.sched.pings.Add(-1)
 	// Not derived from c.ctx, which would keep a registry of children for
 	// the conn's life: the reader's CloseNow ends the wait when the conn ends.
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	handled := c.hb.handled.Load()
+	sent := time.Now()
 	err := c.ws.Ping(ctx)
 	cancel()
 	rtt := time.Duration(-1)
@@ -272,8 +290,9 @@ func (c *Conn) heartbeatPing(sent, deadline time.Time) {
 		rtt = time.Since(sent)
 		c.hb.touch()
 	}
+	heldUp := c.hb.handled.Load() != handled || c.hb.busy.Load()
 	c.hb.mu.Lock()
-	c.hb.pongLocked(rtt)
+	c.hb.pongLocked(rtt, heldUp)
 	// The timer waits for the suspect deadline; with the pong in, the next
 	// thing due is the next ping, which may come sooner.
 	next := c.hb.born.Add(time.Duration(c.hb.lastSeen.Load()) + c.hb.pingAfter)

@@ -140,8 +140,10 @@ func (c *config) validate() error {
 }
 
 // WithHeartbeat sets the heartbeat: a peer silent (no inbound frame of any
-// kind) for interval is pinged, and a peer silent for timeout is dead and
-// dropped with [ErrHeartbeatTimeout]. Detection takes at most timeout plus
+// kind) for interval is pinged (after a silence drawn from [0.8, 1]·interval,
+// the first time from [0.5, 1]·interval, so that conns do not ping in
+// step), and a peer silent for timeout is dead and dropped with
+// [ErrHeartbeatTimeout]. Detection takes at most timeout plus
 // the scheduler's tick (timeout/64, between 1 ms and 250 ms). timeout must
 // exceed interval; 2×interval lets one ping go unanswered before death.
 // The default is [HeartbeatInternet], 15 s / 30 s.
@@ -200,8 +202,9 @@ func WithSubprotocols(protocols ...string) Option {
 	return optionFunc(func(c *config) { c.subprotocols = append([]string(nil), protocols...) })
 }
 
-// WithLogger sets where tether logs, at Debug for routine events and Warn
-// for trouble. By default it logs nothing.
+// WithLogger sets where tether logs routine events (suspect peers,
+// disconnects with their reason), at Debug level. By default it logs
+// nothing.
 func WithLogger(l *slog.Logger) Option {
 	return optionFunc(func(c *config) { c.logger = l })
 }
@@ -215,16 +218,18 @@ func WithObserver(o Observer) Option {
 //
 // It runs on the conn's reader goroutine, one message at a time, in order.
 // While it runs no frame is read from this conn, so keep it short or hand
-// the work off; its running time is not held against the peer by the
-// heartbeat. Without it, inbound messages are read and discarded.
+// the work off. Its running time is not held against the peer: the conn is
+// not declared dead meanwhile, and a pong that waited for it does not enter
+// the RTT estimate. Without it, inbound messages are read and discarded.
 // The Message's Data is owned by the function.
 func OnMessage(f func(c *Conn, m Message)) Option {
 	return optionFunc(func(c *config) { c.onMessage = f })
 }
 
 // Observer holds optional hooks for connection events, for metrics and
-// logs. Nil fields are skipped. Hooks run on tether's goroutines (the
-// reader, the scheduler): they must return quickly and must not block.
+// logs. Nil fields are skipped. A hook runs on the goroutine that saw the
+// event (the conn's reader, the heartbeat scheduler, a ping goroutine, or
+// the caller of Send or Ping): it must return quickly and must not block.
 type Observer struct {
 	// Disconnect reports a connection that ended, and why (see [Conn.Err]).
 	Disconnect func(c *Conn, reason error)

@@ -202,8 +202,9 @@ func TestSynctestPingsOnlyWhenSilent(t *testing.T) {
 				t.Fatalf("healthy conn dropped: %v", err)
 			}
 		}
-		// Pings come after interval ±10 % of silence: 3600/16.5 ≥ 218.
-		if n := len(idle.pings); n < 200 || n > 245 {
+		// Pings come after [0.8, 1]·interval of silence, plus up to a tick:
+		// between 3600/15.25 ≥ 236 and 3600/12 = 300.
+		if n := len(idle.pings); n < 230 || n > 305 {
 			t.Fatalf("idle peer got %d pings in an hour at a 15 s interval", n)
 		}
 		if n := len(busy.pings); n != 0 {
@@ -328,10 +329,69 @@ func TestSynctestPingCadenceWithLongTimeout(t *testing.T) {
 		p, c := srv.dial(healthy)
 		defer p.close()
 		time.Sleep(100 * time.Second)
-		// interval ±10 %, plus up to one tick (2 s/64) late, over 100 s:
-		// between 100/(0.11+0.03125) and 100/0.09 pings.
-		if n := len(p.pings); n < 700 || n > 1112 {
+		// [0.8, 1]·interval, plus up to one tick (2 s/64) late, over 100 s:
+		// between 100/(0.1+0.03125) = 762 and 100/0.08 = 1250 pings.
+		if n := len(p.pings); n < 740 || n > 1260 {
 			t.Fatalf("%d pings in 100 s at a 100 ms interval", n)
+		}
+		c.CloseNow()
+		<-c.Done()
+	})
+}
+
+// A timeout just above the interval is valid, so the peer must always be
+// pinged early enough to answer: an idle, healthy peer survives 12 hours.
+func TestSynctestTightTimeoutKeepsHealthyPeer(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		srv := newBubbleServer(t, tether.WithHeartbeat(10*time.Second, 10500*time.Millisecond))
+		defer srv.close()
+		p, c := srv.dial(healthy)
+		defer p.close()
+		time.Sleep(12 * time.Hour)
+		if err := c.Err(); err != nil {
+			t.Fatalf("healthy peer dropped after %d pings: %v", len(p.pings), err)
+		}
+		c.CloseNow()
+		<-c.Done()
+	})
+}
+
+// A pong that waits behind a message our handler is slow with measures the
+// handler, not the link: it must not enter the RTT estimate, nor ratchet up
+// the adaptive timeout, which keeps the configured ratio to the interval.
+func TestSynctestHandlerTimeIsNotRTT(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const base, timeout, max = 5 * time.Second, 10 * time.Second, 10 * time.Second
+		var slowOnce sync.Once
+		srv := newBubbleServer(t, tether.WithHeartbeat(base, timeout), tether.WithAdaptiveHeartbeat(max),
+			tether.OnMessage(func(*tether.Conn, tether.Message) {
+				// Under coder/websocket's 5 s limit on writing a pong: net.Pipe
+				// has no buffer, so the peer's pong waits for our reader.
+				slowOnce.Do(func() { time.Sleep(4 * time.Second) })
+			}))
+		defer srv.close()
+		peerc := make(chan *bubblePeer, 1)
+		var sendOnce sync.Once
+		answer := func() (bool, time.Duration) {
+			// A message right before the first pong: the pong is read only
+			// after the handler has run.
+			sendOnce.Do(func() { (<-peerc).ws.Write(context.Background(), websocket.MessageText, []byte("x")) })
+			return true, 0
+		}
+		p, c := srv.dial(answer)
+		peerc <- p
+		defer p.close()
+
+		time.Sleep(5 * time.Minute)
+		if rtt := c.RTT(); rtt > time.Second {
+			t.Fatalf("RTT %v: the handler's 4 s entered the estimate", rtt)
+		}
+		iv, to := c.Heartbeat()
+		if iv != max || to != 2*max {
+			t.Fatalf("heartbeat %v / %v after stretching, want %v / %v", iv, to, max, 2*max)
+		}
+		if err := c.Err(); err != nil {
+			t.Fatalf("conn dropped: %v", err)
 		}
 		c.CloseNow()
 		<-c.Done()
