@@ -90,7 +90,6 @@ type heartbeat struct {
 	srtt, rttvar time.Duration
 	sampled      bool // srtt and rttvar hold a measurement
 	onTime       int
-	pings, pongs uint64
 	seenLife     bool // any frame or pong since connect
 	timer        wheel.Timer
 }
@@ -153,16 +152,15 @@ func (h *heartbeat) sampleLocked(rtt time.Duration) {
 // does not count for or against the adaptive heartbeat.
 func (h *heartbeat) pongLocked(rtt time.Duration, heldUp bool) {
 	h.pingSent = 0
-	if heldUp && rtt >= 0 {
-		h.pongs++
-		h.seenLife = true
-		h.jitter()
-		return
-	}
-	late := rtt < 0 || rtt > h.suspectAfter()
+	defer h.jitter()
 	if rtt >= 0 {
-		h.pongs++
 		h.seenLife = true
+		if heldUp {
+			return
+		}
+	}
+	late := rtt < 0 || rtt > h.suspectAfter() // judged by the estimate before this sample
+	if rtt >= 0 {
 		h.sampleLocked(rtt)
 	}
 	if h.max > 0 {
@@ -183,7 +181,6 @@ func (h *heartbeat) pongLocked(rtt time.Duration, heldUp bool) {
 		scaled := time.Duration(float64(h.baseTO) * float64(h.interval) / float64(h.base))
 		h.timeout = max(scaled, h.interval+h.srtt+4*h.rttvar)
 	}
-	h.jitter()
 }
 
 // check runs on the scheduler when the conn's timer is due. It decides
@@ -233,7 +230,6 @@ func (c *Conn) check(now time.Time) time.Time {
 		}
 		ping = true
 		h.pingSent = max(h.since(now), 1)
-		h.pings++
 		next = earliest(next, now.Add(h.suspectAfter()))
 	default:
 		next = earliest(next, h.born.Add(last+h.pingAfter))
