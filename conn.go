@@ -335,14 +335,13 @@ func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text s
 	}
 	c.err = reason
 	c.hb.state.Store(int32(Closed))
-	if mode == endForced {
+	if mode != endGraceful {
 		c.queue.reset()
+	}
+	if mode == endForced {
 		c.mu.Unlock()
 		c.abort()
 		return true
-	}
-	if mode == endPolicy {
-		c.queue.reset()
 	}
 	c.closeCode, c.closeText = code, text
 	c.budget = time.AfterFunc(c.cfg.writeTimeout, c.abort)

@@ -216,7 +216,7 @@ func (c *Conn) check(now time.Time) time.Time {
 		} else {
 			next = earliest(next, h.born.Add(deadline))
 		}
-	case h.lastSeen.Load() > 0 && !h.seenLife:
+	case last > 0 && !h.seenLife:
 		// Data arrived before any ping: the conn is busy, not in a connect
 		// herd, so the regular jitter applies from now on.
 		h.seenLife = true

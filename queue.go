@@ -19,7 +19,7 @@ type sendQueue struct {
 // It returns how many were dropped and whether msg was queued.
 func (q *sendQueue) push(msg []byte, maxMsgs, maxBytes int, dropOldest bool) (dropped int, ok bool) {
 	if len(msg) > maxBytes {
-		return 0, false
+		return 0, false // could never fit: dropping everything would not help
 	}
 	for q.n+1 > maxMsgs || q.bytes+len(msg) > maxBytes {
 		if !dropOldest {
