@@ -58,6 +58,12 @@ type Conn struct {
 
 	pingLimiter *rate.Limiter // created at the first inbound ping; reader only
 
+	// hc is the conn's state in a Hub; nil for a conn made by Accept or
+	// Wrap. coalesce joins queued messages into one frame, for protocol v1
+	// peers, who split frames on newlines.
+	hc       *hubConn
+	coalesce bool
+
 	mu        sync.Mutex // guards the fields below
 	queue     sendQueue
 	writing   bool // a writer goroutine owns the queue
@@ -81,6 +87,17 @@ func Accept(w http.ResponseWriter, r *http.Request, opts ...Option) (*Conn, erro
 		http.Error(w, http.StatusText(http.StatusInternalServerError), http.StatusInternalServerError)
 		return nil, err
 	}
+	c, err := accept(w, r, cfg)
+	if err != nil {
+		return nil, err
+	}
+	c.start()
+	return c, nil
+}
+
+// accept upgrades the request to a conn that does not read yet: the hub
+// registers it first, so that nothing it reads can precede its welcome.
+func accept(w http.ResponseWriter, r *http.Request, cfg *config) (*Conn, error) {
 	c := newConn(cfg, r.RemoteAddr)
 	rw, hw := wrapForHijack(w)
 	ws, err := websocket.Accept(rw, r, &websocket.AcceptOptions{
@@ -96,7 +113,7 @@ func Accept(w http.ResponseWriter, r *http.Request, opts ...Option) (*Conn, erro
 	if hw != nil && hw.nc != nil {
 		c.nc, c.ioCtx = hw.nc, context.Background()
 	}
-	c.start(ws)
+	c.ws = ws
 	return c, nil
 }
 
@@ -117,7 +134,8 @@ func Wrap(ws *websocket.Conn, opts ...Option) (*Conn, error) {
 		return nil, err
 	}
 	c := newConn(cfg, "")
-	c.start(ws)
+	c.ws = ws
+	c.start()
 	return c, nil
 }
 
@@ -134,9 +152,8 @@ func newConn(cfg *config, remote string) *Conn {
 	return c
 }
 
-func (c *Conn) start(ws *websocket.Conn) {
-	c.ws = ws
-	ws.SetReadLimit(c.cfg.maxMessageSize)
+func (c *Conn) start() {
+	c.ws.SetReadLimit(c.cfg.maxMessageSize)
 	c.hb.mu.Lock()
 	first := c.hb.born.Add(c.hb.pingAfter)
 	c.hb.mu.Unlock()
@@ -227,9 +244,22 @@ func (c *Conn) Ping(ctx context.Context) (time.Duration, error) {
 // and, whatever the policy, the conn stays.
 // After the conn has ended, Send returns an error that wraps
 // [net.ErrClosed]. ctx is only checked on entry: Send never blocks.
+//
+// On a hub conn that speaks protocol v1, data must be a JSON value: it is
+// sent as a direct msg (see PROTOCOL.md), and anything else returns
+// [ErrNotJSON].
 func (c *Conn) Send(ctx context.Context, data []byte) error {
 	if err := ctx.Err(); err != nil {
 		return err
+	}
+	if c.coalesce {
+		// A protocol v1 peer reads protocol messages: data travels as a
+		// direct msg.
+		raw, err := compactData(data)
+		if err != nil {
+			return fmt.Errorf("tether: send: %w", ErrNotJSON)
+		}
+		return c.enqueue(appendMsg(make([]byte, 0, len(raw)+len(`{"op":"msg","data":}`)), "", "", 0, raw))
 	}
 	return c.enqueue(append([]byte(nil), data...))
 }
@@ -388,6 +418,10 @@ func (c *Conn) writeLoop() {
 			}
 			return
 		}
+		var joined *[]byte
+		if c.coalesce {
+			msg, joined = c.coalesceLocked(msg)
+		}
 		c.mu.Unlock()
 
 		if timer == nil {
@@ -396,6 +430,9 @@ func (c *Conn) writeLoop() {
 			timer.Reset(c.cfg.writeTimeout)
 		}
 		err := c.ws.Write(c.ioCtx, websocket.MessageText, msg)
+		if joined != nil {
+			frameBufs.Put(joined)
+		}
 		if !timer.Stop() {
 			return // timed out: the conn has ended
 		}
@@ -404,6 +441,38 @@ func (c *Conn) writeLoop() {
 			return
 		}
 	}
+}
+
+// maxCoalesced bounds a frame of joined messages: large enough that one
+// write carries hundreds of small messages, small enough that a peer's
+// read limit of 64 KiB, the common default, is never hit by joining.
+const maxCoalesced = 32 << 10
+
+// frameBufs holds the buffers writers join messages in, so that a writer
+// that comes and goes with bursts does not allocate one each time.
+var frameBufs = sync.Pool{New: func() any {
+	b := make([]byte, 0, maxCoalesced)
+	return &b
+}}
+
+// coalesceLocked joins first and the messages queued behind it, as many as
+// fit in maxCoalesced, with newlines (protocol v1 framing). It returns the
+// frame to write and, when it joined any, the pooled buffer that holds it,
+// to give back once written. c.mu must be held.
+func (c *Conn) coalesceLocked(first []byte) ([]byte, *[]byte) {
+	next, ok := c.queue.peek()
+	if !ok || len(first)+1+len(next) > maxCoalesced {
+		return first, nil
+	}
+	buf := frameBufs.Get().(*[]byte)
+	b := append((*buf)[:0], first...)
+	for ok && len(b)+1+len(next) <= maxCoalesced {
+		c.queue.pop()
+		b = append(append(b, '\n'), next...)
+		next, ok = c.queue.peek()
+	}
+	*buf = b
+	return b, buf
 }
 
 func (c *Conn) writeTimedOut() { c.end(ErrWriteTimeout, endForced, 0, "") }
@@ -437,6 +506,9 @@ func (c *Conn) readLoop() {
 	c.mu.Unlock()
 	c.sched.wheel.Remove(&c.hb.timer)
 	c.cfg.logger.Debug("tether: disconnect", "remote", c.remote, "reason", err)
+	if f := c.cfg.onEnd; f != nil {
+		f(c, err)
+	}
 	if f := c.cfg.observer.Disconnect; f != nil {
 		f(c, err)
 	}

@@ -38,6 +38,41 @@ var (
 
 	// ErrConnLost: the transport failed (EOF, reset) without a close frame.
 	ErrConnLost = errors.New("tether: connection lost")
+
+	// ErrRateLimited: a hub conn kept sending past its rate limit (see
+	// [WithRateLimit]). It was closed with [StatusRateLimited] and a
+	// retry_ms hint.
+	ErrRateLimited = errors.New("tether: rate limited")
+
+	// ErrProtocolViolation: a hub conn kept sending messages the hub could
+	// not read (more than 10 in a burst, or one a second sustained), and
+	// was closed with [websocket.StatusPolicyViolation] (1008); or a raw
+	// peer sent a text message in invalid UTF-8, and was closed with
+	// [websocket.StatusInvalidFramePayloadData] (1007).
+	ErrProtocolViolation = errors.New("tether: protocol violation")
+)
+
+// Errors of the [Hub]'s API and handshakes. [Hub.Serve] returns the
+// handshake refusals, after answering the request.
+var (
+	// ErrHubClosed: the hub is shutting down or closed. Serve answers 503.
+	ErrHubClosed = errors.New("tether: hub closed")
+
+	// ErrHubFull: the hub has as many conns as [WithMaxConns] allows.
+	// Serve answers 503.
+	ErrHubFull = errors.New("tether: hub full")
+
+	// ErrUnauthorized: [WithAuth] refused the handshake; the error wraps
+	// the one it returned. Serve answers 401.
+	ErrUnauthorized = errors.New("tether: unauthorized")
+
+	// ErrOriginNotAllowed: a cross-origin handshake that
+	// [WithOriginPatterns] does not allow. Serve answers 403.
+	ErrOriginNotAllowed = errors.New("tether: origin not allowed")
+
+	// ErrNotJSON: data for a protocol v1 peer must be a JSON value, since
+	// it travels inside a protocol message.
+	ErrNotJSON = errors.New("tether: data is not a JSON value")
 )
 
 // Close codes tether uses beyond RFC 6455's. Codes 4000-4999 are private

@@ -229,6 +229,9 @@ func (c *Conn) check(now time.Time) time.Time {
 			break
 		}
 		ping = true
+		if n := c.cfg.pingsSent; n != nil {
+			n.Add(1)
+		}
 		h.pingSent = max(h.since(now), 1)
 		next = earliest(next, now.Add(h.suspectAfter()))
 	default:

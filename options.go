@@ -1,22 +1,218 @@
 package tether
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
+	"sync/atomic"
 	"time"
+
+	"golang.org/x/time/rate"
 )
 
 // Option configures a connection made by [Accept] or [Wrap]. Later options
 // override earlier ones; nil options are ignored. Options are validated once,
 // by the constructor, which returns an error for a nonsensical set.
+//
+// Every Option is also a [HubOption], for the conns of a [Hub].
 type Option interface {
+	HubOption
 	apply(*config)
 }
 
 type optionFunc func(*config)
 
 func (f optionFunc) apply(c *config) { f(c) }
+
+// An Option is also a HubOption: it then applies to every conn of the hub.
+func (f optionFunc) applyHub(h *hubConfig) { f(h.conn) }
+
+// HubOption configures a [Hub] made by [NewHub]. Every [Option] is a
+// HubOption too, applying to each of the hub's conns. Later options
+// override earlier ones; nil options are ignored.
+type HubOption interface {
+	applyHub(*hubConfig)
+}
+
+type hubOptionFunc func(*hubConfig)
+
+func (f hubOptionFunc) applyHub(h *hubConfig) { f(h) }
+
+// Hub defaults, documented on the options that change them.
+const (
+	defaultRateLimit      = 100 // inbound messages per second and conn
+	defaultRateBurst      = 200
+	defaultHistoryLen     = 256
+	defaultHistoryAge     = 2 * time.Minute
+	defaultOfflineLen     = 100
+	defaultOfflineBytes   = 256 << 10
+	defaultOfflineAge     = 24 * time.Hour
+	defaultOfflineTotal   = 64 << 20
+	defaultPresenceGrace  = 5 * time.Second
+	defaultPresenceSettle = 25 * time.Millisecond
+)
+
+type hubConfig struct {
+	conn           *config
+	auth           func(*http.Request) (string, error)
+	connMeta       func(*http.Request) json.RawMessage
+	maxConns       int
+	rateLimit      rate.Limit
+	rateBurst      int
+	clientPublish  func(*Conn, string) bool
+	subscribeAuth  func(*Conn, string) bool
+	history        History
+	offline        OfflineStore
+	presenceTopics func(string) bool // nil: every topic
+	presenceGrace  time.Duration
+	onConnect      func(*Conn)
+	onDisconnect   func(*Conn, error)
+	onSuspect      func(*Conn)
+	onPresence     func(PresenceEvent)
+}
+
+func newHubConfig(opts []HubOption) (*hubConfig, error) {
+	h := &hubConfig{
+		conn:          defaultConfig(),
+		rateLimit:     defaultRateLimit,
+		rateBurst:     defaultRateBurst,
+		presenceGrace: defaultPresenceGrace,
+	}
+	for _, o := range opts {
+		if o != nil {
+			o.applyHub(h)
+		}
+	}
+	err := h.conn.validate()
+	var errs []error
+	bad := func(format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%w: "+format, append([]any{errInvalidOption}, args...)...))
+	}
+	if h.maxConns < 0 {
+		bad("max conns %d must not be negative", h.maxConns)
+	}
+	if h.rateLimit <= 0 || h.rateBurst <= 0 && h.rateLimit != rate.Inf {
+		bad("rate limit %v with burst %d: both must be positive", h.rateLimit, h.rateBurst)
+	}
+	if h.presenceGrace < 0 {
+		bad("presence grace %v must not be negative", h.presenceGrace)
+	}
+	if err := errors.Join(append([]error{err}, errs...)...); err != nil {
+		return nil, err
+	}
+	h.conn.finish()
+	if h.history == nil {
+		h.history = NewMemoryHistory(defaultHistoryLen, defaultHistoryAge)
+	}
+	if h.offline == nil {
+		h.offline = NewMemoryOfflineStore(defaultOfflineLen, defaultOfflineBytes, defaultOfflineAge, defaultOfflineTotal)
+	}
+	return h, nil
+}
+
+// WithAuth sets the function that authenticates a handshake request and
+// names its user. An error refuses the request with 401 before the
+// upgrade, and [Hub.Serve] returns it wrapped in [ErrUnauthorized]. The
+// user ID keys [Hub.SendToUser] and presence; "" is an anonymous conn, which
+// takes no part in either. By default every request is accepted,
+// anonymous.
+func WithAuth(f func(r *http.Request) (userID string, err error)) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.auth = f })
+}
+
+// WithConnMeta sets the function that gives a conn its metadata from its
+// handshake request: a JSON value (the device, a display name) that
+// presence shows for the conn. A value that is not valid JSON is ignored.
+func WithConnMeta(f func(r *http.Request) json.RawMessage) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.connMeta = f })
+}
+
+// WithMaxConns caps the hub's conns, counting handshakes in progress;
+// requests past the cap are refused with 503 and [ErrHubFull]. 0, the
+// default, means no cap.
+func WithMaxConns(n int) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.maxConns = n })
+}
+
+// WithRateLimit limits the messages each conn may send: limit per second
+// sustained, in bursts of up to burst. A protocol v1 message over the limit
+// is dropped with an error rate_limited; a raw one is dropped silently.
+// A conn that keeps sending past the limit (more than 10 drops in a burst,
+// or more than one a second sustained) is closed with
+// [StatusRateLimited] and [ErrRateLimited]. The default is 100 messages
+// per second with bursts of 200; rate.Inf turns the limit off.
+func WithRateLimit(limit rate.Limit, burst int) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.rateLimit, h.rateBurst = limit, burst })
+}
+
+// WithClientPublish lets protocol v1 clients publish: allow reports
+// whether conn c may publish on topic. Without it, a client pub is
+// refused with an error forbidden. allow runs on c's reader goroutine.
+func WithClientPublish(allow func(c *Conn, topic string) bool) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.clientPublish = allow })
+}
+
+// WithSubscribeAuth sets the function that decides whether a protocol v1
+// client may subscribe to topic; a refusal is answered with an error
+// forbidden. By default clients may subscribe to any topic.
+// [Hub.Subscribe], called by the application, is not checked.
+func WithSubscribeAuth(allow func(c *Conn, topic string) bool) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.subscribeAuth = allow })
+}
+
+// WithHistory sets where topics keep their recent messages, for clients
+// that resume. The default is [NewMemoryHistory] with 256 messages and 2
+// minutes per topic.
+func WithHistory(hist History) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.history = hist })
+}
+
+// WithOfflineStore sets where [Hub.SendToUser] keeps messages for users
+// who are not connected. The default is [NewMemoryOfflineStore] with 100
+// messages and 256 KiB per user, kept 24 hours, 64 MiB in all.
+func WithOfflineStore(s OfflineStore) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.offline = s })
+}
+
+// WithPresence sets which topics track presence (nil: every topic) and
+// the grace period before a user whose last conn left a topic is
+// announced as gone: a user back within it never leaves. Only conns with a
+// user ID (see [WithAuth]) are present. The default tracks every topic with
+// a grace of 5 s.
+func WithPresence(topics func(topic string) bool, grace time.Duration) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.presenceTopics, h.presenceGrace = topics, grace })
+}
+
+// OnConnect sets the function called with each new conn, after it is
+// registered and before its first message is read: the place to
+// [Hub.Subscribe] a conn to the topics the server picks for it. It runs
+// on the goroutine of [Hub.Serve].
+func OnConnect(f func(c *Conn)) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.onConnect = f })
+}
+
+// OnDisconnect sets the function called once for each conn that ended,
+// after it has left the registry, its topics and presence, with the
+// reason (see [Conn.Err]). It runs on the conn's reader goroutine.
+func OnDisconnect(f func(c *Conn, reason error)) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.onDisconnect = f })
+}
+
+// OnSuspect sets the function called when a conn's pong is late (see
+// [Suspect]); the conn may recover. It runs on the heartbeat scheduler
+// and must not block.
+func OnSuspect(f func(c *Conn)) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.onSuspect = f })
+}
+
+// OnPresence sets the function called with each change of presence on a
+// topic, the same changes subscribers receive. It runs on a timer
+// goroutine of the hub and must not block.
+func OnPresence(f func(e PresenceEvent)) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.onPresence = f })
+}
 
 // Defaults, documented on the options that change them.
 const (
@@ -81,10 +277,14 @@ type config struct {
 	logger            *slog.Logger
 	observer          Observer
 	onMessage         func(*Conn, Message)
+
+	// Set by a Hub for its conns.
+	onEnd     func(*Conn, error) // after the conn's goroutines, before observer.Disconnect
+	pingsSent *atomic.Uint64     // heartbeat pings, counted for Stats
 }
 
-func newConfig(opts []Option) (*config, error) {
-	c := &config{
+func defaultConfig() *config {
+	return &config{
 		interval:       15 * time.Second,
 		timeout:        30 * time.Second,
 		maxMessageSize: defaultMaxMessageSize,
@@ -92,6 +292,10 @@ func newConfig(opts []Option) (*config, error) {
 		queueBytes:     defaultQueueBytes,
 		writeTimeout:   defaultWriteTimeout,
 	}
+}
+
+func newConfig(opts []Option) (*config, error) {
+	c := defaultConfig()
 	for _, o := range opts {
 		if o != nil {
 			o.apply(c)
@@ -100,10 +304,15 @@ func newConfig(opts []Option) (*config, error) {
 	if err := c.validate(); err != nil {
 		return nil, err
 	}
+	c.finish()
+	return c, nil
+}
+
+// finish fills in what validation leaves unset.
+func (c *config) finish() {
 	if c.logger == nil {
 		c.logger = slog.New(slog.DiscardHandler)
 	}
-	return c, nil
 }
 
 // errInvalidOption is wrapped by every validation error so callers can tell
@@ -224,19 +433,4 @@ func WithObserver(o Observer) Option {
 // The Message's Data is owned by the function.
 func OnMessage(f func(c *Conn, m Message)) Option {
 	return optionFunc(func(c *config) { c.onMessage = f })
-}
-
-// Observer holds optional hooks for connection events, for metrics and
-// logs. Nil fields are skipped. A hook runs on the goroutine that saw the
-// event (the conn's reader, the heartbeat scheduler, a ping goroutine, or
-// the caller of Send or Ping): it must return quickly and must not block.
-type Observer struct {
-	// Disconnect reports a connection that ended, and why (see [Conn.Err]).
-	Disconnect func(c *Conn, reason error)
-	// Suspect reports a peer whose pong is late. It may recover.
-	Suspect func(c *Conn)
-	// Pong reports the round trip of a heartbeat or [Conn.Ping].
-	Pong func(c *Conn, rtt time.Duration)
-	// Drop reports messages discarded by the overflow policy.
-	Drop func(c *Conn, messages int)
 }

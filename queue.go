@@ -61,4 +61,15 @@ func (q *sendQueue) pop() ([]byte, bool) {
 	return msg, true
 }
 
+// peek returns the oldest message without removing it.
+func (q *sendQueue) peek() ([]byte, bool) {
+	if q.n == 0 {
+		return nil, false
+	}
+	return q.ring[q.head], true
+}
+
+// len returns the number of queued messages and their bytes.
+func (q *sendQueue) len() (msgs, bytes int) { return q.n, q.bytes }
+
 func (q *sendQueue) reset() { *q = sendQueue{} }

@@ -1,0 +1,167 @@
+package tether
+
+import (
+	"errors"
+	"strconv"
+	"unicode/utf8"
+
+	"github.com/coder/websocket"
+	"golang.org/x/time/rate"
+)
+
+// This file is what a hub does with each inbound message: the requests of
+// protocol v1 (PROTOCOL.md), and raw messages, after the rate limit.
+
+// handle is the OnMessage of every hub conn: it runs on the conn's reader,
+// one message at a time, so a conn's requests are answered in order.
+func (h *Hub) handle(c *Conn, m Message) {
+	hc := c.hc
+	if !hc.v1 {
+		h.handleRaw(c, m)
+		return
+	}
+	if m.Binary {
+		h.refuse(c, &ProtocolError{Code: CodeBadRequest, Reason: "binary messages are not part of protocol v1"})
+		return
+	}
+	for line := range splitFrames(m.Data) {
+		if c.Err() != nil {
+			return // closed for abuse: read no further
+		}
+		f, err := decodeFrame(line)
+		if !h.allow(c) {
+			id := ""
+			if err == nil {
+				id = f.id
+			}
+			c.enqueue(appendError(nil, CodeRateLimited, "over the rate limit", id))
+			continue
+		}
+		if err != nil {
+			h.refuse(c, err)
+			continue
+		}
+		h.request(c, f)
+	}
+}
+
+// handleRaw passes a raw peer's message to the application.
+func (h *Hub) handleRaw(c *Conn, m Message) {
+	if !m.Binary && !utf8.Valid(m.Data) {
+		// RFC 6455, 8.1: a text message in invalid UTF-8 fails the conn.
+		c.end(errors.Join(ErrProtocolViolation, errors.New("invalid UTF-8 in a text message")),
+			endPolicy, websocket.StatusInvalidFramePayloadData, "invalid UTF-8")
+		return
+	}
+	if !h.allow(c) {
+		return // a raw peer has no error message to read: dropped
+	}
+	if h.onMessage != nil {
+		h.onMessage(c, m)
+	}
+}
+
+// allow takes a token from c's rate limit. A conn that keeps sending past
+// the limit is closed with 4429 and a hint of when to come back.
+func (h *Hub) allow(c *Conn) bool {
+	hc := c.hc
+	if hc.limiter == nil || hc.limiter.Allow() {
+		return true
+	}
+	h.count.rateLimited.Add(1)
+	if hc.denials == nil {
+		hc.denials = rate.NewLimiter(strikeRate, strikeBurst)
+	}
+	if !hc.denials.Allow() {
+		// Long enough for the bucket to refill.
+		wait := int64(float64(h.cfg.rateBurst) / float64(h.cfg.rateLimit) * 1000)
+		c.end(ErrRateLimited, endPolicy, StatusRateLimited, "retry_ms="+strconv.FormatInt(max(wait, 1000), 10))
+	}
+	return false
+}
+
+// refuse answers a message the hub could not read. A conn that keeps
+// sending such messages is closed with 1008.
+func (h *Hub) refuse(c *Conn, err error) {
+	hc := c.hc
+	h.count.badRequests.Add(1)
+	var pe *ProtocolError
+	if !errors.As(err, &pe) {
+		pe = &ProtocolError{Code: CodeInternal, Reason: err.Error()}
+	}
+	c.enqueue(appendError(nil, pe.Code, pe.Reason, pe.ID))
+	if hc.faults == nil {
+		hc.faults = rate.NewLimiter(strikeRate, strikeBurst)
+	}
+	if !hc.faults.Allow() {
+		c.end(errors.Join(ErrProtocolViolation, err), endPolicy, websocket.StatusPolicyViolation, "too many bad messages")
+	}
+}
+
+// request carries out one request of a v1 client.
+func (h *Hub) request(c *Conn, f frame) {
+	switch f.op {
+	case opPing:
+		c.enqueue(appendPong(nil, f.ts))
+		return
+	case opPong:
+		return // proof of life, already counted by the reader
+	case opSub:
+		if a := h.cfg.subscribeAuth; a != nil && !a(c, f.topic) {
+			h.deny(c, f.id, "subscription refused")
+			return
+		}
+		// subscribe queues the ack itself, ahead of the replay.
+		if err := h.subscribe(c, f.topic, f.since, f.id); err != nil {
+			h.fail(c, f.id, err)
+		}
+		return
+	case opUnsub:
+		if err := h.Unsubscribe(c, f.topic); err != nil {
+			h.fail(c, f.id, err)
+			return
+		}
+	case opPub:
+		if a := h.cfg.clientPublish; a == nil || !a(c, f.topic) {
+			h.deny(c, f.id, "publication refused")
+			return
+		}
+		if err := h.publish(f.topic, f.data); err != nil {
+			h.fail(c, f.id, err)
+			return
+		}
+	case opSend:
+		if h.onMessage == nil {
+			h.deny(c, f.id, "the server takes no direct messages")
+			return
+		}
+		h.onMessage(c, Message{Data: f.data})
+	}
+	if f.id != "" {
+		c.enqueue(appendAck(nil, f.id))
+	}
+}
+
+// deny answers a request the application refused.
+func (h *Hub) deny(c *Conn, id, reason string) {
+	h.count.denied.Add(1)
+	c.enqueue(appendError(nil, CodeForbidden, reason, id))
+}
+
+// fail answers a valid request the hub could not carry out.
+func (h *Hub) fail(c *Conn, id string, err error) {
+	var pe *ProtocolError
+	if errors.As(err, &pe) {
+		if pe.Code == CodeBadRequest {
+			h.refuse(c, pe)
+			return
+		}
+		c.enqueue(appendError(nil, pe.Code, pe.Reason, id))
+		return
+	}
+	if c.Err() != nil {
+		return // the conn has ended: nobody to answer
+	}
+	h.connCfg.logger.Warn("tether: request failed", "conn", c.hc.id, "err", err)
+	c.enqueue(appendError(nil, CodeInternal, "the server failed", id))
+}

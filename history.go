@@ -1,0 +1,312 @@
+package tether
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"sync"
+	"time"
+)
+
+// Position is a place in a topic's history: its epoch and the seq of a
+// message, 0 meaning before the first message. It is what a client sends
+// as `since` to resume (PROTOCOL.md section 10).
+type Position struct {
+	// Epoch names the topic's current run of seqs. Compare it only for
+	// equality: it changes when the history loses continuity.
+	Epoch string
+	// Seq is the seq of a message in Epoch; the first message is 1.
+	Seq uint64
+}
+
+// HistoryEntry is one message a [History] keeps.
+type HistoryEntry struct {
+	Seq  uint64
+	Data []byte
+}
+
+// History keeps the recent messages of each topic, so that a client that
+// reconnects can resume where it left off instead of reloading.
+//
+// Implementations must be safe for concurrent use by multiple goroutines.
+// The hub calls Append for a given topic one call at a time, in publish
+// order, and never modifies data after passing it, so an implementation
+// may keep data without copying it.
+//
+// [NewMemoryHistory] keeps history in the process; an adapter over shared
+// storage lets several processes serve one topic.
+type History interface {
+	// Append records data as the next message of topic and returns its
+	// position.
+	Append(ctx context.Context, topic string, data []byte) (Position, error)
+
+	// Since returns, in order, the messages of topic after pos, and the
+	// topic's current position: its epoch and last seq.
+	//
+	// ok is false when it cannot replay them all: pos.Epoch is not the
+	// current epoch, some message after pos.Seq is no longer kept, or
+	// pos.Seq is beyond the last seq. The client must then resync, and
+	// last is where it resumes from.
+	Since(ctx context.Context, topic string, pos Position) (entries []HistoryEntry, last Position, ok bool, err error)
+}
+
+// maxSeq bounds seqs below 2^53 so that JavaScript clients, whose numbers
+// are float64, read them exactly.
+const maxSeq = 1<<53 - 1
+
+// maxHistoryRecords bounds how many topics a memory history tracks at
+// once. Beyond it the topic appended to least recently is forgotten, and
+// gets a fresh epoch if it comes back: its clients resync, which is
+// correct, where unbounded growth (one record per topic name a client
+// subscribes to) would not be. A record without messages costs about
+// 150 bytes besides its topic name, so records at the cap take about
+// 150 MB before their messages.
+const maxHistoryRecords = 1 << 20
+
+// sweepBatch bounds how many idle topics (history) or expired messages
+// (offline store) one call forgets, so that a mass expiry is spread over
+// calls rather than paid by one. Each call creates at most one record or
+// message, so sweeping up to sweepBatch per call always keeps up.
+const sweepBatch = 64
+
+// NewMemoryHistory returns a [History] held in this process's memory that
+// keeps, for each topic, up to messages of its latest messages, none older
+// than maxAge.
+//
+// With messages <= 0 it keeps no messages but still numbers them: a client
+// resumes only when it missed nothing, and resyncs otherwise. With
+// maxAge <= 0 messages do not expire.
+//
+// Epochs are random, so a restart always changes them. A topic gets a
+// fresh epoch too when its record is forgotten: when nothing was appended
+// to it for maxAge or an hour, whichever is longer (its messages have all
+// expired by then, so only a client that missed nothing loses by it, with
+// a needless resync; Since does not keep a topic alive), or when more than 2^20 topics are tracked (the least recently
+// appended to goes). The seq also starts a
+// new epoch rather than reach 2^53, the largest integer a JavaScript client
+// reads exactly.
+//
+// Idle records are forgotten as a side effect of Append and Since, with no
+// goroutine: each call checks the least recently appended topic, in O(1),
+// and forgets up to 64 idle ones. The memory it holds is thus about
+// (topics used within the last hour or maxAge, at most 2^20) × messages
+// entries plus their data.
+//
+// Append and Since ignore ctx: they never block.
+func NewMemoryHistory(messages int, maxAge time.Duration) History {
+	return &memoryHistory{
+		messages:    max(messages, 0),
+		maxAge:      max(maxAge, 0),
+		forgetAfter: forgetAfter(maxAge),
+		base:        time.Now(),
+		topics:      make(map[string]*histRecord),
+	}
+}
+
+type memoryHistory struct {
+	messages    int
+	maxAge      time.Duration // 0: no limit
+	forgetAfter time.Duration // 0: never, but for the record cap
+	base        time.Time     // times are durations since base: monotonic, and 8 bytes each
+	mu          sync.Mutex    // guards the fields below and every record
+	topics      map[string]*histRecord
+	// oldest and newest end a list of the records ordered by touched, so
+	// that the idle ones and the one to evict are found without a scan.
+	oldest, newest *histRecord
+}
+
+// histRecord is a topic's history. Its ring holds the seqs
+// seq-ring.len()+1 to seq, oldest first, so a seq's entry is found by
+// arithmetic.
+type histRecord struct {
+	topic      string
+	epoch      string
+	seq        uint64
+	ring       fifo[histItem]
+	touched    time.Duration // last Append, or creation: when the record goes idle
+	prev, next *histRecord
+}
+
+type histItem struct {
+	seq  uint64
+	data []byte
+	at   time.Duration
+}
+
+func (h *memoryHistory) Append(_ context.Context, topic string, data []byte) (Position, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	now := time.Since(h.base)
+	r := h.recordLocked(topic, now)
+	if r.seq == maxSeq {
+		// Forget the old epoch's messages: their seqs would collide with
+		// the new epoch's in the ring.
+		r.epoch, r.seq, r.ring = newEpoch(), 0, fifo[histItem]{}
+	}
+	r.seq++
+	if h.messages > 0 {
+		if r.ring.len() == h.messages {
+			r.ring.pop()
+		}
+		r.ring.push(histItem{seq: r.seq, data: data, at: now}, h.messages)
+	}
+	r.touched = now
+	h.unlinkLocked(r)
+	h.linkLocked(r)
+	return Position{Epoch: r.epoch, Seq: r.seq}, nil
+}
+
+func (h *memoryHistory) Since(_ context.Context, topic string, pos Position) ([]HistoryEntry, Position, bool, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	// An unknown topic gets its record now, so the epoch returned is the
+	// one the next Append will use and the client's position stays valid.
+	r := h.recordLocked(topic, time.Since(h.base))
+	last := Position{Epoch: r.epoch, Seq: r.seq}
+	if pos.Epoch != r.epoch || pos.Seq > r.seq {
+		return nil, last, false, nil
+	}
+	missed := r.seq - pos.Seq // the ring holds the last ring.len() seqs
+	if missed > uint64(r.ring.len()) {
+		return nil, last, false, nil
+	}
+	if missed == 0 {
+		return nil, last, true, nil
+	}
+	entries := make([]HistoryEntry, missed)
+	first := r.ring.len() - int(missed)
+	for i := range entries {
+		it := r.ring.at(first + i)
+		entries[i] = HistoryEntry{Seq: it.seq, Data: it.data}
+	}
+	return entries, last, true, nil
+}
+
+// recordLocked returns topic's record, creating it if needed, with its
+// expired messages dropped. It first forgets a few idle records, and
+// treats topic's own as forgotten if it is idle, so that whether a topic
+// keeps its epoch does not depend on when the sweep ran.
+func (h *memoryHistory) recordLocked(topic string, now time.Duration) *histRecord {
+	for range sweepBatch {
+		if h.oldest == nil || !h.idle(h.oldest.touched, now) {
+			break
+		}
+		h.forgetLocked(h.oldest)
+	}
+	r := h.topics[topic]
+	if r != nil && h.idle(r.touched, now) {
+		h.forgetLocked(r)
+		r = nil
+	}
+	if r == nil {
+		if len(h.topics) >= maxHistoryRecords {
+			h.forgetLocked(h.oldest)
+		}
+		r = &histRecord{topic: topic, epoch: newEpoch(), touched: now}
+		h.topics[topic] = r
+		h.linkLocked(r)
+		return r
+	}
+	for r.ring.len() > 0 && h.expired(r.ring.at(0).at, now) {
+		r.ring.pop()
+	}
+	return r
+}
+
+// idle reports whether a record last touched at t is forgotten: after
+// forgetAfter, at least an hour, so that a quiet topic whose subscribers
+// missed nothing keeps its epoch, and they need not resync.
+func (h *memoryHistory) idle(t, now time.Duration) bool {
+	return h.forgetAfter > 0 && now-t > h.forgetAfter
+}
+
+// forgetAfter is how long a topic's record outlives its last message.
+func forgetAfter(maxAge time.Duration) time.Duration {
+	if maxAge <= 0 {
+		return 0
+	}
+	return max(maxAge, time.Hour)
+}
+
+// expired reports whether something that happened at t is older than
+// maxAge.
+func (h *memoryHistory) expired(t, now time.Duration) bool {
+	return h.maxAge > 0 && now-t > h.maxAge
+}
+
+func (h *memoryHistory) forgetLocked(r *histRecord) {
+	h.unlinkLocked(r)
+	delete(h.topics, r.topic)
+}
+
+// linkLocked puts r at the newest end of the list.
+func (h *memoryHistory) linkLocked(r *histRecord) {
+	r.prev, r.next = h.newest, nil
+	if h.newest != nil {
+		h.newest.next = r
+	} else {
+		h.oldest = r
+	}
+	h.newest = r
+}
+
+func (h *memoryHistory) unlinkLocked(r *histRecord) {
+	if r.prev != nil {
+		r.prev.next = r.next
+	} else {
+		h.oldest = r.next
+	}
+	if r.next != nil {
+		r.next.prev = r.prev
+	} else {
+		h.newest = r.prev
+	}
+	r.prev, r.next = nil, nil
+}
+
+// newEpoch returns a random epoch. 64 bits make a repeat, which could let
+// a client resume across a gap, negligible; base64 keeps it to 11 bytes in
+// every message.
+func newEpoch() string {
+	var b [8]byte
+	rand.Read(b[:]) // never fails: it crashes the program instead
+	return base64.RawURLEncoding.EncodeToString(b[:])
+}
+
+// fifo is a queue backed by a ring that grows with use up to a limit, so
+// a topic or user with few messages costs little. History and the offline
+// store both use it. It is not safe for concurrent use.
+type fifo[T any] struct {
+	buf  []T
+	head int
+	n    int
+}
+
+func (q *fifo[T]) len() int { return q.n }
+
+// at returns the i-th oldest element, 0 <= i < len().
+func (q *fifo[T]) at(i int) *T { return &q.buf[(q.head+i)%len(q.buf)] }
+
+// push appends v, growing the ring up to limit elements. The caller keeps
+// len() below limit.
+func (q *fifo[T]) push(v T, limit int) {
+	if q.n == len(q.buf) {
+		buf := make([]T, min(max(2*len(q.buf), 4), max(limit, q.n+1)))
+		for i := range q.n {
+			buf[i] = *q.at(i)
+		}
+		q.buf, q.head = buf, 0
+	}
+	*q.at(q.n) = v
+	q.n++
+}
+
+// pop removes and returns the oldest element; the queue must not be empty.
+func (q *fifo[T]) pop() T {
+	var zero T
+	v := q.buf[q.head]
+	q.buf[q.head] = zero // let the data go
+	q.head = (q.head + 1) % len(q.buf)
+	q.n--
+	return v
+}

@@ -1,0 +1,897 @@
+package tether
+
+import (
+	"context"
+	crand "crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"path"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/coder/websocket"
+	"golang.org/x/time/rate"
+)
+
+// Hub is an in-process registry of connections: it serves WebSocket
+// handshakes, keeps each conn alive with a heartbeat, and delivers
+// messages to one conn, a user's conns, a topic's subscribers or everyone.
+// It is safe for use by multiple goroutines.
+//
+// Peers that ask for the subprotocol [Subprotocol] speak wire protocol v1
+// (PROTOCOL.md): they subscribe, resume and see presence by themselves.
+// Other peers are raw: they get the application's messages as they are,
+// and the application decides their topics with [Hub.Subscribe].
+//
+// A Hub runs no goroutine of its own while idle: each conn has its reader,
+// a writer while it has something to send, and presence changes are
+// announced from short-lived timers. [Hub.Shutdown] ends them all.
+type Hub struct {
+	cfg       *hubConfig
+	connCfg   *config // shared by every conn of the hub
+	onMessage func(*Conn, Message)
+
+	conns  [shards]connShard
+	topics [shards]topicShard
+	users  [shards]userShard
+	seed   maphash.Seed
+
+	mu      sync.Mutex // guards the fields below
+	closing bool
+	abrupt  bool          // Close: conns are dropped, not closed gracefully
+	live    int           // conns registered or in their handshake
+	drained chan struct{} // closed when closing and live is 0
+
+	timers     sync.WaitGroup // armed presence timers
+	timersDone atomic.Bool    // no presence timer may be armed any more
+
+	count stats
+}
+
+// shards splits the registry, the topic index and the user index so that
+// conns coming and going on many cores do not queue on one lock.
+const shards = 32
+
+type connShard struct {
+	mu sync.Mutex
+	m  map[string]*Conn
+}
+
+type topicShard struct {
+	mu sync.Mutex
+	m  map[string]*topic
+}
+
+type userShard struct {
+	mu   sync.Mutex
+	m    map[string][]*Conn   // the user's live conns
+	seen map[string]time.Time // when users with no live conn left
+}
+
+// maxLastSeen bounds how many offline users' last-seen times a user shard
+// keeps; past it, the oldest are forgotten.
+const maxLastSeen = 4096
+
+// topic is one topic's subscribers and presence. Publications to it are
+// serialised by mu, so that every subscriber gets them in seq order.
+type topic struct {
+	name string
+	mu   sync.Mutex
+	subs []*Conn
+	idx  map[*Conn]int // position in subs
+	nV1  int           // subscribers that speak protocol v1
+	pres *presence     // nil when the topic does not track presence
+}
+
+func (t *topic) empty() bool { return len(t.subs) == 0 && t.pres.empty() }
+
+// hubConn is a conn's state in its hub.
+type hubConn struct {
+	hub  *Hub
+	id   string
+	user string
+	meta json.RawMessage
+	v1   bool
+
+	// Reader only.
+	limiter *rate.Limiter // nil without a rate limit
+	denials *rate.Limiter // messages refused by limiter
+	faults  *rate.Limiter // malformed messages
+
+	mu     sync.Mutex // guards topics and gone
+	topics map[string]struct{}
+	gone   bool
+}
+
+// maxSubscriptions bounds one conn's topics, so that a client cannot grow
+// the topic index without limit.
+const maxSubscriptions = 1024
+
+// Refused messages allowed before a conn is closed: 10 in a burst, one a
+// second sustained.
+const (
+	strikeRate  = 1
+	strikeBurst = 10
+)
+
+// NewHub returns a hub configured by opts. Every [Option] applies to the
+// hub's conns. An invalid set of options is an error.
+func NewHub(opts ...HubOption) (*Hub, error) {
+	cfg, err := newHubConfig(opts)
+	if err != nil {
+		return nil, err
+	}
+	h := &Hub{cfg: cfg, seed: maphash.MakeSeed(), drained: make(chan struct{})}
+	for i := range shards {
+		h.conns[i].m = make(map[string]*Conn)
+		h.topics[i].m = make(map[string]*topic)
+		h.users[i].m = make(map[string][]*Conn)
+		h.users[i].seen = make(map[string]time.Time)
+	}
+	cc := *cfg.conn
+	h.onMessage = cc.onMessage
+	cc.onMessage = h.handle
+	cc.onEnd = h.unregister
+	cc.pingsSent = &h.count.pings
+	cc.subprotocols = append([]string{Subprotocol}, without(cc.subprotocols, Subprotocol)...)
+	user := cc.observer
+	cc.observer.Pong = func(c *Conn, rtt time.Duration) {
+		h.count.rtt.add(rtt)
+		if user.Pong != nil {
+			user.Pong(c, rtt)
+		}
+	}
+	cc.observer.Suspect = func(c *Conn) {
+		h.count.suspects.Add(1)
+		if cfg.onSuspect != nil {
+			cfg.onSuspect(c)
+		}
+		if user.Suspect != nil {
+			user.Suspect(c)
+		}
+	}
+	cc.observer.Drop = func(c *Conn, n int) {
+		h.count.drops.Add(uint64(n))
+		if user.Drop != nil {
+			user.Drop(c, n)
+		}
+	}
+	h.connCfg = &cc
+	return h, nil
+}
+
+func without(list []string, s string) []string {
+	var out []string
+	for _, v := range list {
+		if v != s {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+// ServeHTTP serves a WebSocket handshake, as [Hub.Serve] does, and logs
+// a refusal at Debug level.
+func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if err := h.Serve(w, r); err != nil {
+		h.connCfg.logger.Debug("tether: refused", "remote", r.RemoteAddr, "err", err)
+	}
+}
+
+// Serve upgrades the request to a WebSocket conn and registers it. It
+// returns once the conn is registered (the conn lives on after Serve
+// returns: it does not hold up the handler), or with the reason it was
+// refused, after answering the request:
+//
+//   - 503 and [ErrHubClosed] once [Hub.Shutdown] or [Hub.Close] has begun;
+//   - 503 and [ErrHubFull] past [WithMaxConns];
+//   - 403 and [ErrOriginNotAllowed] for a cross-origin request that
+//     [WithOriginPatterns] does not allow;
+//   - 401 and [ErrUnauthorized] when [WithAuth] refuses it;
+//   - whatever coder/websocket answers to a request that is not a valid
+//     WebSocket handshake, and its error.
+func (h *Hub) Serve(w http.ResponseWriter, r *http.Request) error {
+	if err := h.admit(); err != nil {
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		return err
+	}
+	registered := false
+	defer func() {
+		if !registered {
+			h.release()
+		}
+	}()
+	if err := checkOrigin(r, h.connCfg.originPatterns); err != nil {
+		http.Error(w, "tether: origin not allowed", http.StatusForbidden)
+		return err
+	}
+	var user string
+	if h.cfg.auth != nil {
+		u, err := h.cfg.auth(r)
+		if err != nil {
+			http.Error(w, http.StatusText(http.StatusUnauthorized), http.StatusUnauthorized)
+			return fmt.Errorf("%w: %w", ErrUnauthorized, err)
+		}
+		user = u
+	}
+	c, err := accept(w, r, h.connCfg)
+	if err != nil {
+		return err
+	}
+	hc := &hubConn{hub: h, id: newConnID(), user: user, v1: c.ws.Subprotocol() == Subprotocol}
+	if h.cfg.connMeta != nil {
+		if m, err := compactData(h.cfg.connMeta(r)); err == nil {
+			hc.meta = m
+		}
+	}
+	if h.cfg.rateLimit != rate.Inf {
+		hc.limiter = rate.NewLimiter(h.cfg.rateLimit, h.cfg.rateBurst)
+	}
+	c.hc, c.coalesce = hc, hc.v1
+	registered = true
+	h.register(c)
+	if f := h.cfg.onConnect; f != nil {
+		f(c)
+	}
+	c.start()
+	return nil
+}
+
+// admit counts a handshake in, unless the hub is closing or full.
+func (h *Hub) admit() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closing {
+		return ErrHubClosed
+	}
+	if h.cfg.maxConns > 0 && h.live >= h.cfg.maxConns {
+		return ErrHubFull
+	}
+	h.live++
+	return nil
+}
+
+// release counts a conn or handshake out.
+func (h *Hub) release() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.live--
+	if h.closing && h.live == 0 {
+		close(h.drained)
+	}
+}
+
+// checkOrigin allows requests without an Origin header (not from a
+// browser), same-origin requests and origins matching a pattern, as
+// coder/websocket does; it runs first so that the refusal has an error
+// value of its own.
+func checkOrigin(r *http.Request, patterns []string) error {
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return nil
+	}
+	u, err := url.Parse(origin)
+	if err != nil {
+		return fmt.Errorf("%w: %q is not a URL", ErrOriginNotAllowed, origin)
+	}
+	if strings.EqualFold(u.Host, r.Host) {
+		return nil
+	}
+	for _, p := range patterns {
+		target := u.Host
+		if strings.Contains(p, "://") {
+			target = u.Scheme + "://" + u.Host
+		}
+		if ok, _ := path.Match(strings.ToLower(p), strings.ToLower(target)); ok {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: %q on host %q", ErrOriginNotAllowed, origin, r.Host)
+}
+
+func newConnID() string {
+	var b [12]byte
+	crand.Read(b[:])
+	return base64.RawURLEncoding.EncodeToString(b[:])
+}
+
+func (h *Hub) shard(key string) int {
+	return int(maphash.String(h.seed, key) % shards)
+}
+
+// register adds a new conn, not yet reading, to the registry and the user
+// index. The welcome goes first in its queue, then what the offline store
+// held for its user, so nothing sent to the user later can overtake them.
+func (h *Hub) register(c *Conn) {
+	hc := c.hc
+	if hc.v1 {
+		interval, timeout := c.Heartbeat()
+		c.enqueue(appendWelcome(nil, hc.id, interval, timeout, nil))
+	}
+	s := &h.conns[h.shard(hc.id)]
+	s.mu.Lock()
+	s.m[hc.id] = c
+	s.mu.Unlock()
+	h.count.conns.Add(1)
+	h.count.connects.Add(1)
+
+	if hc.user != "" {
+		u := &h.users[h.shard(hc.user)]
+		u.mu.Lock()
+		u.m[hc.user] = append(u.m[hc.user], c)
+		delete(u.seen, hc.user)
+		msgs, err := h.cfg.offline.Take(context.Background(), hc.user)
+		if err != nil {
+			h.connCfg.logger.Warn("tether: offline store", "user", hc.user, "err", err)
+		}
+		h.deliverDirect(c, msgs)
+		u.mu.Unlock()
+	}
+
+	h.mu.Lock()
+	closing, abrupt := h.closing, h.abrupt
+	h.mu.Unlock()
+	switch {
+	case abrupt:
+		c.CloseNow()
+	case closing:
+		// Shutdown began during the handshake, maybe after its sweep of
+		// the registry: this conn closes itself the same way.
+		c.Close(websocket.StatusGoingAway, retryHint(h.Len()))
+	}
+}
+
+// deliverDirect queues direct messages for c: for a v1 peer in one entry,
+// so that a backlog does not count against its queue one by one.
+func (h *Hub) deliverDirect(c *Conn, msgs [][]byte) {
+	if len(msgs) == 0 {
+		return
+	}
+	if !c.coalesce {
+		for _, m := range msgs {
+			c.enqueue(m)
+		}
+		return
+	}
+	var b []byte
+	for i, m := range msgs {
+		if i > 0 {
+			b = append(b, '\n')
+		}
+		b = appendMsg(b, "", "", 0, m)
+	}
+	c.enqueue(b)
+}
+
+// unregister removes an ended conn from the hub. It is the conns' onEnd.
+func (h *Hub) unregister(c *Conn, reason error) {
+	hc := c.hc
+	if hc == nil {
+		return
+	}
+	hc.mu.Lock()
+	hc.gone = true
+	topics := hc.topics
+	hc.topics = nil
+	hc.mu.Unlock()
+	for name := range topics {
+		h.leave(c, name)
+	}
+
+	s := &h.conns[h.shard(hc.id)]
+	s.mu.Lock()
+	delete(s.m, hc.id)
+	s.mu.Unlock()
+	h.count.conns.Add(-1)
+
+	if hc.user != "" {
+		u := &h.users[h.shard(hc.user)]
+		u.mu.Lock()
+		list := u.m[hc.user]
+		for i, o := range list {
+			if o == c {
+				list = append(list[:i], list[i+1:]...)
+				break
+			}
+		}
+		if len(list) == 0 {
+			delete(u.m, hc.user)
+			u.remember(hc.user, time.Now())
+		} else {
+			u.m[hc.user] = list
+		}
+		u.mu.Unlock()
+	}
+
+	h.count.disconnects.Add(1)
+	switch {
+	case errors.Is(reason, ErrQueueFull), errors.Is(reason, ErrWriteTimeout):
+		h.count.evictions.Add(1)
+	case errors.Is(reason, ErrHeartbeatTimeout):
+		h.count.deadPeers.Add(1)
+	}
+	if f := h.cfg.onDisconnect; f != nil {
+		f(c, reason)
+	}
+	h.release()
+}
+
+// remember records when a user's last conn left, forgetting the oldest
+// records past maxLastSeen.
+func (u *userShard) remember(user string, at time.Time) {
+	if len(u.seen) >= maxLastSeen {
+		var oldest string
+		var t time.Time
+		for k, v := range u.seen {
+			if oldest == "" || v.Before(t) {
+				oldest, t = k, v
+			}
+		}
+		delete(u.seen, oldest)
+	}
+	u.seen[user] = at
+}
+
+// Len returns the number of registered conns.
+func (h *Hub) Len() int { return int(h.count.conns.Load()) }
+
+// Conn returns the registered conn with this ID (see [Conn.ID]), or nil.
+func (h *Hub) Conn(id string) *Conn {
+	s := &h.conns[h.shard(id)]
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.m[id]
+}
+
+// Broadcast sends data to every conn of the hub, as a direct message to
+// protocol v1 peers and as it is to raw peers. data must be a JSON value
+// ([ErrNotJSON] otherwise); Broadcast keeps no reference to it. It never
+// blocks: a conn whose queue is full is handled by the overflow policy.
+func (h *Hub) Broadcast(data []byte) error {
+	raw, v1, err := h.encodeDirect(data)
+	if err != nil {
+		return err
+	}
+	for i := range h.conns {
+		s := &h.conns[i]
+		s.mu.Lock()
+		for _, c := range s.m {
+			if c.coalesce {
+				c.enqueue(v1)
+			} else {
+				c.enqueue(raw)
+			}
+		}
+		s.mu.Unlock()
+	}
+	return nil
+}
+
+// encodeDirect checks data and returns it as raw peers get it (a copy)
+// and as v1 peers get it (a direct msg).
+func (h *Hub) encodeDirect(data []byte) (raw, v1 []byte, err error) {
+	if h.isClosing() {
+		return nil, nil, ErrHubClosed
+	}
+	compact, err := compactData(data)
+	if err != nil {
+		return nil, nil, ErrNotJSON
+	}
+	raw = append([]byte(nil), compact...)
+	return raw, appendMsg(make([]byte, 0, len(raw)+24), "", "", 0, raw), nil
+}
+
+func (h *Hub) isClosing() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.closing
+}
+
+// SendToUser sends data to every live conn of the user, as [Hub.Broadcast]
+// does to all. When the user has none, the message is kept in the offline
+// store (see [WithOfflineStore]) and delivered, in order with the others
+// kept, when the user next connects; an error wrapping [ErrOfflineFull]
+// means it was not kept.
+func (h *Hub) SendToUser(userID string, data []byte) error {
+	raw, v1, err := h.encodeDirect(data)
+	if err != nil {
+		return err
+	}
+	u := &h.users[h.shard(userID)]
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	conns := u.m[userID]
+	if len(conns) == 0 {
+		return h.cfg.offline.Store(context.Background(), userID, raw)
+	}
+	for _, c := range conns {
+		if c.coalesce {
+			c.enqueue(v1)
+		} else {
+			c.enqueue(raw)
+		}
+	}
+	return nil
+}
+
+// Publish sends data to the subscribers of topic, as a topic message with
+// the topic's next seq to protocol v1 peers and as it is to raw peers, and
+// keeps it in the topic's history for clients that resume. data must be a
+// JSON value ([ErrNotJSON] otherwise) and is encoded once, whatever the
+// number of subscribers; Publish keeps no reference to it. Each subscriber
+// gets the topic's messages in publication order. Publish never blocks on
+// a subscriber: one whose queue is full is handled by the overflow policy.
+func (h *Hub) Publish(topic string, data []byte) error {
+	if err := checkTopic(topic); err != nil {
+		return err
+	}
+	if h.isClosing() {
+		return ErrHubClosed
+	}
+	compact, err := compactData(data)
+	if err != nil {
+		return ErrNotJSON
+	}
+	return h.publish(topic, append([]byte(nil), compact...))
+}
+
+// publish publishes data, which the hub owns from now on.
+func (h *Hub) publish(name string, data []byte) error {
+	s := &h.topics[h.shard(name)]
+	s.mu.Lock()
+	t := s.m[name]
+	if t == nil {
+		// No subscriber: history only. The shard lock orders this with a
+		// subscription that would create the topic.
+		_, err := h.cfg.history.Append(context.Background(), name, data)
+		s.mu.Unlock()
+		return historyErr(err)
+	}
+	t.mu.Lock()
+	s.mu.Unlock()
+	defer t.mu.Unlock()
+	pos, err := h.cfg.history.Append(context.Background(), name, data)
+	if err != nil {
+		return historyErr(err)
+	}
+	var v1 []byte
+	if t.nV1 > 0 {
+		v1 = appendMsg(make([]byte, 0, len(data)+len(name)+len(pos.Epoch)+64), name, pos.Epoch, pos.Seq, data)
+	}
+	for _, c := range t.subs {
+		if c.coalesce {
+			c.enqueue(v1)
+		} else {
+			c.enqueue(data)
+		}
+	}
+	h.count.published.Add(1)
+	return nil
+}
+
+func historyErr(err error) error {
+	if err != nil {
+		return fmt.Errorf("tether: history: %w", err)
+	}
+	return nil
+}
+
+// Subscribe subscribes conn c, which must be one of the hub's, to topic:
+// c receives the topic's messages published from now on. Subscribing
+// twice changes nothing. It is how the application picks the topics of
+// raw peers; protocol v1 peers may also subscribe by themselves.
+func (h *Hub) Subscribe(c *Conn, topic string) error {
+	if err := checkTopic(topic); err != nil {
+		return err
+	}
+	return h.subscribe(c, topic, nil, "")
+}
+
+// errNotMember refuses an operation on a conn of another hub, or on a conn
+// made by Accept or Wrap.
+var errNotMember = errors.New("tether: the conn does not belong to this hub")
+
+// subscribe subscribes c to name and, for a client's request, queues the
+// ack (when id is set), then the replay or resync for since, then the
+// topic's presence, all before any live message of the topic.
+func (h *Hub) subscribe(c *Conn, name string, since *wireSince, id string) error {
+	hc := c.hc
+	if hc == nil || hc.hub != h {
+		return errNotMember
+	}
+	hc.mu.Lock()
+	defer hc.mu.Unlock()
+	if hc.gone {
+		return fmt.Errorf("tether: subscribe: %w", net.ErrClosed)
+	}
+	_, already := hc.topics[name]
+	if !already && len(hc.topics) >= maxSubscriptions {
+		return &ProtocolError{Code: CodeBadRequest, Reason: "too many subscriptions (the limit is " + strconv.Itoa(maxSubscriptions) + ")", ID: id}
+	}
+
+	t := h.lockTopic(name)
+	var catchUp []byte
+	if since != nil && !already {
+		var err error
+		if catchUp, err = h.catchUp(c, name, since); err != nil {
+			h.unlockTopic(t)
+			return &ProtocolError{Code: CodeInternal, Reason: "history unavailable", ID: id}
+		}
+	}
+	if id != "" {
+		c.enqueue(appendAck(nil, id))
+	}
+	if catchUp != nil {
+		c.enqueue(catchUp)
+	}
+	if !already {
+		if hc.topics == nil {
+			hc.topics = make(map[string]struct{})
+		}
+		hc.topics[name] = struct{}{}
+		t.idx[c] = len(t.subs)
+		t.subs = append(t.subs, c)
+		if c.coalesce {
+			t.nV1++
+		}
+		if t.pres != nil {
+			if c.coalesce {
+				c.enqueue(t.pres.snapshot(name))
+			}
+			if hc.user != "" {
+				h.presenceJoin(t, c)
+			}
+		}
+	}
+	h.unlockTopic(t)
+	return nil
+}
+
+// catchUp returns what a v1 client resuming at since must receive before
+// live messages: the missed messages joined in one queue entry, or a
+// resync when history cannot replay them or they would not fit in c's
+// queue. The topic must be locked.
+func (h *Hub) catchUp(c *Conn, name string, since *wireSince) ([]byte, error) {
+	entries, last, ok, err := h.cfg.history.Since(context.Background(), name, Position{Epoch: since.epoch, Seq: since.seq})
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return appendResync(nil, name, last.Epoch), nil
+	}
+	if len(entries) == 0 {
+		return nil, nil
+	}
+	var b []byte
+	for i, e := range entries {
+		if i > 0 {
+			b = append(b, '\n')
+		}
+		b = appendMsg(b, name, last.Epoch, e.Seq, e.Data)
+		if len(b) > c.cfg.queueBytes/2 {
+			// Too much to queue without crowding out live messages.
+			return appendResync(nil, name, last.Epoch), nil
+		}
+	}
+	return b, nil
+}
+
+// lockTopic returns the topic called name, locked, creating it if needed.
+func (h *Hub) lockTopic(name string) *topic {
+	s := &h.topics[h.shard(name)]
+	s.mu.Lock()
+	t := s.m[name]
+	if t == nil {
+		t = &topic{name: name, idx: make(map[*Conn]int)}
+		if h.cfg.presenceTopics == nil || h.cfg.presenceTopics(name) {
+			t.pres = &presence{users: make(map[string]*presentUser)}
+		}
+		s.m[name] = t
+		h.count.topics.Add(1)
+	}
+	t.mu.Lock()
+	s.mu.Unlock()
+	return t
+}
+
+// unlockTopic unlocks t, first removing it from the index if it holds
+// nothing any more.
+func (h *Hub) unlockTopic(t *topic) {
+	if !t.empty() {
+		t.mu.Unlock()
+		return
+	}
+	t.mu.Unlock()
+	s := &h.topics[h.shard(t.name)]
+	s.mu.Lock()
+	t.mu.Lock()
+	if t.empty() && s.m[t.name] == t {
+		delete(s.m, t.name)
+		h.count.topics.Add(-1)
+	}
+	t.mu.Unlock()
+	s.mu.Unlock()
+}
+
+// Unsubscribe ends c's subscription to topic, if any. Messages already
+// queued for c are still sent.
+func (h *Hub) Unsubscribe(c *Conn, topic string) error {
+	hc := c.hc
+	if hc == nil || hc.hub != h {
+		return errNotMember
+	}
+	hc.mu.Lock()
+	defer hc.mu.Unlock()
+	if _, ok := hc.topics[topic]; !ok {
+		return nil
+	}
+	delete(hc.topics, topic)
+	h.leave(c, topic)
+	return nil
+}
+
+// leave removes c from the topic's subscribers and presence.
+func (h *Hub) leave(c *Conn, name string) {
+	s := &h.topics[h.shard(name)]
+	s.mu.Lock()
+	t := s.m[name]
+	if t == nil {
+		s.mu.Unlock()
+		return
+	}
+	t.mu.Lock()
+	s.mu.Unlock()
+	if i, ok := t.idx[c]; ok {
+		last := len(t.subs) - 1
+		t.subs[i] = t.subs[last]
+		t.idx[t.subs[i]] = i
+		t.subs[last] = nil
+		t.subs = t.subs[:last]
+		delete(t.idx, c)
+		if c.coalesce {
+			t.nV1--
+		}
+	}
+	if t.pres != nil && c.hc.user != "" {
+		h.presenceLeave(t, c)
+	}
+	h.unlockTopic(t)
+}
+
+// Topics returns the topics c is subscribed to.
+func (c *Conn) Topics() []string {
+	hc := c.hc
+	if hc == nil {
+		return nil
+	}
+	hc.mu.Lock()
+	defer hc.mu.Unlock()
+	out := make([]string, 0, len(hc.topics))
+	for t := range hc.topics {
+		out = append(out, t)
+	}
+	return out
+}
+
+// ID returns the conn's ID in its hub, which is also the session of its
+// welcome; "" for a conn made by [Accept] or [Wrap].
+func (c *Conn) ID() string {
+	if c.hc == nil {
+		return ""
+	}
+	return c.hc.id
+}
+
+// UserID returns the user that [WithAuth] named for the conn; "" for an
+// anonymous conn or one made by [Accept] or [Wrap].
+func (c *Conn) UserID() string {
+	if c.hc == nil {
+		return ""
+	}
+	return c.hc.user
+}
+
+// Shutdown closes the hub gracefully. It refuses new conns with 503,
+// closes the registered ones with 1001 (going away) and a reconnect hint
+// (retry_ms, drawn for each conn from a window that widens with the number
+// of conns, 1 ms each, between 1 s and 30 s, so that they do not all come
+// back at once), in batches, and waits for them to end. When ctx ends
+// first, it drops the remaining conns at once and returns ctx's error. It
+// returns only when every goroutine of the hub has returned.
+//
+// http.Server.Shutdown does not close hijacked connections: register
+// Shutdown with http.Server.RegisterOnShutdown, or call it after.
+func (h *Hub) Shutdown(ctx context.Context) error {
+	return h.shutdown(ctx, true)
+}
+
+// Close drops every conn at once, without a close handshake, and returns
+// when every goroutine of the hub has returned. New conns are refused.
+func (h *Hub) Close() error {
+	return h.shutdown(context.Background(), false)
+}
+
+// shutdownBatch conns are sent their close frame at a time, with a pause
+// between batches, so that a large hub does not spend a burst of CPU.
+const (
+	shutdownBatch = 256
+	shutdownPause = 5 * time.Millisecond
+)
+
+func (h *Hub) shutdown(ctx context.Context, graceful bool) error {
+	h.mu.Lock()
+	if !h.closing {
+		h.closing = true
+		if h.live == 0 {
+			close(h.drained)
+		}
+	}
+	h.mu.Unlock()
+
+	all := h.snapshot()
+	var err error
+	if graceful {
+		hint := len(all)
+		for i, c := range all {
+			if i > 0 && i%shutdownBatch == 0 {
+				select {
+				case <-time.After(shutdownPause):
+				case <-ctx.Done():
+				}
+			}
+			if ctx.Err() != nil {
+				break
+			}
+			c.Close(websocket.StatusGoingAway, retryHint(hint))
+		}
+		select {
+		case <-h.drained:
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
+	}
+	if !graceful || err != nil {
+		h.mu.Lock()
+		h.abrupt = true
+		h.mu.Unlock()
+		for _, c := range h.snapshot() {
+			c.CloseNow()
+		}
+		// Registered conns end at once now; a handshake in progress
+		// registers, sees the hub closing and closes itself.
+		<-h.drained
+	}
+	h.stopTimers()
+	return err
+}
+
+func (h *Hub) snapshot() []*Conn {
+	var all []*Conn
+	for i := range h.conns {
+		s := &h.conns[i]
+		s.mu.Lock()
+		for _, c := range s.m {
+			all = append(all, c)
+		}
+		s.mu.Unlock()
+	}
+	return all
+}
+
+// retryHint returns a close reason that asks a client to wait before it
+// reconnects, drawn from a window of 1 ms per conn, between 1 s and 30 s.
+func retryHint(conns int) string {
+	window := min(max(time.Duration(conns)*time.Millisecond, time.Second), 30*time.Second)
+	return "retry_ms=" + strconv.FormatInt(rand.Int64N(window.Milliseconds())+1, 10)
+}

@@ -1,0 +1,273 @@
+package tether
+
+import (
+	"encoding/json"
+	"slices"
+	"strings"
+	"time"
+)
+
+// This file is presence: who is on each topic, keyed by user ID, and who is
+// online at all. Changes are announced to the topic's v1 subscribers and to
+// OnPresence, joins after a short settling delay, so that a burst of
+// arrivals makes one message, and leaves after a grace period, so that a
+// client that reconnects at once never leaves.
+
+// Member is a user present on a topic.
+type Member struct {
+	UserID string
+	// Conns are the user's conns on the topic; empty in a leave.
+	Conns []MemberConn
+}
+
+// MemberConn is one conn of a present user.
+type MemberConn struct {
+	ID   string          // see [Conn.ID]
+	Meta json.RawMessage // see [WithConnMeta]; nil for none
+}
+
+// PresenceEvent is a change of presence on a topic: users who arrived
+// and users who left.
+type PresenceEvent struct {
+	Topic  string
+	Joins  []Member
+	Leaves []Member
+}
+
+// presence is a topic's presence, guarded by the topic's lock.
+type presence struct {
+	users map[string]*presentUser
+	timer *time.Timer // armed while a change waits to be announced
+	due   time.Time   // when timer fires
+}
+
+type presentUser struct {
+	conns     []*Conn
+	announced bool      // subscribers have been told of the join
+	goneAt    time.Time // when the last conn left; zero while one is here
+}
+
+func (p *presence) empty() bool { return p == nil || len(p.users) == 0 }
+
+// snapshot encodes the presence message that opens a subscription: every
+// user whose arrival has been announced, as joins.
+func (p *presence) snapshot(topic string) []byte {
+	var joins []wireMember
+	for id, u := range p.users {
+		if u.announced {
+			joins = append(joins, wireMember{user: id, meta: u.meta()})
+		}
+	}
+	slices.SortFunc(joins, func(a, b wireMember) int { return strings.Compare(a.user, b.user) })
+	return appendPresence(nil, topic, joins, []wireMember{})
+}
+
+// meta is what a join shows of the user: its first conn's metadata.
+func (u *presentUser) meta() json.RawMessage {
+	if len(u.conns) == 0 {
+		return nil
+	}
+	return u.conns[0].hc.meta
+}
+
+// presenceJoin records that c, whose user is set, is on topic t, which is
+// locked and tracks presence.
+func (h *Hub) presenceJoin(t *topic, c *Conn) {
+	user := c.hc.user
+	u := t.pres.users[user]
+	if u == nil {
+		u = &presentUser{}
+		t.pres.users[user] = u
+	}
+	u.conns = append(u.conns, c)
+	u.goneAt = time.Time{}
+	if !u.announced {
+		h.armPresence(t, time.Now().Add(defaultPresenceSettle))
+	}
+}
+
+// presenceLeave records that c has left t, which is locked and tracks
+// presence.
+func (h *Hub) presenceLeave(t *topic, c *Conn) {
+	user := c.hc.user
+	u := t.pres.users[user]
+	if u == nil {
+		return
+	}
+	if i := slices.Index(u.conns, c); i >= 0 {
+		u.conns = slices.Delete(u.conns, i, i+1)
+	}
+	if len(u.conns) > 0 {
+		return
+	}
+	if !u.announced {
+		delete(t.pres.users, user) // came and went unseen
+		return
+	}
+	u.goneAt = time.Now()
+	h.armPresence(t, u.goneAt.Add(h.cfg.presenceGrace))
+}
+
+// armPresence makes sure t's changes are announced no later than at.
+func (h *Hub) armPresence(t *topic, at time.Time) {
+	p := t.pres
+	if p.timer != nil {
+		if !at.Before(p.due) {
+			return
+		}
+		if !p.timer.Stop() {
+			return // firing now: it re-arms for what is not due yet
+		}
+		h.timers.Done()
+		p.timer = nil
+	}
+	if h.timersDone.Load() {
+		return
+	}
+	h.timers.Add(1)
+	p.due = at
+	p.timer = time.AfterFunc(time.Until(at), func() { h.announce(t) })
+}
+
+// announce sends t's due presence changes and arms the timer for the
+// others.
+func (h *Hub) announce(t *topic) {
+	defer h.timers.Done()
+	t.mu.Lock()
+	p := t.pres
+	p.timer = nil
+	now := time.Now()
+	var joins, leaves []wireMember
+	var ev PresenceEvent
+	var next time.Time
+	for id, u := range p.users {
+		switch {
+		case len(u.conns) > 0 && !u.announced:
+			u.announced = true
+			joins = append(joins, wireMember{user: id, meta: u.meta()})
+			if h.cfg.onPresence != nil {
+				ev.Joins = append(ev.Joins, u.member(id))
+			}
+		case len(u.conns) == 0:
+			due := u.goneAt.Add(h.cfg.presenceGrace)
+			if now.Before(due) {
+				if next.IsZero() || due.Before(next) {
+					next = due
+				}
+				continue
+			}
+			delete(p.users, id)
+			leaves = append(leaves, wireMember{user: id})
+			if h.cfg.onPresence != nil {
+				ev.Leaves = append(ev.Leaves, Member{UserID: id})
+			}
+		}
+	}
+	if len(joins)+len(leaves) > 0 {
+		byUser := func(a, b wireMember) int { return strings.Compare(a.user, b.user) }
+		slices.SortFunc(joins, byUser)
+		slices.SortFunc(leaves, byUser)
+		msg := appendPresence(nil, t.name, nonNil(joins), nonNil(leaves))
+		for _, c := range t.subs {
+			if c.coalesce {
+				c.enqueue(msg)
+			}
+		}
+	}
+	if !next.IsZero() {
+		h.armPresence(t, next)
+	}
+	h.unlockTopic(t)
+	if len(ev.Joins)+len(ev.Leaves) > 0 {
+		ev.Topic = t.name
+		h.cfg.onPresence(ev)
+	}
+}
+
+func nonNil(ms []wireMember) []wireMember {
+	if ms == nil {
+		return []wireMember{}
+	}
+	return ms
+}
+
+func (u *presentUser) member(id string) Member {
+	m := Member{UserID: id, Conns: make([]MemberConn, len(u.conns))}
+	for i, c := range u.conns {
+		m.Conns[i] = MemberConn{ID: c.hc.id, Meta: c.hc.meta}
+	}
+	return m
+}
+
+// stopTimers stops the presence timers once every conn has gone, and
+// waits for those already firing.
+func (h *Hub) stopTimers() {
+	h.timersDone.Store(true)
+	for i := range h.topics {
+		s := &h.topics[i]
+		s.mu.Lock()
+		for _, t := range s.m {
+			t.mu.Lock()
+			if p := t.pres; p != nil && p.timer != nil && p.timer.Stop() {
+				p.timer = nil
+				h.timers.Done()
+			}
+			t.mu.Unlock()
+		}
+		s.mu.Unlock()
+	}
+	h.timers.Wait()
+}
+
+// Presence returns the users present on topic, sorted by user ID, with
+// their conns on it. A user whose last conn left less than the grace
+// period ago (see [WithPresence]) is still present, with no conns.
+func (h *Hub) Presence(topic string) []Member {
+	s := &h.topics[h.shard(topic)]
+	s.mu.Lock()
+	t := s.m[topic]
+	if t == nil {
+		s.mu.Unlock()
+		return nil
+	}
+	t.mu.Lock()
+	s.mu.Unlock()
+	defer t.mu.Unlock()
+	if t.pres == nil {
+		return nil
+	}
+	out := make([]Member, 0, len(t.pres.users))
+	for id, u := range t.pres.users {
+		out = append(out, u.member(id))
+	}
+	slices.SortFunc(out, func(a, b Member) int { return strings.Compare(a.UserID, b.UserID) })
+	return out
+}
+
+// Online reports whether the user has a live conn on this hub.
+func (h *Hub) Online(userID string) bool {
+	u := &h.users[h.shard(userID)]
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return len(u.m[userID]) > 0
+}
+
+// LastSeen returns when the user was last heard from: the latest frame
+// of its live conns, or when its last conn ended. ok is false for a user
+// the hub does not know, or has forgotten (it remembers 131,072 offline
+// users, forgetting the longest gone first).
+func (h *Hub) LastSeen(userID string) (at time.Time, ok bool) {
+	u := &h.users[h.shard(userID)]
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if conns := u.m[userID]; len(conns) > 0 {
+		for _, c := range conns {
+			if t := c.LastSeen(); t.After(at) {
+				at = t
+			}
+		}
+		return at, true
+	}
+	at, ok = u.seen[userID]
+	return at, ok
+}
