@@ -431,7 +431,7 @@ func (c *Conn) writeLoop() {
 		}
 		err := c.ws.Write(c.ioCtx, websocket.MessageText, msg)
 		if joined != nil {
-			frameBufs.Put(joined)
+			frameBufs[frameBufClass(cap(*joined))].Put(joined)
 		}
 		if !timer.Stop() {
 			return // timed out: the conn has ended
@@ -448,12 +448,25 @@ func (c *Conn) writeLoop() {
 // read limit of 64 KiB, the common default, is never hit by joining.
 const maxCoalesced = 32 << 10
 
-// frameBufs holds the buffers writers join messages in, so that a writer
-// that comes and goes with bursts does not allocate one each time.
-var frameBufs = sync.Pool{New: func() any {
-	b := make([]byte, 0, maxCoalesced)
-	return &b
-}}
+// frameBufs holds the buffers writers join messages in, in size classes
+// of 1, 4 and 32 KiB, so that a writer that comes and goes with bursts
+// does not allocate one each time, and a frame of a few small messages
+// does not hold 32 KiB.
+var frameBufs = [...]sync.Pool{
+	{New: func() any { b := make([]byte, 0, 1<<10); return &b }},
+	{New: func() any { b := make([]byte, 0, 4<<10); return &b }},
+	{New: func() any { b := make([]byte, 0, maxCoalesced); return &b }},
+}
+
+func frameBufClass(n int) int {
+	switch {
+	case n <= 1<<10:
+		return 0
+	case n <= 4<<10:
+		return 1
+	}
+	return 2
+}
 
 // coalesceLocked joins first and the messages queued behind it, as many as
 // fit in maxCoalesced, with newlines (protocol v1 framing). It returns the
@@ -464,12 +477,20 @@ func (c *Conn) coalesceLocked(first []byte) ([]byte, *[]byte) {
 	if !ok || len(first)+1+len(next) > maxCoalesced {
 		return first, nil
 	}
-	buf := frameBufs.Get().(*[]byte)
+	size, count := len(first), 0
+	c.queue.each(func(m []byte) bool {
+		if size+1+len(m) > maxCoalesced {
+			return false
+		}
+		size += 1 + len(m)
+		count++
+		return true
+	})
+	buf := frameBufs[frameBufClass(size)].Get().(*[]byte)
 	b := append((*buf)[:0], first...)
-	for ok && len(b)+1+len(next) <= maxCoalesced {
-		c.queue.pop()
-		b = append(append(b, '\n'), next...)
-		next, ok = c.queue.peek()
+	for range count {
+		m, _ := c.queue.pop()
+		b = append(append(b, '\n'), m...)
 	}
 	*buf = b
 	return b, buf

@@ -1,18 +1,29 @@
 package tether
 
-// sendQueue is a FIFO of messages bounded in count and bytes. Its ring
-// grows with use and is released when drained after a burst, so an idle
-// conn's queue costs at most a few words. It is not safe for concurrent use: Conn.mu guards it.
-// keptRing is the largest ring kept once drained: small enough to be cheap
-// on an idle conn, large enough that steady traffic does not reallocate.
-const keptRing = 8
+import "sync"
 
+// sendQueue is a FIFO of messages bounded in count and bytes. It is a list
+// of fixed-size chunks shared through a pool: an idle conn's queue holds
+// no chunk, and a busy one takes chunks from the pool and gives them back
+// as it drains, so fan-out to many conns allocates nothing per message in
+// the steady state. It is not safe for concurrent use: Conn.mu guards it.
 type sendQueue struct {
-	ring  [][]byte
-	head  int
-	n     int
-	bytes int
+	head, tail *queueChunk
+	hi, ti     int // next read in head, next write in tail
+	n          int
+	bytes      int
 }
+
+// queueChunkLen messages fit in one chunk: 392 bytes, so that a conn with
+// a short burst queued holds little.
+const queueChunkLen = 16
+
+type queueChunk struct {
+	msgs [queueChunkLen][]byte
+	next *queueChunk
+}
+
+var queueChunks = sync.Pool{New: func() any { return new(queueChunk) }}
 
 // push appends msg if it fits within maxMsgs and maxBytes. If it does not
 // and dropOldest is set, the oldest messages are dropped to make room.
@@ -28,37 +39,20 @@ func (q *sendQueue) push(msg []byte, maxMsgs, maxBytes int, dropOldest bool) (dr
 		q.pop()
 		dropped++
 	}
-	if q.n == len(q.ring) {
-		q.grow(maxMsgs)
+	if q.tail == nil || q.ti == queueChunkLen {
+		c := queueChunks.Get().(*queueChunk)
+		if q.tail == nil {
+			q.head, q.hi = c, 0
+		} else {
+			q.tail.next = c
+		}
+		q.tail, q.ti = c, 0
 	}
-	q.ring[(q.head+q.n)%len(q.ring)] = msg
+	q.tail.msgs[q.ti] = msg
+	q.ti++
 	q.n++
 	q.bytes += len(msg)
 	return dropped, true
-}
-
-func (q *sendQueue) grow(maxMsgs int) {
-	size := min(max(2*len(q.ring), 4), maxMsgs)
-	ring := make([][]byte, size)
-	for i := range q.n {
-		ring[i] = q.ring[(q.head+i)%len(q.ring)]
-	}
-	q.ring, q.head = ring, 0
-}
-
-func (q *sendQueue) pop() ([]byte, bool) {
-	if q.n == 0 {
-		if len(q.ring) > keptRing {
-			q.reset() // drained after a burst: give the memory back
-		}
-		return nil, false
-	}
-	msg := q.ring[q.head]
-	q.ring[q.head] = nil
-	q.head = (q.head + 1) % len(q.ring)
-	q.n--
-	q.bytes -= len(msg)
-	return msg, true
 }
 
 // peek returns the oldest message without removing it.
@@ -66,10 +60,55 @@ func (q *sendQueue) peek() ([]byte, bool) {
 	if q.n == 0 {
 		return nil, false
 	}
-	return q.ring[q.head], true
+	return q.head.msgs[q.hi], true
+}
+
+// each calls f with each queued message, oldest first, until f returns
+// false.
+func (q *sendQueue) each(f func([]byte) bool) {
+	c, i := q.head, q.hi
+	for range q.n {
+		if i == queueChunkLen {
+			c, i = c.next, 0
+		}
+		if !f(c.msgs[i]) {
+			return
+		}
+		i++
+	}
+}
+
+func (q *sendQueue) pop() ([]byte, bool) {
+	if q.n == 0 {
+		return nil, false
+	}
+	msg := q.head.msgs[q.hi]
+	q.head.msgs[q.hi] = nil
+	q.hi++
+	q.n--
+	q.bytes -= len(msg)
+	switch {
+	case q.n == 0:
+		q.reset() // drained: the chunk goes back to the pool
+	case q.hi == queueChunkLen:
+		done := q.head
+		q.head, q.hi = done.next, 0
+		done.next = nil
+		queueChunks.Put(done)
+	}
+	return msg, true
 }
 
 // len returns the number of queued messages and their bytes.
 func (q *sendQueue) len() (msgs, bytes int) { return q.n, q.bytes }
 
-func (q *sendQueue) reset() { *q = sendQueue{} }
+// reset drops every message and gives the chunks back to the pool.
+func (q *sendQueue) reset() {
+	for c := q.head; c != nil; {
+		next := c.next
+		*c = queueChunk{}
+		queueChunks.Put(c)
+		c = next
+	}
+	*q = sendQueue{}
+}
