@@ -476,6 +476,11 @@ func (s *statsClient) saveHeapProfile(ctx context.Context, path string) error {
 type clientPool struct {
 	clients []*http.Client // one per source IP
 
+	// Set before dialling, for conns that do more than answer pings.
+	subprotocols []string
+	setup        func(context.Context, *websocket.Conn) error // after the handshake, before reading
+	newHandler   func() func(frame []byte)                    // one per conn, called by its reader
+
 	mu    sync.Mutex
 	conns []*websocket.Conn
 
@@ -541,7 +546,12 @@ func (p *clientPool) dial(ctx context.Context, url string, i int) error {
 		}
 		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		var c *websocket.Conn
-		c, _, err = websocket.Dial(dctx, url, &websocket.DialOptions{HTTPClient: hc})
+		c, _, err = websocket.Dial(dctx, url, &websocket.DialOptions{HTTPClient: hc, Subprotocols: p.subprotocols})
+		if err == nil && p.setup != nil {
+			if err = p.setup(dctx, c); err != nil {
+				c.CloseNow()
+			}
+		}
 		cancel()
 		if err == nil {
 			p.keep(c)
@@ -558,9 +568,18 @@ func (p *clientPool) keep(c *websocket.Conn) {
 	p.mu.Lock()
 	p.conns = append(p.conns, c)
 	p.mu.Unlock()
+	var handle func([]byte)
+	if p.newHandler != nil {
+		handle = p.newHandler()
+	}
 	p.readers.Go(func() {
+		c.SetReadLimit(-1)
 		for {
-			if _, _, err := c.Read(context.Background()); err != nil {
+			_, data, err := c.Read(context.Background())
+			if err == nil && handle != nil {
+				handle(data)
+			}
+			if err != nil {
 				if !p.closing.Load() {
 					p.lost.Add(1)
 				}

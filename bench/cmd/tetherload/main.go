@@ -2,6 +2,7 @@
 //
 //	tetherload serve -addr 127.0.0.1:0 -interval 15s -timeout 30s [-pprof]
 //	tetherload idle -n 10000 -interval 15s -timeout 30s -hold 30s [-json]
+//	tetherload broadcast -n 1000 -m 1000 -size 64 [-rate 0] [-json]
 //
 // serve runs a WebSocket server whose /ws handler accepts tether conns and
 // keeps them, and whose /stats endpoint reports the process's memory,
@@ -12,6 +13,10 @@
 // nothing but answer the server's heartbeat pings, holds them, and prints
 // what each conn costs the server. It always exits by itself, closing its
 // conns and killing its child.
+//
+// broadcast starts serve as a child process, subscribes n protocol v1
+// clients to one topic of its hub, has the server publish m messages, and
+// prints deliveries per second and delivery latency.
 package main
 
 import (
@@ -32,6 +37,8 @@ func main() {
 const usage = `usage:
   tetherload serve [flags]   run the measured server (see tetherload serve -h)
   tetherload idle [flags]    measure idle conns against a child server (see tetherload idle -h)
+  tetherload broadcast [flags]
+                             measure fan-out to subscribers of a child server's hub (see tetherload broadcast -h)
 `
 
 // run runs one subcommand and returns the process's exit code.
@@ -49,6 +56,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = serveMain(ctx, args[1:], stdout, stderr)
 	case "idle":
 		err = idleMain(ctx, args[1:], stdout, stderr)
+	case "broadcast":
+		err = broadcastMain(ctx, args[1:], stdout, stderr)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0

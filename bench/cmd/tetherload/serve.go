@@ -12,11 +12,13 @@ import (
 	"net/http/pprof"
 	"runtime"
 	"runtime/debug"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/tether-ws/tether"
+	"golang.org/x/time/rate"
 )
 
 type serveConfig struct {
@@ -44,10 +46,12 @@ func serveMain(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	return serve(ctx, cfg, stdout, stderr)
 }
 
-// server accepts tether conns on /ws and keeps them until they end.
+// server accepts tether conns on /ws and keeps them until they end, and
+// serves a hub on /hub whose topics /publish publishes to.
 type server struct {
 	opts   []tether.Option
 	stderr io.Writer
+	hub    *tether.Hub
 
 	mu    sync.Mutex
 	conns map[*tether.Conn]bool // true: registered; false: ended before it was registered
@@ -64,7 +68,69 @@ func newServer(cfg serveConfig, stderr io.Writer) *server {
 			Pong:       func(*tether.Conn, time.Duration) { s.pongs.Add(1) },
 		}),
 	}
+	hub, err := tether.NewHub(
+		tether.WithHeartbeat(cfg.interval, cfg.timeout),
+		tether.WithPresence(func(string) bool { return false }, 0),
+		// Load clients subscribe in a burst: no inbound limit.
+		tether.WithRateLimit(rate.Inf, 0),
+	)
+	if err != nil {
+		panic(err) // constant options
+	}
+	s.hub = hub
 	return s
+}
+
+// handlePublish publishes n messages of size bytes to topic, at rate per
+// second (0: as fast as Publish goes), each holding its publication time
+// in Unix nanoseconds as "t", and answers once they are all published.
+//
+//	POST /publish?topic=bench&n=1000&size=64&rate=0
+func (s *server) handlePublish(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	topic := q.Get("topic")
+	n, err1 := strconv.Atoi(q.Get("n"))
+	size, err2 := strconv.Atoi(q.Get("size"))
+	perSec, err3 := strconv.ParseFloat(cmpOr(q.Get("rate"), "0"), 64)
+	if err := errors.Join(err1, err2, err3); err != nil || n < 0 || perSec < 0 {
+		http.Error(w, "bad n, size or rate", http.StatusBadRequest)
+		return
+	}
+	start := time.Now()
+	buf := make([]byte, 0, size+64)
+	for i := range n {
+		if perSec > 0 {
+			if d := time.Until(start.Add(time.Duration(float64(i) / perSec * float64(time.Second)))); d > 0 {
+				time.Sleep(d)
+			}
+		}
+		buf = benchMessage(buf[:0], time.Now().UnixNano(), i, size)
+		if err := s.hub.Publish(topic, buf); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+	}
+	fmt.Fprintf(w, "%d %d\n", n, time.Since(start).Nanoseconds())
+}
+
+func cmpOr(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}
+
+// benchMessage appends a JSON object of size bytes (at least ~40) holding
+// the time t and the index i: {"t":<t>,"i":<i>,"p":"xxx..."}.
+func benchMessage(dst []byte, t int64, i, size int) []byte {
+	start := len(dst)
+	dst = strconv.AppendInt(append(dst, `{"t":`...), t, 10)
+	dst = strconv.AppendInt(append(dst, `,"i":`...), int64(i), 10)
+	dst = append(dst, `,"p":"`...)
+	for len(dst)-start < size-2 {
+		dst = append(dst, 'x')
+	}
+	return append(dst, `"}`...)
 }
 
 func (s *server) handleWS(w http.ResponseWriter, r *http.Request) {
@@ -124,6 +190,8 @@ func (s *server) fill(st *Stats) {
 	st.HeartbeatTimeouts = s.hbTimeouts.Load()
 	st.OtherEnds = ended - st.HeartbeatTimeouts
 	st.Pongs = s.pongs.Load()
+	hs := s.hub.Stats()
+	st.HubConns, st.HubEvictions = int64(hs.Conns), int64(hs.Evictions)
 }
 
 // closeAll drops every conn and waits, until ctx ends, for them to be gone.
@@ -152,6 +220,8 @@ func (s *server) mux(withPprof bool) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /ws", s.handleWS)
 	mux.HandleFunc("GET /stats", s.handleStats)
+	mux.Handle("GET /hub", s.hub)
+	mux.HandleFunc("POST /publish", s.handlePublish)
 	if withPprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
@@ -194,6 +264,7 @@ func serve(ctx context.Context, cfg serveConfig, stdout, stderr io.Writer) error
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	s.closeAll(shutdownCtx)
+	s.hub.Close()
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil
 	}

@@ -28,6 +28,8 @@ type Stats struct {
 	HeartbeatTimeouts int64 `json:"heartbeat_timeouts"` // ended with tether.ErrHeartbeatTimeout
 	OtherEnds         int64 `json:"other_ends"`         // ended for any other reason
 	Pongs             int64 `json:"heartbeat_pongs"`    // heartbeat pings answered (Observer.Pong)
+	HubConns          int64 `json:"hub_conns"`          // conns registered in the /hub hub
+	HubEvictions      int64 `json:"hub_evictions"`      // hub conns dropped as slow consumers
 
 	CPUSeconds float64   `json:"cpu_seconds"` // user + system time of the process
 	Time       time.Time `json:"time"`
