@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"syscall"
@@ -88,4 +89,44 @@ type writerCounter int
 func (w *writerCounter) Write(p []byte) (int, error) {
 	*w += writerCounter(len(p))
 	return len(p), nil
+}
+
+// TestBroadcast runs the broadcast scenario end to end on a small scale:
+// a server process whose hub fans 200 messages out to 50 subscribers.
+func TestBroadcast(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 45*time.Second)
+	defer cancel()
+	cfg := broadcastConfig{
+		n: 50, m: 200, size: 64,
+		interval: time.Second, timeout: 5 * time.Second,
+		sources: 49, concurrency: 16,
+		setup: 20 * time.Second, deliver: 20 * time.Second,
+	}
+	res, err := runBroadcast(ctx, cfg, t.Output())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%.0f deliveries/s, p50 %.2f ms, p99 %.2f ms, %d frames", res.PerSecond, res.P50ms, res.P99ms, res.Frames)
+	if want := int64(cfg.n * cfg.m); res.Deliveries != want || res.Missing != 0 {
+		t.Errorf("%d deliveries, %d missing; want %d and 0", res.Deliveries, res.Missing, want)
+	}
+	if res.Duplicates != 0 || res.OutOfOrder != 0 || res.Evicted != 0 {
+		t.Errorf("%d duplicates, %d out of order, %d evicted; want none", res.Duplicates, res.OutOfOrder, res.Evicted)
+	}
+	if res.P50ms <= 0 || res.P99ms < res.P50ms || res.PerSecond <= 0 {
+		t.Errorf("implausible figures: %+v", res)
+	}
+}
+
+func TestBenchMessage(t *testing.T) {
+	for _, size := range []int{48, 64, 200} {
+		msg := benchMessage(nil, 1732467891234567890, 42, size)
+		if len(msg) != size || !json.Valid(msg) {
+			t.Errorf("size %d: %q (%d bytes, valid JSON %v)", size, msg, len(msg), json.Valid(msg))
+		}
+		line := append([]byte(`{"op":"msg","topic":"bench","epoch":"e","seq":1,"data":`), append(msg, '}')...)
+		if ts, i, ok := parseBench(line); !ok || ts != 1732467891234567890 || i != 42 {
+			t.Errorf("size %d: parseBench = %d, %d, %v", size, ts, i, ok)
+		}
+	}
 }
