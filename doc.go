@@ -23,6 +23,29 @@
 // ([WithWriteTimeout]) so a stalled reader is dropped rather than holding
 // anyone up. Inbound messages go to the [OnMessage] function.
 //
+// # Hub
+//
+// A [Hub] serves many conns from an existing http.Handler ([Hub.Serve], or
+// the hub itself as a handler) and delivers to them: [Hub.Publish] to a
+// topic's subscribers, [Hub.SendToUser] to every device of a user (or,
+// when none is connected, to an [OfflineStore] until the next connect),
+// [Hub.Broadcast] to all. A message is encoded once, whatever the number
+// of receivers, and queued without blocking; queued messages leave in one
+// frame, newline-joined, so a busy conn costs one write for many messages.
+//
+// Peers that ask for the subprotocol [Subprotocol] speak wire protocol v1
+// (PROTOCOL.md in the repository): they subscribe by themselves, resume a
+// topic after a reconnect from its [History] without loss or duplicates
+// (or are told to resync), see who is present on a topic
+// ([Hub.Presence]), and keep the server alive with app-level pings.
+// Other peers are raw: plain WebSocket, whose topics the application
+// picks with [Hub.Subscribe].
+//
+// Admission ([WithAuth], [WithOriginPatterns], [WithMaxConns]), limits
+// ([WithRateLimit], [WithMaxMessageSize]) and [Hub.Shutdown] answer bad
+// input and overload with documented close codes and error values, and
+// never let one conn slow down another.
+//
 // # Errors and close codes
 //
 // [Conn.Err] says why a conn ended, as one of the Err* values (test with

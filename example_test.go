@@ -105,3 +105,90 @@ func ExampleConn_Err() {
 	}
 	// Output: peer closed with StatusGoingAway
 }
+
+// A hub behind an existing mux: clients speaking protocol v1 subscribe to
+// rooms, and the application publishes to them.
+func ExampleHub() {
+	hub, err := tether.NewHub(
+		tether.HeartbeatInternet,
+		tether.WithAuth(func(r *http.Request) (string, error) {
+			user := r.URL.Query().Get("user") // use a real token in production
+			if user == "" {
+				return "", errors.New("no user")
+			}
+			return user, nil
+		}),
+	)
+	if err != nil {
+		log.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/ws", hub)
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+	defer hub.Close()
+
+	// A protocol v1 client, as the browser client would be.
+	ctx := context.Background()
+	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+"/ws?user=ann",
+		&websocket.DialOptions{Subprotocols: []string{tether.Subprotocol}})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer ws.CloseNow()
+	// One WebSocket message may carry several protocol messages, one per
+	// line: read returns the next line.
+	var lines []string
+	read := func() string {
+		for len(lines) == 0 {
+			_, data, err := ws.Read(ctx)
+			if err != nil {
+				log.Fatal(err)
+			}
+			lines = strings.Split(strings.TrimSuffix(string(data), "\n"), "\n")
+		}
+		line := lines[0]
+		lines = lines[1:]
+		return line
+	}
+	read() // the welcome
+	ws.Write(ctx, websocket.MessageText, []byte(`{"op":"sub","topic":"room:42","id":"1"}`))
+	fmt.Println(read())
+	fmt.Println(read()) // who was in the room
+	fmt.Println(read()) // ann's own arrival, announced to the room
+
+	hub.Publish("room:42", []byte(`{"text":"hello"}`))
+	m := read()
+	fmt.Println(m[:strings.Index(m, `"epoch"`)] + "...")
+	// Output:
+	// {"op":"ack","id":"1"}
+	// {"op":"presence","topic":"room:42","joins":[],"leaves":[]}
+	// {"op":"presence","topic":"room:42","joins":[{"user":"ann"}],"leaves":[]}
+	// {"op":"msg","topic":"room:42",...
+}
+
+// Shutdown with net/http: the server stops accepting and closes its own
+// connections, and the hub closes the WebSocket conns it took over, each
+// with 1001 and a hint of when to come back. net/http runs the hook in a
+// goroutine of its own and does not wait for it: wait for it yourself.
+func ExampleHub_Shutdown() {
+	hub, err := tether.NewHub()
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv := &http.Server{Addr: "127.0.0.1:0", Handler: hub}
+	hubDone := make(chan struct{})
+	srv.RegisterOnShutdown(func() {
+		defer close(hubDone)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := hub.Shutdown(ctx); err != nil {
+			log.Print(err) // the deadline passed: the rest were dropped
+		}
+	})
+	// go srv.ListenAndServe() ... and on SIGTERM:
+	srv.Shutdown(context.Background())
+	<-hubDone
+	fmt.Println(hub.Len(), errors.Is(hub.Publish("news", []byte(`1`)), tether.ErrHubClosed))
+	// Output: 0 true
+}

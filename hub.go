@@ -811,7 +811,10 @@ func (c *Conn) UserID() string {
 // returns only when every goroutine of the hub has returned.
 //
 // http.Server.Shutdown does not close hijacked connections: register
-// Shutdown with http.Server.RegisterOnShutdown, or call it after.
+// Shutdown with http.Server.RegisterOnShutdown, or call it after. net/http
+// runs such hooks in goroutines of their own and does not wait for them,
+// so wait for Shutdown to return before the process exits (see the
+// example).
 func (h *Hub) Shutdown(ctx context.Context) error {
 	return h.shutdown(ctx, true)
 }
