@@ -52,6 +52,7 @@ type Hub struct {
 	live    int           // conns registered or in their handshake
 	drained chan struct{} // closed when closing and live is 0
 
+	closed     atomic.Bool    // closing, for the publishing paths
 	timers     sync.WaitGroup // armed presence timers
 	timersDone atomic.Bool    // no presence timer may be armed any more
 
@@ -492,11 +493,9 @@ func (h *Hub) encodeDirect(data []byte) (raw, v1 []byte, err error) {
 	return raw, appendMsg(make([]byte, 0, len(raw)+24), "", "", 0, raw), nil
 }
 
-func (h *Hub) isClosing() bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.closing
-}
+// isClosing reports whether Shutdown or Close has begun, without the
+// lock that every publisher would otherwise take.
+func (h *Hub) isClosing() bool { return h.closed.Load() }
 
 // SendToUser sends data to every live conn of the user, as [Hub.Broadcast]
 // does to all. When the user has none, the message is kept in the offline
@@ -836,6 +835,7 @@ func (h *Hub) shutdown(ctx context.Context, graceful bool) error {
 	h.mu.Lock()
 	if !h.closing {
 		h.closing = true
+		h.closed.Store(true)
 		if h.live == 0 {
 			close(h.drained)
 		}
