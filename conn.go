@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/http"
 	"sync"
@@ -296,6 +297,28 @@ func (c *Conn) enqueue(msg []byte) error {
 		c.end(ErrQueueFull, endPolicy, StatusSlowConsumer, "slow consumer")
 	}
 	return ErrQueueFull
+}
+
+// enqueueAll queues msgs past the queue's bounds: for what the hub owes a
+// conn as it starts or subscribes (an offline backlog, a replay), which is
+// bounded by the offline store or the history rather than by the queue,
+// and must not be lost to it. Messages queued afterwards meet a fuller
+// queue, so a peer too slow to take the backlog is handled by the
+// overflow policy as usual.
+func (c *Conn) enqueueAll(msgs ...[]byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return
+	}
+	for _, m := range msgs {
+		c.queue.push(m, math.MaxInt, math.MaxInt, false)
+	}
+	if !c.writing && len(msgs) > 0 {
+		c.writing = true
+		c.wg.Add(1)
+		go c.writeLoop()
+	}
 }
 
 // Close starts a close handshake and returns at once: messages already

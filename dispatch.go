@@ -126,7 +126,7 @@ func (h *Hub) request(c *Conn, f frame) {
 			h.deny(c, f.id, "publication refused")
 			return
 		}
-		if err := h.publish(f.topic, f.data); err != nil {
+		if err := h.publish(f.topic, f.data, f.data); err != nil {
 			h.fail(c, f.id, err)
 			return
 		}

@@ -353,26 +353,33 @@ func (h *Hub) register(c *Conn) {
 	}
 }
 
-// deliverDirect queues direct messages for c: for a v1 peer in one entry,
-// so that a backlog does not count against its queue one by one.
+// deliverDirect queues the offline backlog for c, whatever its queue's
+// bounds (see enqueueAll): for a v1 peer joined in entries of up to
+// maxCoalesced bytes, which the writer sends as they are.
 func (h *Hub) deliverDirect(c *Conn, msgs [][]byte) {
-	if len(msgs) == 0 {
-		return
-	}
 	if !c.coalesce {
-		for _, m := range msgs {
-			c.enqueue(m)
-		}
+		c.enqueueAll(msgs...)
 		return
 	}
+	var entries [][]byte
 	var b []byte
-	for i, m := range msgs {
-		if i > 0 {
+	for _, m := range msgs {
+		m, err := compactData(m) // kept as a raw peer gets it
+		if err != nil {
+			continue // not from SendToUser: nothing a v1 peer could read
+		}
+		if len(b) > 0 && len(b)+1+len(m)+len(`{"op":"msg","data":}`) > maxCoalesced {
+			entries, b = append(entries, b), nil
+		}
+		if len(b) > 0 {
 			b = append(b, '\n')
 		}
 		b = appendMsg(b, "", "", 0, m)
 	}
-	c.enqueue(b)
+	if len(b) > 0 {
+		entries = append(entries, b)
+	}
+	c.enqueueAll(entries...)
 }
 
 // unregister removes an ended conn from the hub. It is the conns' onEnd.
@@ -479,18 +486,33 @@ func (h *Hub) Broadcast(data []byte) error {
 	return nil
 }
 
-// encodeDirect checks data and returns it as raw peers get it (a copy)
-// and as v1 peers get it (a direct msg).
+// encodeDirect checks data and returns it as raw peers get it (a copy of
+// data, byte for byte, which is also what the offline store keeps) and as
+// v1 peers get it (a direct msg).
 func (h *Hub) encodeDirect(data []byte) (raw, v1 []byte, err error) {
 	if h.isClosing() {
 		return nil, nil, ErrHubClosed
 	}
-	compact, err := compactData(data)
+	raw, compact, err := ownData(data)
+	if err != nil {
+		return nil, nil, err
+	}
+	return raw, appendMsg(make([]byte, 0, len(compact)+24), "", "", 0, compact), nil
+}
+
+// ownData checks that data is a JSON value and returns a copy of it for
+// raw peers, and its one-line form for v1 peers, which is the same slice
+// unless data spans lines.
+func ownData(data []byte) (raw, compact []byte, err error) {
+	c, err := compactData(data)
 	if err != nil {
 		return nil, nil, ErrNotJSON
 	}
-	raw = append([]byte(nil), compact...)
-	return raw, appendMsg(make([]byte, 0, len(raw)+24), "", "", 0, raw), nil
+	raw = append([]byte(nil), data...)
+	if len(c) == len(data) {
+		return raw, raw, nil // compactData returned data itself
+	}
+	return raw, c, nil
 }
 
 // isClosing reports whether Shutdown or Close has begun, without the
@@ -538,15 +560,18 @@ func (h *Hub) Publish(topic string, data []byte) error {
 	if h.isClosing() {
 		return ErrHubClosed
 	}
-	compact, err := compactData(data)
+	raw, compact, err := ownData(data)
 	if err != nil {
-		return ErrNotJSON
+		return err
 	}
-	return h.publish(topic, append([]byte(nil), compact...))
+	return h.publish(topic, raw, compact)
 }
 
-// publish publishes data, which the hub owns from now on.
-func (h *Hub) publish(name string, data []byte) error {
+// publish publishes data, which the hub owns from now on: raw for raw
+// peers, compact (the same slice unless raw spans lines) for the history
+// and v1 peers.
+func (h *Hub) publish(name string, raw, data []byte) error {
+	h.count.published.Add(1)
 	s := &h.topics[h.shard(name)]
 	s.mu.Lock()
 	t := s.m[name]
@@ -572,10 +597,9 @@ func (h *Hub) publish(name string, data []byte) error {
 		if c.coalesce {
 			c.enqueue(v1)
 		} else {
-			c.enqueue(data)
+			c.enqueue(raw)
 		}
 	}
-	h.count.published.Add(1)
 	return nil
 }
 
@@ -632,7 +656,7 @@ func (h *Hub) subscribe(c *Conn, name string, since *wireSince, id string) error
 		c.enqueue(appendAck(nil, id))
 	}
 	if catchUp != nil {
-		c.enqueue(catchUp)
+		c.enqueueAll(catchUp) // bounded by catchUp: it must not be lost
 	}
 	if !already {
 		if hc.topics == nil {
