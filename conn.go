@@ -340,11 +340,14 @@ func (c *Conn) Close(code websocket.StatusCode, reason string) error {
 	return nil
 }
 
-// CloseNow drops the conn without a close handshake, as for a dead peer.
-// It returns at once; [Conn.Done] is closed when the conn's goroutines have
+// CloseNow drops the conn without a close handshake, as for a dead peer,
+// or cuts short a close handshake under way. It returns at once; [Conn.Done] is closed when the conn's goroutines have
 // returned.
 func (c *Conn) CloseNow() error {
 	if !c.end(fmt.Errorf("tether: closed: %w", net.ErrClosed), endForced, 0, "") {
+		// Already ending, maybe in a close handshake with a peer that
+		// does not answer: cut it short, keeping the first reason.
+		c.abort()
 		return fmt.Errorf("tether: close: %w", net.ErrClosed)
 	}
 	return nil

@@ -571,7 +571,6 @@ func (h *Hub) Publish(topic string, data []byte) error {
 // peers, compact (the same slice unless raw spans lines) for the history
 // and v1 peers.
 func (h *Hub) publish(name string, raw, data []byte) error {
-	h.count.published.Add(1)
 	s := &h.topics[h.shard(name)]
 	s.mu.Lock()
 	t := s.m[name]
@@ -580,7 +579,11 @@ func (h *Hub) publish(name string, raw, data []byte) error {
 		// subscription that would create the topic.
 		_, err := h.cfg.history.Append(context.Background(), name, data)
 		s.mu.Unlock()
-		return historyErr(err)
+		if err != nil {
+			return historyErr(err)
+		}
+		h.count.published.Add(1)
+		return nil
 	}
 	t.mu.Lock()
 	s.mu.Unlock()
@@ -589,6 +592,7 @@ func (h *Hub) publish(name string, raw, data []byte) error {
 	if err != nil {
 		return historyErr(err)
 	}
+	h.count.published.Add(1)
 	var v1 []byte
 	if t.nV1 > 0 {
 		v1 = appendMsg(make([]byte, 0, len(data)+len(name)+len(pos.Epoch)+64), name, pos.Epoch, pos.Seq, data)
@@ -603,12 +607,7 @@ func (h *Hub) publish(name string, raw, data []byte) error {
 	return nil
 }
 
-func historyErr(err error) error {
-	if err != nil {
-		return fmt.Errorf("tether: history: %w", err)
-	}
-	return nil
-}
+func historyErr(err error) error { return fmt.Errorf("tether: history: %w", err) }
 
 // Subscribe subscribes conn c, which must be one of the hub's, to topic:
 // c receives the topic's messages published from now on. Subscribing

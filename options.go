@@ -129,9 +129,10 @@ func WithConnMeta(f func(r *http.Request) json.RawMessage) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.connMeta = f })
 }
 
-// WithMaxConns caps the hub's conns, counting handshakes in progress;
-// requests past the cap are refused with 503 and [ErrHubFull]. 0, the
-// default, means no cap.
+// WithMaxConns caps the hub's conns, counting handshakes in progress and
+// conns whose [OnDisconnect] function has not returned yet; requests past
+// the cap are refused with 503 and [ErrHubFull]. 0, the default, means no
+// cap.
 func WithMaxConns(n int) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.maxConns = n })
 }

@@ -1,0 +1,423 @@
+package tether_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/tether-ws/tether"
+)
+
+// admServer is a hub behind an httptest server whose handler calls
+// Hub.Serve and records what it returns.
+type admServer struct {
+	*httptest.Server
+	hub  *tether.Hub
+	errs chan error // every Serve's result, nil included
+}
+
+func newAdmServer(t *testing.T, opts ...tether.HubOption) *admServer {
+	t.Helper()
+	hub, err := tether.NewHub(opts...)
+	if err != nil {
+		t.Fatalf("NewHub: %v", err)
+	}
+	s := &admServer{hub: hub, errs: make(chan error, 1000)}
+	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		err := hub.Serve(w, r)
+		select {
+		case s.errs <- err:
+		default:
+		}
+	}))
+	t.Cleanup(func() {
+		hub.Close()
+		s.Close()
+	})
+	return s
+}
+
+func (s *admServer) url() string { return "ws" + strings.TrimPrefix(s.URL, "http") }
+
+// served returns what the next Serve returned.
+func (s *admServer) served(t *testing.T) error {
+	t.Helper()
+	select {
+	case err := <-s.errs:
+		return err
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return within 5 s")
+	}
+	return nil
+}
+
+// refused dials with o and checks that the handshake fails with HTTP
+// status, and that Serve returned an error wrapping want.
+func (s *admServer) refused(t *testing.T, url string, o clientOpts, status int, want error) error {
+	t.Helper()
+	_, resp, err := tryDial(t, url, o)
+	if err == nil {
+		t.Fatalf("dial succeeded, want HTTP %d", status)
+	}
+	if resp == nil || resp.StatusCode != status {
+		got := 0
+		if resp != nil {
+			got = resp.StatusCode
+		}
+		t.Fatalf("dial: %v (HTTP %d), want HTTP %d", err, got, status)
+	}
+	serr := s.served(t)
+	if !errors.Is(serr, want) {
+		t.Fatalf("Serve returned %v, want %v", serr, want)
+	}
+	return serr
+}
+
+// accepted dials a v1 client with o, reads its welcome, and checks that
+// Serve returned nil.
+func (s *admServer) accepted(t *testing.T, url string, o clientOpts) (*client, wire) {
+	t.Helper()
+	c := dialClient(t, url, o)
+	w := c.welcome()
+	if err := s.served(t); err != nil {
+		t.Fatalf("Serve returned %v for an accepted conn", err)
+	}
+	return c, w
+}
+
+var errBadToken = errors.New("bad token")
+
+// TestHubAdmissionAuth refuses a handshake in WithAuth: 401 for the
+// client, ErrUnauthorized wrapping the auth function's error from Serve,
+// and nothing changes for the conns already there.
+func TestHubAdmissionAuth(t *testing.T) {
+	s := newAdmServer(t, tether.WithAuth(func(r *http.Request) (string, error) {
+		if tok := r.Header.Get("Authorization"); strings.HasPrefix(tok, "Bearer ") && tok != "Bearer bad" {
+			return strings.TrimPrefix(tok, "Bearer "), nil
+		}
+		return "", errBadToken
+	}))
+	ann, w := s.accepted(t, s.url(), clientOpts{header: http.Header{"Authorization": {"Bearer ann"}}})
+	if c := s.hub.Conn(w.Session); c == nil || c.UserID() != "ann" {
+		t.Fatalf("ann's conn: %v", c)
+	}
+	ann.subscribe("room")
+
+	for _, o := range []clientOpts{
+		{header: http.Header{"Authorization": {"Bearer bad"}}},
+		{}, // no credentials
+		{raw: true},
+	} {
+		err := s.refused(t, s.url(), o, http.StatusUnauthorized, tether.ErrUnauthorized)
+		if !errors.Is(err, errBadToken) {
+			t.Fatalf("Serve returned %v, which does not wrap the auth function's error", err)
+		}
+	}
+	if n := s.hub.Len(); n != 1 {
+		t.Fatalf("Len() = %d after refusals, want 1", n)
+	}
+	if st := s.hub.Stats(); st.Connects != 1 || st.Disconnects != 0 {
+		t.Fatalf("Stats() = %+v: refusals counted as conns", st)
+	}
+	// The conn already in is unaffected.
+	if err := s.hub.Publish("room", []byte(`"still here"`)); err != nil {
+		t.Fatal(err)
+	}
+	if m := ann.expect("msg"); string(m.Data) != `"still here"` {
+		t.Fatalf("ann got %s", m.line)
+	}
+	bob, _ := s.accepted(t, s.url(), clientOpts{header: http.Header{"Authorization": {"Bearer bob"}}})
+	bob.send(`{"op":"ping","ts":1}`)
+	bob.expect("pong")
+}
+
+// TestHubAdmissionOrigin refuses a cross-origin handshake with 403 and
+// ErrOriginNotAllowed, and accepts same-origin ones, ones without Origin,
+// and those that WithOriginPatterns allows.
+func TestHubAdmissionOrigin(t *testing.T) {
+	t.Run("default", func(t *testing.T) {
+		s := newAdmServer(t)
+		s.refused(t, s.url(), clientOpts{header: http.Header{"Origin": {"https://evil.example"}}},
+			http.StatusForbidden, tether.ErrOriginNotAllowed)
+		s.refused(t, s.url(), clientOpts{raw: true, header: http.Header{"Origin": {"http://evil.example"}}},
+			http.StatusForbidden, tether.ErrOriginNotAllowed)
+		// Same origin: the page was served by this host.
+		s.accepted(t, s.url(), clientOpts{header: http.Header{"Origin": {s.URL}}})
+		// No Origin: not a browser.
+		s.accepted(t, s.url(), clientOpts{})
+		if n := s.hub.Len(); n != 2 {
+			t.Fatalf("Len() = %d, want 2", n)
+		}
+	})
+	t.Run("patterns", func(t *testing.T) {
+		s := newAdmServer(t, tether.WithOriginPatterns("allowed.example"))
+		s.accepted(t, s.url(), clientOpts{header: http.Header{"Origin": {"https://allowed.example"}}})
+		s.accepted(t, s.url(), clientOpts{header: http.Header{"Origin": {s.URL}}})
+		s.refused(t, s.url(), clientOpts{header: http.Header{"Origin": {"https://evil.example"}}},
+			http.StatusForbidden, tether.ErrOriginNotAllowed)
+		s.refused(t, s.url(), clientOpts{header: http.Header{"Origin": {"https://sub.allowed.example"}}},
+			http.StatusForbidden, tether.ErrOriginNotAllowed)
+	})
+}
+
+// TestHubAdmissionMaxConns caps the hub at 3 conns: the 4th handshake gets
+// 503 and ErrHubFull, and a slot frees when a conn leaves.
+func TestHubAdmissionMaxConns(t *testing.T) {
+	s := newAdmServer(t, tether.WithMaxConns(3))
+	var cs []*client
+	for range 3 {
+		c, _ := s.accepted(t, s.url(), clientOpts{})
+		cs = append(cs, c)
+	}
+	s.refused(t, s.url(), clientOpts{}, http.StatusServiceUnavailable, tether.ErrHubFull)
+	s.refused(t, s.url(), clientOpts{raw: true}, http.StatusServiceUnavailable, tether.ErrHubFull)
+
+	cs[0].close()
+	waitFor(t, 5*time.Second, "Len() == 2 after a close", func() bool { return s.hub.Len() == 2 })
+	// The slot is given back at the very end of the conn's teardown, just
+	// after Len drops: allow a moment's lag, not a lasting refusal.
+	retries := 0
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c, resp, err := tryDial(t, s.url(), clientOpts{})
+		serr := s.served(t)
+		if err == nil {
+			c.welcome()
+			if serr != nil {
+				t.Fatalf("Serve returned %v for an accepted conn", serr)
+			}
+			break
+		}
+		if resp == nil || resp.StatusCode != http.StatusServiceUnavailable || !errors.Is(serr, tether.ErrHubFull) || time.Now().After(deadline) {
+			t.Fatalf("dial after a conn left: %v (Serve: %v)", err, serr)
+		}
+		retries++
+		time.Sleep(10 * time.Millisecond)
+	}
+	if retries > 0 {
+		t.Logf("the freed slot was refused %d times after Len() dropped", retries)
+	}
+	if n := s.hub.Len(); n != 3 {
+		t.Fatalf("Len() = %d, want 3", n)
+	}
+	s.refused(t, s.url(), clientOpts{}, http.StatusServiceUnavailable, tether.ErrHubFull)
+}
+
+var retryRE = regexp.MustCompile(`retry_ms=(\d+)`)
+
+// TestHubAdmissionShutdown shuts down a hub with 50 reading clients: each
+// gets the message published just before, then 1001 with a retry hint
+// drawn from [1, 1000] ms; the hub then refuses handshakes and
+// publications with ErrHubClosed.
+func TestHubAdmissionShutdown(t *testing.T) {
+	const conns = 50
+	s := newAdmServer(t)
+	var got [conns]atomic.Bool
+	cs := dialFans(t, s.url(), conns, 10, func(i int) fanOpts {
+		return fanOpts{topics: []string{"t"}, onLine: func(line []byte) {
+			if strings.HasPrefix(string(line), `{"op":"msg",`) && strings.Contains(string(line), `"data":{"bye":1}`) {
+				got[i].Store(true)
+			}
+		}}
+	})
+	for range conns {
+		if err := s.served(t); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	if err := s.hub.Publish("t", []byte(`{"bye":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := s.hub.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown = %v, want nil", err)
+	}
+	t.Logf("Shutdown of %d conns took %v", conns, time.Since(start).Round(time.Millisecond))
+	if n := s.hub.Len(); n != 0 {
+		t.Fatalf("Len() = %d after Shutdown", n)
+	}
+
+	hints := map[int]bool{}
+	lo, hi := 1<<30, 0
+	for i, c := range cs {
+		err := c.readErr(t, 5*time.Second)
+		if code := websocket.CloseStatus(err); code != websocket.StatusGoingAway {
+			t.Fatalf("client %d ended with %v (code %d), want 1001", i, err, code)
+		}
+		var ce websocket.CloseError
+		errors.As(err, &ce)
+		m := retryRE.FindStringSubmatch(ce.Reason)
+		if m == nil {
+			t.Fatalf("client %d: close reason %q has no retry_ms", i, ce.Reason)
+		}
+		ms, _ := strconv.Atoi(m[1])
+		if ms < 1 || ms > 1000 {
+			t.Fatalf("client %d: retry_ms=%d, want 1 to 1000 for %d conns", i, ms, conns)
+		}
+		hints[ms] = true
+		lo, hi = min(lo, ms), max(hi, ms)
+		if !got[i].Load() {
+			t.Fatalf("client %d did not get the message published before Shutdown", i)
+		}
+	}
+	t.Logf("retry_ms hints: %d distinct, from %d to %d", len(hints), lo, hi)
+	if len(hints) < 2 {
+		t.Fatalf("all %d clients got the same retry hint: not jittered", conns)
+	}
+
+	s.refused(t, s.url(), clientOpts{}, http.StatusServiceUnavailable, tether.ErrHubClosed)
+	if err := s.hub.Publish("t", []byte(`1`)); !errors.Is(err, tether.ErrHubClosed) {
+		t.Fatalf("Publish after Shutdown = %v, want ErrHubClosed", err)
+	}
+	if err := s.hub.Broadcast([]byte(`1`)); !errors.Is(err, tether.ErrHubClosed) {
+		t.Fatalf("Broadcast after Shutdown = %v, want ErrHubClosed", err)
+	}
+	if err := s.hub.Shutdown(ctx); err != nil {
+		t.Fatalf("second Shutdown = %v, want nil", err)
+	}
+}
+
+// TestHubAdmissionShutdownDeadline shuts down a hub whose one client does
+// not read, so its close handshake cannot finish: Shutdown gives up when
+// its context ends, drops the conn and returns the context's error.
+func TestHubAdmissionShutdownDeadline(t *testing.T) {
+	s := newAdmServer(t, tether.WithWriteTimeout(10*time.Second))
+	reader, err := dialFan(s.url(), fanOpts{topics: []string{"t"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(reader.close)
+	stalled, err := dialFan(s.url(), fanOpts{topics: []string{"t"}, gate: make(chan struct{})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stalled.close)
+	for range 2 {
+		if err := s.served(t); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := s.hub.Len(); n != 2 {
+		t.Fatalf("Len() = %d, want 2", n)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err = s.hub.Shutdown(ctx)
+	took := time.Since(start)
+	t.Logf("Shutdown returned %v after %v", err, took.Round(time.Millisecond))
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Shutdown = %v, want context.DeadlineExceeded", err)
+	}
+	// Past the deadline the remaining conns are dropped at once: neither
+	// the write timeout (10 s) nor a close handshake's wait may hold
+	// Shutdown up.
+	if took > 3*time.Second {
+		t.Errorf("Shutdown took %v with a 300 ms context, want within 3 s", took)
+	}
+	if n := s.hub.Len(); n != 0 {
+		t.Fatalf("Len() = %d after Shutdown, want 0", n)
+	}
+	// The reading client had its 1001 before the deadline.
+	if err := reader.readErr(t, 5*time.Second); websocket.CloseStatus(err) != websocket.StatusGoingAway {
+		t.Fatalf("reading client ended with %v, want 1001", err)
+	}
+	s.refused(t, s.url(), clientOpts{}, http.StatusServiceUnavailable, tether.ErrHubClosed)
+}
+
+// TestHubAdmissionClose closes a hub at once: its clients see the
+// connection drop without a close frame, and it is empty when Close
+// returns.
+func TestHubAdmissionClose(t *testing.T) {
+	s := newAdmServer(t)
+	cs := dialFans(t, s.url(), 5, 5, func(int) fanOpts { return fanOpts{topics: []string{"t"}} })
+	for range cs {
+		if err := s.served(t); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	if err := s.hub.Close(); err != nil {
+		t.Fatalf("Close = %v", err)
+	}
+	took := time.Since(start)
+	t.Logf("Close took %v", took)
+	if took > 5*time.Second {
+		t.Fatalf("Close took %v", took)
+	}
+	if n := s.hub.Len(); n != 0 {
+		t.Fatalf("Len() = %d after Close, want 0", n)
+	}
+	for i, c := range cs {
+		err := c.readErr(t, 5*time.Second)
+		if err == nil || websocket.CloseStatus(err) != -1 {
+			t.Fatalf("client %d ended with %v (code %d), want a dropped conn without close frame", i, err, websocket.CloseStatus(err))
+		}
+	}
+	if st := s.hub.Stats(); st.Disconnects != 5 || st.Conns != 0 {
+		t.Fatalf("Stats() = %+v after Close", st)
+	}
+	s.refused(t, s.url(), clientOpts{}, http.StatusServiceUnavailable, tether.ErrHubClosed)
+	if err := s.hub.Publish("t", []byte(`1`)); !errors.Is(err, tether.ErrHubClosed) {
+		t.Fatalf("Publish after Close = %v, want ErrHubClosed", err)
+	}
+}
+
+// TestHubAdmissionServeHTTP uses the hub as an http.Handler: it accepts,
+// and it answers refusals and plain HTTP requests with their status.
+func TestHubAdmissionServeHTTP(t *testing.T) {
+	var _ http.Handler = (*tether.Hub)(nil)
+	s := newHubServer(t, tether.WithMaxConns(1))
+	c := dialClient(t, s.url(), clientOpts{})
+	c.welcome()
+	c.subscribe("x")
+	if err := s.hub.Publish("x", []byte(`true`)); err != nil {
+		t.Fatal(err)
+	}
+	if m := c.expect("msg"); string(m.Data) != "true" {
+		t.Fatalf("got %s", m.line)
+	}
+	if _, resp, err := tryDial(t, s.url(), clientOpts{}); err == nil || resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("second dial past WithMaxConns(1): %v, want HTTP 503", err)
+	}
+	c.close()
+	waitFor(t, 5*time.Second, "Len() == 0", func() bool { return s.hub.Len() == 0 })
+
+	// A plain GET is not a handshake: ServeHTTP answers it with 426, and
+	// Serve returns coder/websocket's error.
+	resp, err := s.Client().Get(s.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUpgradeRequired {
+		t.Fatalf("plain GET through ServeHTTP: HTTP %d, want 426", resp.StatusCode)
+	}
+	a := newAdmServer(t)
+	resp, err = a.Client().Get(a.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if err := a.served(t); err == nil || resp.StatusCode != http.StatusUpgradeRequired {
+		t.Fatalf("plain GET through Serve: HTTP %d, Serve returned %v; want 426 and an error", resp.StatusCode, err)
+	}
+	if a.hub.Len() != 0 {
+		t.Fatal("a plain GET left a conn")
+	}
+}
