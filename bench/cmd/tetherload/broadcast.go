@@ -28,6 +28,7 @@ type broadcastConfig struct {
 	concurrency       int
 	setup             time.Duration
 	deliver           time.Duration // budget for every delivery after the last publish
+	queue             int           // the hub's send queue, in messages
 	jsonOut           bool
 	serverCmd         []string
 }
@@ -46,6 +47,7 @@ func broadcastMain(ctx context.Context, args []string, stdout, stderr io.Writer)
 	fs.IntVar(&cfg.concurrency, "concurrency", 64, "dials in flight at once")
 	fs.DurationVar(&cfg.setup, "setup", 3*time.Minute, "time allowed to start the server, dial and subscribe")
 	fs.DurationVar(&cfg.deliver, "deliver", time.Minute, "time allowed for every delivery once publishing is done")
+	fs.IntVar(&cfg.queue, "queue", 256, "the server's send queue per conn, in messages: a burst longer than it evicts subscribers that fall behind (tether's default policy)")
 	fs.BoolVar(&cfg.jsonOut, "json", false, "print the result as JSON")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -160,7 +162,8 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, progress io.Writer) 
 	setupCtx, setupCancel := context.WithTimeout(ctx, cfg.setup)
 	defer setupCancel()
 
-	child, err := startServer(setupCtx, idleConfig{interval: cfg.interval, timeout: cfg.timeout, serverCmd: cfg.serverCmd}, progress)
+	child, err := startServer(setupCtx, idleConfig{interval: cfg.interval, timeout: cfg.timeout, serverCmd: cfg.serverCmd,
+		serverArgs: []string{"-queue", strconv.Itoa(max(cfg.queue, 1))}}, progress)
 	if err != nil {
 		return nil, err
 	}
@@ -241,6 +244,10 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, progress io.Writer) 
 	defer sc.close()
 
 	fmt.Fprintf(progress, "tetherload: publishing %d messages of %d B\n", cfg.m, cfg.size)
+	base, err := sc.get(ctx, "gc=0")
+	if err != nil {
+		return nil, err
+	}
 	start := time.Now()
 	url := fmt.Sprintf("%s/publish?topic=bench&n=%d&size=%d&rate=%g", sc.base, cfg.m, cfg.size, cfg.rate)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, nil)
@@ -280,7 +287,7 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, progress io.Writer) 
 		OutOfOrder:  outOfOrder.Load(),
 		Duplicates:  dups.Load(),
 		Missing:     max(want-int64(total), 0),
-		Evicted:     st.HubEvictions,
+		Evicted:     st.HubEvictions - base.HubEvictions,
 	}
 	if cfg.rate > 0 {
 		res.Rate = strconv.FormatFloat(cfg.rate, 'f', -1, 64) + "/s"

@@ -38,6 +38,8 @@ type idleConfig struct {
 	// serverCmd is the server's command line, "serve" included; by default
 	// this very executable with "serve".
 	serverCmd []string
+	// serverArgs are more flags for the server.
+	serverArgs []string
 }
 
 func idleMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -336,6 +338,7 @@ func startServer(ctx context.Context, cfg idleConfig, stderr io.Writer) (*child,
 	}
 	args := append(argv[1:len(argv):len(argv)], "-addr", "127.0.0.1:0",
 		"-interval", cfg.interval.String(), "-timeout", cfg.timeout.String())
+	args = append(args, cfg.serverArgs...)
 	if cfg.heapProfile != "" {
 		args = append(args, "-pprof")
 		if cfg.memProfileRate > 0 {

@@ -97,7 +97,7 @@ func TestBroadcast(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 45*time.Second)
 	defer cancel()
 	cfg := broadcastConfig{
-		n: 50, m: 200, size: 64,
+		n: 50, m: 200, size: 64, queue: 256,
 		interval: time.Second, timeout: 5 * time.Second,
 		sources: 49, concurrency: 16,
 		setup: 20 * time.Second, deliver: 20 * time.Second,

@@ -26,6 +26,7 @@ type serveConfig struct {
 	interval, timeout time.Duration
 	pprof             bool
 	memProfileRate    int
+	queue             int // the hub's send queue, in messages
 }
 
 func serveMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -36,6 +37,7 @@ func serveMain(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs.DurationVar(&cfg.interval, "interval", 15*time.Second, "heartbeat interval (tether.WithHeartbeat)")
 	fs.DurationVar(&cfg.timeout, "timeout", 30*time.Second, "heartbeat timeout (tether.WithHeartbeat)")
 	fs.BoolVar(&cfg.pprof, "pprof", false, "serve net/http/pprof under /debug/pprof/")
+	fs.IntVar(&cfg.queue, "queue", 256, "send queue of the /hub conns, in messages (tether.WithSendQueue; 1 MiB)")
 	fs.IntVar(&cfg.memProfileRate, "memprofilerate", 0, "set runtime.MemProfileRate (1 records every allocation; 0 keeps the default)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -70,6 +72,7 @@ func newServer(cfg serveConfig, stderr io.Writer) *server {
 	}
 	hub, err := tether.NewHub(
 		tether.WithHeartbeat(cfg.interval, cfg.timeout),
+		tether.WithSendQueue(max(cfg.queue, 1), 1<<20),
 		tether.WithPresence(func(string) bool { return false }, 0),
 		// Load clients subscribe in a burst: no inbound limit.
 		tether.WithRateLimit(rate.Inf, 0),
