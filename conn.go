@@ -305,11 +305,12 @@ func (c *Conn) enqueue(msg []byte) error {
 // and must not be lost to it. Messages queued afterwards meet a fuller
 // queue, so a peer too slow to take the backlog is handled by the
 // overflow policy as usual.
-func (c *Conn) enqueueAll(msgs ...[]byte) {
+// It reports false, queueing nothing, if the conn has ended.
+func (c *Conn) enqueueAll(msgs ...[]byte) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.err != nil {
-		return
+		return false
 	}
 	for _, m := range msgs {
 		c.queue.push(m, math.MaxInt, math.MaxInt, false)
@@ -319,6 +320,7 @@ func (c *Conn) enqueueAll(msgs ...[]byte) {
 		c.wg.Add(1)
 		go c.writeLoop()
 	}
+	return true
 }
 
 // Close starts a close handshake and returns at once: messages already
@@ -560,6 +562,9 @@ func (c *Conn) readLoop() {
 		f(c, err)
 	}
 	close(c.done)
+	if f := c.cfg.onDone; f != nil {
+		f(c)
+	}
 }
 
 // readError turns the error that ended the reader into a reason.

@@ -143,6 +143,7 @@ func NewHub(opts ...HubOption) (*Hub, error) {
 	h.onMessage = cc.onMessage
 	cc.onMessage = h.handle
 	cc.onEnd = h.unregister
+	cc.onDone = func(*Conn) { h.release() }
 	cc.pingsSent = &h.count.pings
 	cc.subprotocols = append([]string{Subprotocol}, without(cc.subprotocols, Subprotocol)...)
 	user := cc.observer
@@ -242,10 +243,12 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request) error {
 	c.hc, c.coalesce = hc, hc.v1
 	registered = true
 	h.register(c)
+	// The reader owns the conn's end and its unregistration: it starts
+	// even if OnConnect panics.
+	defer c.start()
 	if f := h.cfg.onConnect; f != nil {
 		f(c)
 	}
-	c.start()
 	return nil
 }
 
@@ -320,14 +323,9 @@ func (h *Hub) register(c *Conn) {
 		interval, timeout := c.Heartbeat()
 		c.enqueue(appendWelcome(nil, hc.id, interval, timeout, nil))
 	}
-	s := &h.conns[h.shard(hc.id)]
-	s.mu.Lock()
-	s.m[hc.id] = c
-	s.mu.Unlock()
-	h.count.conns.Add(1)
-	h.count.connects.Add(1)
-
 	if hc.user != "" {
+		// Before the registry: nothing sent to every conn (Broadcast) may
+		// overtake what was sent to this user earlier.
 		u := &h.users[h.shard(hc.user)]
 		u.mu.Lock()
 		u.m[hc.user] = append(u.m[hc.user], c)
@@ -336,9 +334,24 @@ func (h *Hub) register(c *Conn) {
 		if err != nil {
 			h.connCfg.logger.Warn("tether: offline store", "user", hc.user, "err", err)
 		}
-		h.deliverDirect(c, msgs)
+		if !h.deliverDirect(c, msgs) {
+			// The conn ended already: keep the backlog, in order (u.mu
+			// holds off SendToUser for this user).
+			for _, m := range msgs {
+				if err := h.cfg.offline.Store(context.Background(), hc.user, m); err != nil {
+					h.connCfg.logger.Warn("tether: offline store", "user", hc.user, "err", err)
+				}
+			}
+		}
 		u.mu.Unlock()
 	}
+
+	s := &h.conns[h.shard(hc.id)]
+	s.mu.Lock()
+	s.m[hc.id] = c
+	s.mu.Unlock()
+	h.count.conns.Add(1)
+	h.count.connects.Add(1)
 
 	h.mu.Lock()
 	closing, abrupt := h.closing, h.abrupt
@@ -356,10 +369,13 @@ func (h *Hub) register(c *Conn) {
 // deliverDirect queues the offline backlog for c, whatever its queue's
 // bounds (see enqueueAll): for a v1 peer joined in entries of up to
 // maxCoalesced bytes, which the writer sends as they are.
-func (h *Hub) deliverDirect(c *Conn, msgs [][]byte) {
+// It reports false if c has ended, and nothing was queued.
+func (h *Hub) deliverDirect(c *Conn, msgs [][]byte) bool {
+	if len(msgs) == 0 {
+		return true
+	}
 	if !c.coalesce {
-		c.enqueueAll(msgs...)
-		return
+		return c.enqueueAll(msgs...)
 	}
 	var entries [][]byte
 	var b []byte
@@ -379,7 +395,7 @@ func (h *Hub) deliverDirect(c *Conn, msgs [][]byte) {
 	if len(b) > 0 {
 		entries = append(entries, b)
 	}
-	c.enqueueAll(entries...)
+	return c.enqueueAll(entries...)
 }
 
 // unregister removes an ended conn from the hub. It is the conns' onEnd.
@@ -432,7 +448,6 @@ func (h *Hub) unregister(c *Conn, reason error) {
 	if f := h.cfg.onDisconnect; f != nil {
 		f(c, reason)
 	}
-	h.release()
 }
 
 // remember records when a user's last conn left, forgetting the oldest
@@ -532,16 +547,19 @@ func (h *Hub) SendToUser(userID string, data []byte) error {
 	u := &h.users[h.shard(userID)]
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	conns := u.m[userID]
-	if len(conns) == 0 {
-		return h.cfg.offline.Store(context.Background(), userID, raw)
-	}
-	for _, c := range conns {
+	taken := false
+	for _, c := range u.m[userID] {
+		var err error
 		if c.coalesce {
-			c.enqueue(v1)
+			err = c.enqueue(v1)
 		} else {
-			c.enqueue(raw)
+			err = c.enqueue(raw)
 		}
+		// A conn that ended but is not unregistered yet takes nothing.
+		taken = taken || !errors.Is(err, net.ErrClosed)
+	}
+	if !taken {
+		return h.cfg.offline.Store(context.Background(), userID, raw)
 	}
 	return nil
 }
@@ -643,7 +661,7 @@ func (h *Hub) subscribe(c *Conn, name string, since *wireSince, id string) error
 	}
 
 	t := h.lockTopic(name)
-	var catchUp []byte
+	var catchUp [][]byte
 	if since != nil && !already {
 		var err error
 		if catchUp, err = h.catchUp(c, name, since); err != nil {
@@ -655,7 +673,7 @@ func (h *Hub) subscribe(c *Conn, name string, since *wireSince, id string) error
 		c.enqueue(appendAck(nil, id))
 	}
 	if catchUp != nil {
-		c.enqueueAll(catchUp) // bounded by catchUp: it must not be lost
+		c.enqueueAll(catchUp...) // bounded by catchUp: it must not be lost
 	}
 	if !already {
 		if hc.topics == nil {
@@ -681,32 +699,40 @@ func (h *Hub) subscribe(c *Conn, name string, since *wireSince, id string) error
 }
 
 // catchUp returns what a v1 client resuming at since must receive before
-// live messages: the missed messages joined in one queue entry, or a
-// resync when history cannot replay them or they would not fit in c's
+// live messages: the missed messages joined in queue entries of up to
+// maxCoalesced bytes, or a resync when history cannot replay them or they would not fit in c's
 // queue. The topic must be locked.
-func (h *Hub) catchUp(c *Conn, name string, since *wireSince) ([]byte, error) {
+func (h *Hub) catchUp(c *Conn, name string, since *wireSince) ([][]byte, error) {
 	entries, last, ok, err := h.cfg.history.Since(context.Background(), name, Position{Epoch: since.epoch, Seq: since.seq})
 	if err != nil {
 		return nil, err
 	}
 	if !ok {
-		return appendResync(nil, name, last.Epoch), nil
+		return [][]byte{appendResync(nil, name, last.Epoch)}, nil
 	}
 	if len(entries) == 0 {
 		return nil, nil
 	}
+	// Frames of up to maxCoalesced, as the writer would make them, so
+	// that a client's read limit is never hit by a replay.
+	var out [][]byte
 	var b []byte
-	for i, e := range entries {
-		if i > 0 {
+	total := 0
+	for _, e := range entries {
+		if len(b) > 0 && len(b)+1+len(e.Data)+len(name)+len(last.Epoch)+64 > maxCoalesced {
+			out, b = append(out, b), nil
+		}
+		if len(b) > 0 {
 			b = append(b, '\n')
 		}
+		n := len(b)
 		b = appendMsg(b, name, last.Epoch, e.Seq, e.Data)
-		if len(b) > c.cfg.queueBytes/2 {
+		if total += len(b) - n; total > c.cfg.queueBytes/2 {
 			// Too much to queue without crowding out live messages.
-			return appendResync(nil, name, last.Epoch), nil
+			return [][]byte{appendResync(nil, name, last.Epoch)}, nil
 		}
 	}
-	return b, nil
+	return append(out, b), nil
 }
 
 // lockTopic returns the topic called name, locked, creating it if needed.

@@ -17,7 +17,10 @@ type Observer struct {
 	Suspect func(c *Conn)
 	// Pong reports the round trip of a heartbeat or [Conn.Ping].
 	Pong func(c *Conn, rtt time.Duration)
-	// Drop reports messages discarded by the overflow policy.
+	// Drop reports messages discarded by the overflow policy. It runs
+	// inside the call that queued the message, which in a hub holds the
+	// locks of the topic or registry it is delivering to: it must not call
+	// methods of the Hub or the Conn.
 	Drop func(c *Conn, messages int)
 }
 

@@ -281,6 +281,7 @@ type config struct {
 
 	// Set by a Hub for its conns.
 	onEnd     func(*Conn, error) // after the conn's goroutines, before observer.Disconnect
+	onDone    func(*Conn)        // last thing the conn's reader does
 	pingsSent *atomic.Uint64     // heartbeat pings, counted for Stats
 }
 
