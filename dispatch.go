@@ -25,9 +25,6 @@ func (h *Hub) handle(c *Conn, m Message) {
 		return
 	}
 	for line := range splitFrames(m.Data) {
-		if c.Err() != nil {
-			return // closed for abuse: read no further
-		}
 		f, err := decodeFrame(line)
 		if !h.allow(c) {
 			id := ""
@@ -35,13 +32,15 @@ func (h *Hub) handle(c *Conn, m Message) {
 				id = f.id
 			}
 			c.enqueue(appendError(nil, CodeRateLimited, "over the rate limit", id))
-			continue
-		}
-		if err != nil {
+		} else if err != nil {
 			h.refuse(c, err)
+		} else {
+			h.request(c, f)
 			continue
 		}
-		h.request(c, f)
+		if c.Err() != nil {
+			return // closed for abuse: read no further
+		}
 	}
 }
 

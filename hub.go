@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -145,7 +146,8 @@ func NewHub(opts ...HubOption) (*Hub, error) {
 	cc.onEnd = h.unregister
 	cc.onDone = func(*Conn) { h.release() }
 	cc.pingsSent = &h.count.pings
-	cc.subprotocols = append([]string{Subprotocol}, without(cc.subprotocols, Subprotocol)...)
+	others := slices.DeleteFunc(slices.Clone(cc.subprotocols), func(p string) bool { return p == Subprotocol })
+	cc.subprotocols = append([]string{Subprotocol}, others...)
 	user := cc.observer
 	cc.observer.Pong = func(c *Conn, rtt time.Duration) {
 		h.count.rtt.add(rtt)
@@ -170,16 +172,6 @@ func NewHub(opts ...HubOption) (*Hub, error) {
 	}
 	h.connCfg = &cc
 	return h, nil
-}
-
-func without(list []string, s string) []string {
-	var out []string
-	for _, v := range list {
-		if v != s {
-			out = append(out, v)
-		}
-	}
-	return out
 }
 
 // ServeHTTP serves a WebSocket handshake, as [Hub.Serve] does, and logs
