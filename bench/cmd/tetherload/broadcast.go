@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -57,9 +56,7 @@ func broadcastMain(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	if cfg.jsonOut {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(res)
+		return writeJSON(stdout, res)
 	}
 	_, err = fmt.Fprintf(stdout, "%d subscribers x %d messages of %d B (rate %s): %d deliveries in %.3fs = %.0f/s; latency p50 %.2fms p99 %.2fms max %.2fms; %d out of order, %d duplicates, %d missing, %d evicted\n",
 		res.Subscribers, res.Messages, res.Size, res.Rate, res.Deliveries, res.Seconds, res.PerSecond,
