@@ -64,6 +64,9 @@ type Conn struct {
 	// peers, who split frames on newlines.
 	hc       *hubConn
 	coalesce bool
+	// pings is set on a [Client]'s conns, which speak protocol v1 to a
+	// hub: see protocolPings.
+	pings *protocolPings
 
 	mu        sync.Mutex // guards the fields below
 	queue     sendQueue
@@ -72,6 +75,7 @@ type Conn struct {
 	closeCode websocket.StatusCode // graceful close to send once the queue is drained
 	closeText string
 	budget    *time.Timer // forces a graceful close that takes too long
+	unsent    [][]byte    // a client conn's queue when it ended abruptly
 
 	wg   sync.WaitGroup // writer, closer and ping goroutines
 	done chan struct{}
@@ -216,7 +220,7 @@ func (c *Conn) Ping(ctx context.Context) (time.Duration, error) {
 	stop := context.AfterFunc(c.ctx, cancel)
 	defer stop()
 	start := time.Now()
-	if err := c.ws.Ping(ctx); err != nil {
+	if err := c.ping(ctx); err != nil {
 		if e := c.Err(); e != nil {
 			return 0, e
 		}
@@ -252,6 +256,14 @@ func (c *Conn) Ping(ctx context.Context) (time.Duration, error) {
 func (c *Conn) Send(ctx context.Context, data []byte) error {
 	if err := ctx.Err(); err != nil {
 		return err
+	}
+	if c.pings != nil {
+		// A client's data for the server application travels as a send.
+		raw, err := compactData(data)
+		if err != nil {
+			return fmt.Errorf("tether: send: %w", ErrNotJSON)
+		}
+		return c.enqueue(appendSend(make([]byte, 0, len(raw)+len(`{"op":"send","data":}`)), raw, ""))
 	}
 	if c.coalesce {
 		// A protocol v1 peer reads protocol messages: data travels as a
@@ -394,6 +406,11 @@ func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text s
 	c.err = reason
 	c.hb.state.Store(int32(Closed))
 	if mode != endGraceful {
+		if c.pings != nil {
+			// Never written, so the client may send them on its next conn
+			// without sending anything twice.
+			c.queue.each(func(m []byte) bool { c.unsent = append(c.unsent, m); return true })
+		}
 		c.queue.reset()
 	}
 	if mode == endForced {

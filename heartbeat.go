@@ -2,7 +2,9 @@ package tether
 
 import (
 	"context"
+	"fmt"
 	"math/rand/v2"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -282,7 +284,7 @@ func (c *Conn) heartbeatPing(deadline time.Time) {
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	handled := c.hb.handled.Load()
 	sent := time.Now()
-	err := c.ws.Ping(ctx)
+	err := c.ping(ctx)
 	cancel()
 	rtt := time.Duration(-1)
 	if err == nil {
@@ -301,5 +303,63 @@ func (c *Conn) heartbeatPing(deadline time.Time) {
 		if f := c.cfg.observer.Pong; f != nil {
 			f(c, rtt)
 		}
+	}
+}
+
+// protocolPings makes a [Client]'s conn ping with protocol ping messages
+// instead of WebSocket ping frames. Their pong proves that the server
+// application read and answered, end to end: a proxy that terminates
+// WebSockets answers ping frames by itself, even for a dead backend.
+type protocolPings struct {
+	mu      sync.Mutex
+	last    int64 // ts of the last ping, so that every ts is unique
+	waiting map[int64]chan struct{}
+}
+
+// ping sends a ping, a protocol one on a client's conn, and waits for its
+// pong.
+func (c *Conn) ping(ctx context.Context) error {
+	p := c.pings
+	if p == nil {
+		return c.ws.Ping(ctx)
+	}
+	ch := make(chan struct{})
+	p.mu.Lock()
+	// The clock in ms, as PROTOCOL.md suggests, so that server logs read
+	// well; bumped when two pings share a millisecond.
+	ts := max(time.Now().UnixMilli(), p.last+1)
+	p.last = ts
+	if p.waiting == nil {
+		p.waiting = make(map[int64]chan struct{})
+	}
+	p.waiting[ts] = ch
+	p.mu.Unlock()
+	defer func() {
+		p.mu.Lock()
+		delete(p.waiting, ts)
+		p.mu.Unlock()
+	}()
+	if err := c.enqueue(appendPing(nil, ts)); err != nil {
+		return err
+	}
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-c.ctx.Done():
+		return fmt.Errorf("tether: ping: %w", net.ErrClosed)
+	}
+}
+
+// pong settles the ping that carried ts. A pong nobody waits for (its
+// ping gave up, or the server sent it unasked) is ignored.
+func (p *protocolPings) pong(ts int64) {
+	p.mu.Lock()
+	ch := p.waiting[ts]
+	delete(p.waiting, ts)
+	p.mu.Unlock()
+	if ch != nil {
+		close(ch)
 	}
 }

@@ -654,14 +654,26 @@ func (h *Hub) subscribe(c *Conn, name string, since *wireSince, id string) error
 
 	t := h.lockTopic(name)
 	var catchUp [][]byte
-	if since != nil && !already {
-		var err error
-		if catchUp, err = h.catchUp(c, name, since); err != nil {
-			h.unlockTopic(t)
-			return &ProtocolError{Code: CodeInternal, Reason: "history unavailable", ID: id}
-		}
+	var last Position
+	var err error
+	switch {
+	case already:
+	case since != nil:
+		catchUp, last, err = h.catchUp(c, name, since)
+	case id != "" && c.coalesce:
+		// The ack tells the client where live messages start, so that it
+		// can resume from there even if none arrive before a reconnect.
+		_, last, _, err = h.cfg.history.Since(context.Background(), name, Position{})
 	}
-	if id != "" {
+	if err != nil {
+		h.unlockTopic(t)
+		return &ProtocolError{Code: CodeInternal, Reason: "history unavailable", ID: id}
+	}
+	switch {
+	case id == "":
+	case last.Epoch != "":
+		c.enqueue(appendSubAck(nil, id, last))
+	default:
 		c.enqueue(appendAck(nil, id))
 	}
 	if catchUp != nil {
@@ -692,18 +704,19 @@ func (h *Hub) subscribe(c *Conn, name string, since *wireSince, id string) error
 
 // catchUp returns what a v1 client resuming at since must receive before
 // live messages: the missed messages joined in queue entries of up to
-// maxCoalesced bytes, or a resync when history cannot replay them or they would not fit in c's
-// queue. The topic must be locked.
-func (h *Hub) catchUp(c *Conn, name string, since *wireSince) ([][]byte, error) {
+// maxCoalesced bytes, or a resync when history cannot replay them or they
+// would not fit in c's queue; and the topic's position, where live
+// messages start. The topic must be locked.
+func (h *Hub) catchUp(c *Conn, name string, since *wireSince) ([][]byte, Position, error) {
 	entries, last, ok, err := h.cfg.history.Since(context.Background(), name, Position{Epoch: since.epoch, Seq: since.seq})
 	if err != nil {
-		return nil, err
+		return nil, last, err
 	}
 	if !ok {
-		return [][]byte{appendResync(nil, name, last.Epoch)}, nil
+		return [][]byte{appendResync(nil, name, last.Epoch)}, last, nil
 	}
 	if len(entries) == 0 {
-		return nil, nil
+		return nil, last, nil
 	}
 	// Frames of up to maxCoalesced, as the writer would make them, so
 	// that a client's read limit is never hit by a replay.
@@ -721,10 +734,10 @@ func (h *Hub) catchUp(c *Conn, name string, since *wireSince) ([][]byte, error) 
 		b = appendMsg(b, name, last.Epoch, e.Seq, e.Data)
 		if total += len(b) - n; total > c.cfg.queueBytes/2 {
 			// Too much to queue without crowding out live messages.
-			return [][]byte{appendResync(nil, name, last.Epoch)}, nil
+			return [][]byte{appendResync(nil, name, last.Epoch)}, last, nil
 		}
 	}
-	return append(out, b), nil
+	return append(out, b), last, nil
 }
 
 // lockTopic returns the topic called name, locked, creating it if needed.

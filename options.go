@@ -1,6 +1,7 @@
 package tether
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,9 +17,11 @@ import (
 // override earlier ones; nil options are ignored. Options are validated once,
 // by the constructor, which returns an error for a nonsensical set.
 //
-// Every Option is also a [HubOption], for the conns of a [Hub].
+// Every Option is also a [HubOption], for the conns of a [Hub], and a
+// [DialOption], for the conns of a [Client].
 type Option interface {
 	HubOption
+	DialOption
 	apply(*config)
 }
 
@@ -28,6 +31,10 @@ func (f optionFunc) apply(c *config) { f(c) }
 
 // An Option is also a HubOption: it then applies to every conn of the hub.
 func (f optionFunc) applyHub(h *hubConfig) { f(h.conn) }
+
+// An Option is also a DialOption: it then applies to every conn of the
+// client.
+func (f optionFunc) applyDial(d *dialConfig) { f(d.conn) }
 
 // HubOption configures a [Hub] made by [NewHub]. Every [Option] is a
 // HubOption too, applying to each of the hub's conns. Later options
@@ -435,4 +442,173 @@ func WithObserver(o Observer) Option {
 // The Message's Data is owned by the function.
 func OnMessage(f func(c *Conn, m Message)) Option {
 	return optionFunc(func(c *config) { c.onMessage = f })
+}
+
+// DialOption configures a [Client] made by [Dial]. Later options override
+// earlier ones; nil options are ignored.
+//
+// Every [Option] is a DialOption too, applying to each of the client's
+// conns, with these differences:
+//   - [WithHeartbeat] applies until the server's welcome, which advertises
+//     the heartbeat the client then follows (PROTOCOL.md, section 9); its
+//     timeout also bounds each connection attempt, welcome included.
+//     [WithAdaptiveHeartbeat] does not apply: the server's timeout rules.
+//   - [OnMessage] receives the server application's direct messages (see
+//     [Hub.SendToUser]); [Message].Data is the JSON value that was sent.
+//   - [WithMaxMessageSize] defaults to 1 MiB, since a server's messages
+//     are as large as its application makes them.
+//   - When the send queue is full, [Client.Publish] and [Client.Send]
+//     return [ErrQueueFull] and the conn stays, whatever [WithOverflow] says.
+//   - [WithOriginPatterns] and [WithSubprotocols] are server options:
+//     [Dial] refuses them.
+type DialOption interface {
+	applyDial(*dialConfig)
+}
+
+type dialOptionFunc func(*dialConfig)
+
+func (f dialOptionFunc) applyDial(d *dialConfig) { f(d) }
+
+// Client defaults, documented on the options that change them.
+const (
+	defaultClientMaxMessage = 1 << 20
+	defaultBufferMessages   = 256
+	defaultBufferBytes      = 1 << 20
+)
+
+type dialConfig struct {
+	conn         *config
+	urls         []string // the Dial URL, then the fallbacks
+	header       http.Header
+	token        func(context.Context) (string, error)
+	httpClient   *http.Client
+	backoff      Backoff
+	bufMessages  int
+	bufBytes     int
+	onState      func(ClientState, error)
+	offlineAfter time.Duration
+	onOffline    func()
+	onResync     func(topic string)
+	onError      func(error)
+}
+
+func newDialConfig(url string, opts []DialOption) (*dialConfig, error) {
+	d := &dialConfig{
+		conn:        defaultConfig(),
+		urls:        []string{url},
+		bufMessages: defaultBufferMessages,
+		bufBytes:    defaultBufferBytes,
+	}
+	d.conn.maxMessageSize = defaultClientMaxMessage
+	for _, o := range opts {
+		if o != nil {
+			o.applyDial(d)
+		}
+	}
+	errs := []error{d.conn.validate(), d.backoff.validate()}
+	bad := func(format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%w: "+format, append([]any{errInvalidOption}, args...)...))
+	}
+	if d.conn.originPatterns != nil || d.conn.subprotocols != nil {
+		bad("WithOriginPatterns and WithSubprotocols are server options")
+	}
+	if d.bufMessages < 0 || d.bufBytes < 0 {
+		bad("offline buffer bounds (%d messages, %d bytes) must not be negative", d.bufMessages, d.bufBytes)
+	}
+	if d.onOffline != nil && d.offlineAfter < 0 {
+		bad("OnOffline delay %v must not be negative", d.offlineAfter)
+	}
+	for _, u := range d.urls {
+		if u == "" {
+			bad("empty URL")
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	d.conn.finish()
+	d.conn.adaptiveMax = 0
+	d.backoff = d.backoff.withDefaults()
+	if d.httpClient == nil {
+		d.httpClient = http.DefaultClient
+	}
+	return d, nil
+}
+
+// WithBackoff sets how the client waits between connection attempts; see
+// [Backoff] for the defaults.
+func WithBackoff(b Backoff) DialOption {
+	return dialOptionFunc(func(d *dialConfig) { d.backoff = b })
+}
+
+// WithFallbackURLs adds URLs to try, in order, when the one in use fails.
+// The client sticks to the last URL that worked: after a conn drops, it
+// tries that one first. It tries every URL once before it backs off.
+func WithFallbackURLs(urls ...string) DialOption {
+	return dialOptionFunc(func(d *dialConfig) { d.urls = append(d.urls[:1:1], urls...) })
+}
+
+// WithHeader sets HTTP headers sent with every handshake: a cookie, an
+// API key.
+func WithHeader(h http.Header) DialOption {
+	return dialOptionFunc(func(d *dialConfig) { d.header = h.Clone() })
+}
+
+// WithToken sets a function that returns a bearer token, sent as
+// "Authorization: Bearer <token>" with every handshake. It is called for
+// each connection attempt, so that an expired token is refreshed before a
+// reconnect; an error fails that attempt, which is retried with backoff.
+func WithToken(f func(ctx context.Context) (string, error)) DialOption {
+	return dialOptionFunc(func(d *dialConfig) { d.token = f })
+}
+
+// WithHTTPClient sets the HTTP client the handshakes use, for TLS
+// settings or a proxy. Its Timeout, if set, bounds each handshake.
+// Default [http.DefaultClient].
+func WithHTTPClient(c *http.Client) DialOption {
+	return dialOptionFunc(func(d *dialConfig) { d.httpClient = c })
+}
+
+// WithOfflineBuffer bounds the messages [Client.Publish] and [Client.Send]
+// keep while no conn is up, by count and by total encoded bytes; beyond
+// either they return [ErrBufferFull]. 0 messages disables the buffer.
+// Default 256 messages, 1 MiB.
+func WithOfflineBuffer(messages, bytes int) DialOption {
+	return dialOptionFunc(func(d *dialConfig) { d.bufMessages, d.bufBytes = messages, bytes })
+}
+
+// OnStateChange sets a function called with each new state of the client
+// and the error that caused it: the end of the previous conn when
+// Reconnecting, why the client closed when ClientClosed (nil after
+// [Client.Close]), nil otherwise. Calls come one at a time, in order, from
+// the client's own goroutine: they must not block for long, nor call
+// [Client.Close].
+func OnStateChange(f func(state ClientState, err error)) DialOption {
+	return dialOptionFunc(func(d *dialConfig) { d.onState = f })
+}
+
+// OnOffline sets a function called once the client has been without a
+// conn for after, once per outage: to show "offline" in a UI without
+// flickering at every brief reconnect. It runs on a goroutine of its own
+// and may overlap [OnStateChange] calls.
+func OnOffline(after time.Duration, f func()) DialOption {
+	return dialOptionFunc(func(d *dialConfig) { d.offlineAfter, d.onOffline = after, f })
+}
+
+// OnResync sets a function called when the client cannot resume a topic:
+// the server's history no longer holds what was missed (see PROTOCOL.md,
+// section 10). The application must reload the topic's state (over HTTP,
+// say); the handler then receives live messages. It runs on the conn's
+// reader, before the topic's next message.
+func OnResync(f func(topic string)) DialOption {
+	return dialOptionFunc(func(d *dialConfig) { d.onResync = f })
+}
+
+// OnError sets a function called with what goes wrong away from any call:
+// the server refused a publication, a message or a re-subscription (a
+// [*ProtocolError], with the topic in the message), or sent something the
+// client cannot read. The client goes on. By default these are logged at
+// warning level with the [WithLogger] logger.
+func OnError(f func(err error)) DialOption {
+	return dialOptionFunc(func(d *dialConfig) { d.onError = f })
 }

@@ -112,8 +112,8 @@ type frame struct {
 	topic string          // sub, unsub, pub, msg, presence, resync; "" in a direct msg
 	since *wireSince      // sub: where to resume; nil for live messages only
 	data  json.RawMessage // pub, send, msg: any JSON value, never re-encoded
-	epoch string          // msg, resync
-	seq   uint64          // msg; 0 in a direct msg
+	epoch string          // msg, resync, ack of a sub
+	seq   uint64          // msg, ack of a sub; 0 in a direct msg
 	ts    int64           // ping, pong
 
 	session           string        // welcome
@@ -253,6 +253,8 @@ func decodeServerFrame(line []byte) (frame, error) {
 		f.epoch = get[string](d, "epoch", m["epoch"], true)
 	case opAck:
 		f.id = get[string](d, "id", m["id"], true)
+		f.epoch = get[string](d, "epoch", m["epoch"], false)
+		f.seq = get[uint64](d, "seq", m["seq"], false)
 	case opError:
 		f.id = get[string](d, "id", m["id"], false)
 		f.code = ErrorCode(get[string](d, "code", m["code"], true))
@@ -552,6 +554,15 @@ func appendPong(dst []byte, ts int64) []byte {
 // appendAck appends an ack of the request with this id.
 func appendAck(dst []byte, id string) []byte {
 	return append(appendJSONString(append(dst, `{"op":"ack","id":`...), id), '}')
+}
+
+// appendSubAck appends the ack of a sub, with the topic's position when
+// the subscription took effect: live messages follow it.
+func appendSubAck(dst []byte, id string, at Position) []byte {
+	dst = appendJSONString(append(dst, `{"op":"ack","id":`...), id)
+	dst = appendJSONString(append(dst, `,"epoch":`...), at.Epoch)
+	dst = strconv.AppendUint(append(dst, `,"seq":`...), at.Seq, 10)
+	return append(dst, '}')
 }
 
 // appendError appends an error; id, the refused request's, is left out

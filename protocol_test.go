@@ -271,6 +271,7 @@ func TestEncodeRoundTrip(t *testing.T) {
 			frame{op: opPresence, topic: topic, joins: []wireMember{{topic, nil}, {"ann", json.RawMessage(`{"d":1}`)}}})
 		add(appendResync(nil, topic, topic), frame{op: opResync, topic: topic, epoch: topic})
 		add(appendAck(nil, topic), frame{op: opAck, id: topic})
+		add(appendSubAck(nil, topic, Position{Epoch: topic, Seq: 17}), frame{op: opAck, id: topic, epoch: topic, seq: 17})
 		add(appendError(nil, CodeForbidden, topic, topic), frame{op: opError, code: CodeForbidden, reason: topic, id: topic})
 		add(appendWelcome(nil, topic, 15*time.Second, 30*time.Second, []wireResume{{topic, topic, 7, resumeOK}, {"b", "", 0, resumeResync}}),
 			frame{op: opWelcome, session: topic, interval: 15 * time.Second, timeout: 30 * time.Second,
@@ -335,6 +336,7 @@ func TestEncodeGolden(t *testing.T) {
 		{string(appendPing(nil, 1700000000000)), `{"op":"ping","ts":1700000000000}`},
 		{string(appendPong(nil, 1700000000000)), `{"op":"pong","ts":1700000000000}`},
 		{string(appendAck(nil, "s1")), `{"op":"ack","id":"s1"}`},
+		{string(appendSubAck(nil, "2", Position{Epoch: "e1", Seq: 17})), `{"op":"ack","id":"2","epoch":"e1","seq":17}`},
 		{string(appendError(nil, CodeForbidden, "not allowed", "p1")), `{"op":"error","code":"forbidden","reason":"not allowed","id":"p1"}`},
 		{string(appendPresence(nil, "room:42", []wireMember{{"ann", json.RawMessage(`{"device":"phone"}`)}}, nil)),
 			`{"op":"presence","topic":"room:42","joins":[{"user":"ann","meta":{"device":"phone"}}],"leaves":[]}`},
@@ -592,6 +594,9 @@ func protoEncode(f frame) []byte {
 	case opResync:
 		return appendResync(nil, f.topic, f.epoch)
 	case opAck:
+		if f.epoch != "" {
+			return appendSubAck(nil, f.id, Position{Epoch: f.epoch, Seq: f.seq})
+		}
 		return appendAck(nil, f.id)
 	case opError:
 		return appendError(nil, f.code, f.reason, f.id)

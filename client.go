@@ -1,0 +1,994 @@
+package tether
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+// ClientState is where a [Client] is in its life.
+type ClientState int32
+
+const (
+	// Connecting: Dial is making the first conn.
+	Connecting ClientState = iota
+	// Connected: a conn is up, the subscriptions are back in place and the
+	// offline buffer has been sent.
+	Connected
+	// Reconnecting: the conn was lost and the client is making another,
+	// waiting between attempts as its [Backoff] says.
+	Reconnecting
+	// ClientClosed: [Client.Close] was called, the server refused the
+	// client for good, or the client gave up; [Client.Err] says why.
+	ClientClosed
+)
+
+func (s ClientState) String() string {
+	switch s {
+	case Connecting:
+		return "connecting"
+	case Connected:
+		return "connected"
+	case Reconnecting:
+		return "reconnecting"
+	case ClientClosed:
+		return "closed"
+	}
+	return fmt.Sprintf("ClientState(%d)", int(s))
+}
+
+// Errors of the [Client].
+var (
+	// ErrBufferFull: the client is offline and its offline buffer (see
+	// [WithOfflineBuffer]) is full; the message was not kept.
+	ErrBufferFull = errors.New("tether: offline buffer full")
+	// ErrOffline: a volatile message found no conn up and was dropped.
+	ErrOffline = errors.New("tether: offline")
+	// ErrForbidden: the server refused the client with HTTP 403 or close
+	// code 4403 ([StatusForbidden]). The client does not retry.
+	ErrForbidden = errors.New("tether: forbidden")
+	// ErrRejected: the server refused the handshake with an HTTP status
+	// that retrying will not change (400, 404 and the other 4xx but 408,
+	// 425 and 429), or does not speak protocol v1. The client does not
+	// retry.
+	ErrRejected = errors.New("tether: handshake rejected")
+)
+
+// TopicMessage is a message of a topic, as a [Client] receives it.
+type TopicMessage struct {
+	Topic string
+	// Position is where the message sits in the topic's history; the
+	// client resumes from the last one it delivered.
+	Position Position
+	// Data is the JSON value that was published, owned by the receiver.
+	Data json.RawMessage
+}
+
+// Client is a protocol v1 client that keeps itself connected: when its
+// conn is lost it reconnects with backoff and jitter, trying the fallback
+// URLs in turn, subscribes again from where each topic left off so that
+// nothing is missed or repeated, and then sends what was buffered while
+// offline. It is safe for use by multiple goroutines.
+//
+// Handlers ([Client.Subscribe], [OnMessage], [OnResync]) run one at a
+// time on the conn's reader, in the order the server sent; while one runs,
+// nothing else is read. They may publish and send, but must not wait for
+// the server: not call Subscribe, nor Close.
+type Client struct {
+	cfg    *dialConfig
+	ctx    context.Context // ends when the client closes
+	cancel context.CancelFunc
+	done   chan struct{}
+	wg     sync.WaitGroup // OnOffline calls
+	ids    atomic.Uint64
+
+	mu       sync.Mutex // guards what follows
+	state    ClientState
+	err      error
+	closed   bool
+	conn     *Conn                    // the current conn; nil while none is up
+	live     bool                     // conn is resubscribed and flushed: send on it
+	subs     map[string]*subscription // by topic
+	requests map[string]*request      // sent on conn and not yet answered, by id
+	resubs   int                      // re-subscriptions not yet answered
+	resubbed chan struct{}            // closed when resubs reaches 0
+	buffer   []*request               // kept while offline, oldest first
+	bufBytes int
+	offline  *time.Timer // OnOffline, armed while no conn is up
+}
+
+// subscription is one topic the application subscribed to. It outlives
+// conns: each new conn subscribes again from pos.
+type subscription struct {
+	topic   string
+	handler func(TopicMessage)
+	pos     Position   // of the last message delivered
+	known   bool       // pos holds one; else subscribe without since
+	acked   bool       // the server has accepted it once
+	waiter  chan error // the first Subscribe waits here; nil once answered
+}
+
+// request is a protocol request sent, or to be sent, to the server.
+type request struct {
+	id    string
+	op    string
+	topic string
+	line  []byte
+	sub   *subscription // for sub
+	since bool          // a sub from a known position
+	batch bool          // a sub of the re-subscription of a new conn
+}
+
+// Dial connects to a tether hub at url (ws://, wss://, http:// or
+// https://) and returns a client once the first conn is up. It fails at
+// once if the server refuses the client for good (HTTP 401, 403, 404 or
+// another 4xx but 408, 425 and 429; close code 4401 or 4403): the error
+// wraps [ErrUnauthorized], [ErrForbidden] or [ErrRejected]. Other failures
+// are retried with backoff until ctx ends, or until [Backoff].MaxRetries
+// attempts in a row have failed. Dial returns an error that wraps
+// [errInvalidOption] for options that make no sense.
+//
+// After Dial, the client stays connected in the background until
+// [Client.Close], or until the server refuses it for good.
+func Dial(ctx context.Context, url string, opts ...DialOption) (*Client, error) {
+	cfg, err := newDialConfig(url, opts)
+	if err != nil {
+		return nil, err
+	}
+	cl := &Client{
+		cfg:      cfg,
+		done:     make(chan struct{}),
+		subs:     make(map[string]*subscription),
+		requests: make(map[string]*request),
+	}
+	cl.ctx, cl.cancel = context.WithCancel(context.Background())
+	cl.armOffline()
+	first := make(chan error, 1)
+	go cl.run(first)
+	select {
+	case err := <-first:
+		if err != nil {
+			<-cl.done
+			return nil, err
+		}
+		return cl, nil
+	case <-ctx.Done():
+		cl.Close()
+		return nil, fmt.Errorf("tether: dial %s: %w", url, ctx.Err())
+	}
+}
+
+// State returns the client's state.
+func (cl *Client) State() ClientState {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	return cl.state
+}
+
+// Conn returns the current conn, for its [Conn.RTT] or [Conn.Heartbeat],
+// or nil while none is up. Closing it makes the client reconnect.
+func (cl *Client) Conn() *Conn {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	return cl.conn
+}
+
+// Done returns a channel closed once the client has closed and its
+// goroutines have returned.
+func (cl *Client) Done() <-chan struct{} { return cl.done }
+
+// Err returns why the client closed: nil after [Client.Close], or the
+// terminal error; nil while it is open.
+func (cl *Client) Err() error {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	return cl.err
+}
+
+// Close closes the client: what the conn has queued is sent, then a close
+// frame (1000), within the write timeout. The offline buffer is dropped.
+// Close returns once every goroutine of the client has returned. Closing
+// a closed client returns an error that wraps [net.ErrClosed].
+func (cl *Client) Close() error {
+	cl.mu.Lock()
+	if cl.closed {
+		cl.mu.Unlock()
+		<-cl.done
+		return fmt.Errorf("tether: client: %w", net.ErrClosed)
+	}
+	cl.closed = true
+	conn := cl.conn
+	cl.mu.Unlock()
+	if conn != nil {
+		// Graceful before the cancel, which the run loop answers with
+		// CloseNow: the close frame gets its chance first.
+		conn.Close(websocket.StatusNormalClosure, "")
+	}
+	cl.cancel()
+	<-cl.done
+	return nil
+}
+
+// Subscribe subscribes the client to topic and returns once the server
+// has acknowledged it: handler then receives the topic's messages,
+// published from that moment on. After a reconnect the client subscribes
+// again from the last message handler received, so that it gets exactly
+// the messages it missed; when the server no longer has them, [OnResync]
+// is called instead.
+//
+// While the client is offline, Subscribe waits for the next conn. If the
+// server refuses, Subscribe returns the [*ProtocolError] (code
+// [CodeForbidden] for a topic the application does not allow). If ctx
+// ends first, the subscription is cancelled and Subscribe returns
+// ctx.Err(). Subscribing twice to a topic is an error. Do not call
+// Subscribe from a handler: it waits for the server, whose answer the
+// handler holds up.
+func (cl *Client) Subscribe(ctx context.Context, topic string, handler func(TopicMessage)) error {
+	if err := checkTopic(topic); err != nil {
+		return fmt.Errorf("tether: subscribe: %w", err)
+	}
+	if handler == nil {
+		return errors.New("tether: subscribe: nil handler")
+	}
+	sub := &subscription{topic: topic, handler: handler, waiter: make(chan error, 1)}
+	cl.mu.Lock()
+	switch {
+	case cl.closed:
+		cl.mu.Unlock()
+		return fmt.Errorf("tether: subscribe: %w", net.ErrClosed)
+	case cl.subs[topic] != nil:
+		cl.mu.Unlock()
+		return fmt.Errorf("tether: subscribe: already subscribed to %q", topic)
+	}
+	cl.subs[topic] = sub
+	if cl.conn != nil {
+		cl.subscribeLocked(cl.conn, sub)
+	}
+	cl.mu.Unlock()
+
+	select {
+	case err := <-sub.waiter:
+		return err
+	case <-ctx.Done():
+	case <-cl.done:
+	}
+	cl.mu.Lock()
+	select {
+	case err := <-sub.waiter:
+		// Answered while we gave up: keep the answer.
+		cl.mu.Unlock()
+		return err
+	default:
+	}
+	sub.waiter = nil
+	cl.unsubscribeLocked(sub)
+	closed := cl.closed
+	cl.mu.Unlock()
+	if closed && ctx.Err() == nil {
+		return fmt.Errorf("tether: subscribe: %w", net.ErrClosed)
+	}
+	return ctx.Err()
+}
+
+// Unsubscribe ends the subscription to topic. Its handler receives
+// nothing after Unsubscribe returns (unless it is running), even what the
+// server had already sent. Unsubscribing from a topic the client is not
+// subscribed to does nothing.
+func (cl *Client) Unsubscribe(topic string) error {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	if cl.closed {
+		return fmt.Errorf("tether: unsubscribe: %w", net.ErrClosed)
+	}
+	if sub := cl.subs[topic]; sub != nil {
+		cl.unsubscribeLocked(sub)
+	}
+	return nil
+}
+
+// Topics returns the topics the client is subscribed to, in no order.
+func (cl *Client) Topics() []string {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	topics := make([]string, 0, len(cl.subs))
+	for t := range cl.subs {
+		topics = append(topics, t)
+	}
+	return topics
+}
+
+// Publish publishes data, a JSON value, to topic, if the server allows
+// this client to (see [WithClientPublish]). It returns at once: the
+// message goes on the conn's send queue, or, while the client is
+// offline, into the offline buffer, which is sent in order on the next
+// conn, after the subscriptions are back in place. ctx is only checked on
+// entry.
+//
+// Publish returns [ErrNotJSON] for data that is not JSON, [ErrBufferFull]
+// when offline with a full buffer, and [ErrQueueFull] when the send
+// queue is full (the link is slower than the publisher). A refusal by
+// the server arrives later, at [OnError].
+//
+// A message that was handed to a conn that then broke is sent again on
+// the next conn only if it had not been written yet: the buffer never
+// sends a message twice. One written just before the break may be lost.
+func (cl *Client) Publish(ctx context.Context, topic string, data []byte) error {
+	return cl.request(ctx, opPub, topic, data, false)
+}
+
+// PublishVolatile is [Client.Publish] without the offline buffer: while
+// no conn is up it returns [ErrOffline] and drops the message. For data
+// that is stale by the time the client reconnects: cursor positions,
+// typing indicators.
+func (cl *Client) PublishVolatile(ctx context.Context, topic string, data []byte) error {
+	return cl.request(ctx, opPub, topic, data, true)
+}
+
+// Send sends data, a JSON value, to the server application (see
+// [OnMessage] on the server side), the way [Client.Publish] publishes.
+func (cl *Client) Send(ctx context.Context, data []byte) error {
+	return cl.request(ctx, opSend, "", data, false)
+}
+
+// SendVolatile is [Client.Send] without the offline buffer: while no
+// conn is up it returns [ErrOffline] and drops the message.
+func (cl *Client) SendVolatile(ctx context.Context, data []byte) error {
+	return cl.request(ctx, opSend, "", data, true)
+}
+
+func (cl *Client) request(ctx context.Context, op, topic string, data []byte, volatile bool) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if op == opPub {
+		if err := checkTopic(topic); err != nil {
+			return fmt.Errorf("tether: publish: %w", err)
+		}
+	}
+	raw, err := compactData(data)
+	if err != nil {
+		return fmt.Errorf("tether: %s: %w", op, ErrNotJSON)
+	}
+	req := &request{id: cl.newID(), op: op, topic: topic}
+	if op == opPub {
+		req.line = appendPub(make([]byte, 0, len(raw)+len(topic)+48), topic, raw, req.id)
+	} else {
+		req.line = appendSend(make([]byte, 0, len(raw)+40), raw, req.id)
+	}
+
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	if cl.closed {
+		return fmt.Errorf("tether: %s: %w", op, net.ErrClosed)
+	}
+	if cl.live {
+		err := cl.conn.enqueue(req.line)
+		if err == nil {
+			cl.requests[req.id] = req
+			return nil
+		}
+		if errors.Is(err, ErrQueueFull) {
+			return err
+		}
+		// The conn has just ended; the run loop has yet to notice.
+	}
+	if volatile {
+		return fmt.Errorf("tether: %s: %w", op, ErrOffline)
+	}
+	if len(cl.buffer) >= cl.cfg.bufMessages || cl.bufBytes+len(req.line) > cl.cfg.bufBytes {
+		return fmt.Errorf("tether: %s: %w", op, ErrBufferFull)
+	}
+	cl.buffer = append(cl.buffer, req)
+	cl.bufBytes += len(req.line)
+	return nil
+}
+
+func (cl *Client) newID() string { return strconv.FormatUint(cl.ids.Add(1), 36) }
+
+// subscribeLocked sends sub's subscription on c, from its position when
+// it has one.
+func (cl *Client) subscribeLocked(c *Conn, sub *subscription) *request {
+	var since *wireSince
+	if sub.known {
+		since = &wireSince{epoch: sub.pos.Epoch, seq: sub.pos.Seq}
+	}
+	req := &request{id: cl.newID(), op: opSub, topic: sub.topic, sub: sub, since: sub.known}
+	req.line = appendSub(nil, sub.topic, since, req.id)
+	cl.requests[req.id] = req
+	c.enqueueAll(req.line)
+	return req
+}
+
+// unsubscribeLocked forgets sub and tells the server, if a conn is up.
+func (cl *Client) unsubscribeLocked(sub *subscription) {
+	if cl.subs[sub.topic] != sub {
+		return
+	}
+	delete(cl.subs, sub.topic)
+	if cl.conn != nil {
+		// Without id: there is nothing to do with the answer. A sub still
+		// in flight is undone by this unsub, which follows it.
+		cl.conn.enqueueAll(appendUnsub(nil, sub.topic, ""))
+	}
+}
+
+// run keeps the client connected until it closes. It owns the conns.
+func (cl *Client) run(first chan<- error) {
+	defer close(cl.done)
+	b := cl.cfg.backoff
+	var (
+		attempt  int           // backoff step: failures since the last stable conn
+		failures int           // attempts in a row that failed, for MaxRetries
+		good     int           // the URL to try first: the last that worked
+		wait     time.Duration // before the next attempt
+	)
+	for {
+		if wait > 0 {
+			t := time.NewTimer(wait)
+			select {
+			case <-t.C:
+			case <-cl.ctx.Done():
+				t.Stop()
+				cl.finish(nil, first)
+				return
+			}
+		}
+		conn, idx, err := cl.connectAny(good)
+		if err != nil {
+			if cl.ctx.Err() != nil {
+				cl.finish(nil, first)
+				return
+			}
+			failures++
+			if terminal(err) {
+				cl.finish(err, first)
+				return
+			}
+			if b.MaxRetries > 0 && failures >= b.MaxRetries {
+				cl.finish(fmt.Errorf("tether: gave up after %d attempts: %w", failures, err), first)
+				return
+			}
+			wait = max(b.Delay(attempt), retryAfter(err))
+			attempt++
+			cl.cfg.conn.logger.Debug("tether: connect failed", "err", err, "retry_in", wait)
+			continue
+		}
+		good, failures = idx, 0
+		up := time.Now()
+		if cl.resume(conn) && first != nil {
+			first <- nil
+			first = nil
+		}
+		select {
+		case <-conn.Done():
+		case <-cl.ctx.Done():
+			// Close has begun a graceful close, unless the conn came up
+			// after it looked; the write timeout bounds either.
+			conn.Close(websocket.StatusNormalClosure, "")
+			<-conn.Done()
+		}
+		reason := conn.Err()
+		cl.lost(conn, reason)
+		if cl.ctx.Err() != nil {
+			cl.finish(nil, first)
+			return
+		}
+		if time.Since(up) >= b.StableAfter {
+			attempt = 0
+		}
+		hint := closeHint(reason)
+		switch websocket.CloseStatus(reason) {
+		case StatusUnauthorized:
+			cl.finish(fmt.Errorf("%w: the server closed the conn with %d: %w", ErrUnauthorized, StatusUnauthorized, reason), first)
+			return
+		case StatusForbidden:
+			cl.finish(fmt.Errorf("%w: the server closed the conn with %d: %w", ErrForbidden, StatusForbidden, reason), first)
+			return
+		case websocket.StatusGoingAway:
+			if hint > 0 {
+				// The server spread its clients over the hint already;
+				// a little more keeps equal hints apart.
+				wait = hint + uniform(hint/5)
+				break
+			}
+			wait = b.Delay(attempt)
+			attempt++
+		default:
+			// 4008 and 4429 included: a client the server had to shed
+			// backs off further each time.
+			wait = max(b.Delay(attempt), hint)
+			attempt++
+		}
+	}
+}
+
+// finish closes the client for reason (nil for Close) and reports it to
+// Dial if the first conn was never made.
+func (cl *Client) finish(reason error, first chan<- error) {
+	cl.mu.Lock()
+	cl.closed = true
+	cl.err = reason
+	if cl.offline != nil {
+		cl.offline.Stop()
+	}
+	cl.buffer, cl.bufBytes = nil, 0
+	for _, sub := range cl.subs {
+		if sub.waiter != nil {
+			sub.waiter <- fmt.Errorf("tether: subscribe: %w", net.ErrClosed)
+			sub.waiter = nil
+		}
+	}
+	clear(cl.subs)
+	cl.mu.Unlock()
+	cl.setState(ClientClosed, reason)
+	cl.cancel()
+	cl.wg.Wait()
+	if first != nil {
+		if reason == nil {
+			reason = fmt.Errorf("tether: dial: %w", net.ErrClosed)
+		}
+		first <- reason
+	}
+}
+
+func (cl *Client) setState(s ClientState, err error) {
+	cl.mu.Lock()
+	changed := cl.state != s
+	cl.state = s
+	cl.mu.Unlock()
+	if changed && cl.cfg.onState != nil {
+		cl.cfg.onState(s, err)
+	}
+}
+
+// armOffline starts the OnOffline countdown of an outage.
+func (cl *Client) armOffline() {
+	if cl.cfg.onOffline == nil {
+		return
+	}
+	cl.offline = time.AfterFunc(cl.cfg.offlineAfter, func() {
+		cl.mu.Lock()
+		if cl.closed || cl.conn != nil {
+			cl.mu.Unlock()
+			return
+		}
+		// Added under the lock that Close takes before it waits.
+		cl.wg.Add(1)
+		cl.mu.Unlock()
+		defer cl.wg.Done()
+		cl.cfg.onOffline()
+	})
+}
+
+// connectAny tries each URL once, from the one at index from, and returns
+// the first conn made and its URL's index. A terminal refusal ends the
+// round: every URL serves the same application.
+func (cl *Client) connectAny(from int) (*Conn, int, error) {
+	urls := cl.cfg.urls
+	var errs []error
+	for i := range urls {
+		idx := (from + i) % len(urls)
+		conn, err := cl.connect(urls[idx])
+		if err == nil {
+			return conn, idx, nil
+		}
+		if terminal(err) || cl.ctx.Err() != nil {
+			return nil, idx, err
+		}
+		errs = append(errs, err)
+	}
+	if len(errs) == 1 {
+		return nil, from, errs[0]
+	}
+	return nil, from, errors.Join(errs...)
+}
+
+// connect makes one conn to url and reads its welcome: the conn's
+// heartbeat is the one the welcome advertises.
+func (cl *Client) connect(url string) (*Conn, error) {
+	ctx, cancel := context.WithTimeout(cl.ctx, cl.cfg.conn.timeout)
+	defer cancel()
+	header := cl.cfg.header.Clone()
+	if cl.cfg.token != nil {
+		tok, err := cl.cfg.token(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("tether: dial %s: token: %w", url, err)
+		}
+		if header == nil {
+			header = http.Header{}
+		}
+		header.Set("Authorization", "Bearer "+tok)
+	}
+	// The conn is made after the welcome, the ping hooks before the dial.
+	var cp atomic.Pointer[Conn]
+	ws, resp, err := websocket.Dial(ctx, url, &websocket.DialOptions{
+		HTTPClient:   cl.cfg.httpClient,
+		HTTPHeader:   header,
+		Subprotocols: []string{Subprotocol},
+		OnPingReceived: func(ctx context.Context, p []byte) bool {
+			if c := cp.Load(); c != nil {
+				return c.onPing(ctx, p)
+			}
+			return true
+		},
+		OnPongReceived: func(ctx context.Context, p []byte) {
+			if c := cp.Load(); c != nil {
+				c.onPong(ctx, p)
+			}
+		},
+	})
+	if err != nil {
+		return nil, handshakeError(url, resp, err)
+	}
+	if ws.Subprotocol() != Subprotocol {
+		ws.Close(websocket.StatusNormalClosure, Subprotocol+" required")
+		return nil, fmt.Errorf("tether: dial %s: %w: the server does not speak %s", url, ErrRejected, Subprotocol)
+	}
+	ws.SetReadLimit(cl.cfg.conn.maxMessageSize)
+	_, data, err := ws.Read(ctx)
+	if err != nil {
+		ws.CloseNow()
+		err = readError(err)
+		switch websocket.CloseStatus(err) {
+		case StatusUnauthorized:
+			err = fmt.Errorf("%w: %w", ErrUnauthorized, err)
+		case StatusForbidden:
+			err = fmt.Errorf("%w: %w", ErrForbidden, err)
+		}
+		return nil, fmt.Errorf("tether: dial %s: before the welcome: %w", url, err)
+	}
+	line, rest, _ := bytes.Cut(bytes.TrimLeft(data, "\n"), []byte{'\n'})
+	welcome, err := decodeServerFrame(line)
+	if err == nil && welcome.op != opWelcome {
+		err = fmt.Errorf("got %q", welcome.op)
+	}
+	if err != nil {
+		ws.Close(websocket.StatusProtocolError, "welcome expected")
+		return nil, fmt.Errorf("tether: dial %s: the first message is not a welcome: %w", url, err)
+	}
+
+	cfg := *cl.cfg.conn
+	if welcome.interval > 0 && welcome.timeout > welcome.interval {
+		cfg.interval, cfg.timeout = welcome.interval, welcome.timeout
+	}
+	cfg.overflow = DropNewest // Publish reports a full queue; the conn stays
+	cfg.onMessage = cl.onMessage
+	c := newConn(&cfg, url)
+	c.ws, c.coalesce, c.pings = ws, true, &protocolPings{}
+	cp.Store(c)
+	cl.mu.Lock()
+	if cl.closed {
+		cl.mu.Unlock()
+		ws.CloseNow()
+		return nil, fmt.Errorf("tether: dial %s: %w", url, net.ErrClosed)
+	}
+	cl.conn = c
+	if cl.offline != nil {
+		cl.offline.Stop()
+	}
+	cl.mu.Unlock()
+	// What came with the welcome (an offline backlog), before the reader
+	// starts, to keep the order.
+	cl.onMessage(c, Message{Data: rest})
+	c.start()
+	return c, nil
+}
+
+// resume subscribes the new conn to every topic, each from its position,
+// waits for the answers, then sends the offline buffer and marks the
+// client Connected. It reports false if the conn or the client ended
+// first.
+func (cl *Client) resume(c *Conn) bool {
+	cl.mu.Lock()
+	cl.resubs = len(cl.subs)
+	done := make(chan struct{})
+	cl.resubbed = done
+	for _, sub := range cl.subs {
+		cl.subscribeLocked(c, sub).batch = true
+	}
+	if cl.resubs == 0 {
+		close(done)
+	}
+	cl.mu.Unlock()
+	select {
+	case <-done:
+	case <-c.Done():
+		return false
+	case <-cl.ctx.Done():
+		return false
+	}
+	cl.mu.Lock()
+	lines := make([][]byte, len(cl.buffer))
+	for i, req := range cl.buffer {
+		cl.requests[req.id] = req
+		lines[i] = req.line
+	}
+	cl.buffer, cl.bufBytes = nil, 0
+	ok := c.enqueueAll(lines...)
+	cl.live = ok
+	cl.mu.Unlock()
+	if ok {
+		cl.setState(Connected, nil)
+	}
+	return ok
+}
+
+// lost settles the end of a conn: what it never wrote goes back to the
+// front of the buffer, unanswered requests are forgotten.
+func (cl *Client) lost(c *Conn, reason error) {
+	cl.mu.Lock()
+	c.mu.Lock()
+	unsent := c.unsent
+	c.unsent = nil
+	c.mu.Unlock()
+	var back []*request
+	for _, line := range unsent {
+		// The lines are the client's own encoding; only publications and
+		// sends are kept, subscriptions are made afresh.
+		if f, err := decodeFrame(line); err == nil && (f.op == opPub || f.op == opSend) {
+			if req := cl.requests[f.id]; req != nil {
+				back = append(back, req)
+			}
+		}
+	}
+	if len(back) > 0 && !cl.closed {
+		for _, req := range back {
+			cl.bufBytes += len(req.line)
+		}
+		// Past the bound: these were accepted and must not be lost to it.
+		cl.buffer = append(back, cl.buffer...)
+	}
+	clear(cl.requests)
+	cl.conn, cl.live = nil, false
+	closed := cl.closed
+	cl.mu.Unlock()
+	if !closed {
+		cl.armOffline()
+		cl.setState(Reconnecting, reason)
+	}
+}
+
+// onMessage reads the protocol messages of one WebSocket message.
+func (cl *Client) onMessage(c *Conn, m Message) {
+	if m.Binary {
+		cl.report(fmt.Errorf("tether: the server sent a binary message of %d bytes; protocol v1 has none", len(m.Data)))
+		return
+	}
+	for line := range splitFrames(m.Data) {
+		f, err := decodeServerFrame(line)
+		if err != nil {
+			var pe *ProtocolError
+			if errors.As(err, &pe) && pe.Code == CodeUnknownOp {
+				continue // a newer server's op: ignored, as PROTOCOL.md asks
+			}
+			cl.report(fmt.Errorf("tether: unreadable message from the server: %w", err))
+			continue
+		}
+		switch f.op {
+		case opPing:
+			_ = c.enqueue(appendPong(nil, f.ts))
+		case opPong:
+			c.pings.pong(f.ts)
+		case opMsg:
+			if f.topic == "" {
+				if h := cl.cfg.conn.onMessage; h != nil {
+					h(c, Message{Data: f.data})
+				}
+				continue
+			}
+			cl.deliver(f)
+		case opResync:
+			cl.resync(f.topic)
+		case opAck:
+			cl.answer(f, nil)
+		case opError:
+			pe := &ProtocolError{Code: f.code, Reason: f.reason, ID: f.id}
+			if f.id == "" {
+				cl.report(fmt.Errorf("tether: the server refused a message: %w", pe))
+				continue
+			}
+			cl.answer(f, pe)
+		}
+		// welcome (only first, read by connect) and presence: nothing to do.
+	}
+}
+
+// deliver hands a topic message to its handler, unless it is one the
+// handler already had.
+func (cl *Client) deliver(f frame) {
+	cl.mu.Lock()
+	sub := cl.subs[f.topic]
+	if sub == nil {
+		cl.mu.Unlock()
+		return // unsubscribed: what was in flight is ignored
+	}
+	if sub.known && f.epoch == sub.pos.Epoch && f.seq <= sub.pos.Seq {
+		cl.mu.Unlock()
+		return // had it already
+	}
+	// A jump in seq, or a new epoch that does not start at 1, means
+	// messages were lost (a server that drops for slow clients): the
+	// topic's state is stale, as after a resync.
+	gap := sub.known && (f.epoch == sub.pos.Epoch && f.seq > sub.pos.Seq+1 || f.epoch != sub.pos.Epoch && f.seq != 1)
+	sub.pos, sub.known = Position{Epoch: f.epoch, Seq: f.seq}, true
+	cl.mu.Unlock()
+	if gap && cl.cfg.onResync != nil {
+		cl.cfg.onResync(f.topic)
+	}
+	sub.handler(TopicMessage{Topic: f.topic, Position: Position{Epoch: f.epoch, Seq: f.seq}, Data: f.data})
+}
+
+// resync marks topic stale: its position is unknown until the next
+// message, and the application must reload it.
+func (cl *Client) resync(topic string) {
+	cl.mu.Lock()
+	sub := cl.subs[topic]
+	if sub == nil {
+		cl.mu.Unlock()
+		return
+	}
+	sub.known = false
+	cl.mu.Unlock()
+	if cl.cfg.onResync != nil {
+		cl.cfg.onResync(topic)
+	}
+}
+
+// answer settles the request that f, an ack or an error, answers: err
+// is nil for an ack.
+func (cl *Client) answer(f frame, err *ProtocolError) {
+	cl.mu.Lock()
+	req := cl.requests[f.id]
+	if req == nil {
+		cl.mu.Unlock()
+		return
+	}
+	delete(cl.requests, f.id)
+	var report error
+	var stale bool
+	switch {
+	case req.op == opSub:
+		sub := req.sub
+		current := cl.subs[sub.topic] == sub
+		switch {
+		case err != nil && current:
+			delete(cl.subs, sub.topic)
+			if sub.waiter == nil {
+				report = fmt.Errorf("tether: re-subscription to %q refused, the subscription is gone: %w", sub.topic, err)
+			}
+		case err == nil && current && !req.since && f.epoch != "":
+			// Live messages start after the ack's position. A topic
+			// subscribed before without a position (a resync, then the
+			// conn was lost before any message) missed what came between.
+			stale = sub.acked
+			sub.pos, sub.known = Position{Epoch: f.epoch, Seq: f.seq}, true
+		}
+		if err == nil {
+			sub.acked = true
+		}
+		if w := sub.waiter; w != nil {
+			sub.waiter = nil
+			if err != nil {
+				w <- err
+			} else {
+				w <- nil
+			}
+		}
+		if req.batch {
+			if cl.resubs--; cl.resubs == 0 {
+				close(cl.resubbed)
+			}
+		}
+	case err != nil:
+		what := "message"
+		if req.op == opPub {
+			what = fmt.Sprintf("publication to %q", req.topic)
+		}
+		report = fmt.Errorf("tether: the server refused a %s: %w", what, err)
+	}
+	topic := req.topic
+	cl.mu.Unlock()
+	if report != nil {
+		cl.report(report)
+	}
+	if stale && cl.cfg.onResync != nil {
+		cl.cfg.onResync(topic)
+	}
+}
+
+func (cl *Client) report(err error) {
+	if f := cl.cfg.onError; f != nil {
+		f(err)
+		return
+	}
+	cl.cfg.conn.logger.Warn("tether: client", "err", err)
+}
+
+// terminal reports whether err means the server refused the client for
+// good.
+func terminal(err error) bool {
+	return errors.Is(err, ErrUnauthorized) || errors.Is(err, ErrForbidden) || errors.Is(err, ErrRejected)
+}
+
+// handshakeError names a failed handshake: terminal for an HTTP status
+// that retrying will not change, with the Retry-After of a 429 or 503.
+func handshakeError(url string, resp *http.Response, err error) error {
+	if resp == nil {
+		return fmt.Errorf("tether: dial %s: %w", url, err)
+	}
+	code := resp.StatusCode
+	switch {
+	case code == http.StatusUnauthorized:
+		return fmt.Errorf("tether: dial %s: HTTP %d: %w", url, code, ErrUnauthorized)
+	case code == http.StatusForbidden:
+		return fmt.Errorf("tether: dial %s: HTTP %d: %w", url, code, ErrForbidden)
+	case code >= 400 && code < 500 && code != http.StatusRequestTimeout &&
+		code != http.StatusTooEarly && code != http.StatusTooManyRequests:
+		return fmt.Errorf("tether: dial %s: HTTP %d: %w", url, code, ErrRejected)
+	}
+	e := &retryError{err: fmt.Errorf("tether: dial %s: HTTP %d: %w", url, code, err)}
+	if s, perr := strconv.Atoi(resp.Header.Get("Retry-After")); perr == nil && s > 0 {
+		e.after = time.Duration(min(s, 3600)) * time.Second
+	}
+	return e
+}
+
+// retryError is a failed attempt with the server's word on when to retry.
+type retryError struct {
+	err   error
+	after time.Duration
+}
+
+func (e *retryError) Error() string { return e.err.Error() }
+func (e *retryError) Unwrap() error { return e.err }
+
+// retryAfter returns the longest Retry-After in err, or 0.
+func retryAfter(err error) time.Duration {
+	var d time.Duration
+	var visit func(error)
+	visit = func(err error) {
+		switch e := err.(type) {
+		case *retryError:
+			d = max(d, e.after)
+		case interface{ Unwrap() []error }:
+			for _, e := range e.Unwrap() {
+				visit(e)
+			}
+		}
+	}
+	visit(err)
+	return d
+}
+
+// closeHint returns the retry_ms hint of the close reason in err, or 0.
+func closeHint(err error) time.Duration {
+	var ce websocket.CloseError
+	if !errors.As(err, &ce) {
+		return 0
+	}
+	_, after, ok := strings.Cut(ce.Reason, "retry_ms=")
+	if !ok {
+		return 0
+	}
+	end := strings.IndexFunc(after, func(r rune) bool { return r < '0' || r > '9' })
+	if end < 0 {
+		end = len(after)
+	}
+	ms, err := strconv.ParseInt(after[:end], 10, 64)
+	if err != nil || ms <= 0 {
+		return 0
+	}
+	return time.Duration(min(ms, math.MaxInt64/int64(time.Millisecond))) * time.Millisecond
+}
