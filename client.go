@@ -242,7 +242,8 @@ func (cl *Client) Subscribe(ctx context.Context, topic string, handler func(Topi
 	if handler == nil {
 		return errors.New("tether: subscribe: nil handler")
 	}
-	sub := &subscription{topic: topic, handler: handler, waiter: make(chan error, 1)}
+	answer := make(chan error, 1)
+	sub := &subscription{topic: topic, handler: handler, waiter: answer}
 	cl.mu.Lock()
 	switch {
 	case cl.closed:
@@ -259,14 +260,14 @@ func (cl *Client) Subscribe(ctx context.Context, topic string, handler func(Topi
 	cl.mu.Unlock()
 
 	select {
-	case err := <-sub.waiter:
+	case err := <-answer:
 		return err
 	case <-ctx.Done():
 	case <-cl.done:
 	}
 	cl.mu.Lock()
 	select {
-	case err := <-sub.waiter:
+	case err := <-answer:
 		// Answered while we gave up: keep the answer.
 		cl.mu.Unlock()
 		return err
