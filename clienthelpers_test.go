@@ -93,8 +93,10 @@ func (s *site) stop() {
 	if hub == nil {
 		return
 	}
-	hub.Close()
+	// The listener first: a client that comes back while the hub closes
+	// finds the port closed, as after a crash, rather than a 503.
 	srv.Close()
+	hub.Close()
 	s.served.Wait()
 }
 
@@ -108,6 +110,18 @@ func (s *site) kick() {
 	for _, c := range conns {
 		c.Close(websocket.StatusNormalClosure, "kicked")
 	}
+}
+
+// restart replaces the hub with a new one on the same address, with no
+// gap: the new one listens before the old one drops its conns, all at once.
+func (s *site) restart() {
+	s.t.Helper()
+	s.mu.Lock()
+	hub, srv := s.hub, s.srv
+	s.mu.Unlock()
+	srv.Close()
+	s.start()
+	hub.Close()
 }
 
 // start serves again on the same address, with a new hub.
