@@ -193,3 +193,35 @@ func ExampleHub_Shutdown() {
 	fmt.Println(hub.Len(), errors.Is(hub.Publish("news", []byte(`1`)), tether.ErrHubClosed))
 	// Output: 0 true
 }
+
+// A client that stays connected: after every reconnect it subscribes
+// again from the last message it received, so that it misses nothing.
+func ExampleDial() {
+	hub, err := tether.NewHub()
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv := httptest.NewServer(hub)
+	defer srv.Close()
+	defer hub.Close()
+
+	ctx := context.Background()
+	client, err := tether.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"),
+		tether.OnStateChange(func(s tether.ClientState, err error) { fmt.Println("state:", s) }),
+	)
+	if err != nil {
+		log.Fatal(err)
+	}
+	got := make(chan tether.TopicMessage, 1)
+	if err := client.Subscribe(ctx, "news", func(m tether.TopicMessage) { got <- m }); err != nil {
+		log.Fatal(err)
+	}
+	hub.Publish("news", []byte(`{"headline":"tether ships"}`))
+	m := <-got
+	fmt.Printf("%s #%d %s\n", m.Topic, m.Position.Seq, m.Data)
+	client.Close()
+	// Output:
+	// state: connected
+	// news #1 {"headline":"tether ships"}
+	// state: closed
+}
