@@ -46,6 +46,16 @@
 // input and overload with documented close codes and error values, and
 // never let one conn slow down another.
 //
+// # Client
+//
+// [Dial] connects a Go program to a hub as a protocol v1 [Client] that
+// keeps itself connected: it reconnects with a jittered [Backoff], tries
+// [WithFallbackURLs] in turn, follows the heartbeat the server advertises,
+// subscribes again from each topic's last position ([Client.Subscribe]),
+// and keeps what [Client.Publish] and [Client.Send] are given while
+// offline until the next conn ([WithOfflineBuffer]). Refusals that
+// retrying cannot fix (401, 403, close 4401 and 4403) end it for good.
+//
 // # Errors and close codes
 //
 // [Conn.Err] says why a conn ended, as one of the Err* values (test with
