@@ -108,6 +108,24 @@ func TestClientSubscribePublishSend(t *testing.T) {
 		t.Fatal("the server application got nothing")
 	}
 
+	// The conn pings with protocol pings, which the hub answers.
+	rtt, err := cl.Conn().Ping(ctx)
+	if err != nil || rtt <= 0 || cl.Conn().RTT() <= 0 {
+		t.Errorf("Ping over the client's conn: %v, %v (RTT %v)", rtt, err, cl.Conn().RTT())
+	}
+	// Conn.Send on the client's conn is a send to the server application.
+	if err := cl.Conn().Send(ctx, []byte(`{"via":"conn"}`)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case got := <-sent:
+		if got != `ann:{"via":"conn"}` {
+			t.Errorf("server got %s", got)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the server application got nothing from Conn.Send")
+	}
+
 	if err := cl.Publish(ctx, "room", []byte("not json")); !errors.Is(err, tether.ErrNotJSON) {
 		t.Errorf("Publish of non-JSON: %v, want ErrNotJSON", err)
 	}
