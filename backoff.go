@@ -25,7 +25,8 @@ type Backoff struct {
 	// Jitter is how a delay is drawn under its ceiling. Default FullJitter.
 	Jitter Jitter
 	// MaxRetries is how many attempts in a row may fail before the client
-	// gives up and closes; 0 retries forever.
+	// gives up and closes; 0 retries forever. With [WithFallbackURLs], an
+	// attempt is one round through every URL.
 	MaxRetries int
 	// StableAfter is how long a conn must stay up before the attempt count
 	// returns to zero, so that a server that accepts and then drops every

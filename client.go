@@ -1,21 +1,18 @@
 package tether
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math"
 	"net"
-	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
+	"golang.org/x/time/rate"
 )
 
 // ClientState is where a [Client] is in its life.
@@ -54,7 +51,8 @@ var (
 	// ErrBufferFull: the client is offline and its offline buffer (see
 	// [WithOfflineBuffer]) is full; the message was not kept.
 	ErrBufferFull = errors.New("tether: offline buffer full")
-	// ErrOffline: a volatile message found no conn up and was dropped.
+	// ErrOffline: a volatile message found the client not Connected and
+	// was dropped.
 	ErrOffline = errors.New("tether: offline")
 	// ErrForbidden: the server refused the client with HTTP 403 or close
 	// code 4403 ([StatusForbidden]). The client does not retry.
@@ -82,10 +80,17 @@ type TopicMessage struct {
 // nothing is missed or repeated, and then sends what was buffered while
 // offline. It is safe for use by multiple goroutines.
 //
-// Handlers ([Client.Subscribe], [OnMessage], [OnResync]) run one at a
-// time on the conn's reader, in the order the server sent; while one runs,
-// nothing else is read. They may publish and send, but must not wait for
-// the server: not call Subscribe, nor Close.
+// Handlers ([Client.Subscribe], [OnMessage], [OnResync], [OnError]) run
+// one at a time on the conn's reader, in the order the server sent; while
+// one runs, nothing else is read. They may publish and send, but must not
+// wait for the server: not call Subscribe, nor Close (Close waits for the
+// reader). To close from a handler, call Close in a goroutine of its own.
+//
+// The client paces what it sends within the rate limit the server's
+// welcome advertises (see PROTOCOL.md, section 4): its re-subscriptions
+// and its offline buffer after a reconnect, and Subscribe; Publish and
+// Send past the limit return [ErrRateLimited] instead of sending what the
+// server would refuse.
 type Client struct {
 	cfg    *dialConfig
 	ctx    context.Context // ends when the client closes
@@ -106,7 +111,8 @@ type Client struct {
 	resubbed chan struct{}            // closed when resubs reaches 0
 	buffer   []*request               // kept while offline, oldest first
 	bufBytes int
-	offline  *time.Timer // OnOffline, armed while no conn is up
+	lim      *rate.Limiter // the conn's advertised rate limit; nil for none
+	offline  *time.Timer   // OnOffline, armed while not Connected
 }
 
 // subscription is one topic the application subscribed to. It outlives
@@ -114,10 +120,12 @@ type Client struct {
 type subscription struct {
 	topic   string
 	handler func(TopicMessage)
-	pos     Position   // of the last message delivered
-	known   bool       // pos holds one; else subscribe without since
-	acked   bool       // the server has accepted it once
-	waiter  chan error // the first Subscribe waits here; nil once answered
+	pos     Position    // of the last message delivered
+	known   bool        // pos holds one; else subscribe without since
+	acked   bool        // the server has accepted it once
+	waiter  chan error  // the first Subscribe waits here; nil once answered
+	retry   *time.Timer // re-sends a re-subscription refused for a while
+	retries int         // refusals in a row, for the retry's backoff
 }
 
 // request is a protocol request sent, or to be sent, to the server.
@@ -154,7 +162,7 @@ func Dial(ctx context.Context, url string, opts ...DialOption) (*Client, error) 
 		requests: make(map[string]*request),
 	}
 	cl.ctx, cl.cancel = context.WithCancel(context.Background())
-	cl.armOffline()
+	cl.armOfflineLocked() // no one else has cl yet
 	first := make(chan error, 1)
 	go cl.run(first)
 	select {
@@ -254,7 +262,16 @@ func (cl *Client) Subscribe(ctx context.Context, topic string, handler func(Topi
 		return fmt.Errorf("tether: subscribe: already subscribed to %q", topic)
 	}
 	cl.subs[topic] = sub
-	if cl.conn != nil {
+	lim := cl.lim
+	cl.mu.Unlock()
+	// Paced like the rest, so that many Subscribe calls at once stay
+	// within the server's rate limit. The conn may change meanwhile: the
+	// sub goes on the one up now, or with the next conn's re-subscription.
+	if lim != nil {
+		lim.Wait(ctx)
+	}
+	cl.mu.Lock()
+	if cl.conn != nil && cl.subs[topic] == sub && sub.waiter != nil && ctx.Err() == nil {
 		cl.subscribeLocked(cl.conn, sub)
 	}
 	cl.mu.Unlock()
@@ -284,9 +301,10 @@ func (cl *Client) Subscribe(ctx context.Context, topic string, handler func(Topi
 }
 
 // Unsubscribe ends the subscription to topic. Its handler receives
-// nothing after Unsubscribe returns (unless it is running), even what the
-// server had already sent. Unsubscribing from a topic the client is not
-// subscribed to does nothing.
+// nothing more, even what the server had already sent, except a message
+// whose delivery had begun when Unsubscribe was called. A Subscribe to
+// the topic still waiting for the server returns an error. Unsubscribing
+// from a topic the client is not subscribed to does nothing.
 func (cl *Client) Unsubscribe(topic string) error {
 	cl.mu.Lock()
 	defer cl.mu.Unlock()
@@ -318,19 +336,22 @@ func (cl *Client) Topics() []string {
 // entry.
 //
 // Publish returns [ErrNotJSON] for data that is not JSON, [ErrBufferFull]
-// when offline with a full buffer, and [ErrQueueFull] when the send
-// queue is full (the link is slower than the publisher). A refusal by
-// the server arrives later, at [OnError].
+// when not Connected with a full buffer, [ErrRateLimited] past the rate
+// limit the server advertised, and [ErrQueueFull] when the send queue is
+// full (the link is slower than the publisher). A refusal by the server
+// arrives later, at [OnError].
 //
 // A message that was handed to a conn that then broke is sent again on
 // the next conn only if it had not been written yet: the buffer never
-// sends a message twice. One written just before the break may be lost.
+// sends a message twice. What had been written, up to a frame of 32 KiB
+// of joined messages, may be lost with the conn: at most once.
 func (cl *Client) Publish(ctx context.Context, topic string, data []byte) error {
 	return cl.request(ctx, opPub, topic, data, false)
 }
 
 // PublishVolatile is [Client.Publish] without the offline buffer: while
-// no conn is up it returns [ErrOffline] and drops the message. For data
+// the client is not Connected (also while a new conn is being
+// resubscribed) it returns [ErrOffline] and drops the message. For data
 // that is stale by the time the client reconnects: cursor positions,
 // typing indicators.
 func (cl *Client) PublishVolatile(ctx context.Context, topic string, data []byte) error {
@@ -343,8 +364,8 @@ func (cl *Client) Send(ctx context.Context, data []byte) error {
 	return cl.request(ctx, opSend, "", data, false)
 }
 
-// SendVolatile is [Client.Send] without the offline buffer: while no
-// conn is up it returns [ErrOffline] and drops the message.
+// SendVolatile is [Client.Send] without the offline buffer: while the
+// client is not Connected it returns [ErrOffline] and drops the message.
 func (cl *Client) SendVolatile(ctx context.Context, data []byte) error {
 	return cl.request(ctx, opSend, "", data, true)
 }
@@ -375,6 +396,11 @@ func (cl *Client) request(ctx context.Context, op, topic string, data []byte, vo
 		return fmt.Errorf("tether: %s: %w", op, net.ErrClosed)
 	}
 	if cl.live {
+		if cl.lim != nil && !cl.lim.Allow() {
+			// The server would refuse it, and close the conn if this went
+			// on: better said now, to the caller.
+			return fmt.Errorf("tether: %s: %w: over the server's limit of %v messages/s", op, ErrRateLimited, cl.lim.Limit())
+		}
 		err := cl.conn.enqueue(req.line)
 		if err == nil {
 			cl.requests[req.id] = req
@@ -418,346 +444,17 @@ func (cl *Client) unsubscribeLocked(sub *subscription) {
 		return
 	}
 	delete(cl.subs, sub.topic)
+	if sub.retry != nil {
+		sub.retry.Stop()
+	}
+	if sub.waiter != nil {
+		sub.waiter <- fmt.Errorf("tether: subscribe: unsubscribed from %q meanwhile", sub.topic)
+		sub.waiter = nil
+	}
 	if cl.conn != nil {
 		// Without id: there is nothing to do with the answer. A sub still
 		// in flight is undone by this unsub, which follows it.
 		cl.conn.enqueueAll(appendUnsub(nil, sub.topic, ""))
-	}
-}
-
-// run keeps the client connected until it closes. It owns the conns.
-func (cl *Client) run(first chan<- error) {
-	defer close(cl.done)
-	b := cl.cfg.backoff
-	var (
-		attempt  int           // backoff step: failures since the last stable conn
-		failures int           // attempts in a row that failed, for MaxRetries
-		good     int           // the URL to try first: the last that worked
-		wait     time.Duration // before the next attempt
-	)
-	for {
-		if wait > 0 {
-			t := time.NewTimer(wait)
-			select {
-			case <-t.C:
-			case <-cl.ctx.Done():
-				t.Stop()
-				cl.finish(nil, first)
-				return
-			}
-		}
-		conn, idx, err := cl.connectAny(good)
-		if err != nil {
-			if cl.ctx.Err() != nil {
-				cl.finish(nil, first)
-				return
-			}
-			failures++
-			if terminal(err) {
-				cl.finish(err, first)
-				return
-			}
-			if b.MaxRetries > 0 && failures >= b.MaxRetries {
-				cl.finish(fmt.Errorf("tether: gave up after %d attempts: %w", failures, err), first)
-				return
-			}
-			wait = max(b.Delay(attempt), retryAfter(err))
-			attempt++
-			cl.cfg.conn.logger.Debug("tether: connect failed", "err", err, "retry_in", wait)
-			continue
-		}
-		good, failures = idx, 0
-		up := time.Now()
-		if cl.resume(conn) && first != nil {
-			first <- nil
-			first = nil
-		}
-		select {
-		case <-conn.Done():
-		case <-cl.ctx.Done():
-			// Close has begun a graceful close, unless the conn came up
-			// after it looked; the write timeout bounds either.
-			conn.Close(websocket.StatusNormalClosure, "")
-			<-conn.Done()
-		}
-		reason := conn.Err()
-		cl.lost(conn, reason)
-		if cl.ctx.Err() != nil {
-			cl.finish(nil, first)
-			return
-		}
-		if time.Since(up) >= b.StableAfter {
-			attempt = 0
-		}
-		hint := closeHint(reason)
-		switch websocket.CloseStatus(reason) {
-		case StatusUnauthorized:
-			cl.finish(fmt.Errorf("%w: the server closed the conn with %d: %w", ErrUnauthorized, StatusUnauthorized, reason), first)
-			return
-		case StatusForbidden:
-			cl.finish(fmt.Errorf("%w: the server closed the conn with %d: %w", ErrForbidden, StatusForbidden, reason), first)
-			return
-		case websocket.StatusGoingAway:
-			if hint > 0 {
-				// The server spread its clients over the hint already;
-				// a little more keeps equal hints apart.
-				wait = hint + uniform(hint/5)
-				break
-			}
-			wait = b.Delay(attempt)
-			attempt++
-		default:
-			// 4008 and 4429 included: a client the server had to shed
-			// backs off further each time.
-			wait = max(b.Delay(attempt), hint)
-			attempt++
-		}
-	}
-}
-
-// finish closes the client for reason (nil for Close) and reports it to
-// Dial if the first conn was never made.
-func (cl *Client) finish(reason error, first chan<- error) {
-	cl.mu.Lock()
-	cl.closed = true
-	cl.err = reason
-	if cl.offline != nil {
-		cl.offline.Stop()
-	}
-	cl.buffer, cl.bufBytes = nil, 0
-	for _, sub := range cl.subs {
-		if sub.waiter != nil {
-			sub.waiter <- fmt.Errorf("tether: subscribe: %w", net.ErrClosed)
-			sub.waiter = nil
-		}
-	}
-	clear(cl.subs)
-	cl.mu.Unlock()
-	cl.setState(ClientClosed, reason)
-	cl.cancel()
-	cl.wg.Wait()
-	if first != nil {
-		if reason == nil {
-			reason = fmt.Errorf("tether: dial: %w", net.ErrClosed)
-		}
-		first <- reason
-	}
-}
-
-func (cl *Client) setState(s ClientState, err error) {
-	cl.mu.Lock()
-	changed := cl.state != s
-	cl.state = s
-	cl.mu.Unlock()
-	if changed && cl.cfg.onState != nil {
-		cl.cfg.onState(s, err)
-	}
-}
-
-// armOffline starts the OnOffline countdown of an outage.
-func (cl *Client) armOffline() {
-	if cl.cfg.onOffline == nil {
-		return
-	}
-	cl.offline = time.AfterFunc(cl.cfg.offlineAfter, func() {
-		cl.mu.Lock()
-		if cl.closed || cl.conn != nil {
-			cl.mu.Unlock()
-			return
-		}
-		// Added under the lock that Close takes before it waits.
-		cl.wg.Add(1)
-		cl.mu.Unlock()
-		defer cl.wg.Done()
-		cl.cfg.onOffline()
-	})
-}
-
-// connectAny tries each URL once, from the one at index from, and returns
-// the first conn made and its URL's index. A terminal refusal ends the
-// round: every URL serves the same application.
-func (cl *Client) connectAny(from int) (*Conn, int, error) {
-	urls := cl.cfg.urls
-	var errs []error
-	for i := range urls {
-		idx := (from + i) % len(urls)
-		conn, err := cl.connect(urls[idx])
-		if err == nil {
-			return conn, idx, nil
-		}
-		if terminal(err) || cl.ctx.Err() != nil {
-			return nil, idx, err
-		}
-		errs = append(errs, err)
-	}
-	if len(errs) == 1 {
-		return nil, from, errs[0]
-	}
-	return nil, from, errors.Join(errs...)
-}
-
-// connect makes one conn to url and reads its welcome: the conn's
-// heartbeat is the one the welcome advertises.
-func (cl *Client) connect(url string) (*Conn, error) {
-	ctx, cancel := context.WithTimeout(cl.ctx, cl.cfg.conn.timeout)
-	defer cancel()
-	header := cl.cfg.header.Clone()
-	if cl.cfg.token != nil {
-		tok, err := cl.cfg.token(ctx)
-		if err != nil {
-			return nil, fmt.Errorf("tether: dial %s: token: %w", url, err)
-		}
-		if header == nil {
-			header = http.Header{}
-		}
-		header.Set("Authorization", "Bearer "+tok)
-	}
-	// The conn is made after the welcome, the ping hooks before the dial.
-	var cp atomic.Pointer[Conn]
-	ws, resp, err := websocket.Dial(ctx, url, &websocket.DialOptions{
-		HTTPClient:   cl.cfg.httpClient,
-		HTTPHeader:   header,
-		Subprotocols: []string{Subprotocol},
-		OnPingReceived: func(ctx context.Context, p []byte) bool {
-			if c := cp.Load(); c != nil {
-				return c.onPing(ctx, p)
-			}
-			return true
-		},
-		OnPongReceived: func(ctx context.Context, p []byte) {
-			if c := cp.Load(); c != nil {
-				c.onPong(ctx, p)
-			}
-		},
-	})
-	if err != nil {
-		return nil, handshakeError(url, resp, err)
-	}
-	if ws.Subprotocol() != Subprotocol {
-		ws.Close(websocket.StatusNormalClosure, Subprotocol+" required")
-		return nil, fmt.Errorf("tether: dial %s: %w: the server does not speak %s", url, ErrRejected, Subprotocol)
-	}
-	ws.SetReadLimit(cl.cfg.conn.maxMessageSize)
-	_, data, err := ws.Read(ctx)
-	if err != nil {
-		ws.CloseNow()
-		err = readError(err)
-		switch websocket.CloseStatus(err) {
-		case StatusUnauthorized:
-			err = fmt.Errorf("%w: %w", ErrUnauthorized, err)
-		case StatusForbidden:
-			err = fmt.Errorf("%w: %w", ErrForbidden, err)
-		}
-		return nil, fmt.Errorf("tether: dial %s: before the welcome: %w", url, err)
-	}
-	line, rest, _ := bytes.Cut(bytes.TrimLeft(data, "\n"), []byte{'\n'})
-	welcome, err := decodeServerFrame(line)
-	if err == nil && welcome.op != opWelcome {
-		err = fmt.Errorf("got %q", welcome.op)
-	}
-	if err != nil {
-		ws.Close(websocket.StatusProtocolError, "welcome expected")
-		return nil, fmt.Errorf("tether: dial %s: the first message is not a welcome: %w", url, err)
-	}
-
-	cfg := *cl.cfg.conn
-	if welcome.interval > 0 && welcome.timeout > welcome.interval {
-		cfg.interval, cfg.timeout = welcome.interval, welcome.timeout
-	}
-	cfg.overflow = DropNewest // Publish reports a full queue; the conn stays
-	cfg.onMessage = cl.onMessage
-	c := newConn(&cfg, url)
-	c.ws, c.coalesce, c.pings = ws, true, &protocolPings{}
-	cp.Store(c)
-	cl.mu.Lock()
-	if cl.closed {
-		cl.mu.Unlock()
-		ws.CloseNow()
-		return nil, fmt.Errorf("tether: dial %s: %w", url, net.ErrClosed)
-	}
-	cl.conn = c
-	if cl.offline != nil {
-		cl.offline.Stop()
-	}
-	cl.mu.Unlock()
-	// What came with the welcome (an offline backlog), before the reader
-	// starts, to keep the order.
-	cl.onMessage(c, Message{Data: rest})
-	c.start()
-	return c, nil
-}
-
-// resume subscribes the new conn to every topic, each from its position,
-// waits for the answers, then sends the offline buffer and marks the
-// client Connected. It reports false if the conn or the client ended
-// first.
-func (cl *Client) resume(c *Conn) bool {
-	cl.mu.Lock()
-	cl.resubs = len(cl.subs)
-	done := make(chan struct{})
-	cl.resubbed = done
-	for _, sub := range cl.subs {
-		cl.subscribeLocked(c, sub).batch = true
-	}
-	if cl.resubs == 0 {
-		close(done)
-	}
-	cl.mu.Unlock()
-	select {
-	case <-done:
-	case <-c.Done():
-		return false
-	case <-cl.ctx.Done():
-		return false
-	}
-	cl.mu.Lock()
-	lines := make([][]byte, len(cl.buffer))
-	for i, req := range cl.buffer {
-		cl.requests[req.id] = req
-		lines[i] = req.line
-	}
-	cl.buffer, cl.bufBytes = nil, 0
-	ok := c.enqueueAll(lines...)
-	cl.live = ok
-	cl.mu.Unlock()
-	if ok {
-		cl.setState(Connected, nil)
-	}
-	return ok
-}
-
-// lost settles the end of a conn: what it never wrote goes back to the
-// front of the buffer, unanswered requests are forgotten.
-func (cl *Client) lost(c *Conn, reason error) {
-	cl.mu.Lock()
-	c.mu.Lock()
-	unsent := c.unsent
-	c.unsent = nil
-	c.mu.Unlock()
-	var back []*request
-	for _, line := range unsent {
-		// The lines are the client's own encoding; only publications and
-		// sends are kept, subscriptions are made afresh.
-		if f, err := decodeFrame(line); err == nil && (f.op == opPub || f.op == opSend) {
-			if req := cl.requests[f.id]; req != nil {
-				back = append(back, req)
-			}
-		}
-	}
-	if len(back) > 0 && !cl.closed {
-		for _, req := range back {
-			cl.bufBytes += len(req.line)
-		}
-		// Past the bound: these were accepted and must not be lost to it.
-		cl.buffer = append(back, cl.buffer...)
-	}
-	clear(cl.requests)
-	cl.conn, cl.live = nil, false
-	closed := cl.closed
-	cl.mu.Unlock()
-	if !closed {
-		cl.armOffline()
-		cl.setState(Reconnecting, reason)
 	}
 }
 
@@ -864,6 +561,19 @@ func (cl *Client) answer(f frame, err *ProtocolError) {
 		sub := req.sub
 		current := cl.subs[sub.topic] == sub
 		switch {
+		case err != nil && current && sub.waiter == nil && (err.Code == CodeRateLimited || err.Code == CodeInternal):
+			// For a while only: try again on this conn, backing off.
+			delay := cl.cfg.backoff.Delay(sub.retries)
+			sub.retries++
+			c := cl.conn
+			sub.retry = time.AfterFunc(delay, func() {
+				cl.mu.Lock()
+				defer cl.mu.Unlock()
+				if !cl.closed && cl.conn == c && cl.subs[sub.topic] == sub {
+					cl.subscribeLocked(c, sub)
+				}
+			})
+			report = fmt.Errorf("tether: re-subscription to %q refused, retrying in %v: %w", sub.topic, delay.Round(time.Millisecond), err)
 		case err != nil && current:
 			delete(cl.subs, sub.topic)
 			if sub.waiter == nil {
@@ -877,7 +587,7 @@ func (cl *Client) answer(f frame, err *ProtocolError) {
 			sub.pos, sub.known = Position{Epoch: f.epoch, Seq: f.seq}, true
 		}
 		if err == nil {
-			sub.acked = true
+			sub.acked, sub.retries = true, 0
 		}
 		if w := sub.waiter; w != nil {
 			sub.waiter = nil
@@ -888,9 +598,7 @@ func (cl *Client) answer(f frame, err *ProtocolError) {
 			}
 		}
 		if req.batch {
-			if cl.resubs--; cl.resubs == 0 {
-				close(cl.resubbed)
-			}
+			cl.resubAnsweredLocked()
 		}
 	case err != nil:
 		what := "message"
@@ -915,81 +623,4 @@ func (cl *Client) report(err error) {
 		return
 	}
 	cl.cfg.conn.logger.Warn("tether: client", "err", err)
-}
-
-// terminal reports whether err means the server refused the client for
-// good.
-func terminal(err error) bool {
-	return errors.Is(err, ErrUnauthorized) || errors.Is(err, ErrForbidden) || errors.Is(err, ErrRejected)
-}
-
-// handshakeError names a failed handshake: terminal for an HTTP status
-// that retrying will not change, with the Retry-After of a 429 or 503.
-func handshakeError(url string, resp *http.Response, err error) error {
-	if resp == nil {
-		return fmt.Errorf("tether: dial %s: %w", url, err)
-	}
-	code := resp.StatusCode
-	switch {
-	case code == http.StatusUnauthorized:
-		return fmt.Errorf("tether: dial %s: HTTP %d: %w", url, code, ErrUnauthorized)
-	case code == http.StatusForbidden:
-		return fmt.Errorf("tether: dial %s: HTTP %d: %w", url, code, ErrForbidden)
-	case code >= 400 && code < 500 && code != http.StatusRequestTimeout &&
-		code != http.StatusTooEarly && code != http.StatusTooManyRequests:
-		return fmt.Errorf("tether: dial %s: HTTP %d: %w", url, code, ErrRejected)
-	}
-	e := &retryError{err: fmt.Errorf("tether: dial %s: HTTP %d: %w", url, code, err)}
-	if s, perr := strconv.Atoi(resp.Header.Get("Retry-After")); perr == nil && s > 0 {
-		e.after = time.Duration(min(s, 3600)) * time.Second
-	}
-	return e
-}
-
-// retryError is a failed attempt with the server's word on when to retry.
-type retryError struct {
-	err   error
-	after time.Duration
-}
-
-func (e *retryError) Error() string { return e.err.Error() }
-func (e *retryError) Unwrap() error { return e.err }
-
-// retryAfter returns the longest Retry-After in err, or 0.
-func retryAfter(err error) time.Duration {
-	var d time.Duration
-	var visit func(error)
-	visit = func(err error) {
-		switch e := err.(type) {
-		case *retryError:
-			d = max(d, e.after)
-		case interface{ Unwrap() []error }:
-			for _, e := range e.Unwrap() {
-				visit(e)
-			}
-		}
-	}
-	visit(err)
-	return d
-}
-
-// closeHint returns the retry_ms hint of the close reason in err, or 0.
-func closeHint(err error) time.Duration {
-	var ce websocket.CloseError
-	if !errors.As(err, &ce) {
-		return 0
-	}
-	_, after, ok := strings.Cut(ce.Reason, "retry_ms=")
-	if !ok {
-		return 0
-	}
-	end := strings.IndexFunc(after, func(r rune) bool { return r < '0' || r > '9' })
-	if end < 0 {
-		end = len(after)
-	}
-	ms, err := strconv.ParseInt(after[:end], 10, 64)
-	if err != nil || ms <= 0 {
-		return 0
-	}
-	return time.Duration(min(ms, math.MaxInt64/int64(time.Millisecond))) * time.Millisecond
 }

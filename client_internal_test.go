@@ -24,8 +24,9 @@ func TestCloseHint(t *testing.T) {
 		{"retry_ms=0", 0},
 		{"retry_ms=x1", 0},
 		{"no hint", 0},
-		{"retry_ms=99999999999999999999999", 0}, // not an int64
-		{"retry_ms=9223372036854775807", time.Duration(9223372036854775807/int64(time.Millisecond)) * time.Millisecond},
+		{"retry_ms=99999999999999999999999", 0},     // not an int64
+		{"retry_ms=9223372036854775807", time.Hour}, // capped: no server silences its clients for days
+		{"retry_ms=86400000", time.Hour},
 	} {
 		err := fmt.Errorf("tether: peer closed: %w", websocket.CloseError{Code: websocket.StatusGoingAway, Reason: tc.reason})
 		if got := closeHint(err); got != tc.want {
@@ -56,8 +57,11 @@ func FuzzCloseHint(f *testing.F) {
 			return
 		}
 		digits := after[:len(after)-len(strings.TrimLeft(after, "0123456789"))]
-		if n, err := strconv.ParseInt(digits, 10, 64); err == nil && n > 0 && n < 1<<40 && got != time.Duration(n)*time.Millisecond {
-			t.Fatalf("closeHint(%q) = %v, want %d ms", reason, got, n)
+		if n, err := strconv.ParseInt(digits, 10, 64); err == nil && n > 0 && got != min(time.Duration(min(n, 1<<40))*time.Millisecond, time.Hour) {
+			t.Fatalf("closeHint(%q) = %v, want %d ms capped at 1 h", reason, got, n)
+		}
+		if got > time.Hour {
+			t.Fatalf("closeHint(%q) = %v, over the 1 h cap", reason, got)
 		}
 	})
 }
@@ -78,6 +82,7 @@ func TestHandshakeErrors(t *testing.T) {
 		{429, "3", false, 3 * time.Second},
 		{503, "2", false, 2 * time.Second},
 		{503, "soon", false, 0},
+		{503, "999999999999", false, time.Hour},
 		{502, "", false, 0},
 	} {
 		resp := &http.Response{StatusCode: tc.code, Header: http.Header{}}

@@ -41,7 +41,8 @@ var (
 
 	// ErrRateLimited: a hub conn kept sending past its rate limit (see
 	// [WithRateLimit]). It was closed with [StatusRateLimited] and a
-	// retry_ms hint.
+	// retry_ms hint. A [Client] returns it from Publish and Send past the
+	// limit the server advertised, without sending.
 	ErrRateLimited = errors.New("tether: rate limited")
 
 	// ErrProtocolViolation: a hub conn kept sending messages the hub could

@@ -313,7 +313,11 @@ func (h *Hub) register(c *Conn) {
 	hc := c.hc
 	if hc.v1 {
 		interval, timeout := c.Heartbeat()
-		c.enqueue(appendWelcome(nil, hc.id, interval, timeout, nil))
+		var limits wireLimits
+		if h.cfg.rateLimit != rate.Inf {
+			limits = wireLimits{perSecond: float64(h.cfg.rateLimit), burst: int64(h.cfg.rateBurst)}
+		}
+		c.enqueue(appendWelcome(nil, hc.id, interval, timeout, limits, nil))
 	}
 	if hc.user != "" {
 		// Before the registry: nothing sent to every conn (Broadcast) may

@@ -459,6 +459,8 @@ func OnMessage(f func(c *Conn, m Message)) Option {
 //     are as large as its application makes them.
 //   - When the send queue is full, [Client.Publish] and [Client.Send]
 //     return [ErrQueueFull] and the conn stays, whatever [WithOverflow] says.
+//   - [Observer].Drop may be called with the client's lock held: it must
+//     not call the Client's methods.
 //   - [WithOriginPatterns] and [WithSubprotocols] are server options:
 //     [Dial] refuses them.
 type DialOption interface {
@@ -587,10 +589,13 @@ func OnStateChange(f func(state ClientState, err error)) DialOption {
 	return dialOptionFunc(func(d *dialConfig) { d.onState = f })
 }
 
-// OnOffline sets a function called once the client has been without a
-// conn for after, once per outage: to show "offline" in a UI without
-// flickering at every brief reconnect. It runs on a goroutine of its own
-// and may overlap [OnStateChange] calls.
+// OnOffline sets a function called once the client has not been
+// Connected for after, once per outage: to show "offline" in a UI without
+// flickering at every brief reconnect. The outage runs from Dial, or from
+// leaving Connected, until Connected again, however many conns come and
+// go in between. f runs on a goroutine of its own and may overlap
+// [OnStateChange] calls. [Client.Close] waits for it, so to give up after
+// an outage, f must call Close in a new goroutine: go client.Close().
 func OnOffline(after time.Duration, f func()) DialOption {
 	return dialOptionFunc(func(d *dialConfig) { d.offlineAfter, d.onOffline = after, f })
 }
@@ -608,7 +613,8 @@ func OnResync(f func(topic string)) DialOption {
 // the server refused a publication, a message or a re-subscription (a
 // [*ProtocolError], with the topic in the message), or sent something the
 // client cannot read. The client goes on. By default these are logged at
-// warning level with the [WithLogger] logger.
+// warning level with the [WithLogger] logger. f runs on the conn's reader,
+// like the handlers (see [Client]): it must not call [Client.Close].
 func OnError(f func(err error)) DialOption {
 	return dialOptionFunc(func(d *dialConfig) { d.onError = f })
 }

@@ -119,6 +119,7 @@ type frame struct {
 	session           string        // welcome
 	interval, timeout time.Duration // welcome: the server's heartbeat, in whole ms
 	resume            []wireResume  // welcome; nil for none
+	limits            wireLimits    // welcome; zero for none
 
 	joins, leaves []wireMember // presence; nil for none
 
@@ -131,6 +132,13 @@ type frame struct {
 type wireSince struct {
 	epoch string
 	seq   uint64
+}
+
+// wireLimits is the rate limit a welcome advertises: a token bucket of
+// burst messages refilled at perSecond. Zero means none.
+type wireLimits struct {
+	perSecond float64
+	burst     int64
 }
 
 // wireResume says how a welcome resumed one topic.
@@ -232,6 +240,13 @@ func decodeServerFrame(line []byte) (frame, error) {
 		}
 		for _, elem := range get[[]json.RawMessage](d, "resume", m["resume"], false) {
 			f.resume = append(f.resume, d.resumeEntry(elem))
+		}
+		if lim := get[members](d, "limits", m["limits"], false); lim != nil {
+			f.limits.perSecond = get[float64](d, "limits.msgs_per_s", lim["msgs_per_s"], true)
+			f.limits.burst = get[int64](d, "limits.burst", lim["burst"], true)
+			if d.err == nil && (f.limits.perSecond <= 0 || f.limits.burst <= 0) {
+				d.fail(CodeBadRequest, "limits must be positive")
+			}
 		}
 	case opPing, opPong:
 		f.ts = get[int64](d, "ts", m["ts"], false)
@@ -407,6 +422,8 @@ func typeName(v any) string {
 		return "an integer from -2^63 to 2^63-1"
 	case members:
 		return "an object"
+	case float64:
+		return "a number"
 	}
 	return "an array"
 }
@@ -519,11 +536,16 @@ func appendMsg(dst []byte, topic, epoch string, seq uint64, data json.RawMessage
 // appendWelcome appends a welcome, the first message of a connection.
 // The heartbeat is written in whole milliseconds; resume is left out when
 // empty.
-func appendWelcome(dst []byte, session string, interval, timeout time.Duration, resume []wireResume) []byte {
+func appendWelcome(dst []byte, session string, interval, timeout time.Duration, limits wireLimits, resume []wireResume) []byte {
 	dst = appendJSONString(append(dst, `{"op":"welcome","session":`...), session)
 	dst = strconv.AppendInt(append(dst, `,"heartbeat":{"interval_ms":`...), interval.Milliseconds(), 10)
 	dst = strconv.AppendInt(append(dst, `,"timeout_ms":`...), timeout.Milliseconds(), 10)
 	dst = append(dst, '}')
+	if limits.perSecond > 0 {
+		dst = strconv.AppendFloat(append(dst, `,"limits":{"msgs_per_s":`...), limits.perSecond, 'f', -1, 64)
+		dst = strconv.AppendInt(append(dst, `,"burst":`...), limits.burst, 10)
+		dst = append(dst, '}')
+	}
 	if len(resume) > 0 {
 		dst = append(dst, `,"resume":[`...)
 		for i, r := range resume {

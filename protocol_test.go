@@ -273,8 +273,8 @@ func TestEncodeRoundTrip(t *testing.T) {
 		add(appendAck(nil, topic), frame{op: opAck, id: topic})
 		add(appendSubAck(nil, topic, Position{Epoch: topic, Seq: 17}), frame{op: opAck, id: topic, epoch: topic, seq: 17})
 		add(appendError(nil, CodeForbidden, topic, topic), frame{op: opError, code: CodeForbidden, reason: topic, id: topic})
-		add(appendWelcome(nil, topic, 15*time.Second, 30*time.Second, []wireResume{{topic, topic, 7, resumeOK}, {"b", "", 0, resumeResync}}),
-			frame{op: opWelcome, session: topic, interval: 15 * time.Second, timeout: 30 * time.Second,
+		add(appendWelcome(nil, topic, 15*time.Second, 30*time.Second, wireLimits{100, 200}, []wireResume{{topic, topic, 7, resumeOK}, {"b", "", 0, resumeResync}}),
+			frame{op: opWelcome, session: topic, interval: 15 * time.Second, timeout: 30 * time.Second, limits: wireLimits{100, 200},
 				resume: []wireResume{{topic, topic, 7, resumeOK}, {"b", "", 0, resumeResync}}})
 	}
 	add(appendMsg(nil, "", "", 0, json.RawMessage(`"direct"`)), frame{op: opMsg, data: json.RawMessage(`"direct"`)})
@@ -282,7 +282,7 @@ func TestEncodeRoundTrip(t *testing.T) {
 	add(appendPresence(nil, "t", nil, []wireMember{{"bob", json.RawMessage(`null`)}}),
 		frame{op: opPresence, topic: "t", leaves: []wireMember{{"bob", json.RawMessage(`null`)}}})
 	add(appendError(nil, CodeInternal, "", ""), frame{op: opError, code: CodeInternal})
-	add(appendWelcome(nil, "", 1500*time.Microsecond, time.Hour, nil), frame{op: opWelcome, interval: time.Millisecond, timeout: time.Hour})
+	add(appendWelcome(nil, "", 1500*time.Microsecond, time.Hour, wireLimits{}, nil), frame{op: opWelcome, interval: time.Millisecond, timeout: time.Hour})
 	add(appendPing(nil, math.MinInt64), frame{op: opPing, ts: math.MinInt64})
 	add(appendPong(nil, math.MaxInt64), frame{op: opPong, ts: math.MaxInt64})
 	for _, tc := range cases {
@@ -331,8 +331,10 @@ func TestEncodeGolden(t *testing.T) {
 	for _, tc := range []struct{ got, want string }{
 		{string(appendMsg(nil, "room:42", "e1", 18, json.RawMessage(`{"text":"hi"}`))), `{"op":"msg","topic":"room:42","epoch":"e1","seq":18,"data":{"text":"hi"}}`},
 		{string(appendMsg(nil, "", "", 0, json.RawMessage(`{"text":"hi"}`))), `{"op":"msg","data":{"text":"hi"}}`},
-		{string(appendWelcome(nil, "c9f1", 15*time.Second, 30*time.Second, []wireResume{{"room:42", "e1", 20, resumeOK}})),
+		{string(appendWelcome(nil, "c9f1", 15*time.Second, 30*time.Second, wireLimits{}, []wireResume{{"room:42", "e1", 20, resumeOK}})),
 			`{"op":"welcome","session":"c9f1","heartbeat":{"interval_ms":15000,"timeout_ms":30000},"resume":[{"topic":"room:42","epoch":"e1","seq":20,"status":"ok"}]}`},
+		{string(appendWelcome(nil, "c9f1", 15*time.Second, 30*time.Second, wireLimits{0.5, 20}, nil)),
+			`{"op":"welcome","session":"c9f1","heartbeat":{"interval_ms":15000,"timeout_ms":30000},"limits":{"msgs_per_s":0.5,"burst":20}}`},
 		{string(appendPing(nil, 1700000000000)), `{"op":"ping","ts":1700000000000}`},
 		{string(appendPong(nil, 1700000000000)), `{"op":"pong","ts":1700000000000}`},
 		{string(appendAck(nil, "s1")), `{"op":"ack","id":"s1"}`},
@@ -586,7 +588,7 @@ func protoEncode(f frame) []byte {
 	case opSend:
 		return appendSend(nil, f.data, f.id)
 	case opWelcome:
-		return appendWelcome(nil, f.session, f.interval, f.timeout, f.resume)
+		return appendWelcome(nil, f.session, f.interval, f.timeout, f.limits, f.resume)
 	case opMsg:
 		return appendMsg(nil, f.topic, f.epoch, f.seq, f.data)
 	case opPresence:
