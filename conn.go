@@ -250,31 +250,27 @@ func (c *Conn) Ping(ctx context.Context) (time.Duration, error) {
 // After the conn has ended, Send returns an error that wraps
 // [net.ErrClosed]. ctx is only checked on entry: Send never blocks.
 //
-// On a hub conn that speaks protocol v1, data must be a JSON value: it is
-// sent as a direct msg (see PROTOCOL.md), and anything else returns
-// [ErrNotJSON].
+// On a conn that speaks protocol v1, data must be a JSON value, and
+// anything else returns [ErrNotJSON]: a hub conn sends it as a direct msg,
+// a [Client]'s conn as a send (see PROTOCOL.md).
 func (c *Conn) Send(ctx context.Context, data []byte) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	if !c.coalesce {
+		return c.enqueue(append([]byte(nil), data...))
+	}
+	// A protocol v1 peer reads protocol messages: data travels as a direct
+	// msg from a hub, as a send to the server application from a client.
+	raw, err := compactData(data)
+	if err != nil {
+		return fmt.Errorf("tether: send: %w", ErrNotJSON)
+	}
+	buf := make([]byte, 0, len(raw)+len(`{"op":"send","data":}`))
 	if c.pings != nil {
-		// A client's data for the server application travels as a send.
-		raw, err := compactData(data)
-		if err != nil {
-			return fmt.Errorf("tether: send: %w", ErrNotJSON)
-		}
-		return c.enqueue(appendSend(make([]byte, 0, len(raw)+len(`{"op":"send","data":}`)), raw, ""))
+		return c.enqueue(appendSend(buf, raw, ""))
 	}
-	if c.coalesce {
-		// A protocol v1 peer reads protocol messages: data travels as a
-		// direct msg.
-		raw, err := compactData(data)
-		if err != nil {
-			return fmt.Errorf("tether: send: %w", ErrNotJSON)
-		}
-		return c.enqueue(appendMsg(make([]byte, 0, len(raw)+len(`{"op":"msg","data":}`)), "", "", 0, raw))
-	}
-	return c.enqueue(append([]byte(nil), data...))
+	return c.enqueue(appendMsg(buf, "", "", 0, raw))
 }
 
 // enqueue queues msg, which the caller gives up: it may be shared by many
