@@ -41,6 +41,12 @@ type Hub struct {
 	cfg       *hubConfig
 	connCfg   *config // shared by every conn of the hub
 	onMessage func(*Conn, Message)
+	broker    Broker // nil: the hub is alone
+	node      *Node
+	// brokerDown is set while the broker reports its link lost: the hub
+	// then delivers to its own conns only, without waiting on the broker.
+	brokerDown  atomic.Bool
+	brokerClose sync.Once
 
 	conns  [shards]connShard
 	topics [shards]topicShard
@@ -93,9 +99,15 @@ type topic struct {
 	idx  map[*Conn]int // position in subs
 	nV1  int           // subscribers that speak protocol v1
 	pres *presence     // nil when the topic does not track presence
+
+	// With a broker: the position of the last message delivered to subs
+	// (zero until known), and the subscriptions waiting on Broker.Hold,
+	// which keep the topic in the index meanwhile.
+	pos     Position
+	pending int
 }
 
-func (t *topic) empty() bool { return len(t.subs) == 0 && t.pres.empty() }
+func (t *topic) empty() bool { return len(t.subs) == 0 && t.pres.empty() && t.pending == 0 }
 
 // hubConn is a conn's state in its hub.
 type hubConn struct {
@@ -113,6 +125,11 @@ type hubConn struct {
 	mu     sync.Mutex // guards topics and gone
 	topics map[string]struct{}
 	gone   bool
+
+	// With a broker, while the conn's offline backlog is fetched: the
+	// direct messages that arrive meanwhile, to queue after it. Guarded
+	// by the user's shard lock.
+	backlog *[][]byte
 }
 
 // maxSubscriptions bounds one conn's topics, so that a client cannot grow
@@ -171,6 +188,12 @@ func NewHub(opts ...HubOption) (*Hub, error) {
 		}
 	}
 	h.connCfg = &cc
+	if b := cfg.broker; b != nil {
+		h.broker, h.node = b, &Node{h: h, id: newConnID()}
+		if err := b.Open(h.node); err != nil {
+			return nil, fmt.Errorf("tether: broker: %w", err)
+		}
+	}
 	return h, nil
 }
 
@@ -322,24 +345,16 @@ func (h *Hub) register(c *Conn) {
 	if hc.user != "" {
 		// Before the registry: nothing sent to every conn (Broadcast) may
 		// overtake what was sent to this user earlier.
-		u := &h.users[h.shard(hc.user)]
-		u.mu.Lock()
-		u.m[hc.user] = append(u.m[hc.user], c)
-		delete(u.seen, hc.user)
-		msgs, err := h.cfg.offline.Take(context.Background(), hc.user)
-		if err != nil {
-			h.connCfg.logger.Warn("tether: offline store", "user", hc.user, "err", err)
+		if h.broker != nil {
+			h.registerShared(c)
+		} else {
+			u := &h.users[h.shard(hc.user)]
+			u.mu.Lock()
+			u.m[hc.user] = append(u.m[hc.user], c)
+			delete(u.seen, hc.user)
+			h.takeOffline(c, nil, nil)
+			u.mu.Unlock()
 		}
-		if !h.deliverDirect(c, msgs) {
-			// The conn ended already: keep the backlog, in order (u.mu
-			// holds off SendToUser for this user).
-			for _, m := range msgs {
-				if err := h.cfg.offline.Store(context.Background(), hc.user, m); err != nil {
-					h.connCfg.logger.Warn("tether: offline store", "user", hc.user, "err", err)
-				}
-			}
-		}
-		u.mu.Unlock()
 	}
 
 	s := &h.conns[h.shard(hc.id)]
@@ -359,6 +374,27 @@ func (h *Hub) register(c *Conn) {
 		// Shutdown began during the handshake, maybe after its sweep of
 		// the registry: this conn closes itself the same way.
 		c.Close(websocket.StatusGoingAway, retryHint(h.Len()))
+	}
+}
+
+// takeOffline queues for c, under its user's lock, the messages first
+// (the broker's backlog), then those the hub's own offline store kept,
+// then later (sent while the broker answered).
+func (h *Hub) takeOffline(c *Conn, first, later [][]byte) {
+	user := c.hc.user
+	msgs, err := h.cfg.offline.Take(context.Background(), user)
+	if err != nil {
+		h.connCfg.logger.Warn("tether: offline store", "user", user, "err", err)
+	}
+	msgs = append(append(first, msgs...), later...)
+	if !h.deliverDirect(c, msgs) {
+		// The conn ended already: keep the backlog, in order (the user's
+		// lock holds off SendToUser for this user).
+		for _, m := range msgs {
+			if err := h.cfg.offline.Store(context.Background(), user, m); err != nil {
+				h.connCfg.logger.Warn("tether: offline store", "user", user, "err", err)
+			}
+		}
 	}
 }
 
@@ -428,6 +464,9 @@ func (h *Hub) unregister(c *Conn, reason error) {
 		if len(list) == 0 {
 			delete(u.m, hc.user)
 			u.remember(hc.user, time.Now())
+			if h.broker != nil {
+				h.broker.Disconnect(hc.user)
+			}
 		} else {
 			u.m[hc.user] = list
 		}
@@ -540,11 +579,35 @@ func (h *Hub) SendToUser(userID string, data []byte) error {
 	if err != nil {
 		return err
 	}
+	if h.broker != nil && !h.brokerDown.Load() {
+		ctx, cancel := brokerContext()
+		err := h.broker.SendToUser(ctx, userID, raw)
+		cancel()
+		if err == nil || errors.Is(err, ErrOfflineFull) {
+			return err
+		}
+		h.count.localOnly.Add(1)
+	}
 	u := &h.users[h.shard(userID)]
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	if !h.sendToUserLocked(userID, raw, v1) {
+		return h.cfg.offline.Store(context.Background(), userID, raw)
+	}
+	return nil
+}
+
+// sendToUserLocked queues a direct message for the user's conns, its
+// user shard locked, and reports whether any took it. A conn still
+// taking its offline backlog from the broker gets it after the backlog.
+func (h *Hub) sendToUserLocked(userID string, raw, v1 []byte) bool {
 	taken := false
-	for _, c := range u.m[userID] {
+	for _, c := range h.users[h.shard(userID)].m[userID] {
+		if b := c.hc.backlog; b != nil {
+			*b = append(*b, raw)
+			taken = true
+			continue
+		}
 		var err error
 		if c.coalesce {
 			err = c.enqueue(v1)
@@ -554,10 +617,7 @@ func (h *Hub) SendToUser(userID string, data []byte) error {
 		// A conn that ended but is not unregistered yet takes nothing.
 		taken = taken || !errors.Is(err, net.ErrClosed)
 	}
-	if !taken {
-		return h.cfg.offline.Store(context.Background(), userID, raw)
-	}
-	return nil
+	return taken
 }
 
 // Publish sends data to the subscribers of topic, as a topic message with
@@ -585,6 +645,9 @@ func (h *Hub) Publish(topic string, data []byte) error {
 // peers, compact (the same slice unless raw spans lines) for the history
 // and v1 peers.
 func (h *Hub) publish(name string, raw, data []byte) error {
+	if h.broker != nil {
+		return h.publishShared(name, data)
+	}
 	s := &h.topics[h.shard(name)]
 	s.mu.Lock()
 	t := s.m[name]
@@ -607,9 +670,17 @@ func (h *Hub) publish(name string, raw, data []byte) error {
 		return historyErr(err)
 	}
 	h.count.published.Add(1)
+	h.fanOutLocked(t, pos, raw, data)
+	return nil
+}
+
+// fanOutLocked queues a message of t, which is locked, for its
+// subscribers: raw as it is for raw peers, data in a topic message at
+// pos for v1 peers.
+func (h *Hub) fanOutLocked(t *topic, pos Position, raw, data []byte) {
 	var v1 []byte
 	if t.nV1 > 0 {
-		v1 = appendMsg(make([]byte, 0, len(data)+len(name)+len(pos.Epoch)+64), name, pos.Epoch, pos.Seq, data)
+		v1 = appendMsg(make([]byte, 0, len(data)+len(t.name)+len(pos.Epoch)+64), t.name, pos.Epoch, pos.Seq, data)
 	}
 	for _, c := range t.subs {
 		if c.coalesce {
@@ -618,7 +689,6 @@ func (h *Hub) publish(name string, raw, data []byte) error {
 			c.enqueue(raw)
 		}
 	}
-	return nil
 }
 
 func historyErr(err error) error { return fmt.Errorf("tether: history: %w", err) }
@@ -646,22 +716,71 @@ func (h *Hub) subscribe(c *Conn, name string, since *wireSince, id string) error
 	if hc == nil || hc.hub != h {
 		return errNotMember
 	}
+	if h.broker == nil {
+		_, err := h.subscribeOnce(c, name, since, id, false)
+		return err
+	}
+	hc.mu.Lock()
+	_, already := hc.topics[name]
+	hc.mu.Unlock()
+	if already {
+		_, err := h.subscribeOnce(c, name, since, id, false)
+		return err
+	}
+	// The broker is asked to hold the topic without any lock held; the
+	// topic is pinned meanwhile, so that the presence snapshot that Hold
+	// delivers finds it.
+	t := h.lockTopic(name)
+	t.pending++
+	t.mu.Unlock()
+	ctx, cancel := brokerContext()
+	if err := h.broker.Hold(ctx, name); err != nil {
+		h.connCfg.logger.Debug("tether: broker hold", "topic", name, "err", err)
+	}
+	cancel()
+	added, err := h.subscribeOnce(c, name, since, id, true)
+	if !added {
+		h.broker.Release(name)
+	}
+	return err
+}
+
+// subscribeOnce carries out subscribe under c's and the topic's locks,
+// and reports whether it added c to the topic's subscribers. pinned is
+// set when subscribe has pinned the topic.
+func (h *Hub) subscribeOnce(c *Conn, name string, since *wireSince, id string, pinned bool) (bool, error) {
+	hc := c.hc
 	hc.mu.Lock()
 	defer hc.mu.Unlock()
+	var t *topic
+	if pinned {
+		t = h.lockTopic(name)
+		t.pending--
+	}
 	if hc.gone {
-		return fmt.Errorf("tether: subscribe: %w", net.ErrClosed)
+		if t != nil {
+			h.unlockTopic(t)
+		}
+		return false, fmt.Errorf("tether: subscribe: %w", net.ErrClosed)
 	}
 	_, already := hc.topics[name]
 	if !already && len(hc.topics) >= maxSubscriptions {
-		return &ProtocolError{Code: CodeBadRequest, Reason: "too many subscriptions (the limit is " + strconv.Itoa(maxSubscriptions) + ")", ID: id}
+		if t != nil {
+			h.unlockTopic(t)
+		}
+		return false, &ProtocolError{Code: CodeBadRequest, Reason: "too many subscriptions (the limit is " + strconv.Itoa(maxSubscriptions) + ")", ID: id}
 	}
 
-	t := h.lockTopic(name)
+	if t == nil {
+		t = h.lockTopic(name)
+	}
 	var catchUp [][]byte
 	var last Position
 	var err error
 	switch {
 	case already:
+	case h.broker != nil:
+		catchUp, last, err = h.catchUpShared(c, t, since, id)
 	case since != nil:
 		catchUp, last, err = h.catchUp(c, name, since)
 	case id != "" && c.coalesce:
@@ -671,7 +790,7 @@ func (h *Hub) subscribe(c *Conn, name string, since *wireSince, id string) error
 	}
 	if err != nil {
 		h.unlockTopic(t)
-		return &ProtocolError{Code: CodeInternal, Reason: "history unavailable", ID: id}
+		return false, &ProtocolError{Code: CodeInternal, Reason: "history unavailable", ID: id}
 	}
 	switch {
 	case id == "":
@@ -703,7 +822,7 @@ func (h *Hub) subscribe(c *Conn, name string, since *wireSince, id string) error
 		}
 	}
 	h.unlockTopic(t)
-	return nil
+	return !already, nil
 }
 
 // catchUp returns what a v1 client resuming at since must receive before
@@ -719,8 +838,15 @@ func (h *Hub) catchUp(c *Conn, name string, since *wireSince) ([][]byte, Positio
 	if !ok {
 		return [][]byte{appendResync(nil, name, last.Epoch)}, last, nil
 	}
+	return replay(c, name, entries, last), last, nil
+}
+
+// replay encodes entries of topic name, which end at last, for c: joined
+// in queue entries of up to maxCoalesced bytes, or as a resync when they
+// would not fit in c's queue.
+func replay(c *Conn, name string, entries []HistoryEntry, last Position) [][]byte {
 	if len(entries) == 0 {
-		return nil, last, nil
+		return nil
 	}
 	// Frames of up to maxCoalesced, as the writer would make them, so
 	// that a client's read limit is never hit by a replay.
@@ -738,10 +864,10 @@ func (h *Hub) catchUp(c *Conn, name string, since *wireSince) ([][]byte, Positio
 		b = appendMsg(b, name, last.Epoch, e.Seq, e.Data)
 		if total += len(b) - n; total > c.cfg.queueBytes/2 {
 			// Too much to queue without crowding out live messages.
-			return [][]byte{appendResync(nil, name, last.Epoch)}, last, nil
+			return [][]byte{appendResync(nil, name, last.Epoch)}
 		}
 	}
-	return append(out, b), last, nil
+	return append(out, b)
 }
 
 // lockTopic returns the topic called name, locked, creating it if needed.
@@ -809,7 +935,8 @@ func (h *Hub) leave(c *Conn, name string) {
 	}
 	t.mu.Lock()
 	s.mu.Unlock()
-	if i, ok := t.idx[c]; ok {
+	i, subscribed := t.idx[c]
+	if subscribed {
 		last := len(t.subs) - 1
 		t.subs[i] = t.subs[last]
 		t.idx[t.subs[i]] = i
@@ -823,7 +950,13 @@ func (h *Hub) leave(c *Conn, name string) {
 	if t.pres != nil && c.hc.user != "" {
 		h.presenceLeave(t, c)
 	}
+	if h.broker != nil {
+		t.forgetRemoteLocked()
+	}
 	h.unlockTopic(t)
+	if h.broker != nil && subscribed {
+		h.broker.Release(name)
+	}
 }
 
 // Topics returns the topics c is subscribed to.
@@ -934,6 +1067,11 @@ func (h *Hub) shutdown(ctx context.Context, graceful bool) error {
 		<-h.drained
 	}
 	h.stopTimers()
+	if h.broker != nil {
+		if cerr := h.closeBroker(); err == nil {
+			err = cerr
+		}
+	}
 	return err
 }
 

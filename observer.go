@@ -22,6 +22,10 @@ type Observer struct {
 	// locks of the topic or registry it is delivering to: it must not call
 	// methods of the Hub or the Conn.
 	Drop func(c *Conn, messages int)
+	// Broker reports a hub's broker (see [WithBroker]) losing its link,
+	// with the error, and regaining it, with nil. It runs on the broker's
+	// goroutine.
+	Broker func(err error)
 }
 
 // Stats is a snapshot of a hub's counters, from [Hub.Stats]. Counters
@@ -46,6 +50,11 @@ type Stats struct {
 	BadRequests uint64 // inbound messages the hub could not read
 	Denied      uint64 // subscriptions and publications refused by the application
 
+	// With a broker: times its link was lost, and publications and direct
+	// messages delivered on this node only because it was.
+	BrokerOutages uint64
+	LocalOnly     uint64
+
 	// RTT summarises the round trips of heartbeat pings.
 	RTT RTTSummary
 }
@@ -63,7 +72,8 @@ type RTTSummary struct {
 type stats struct {
 	conns, topics atomic.Int64
 	connects, disconnects, published, drops, evictions, deadPeers,
-	suspects, pings, rateLimited, badRequests, denied atomic.Uint64
+	suspects, pings, rateLimited, badRequests, denied,
+	brokerOutages, localOnly atomic.Uint64
 	rtt rttHistogram
 }
 
@@ -124,20 +134,22 @@ func (r *rttHistogram) summary() RTTSummary {
 func (h *Hub) Stats() Stats {
 	c := &h.count
 	s := Stats{
-		Conns:       int(c.conns.Load()),
-		Topics:      int(c.topics.Load()),
-		Connects:    c.connects.Load(),
-		Disconnects: c.disconnects.Load(),
-		Published:   c.published.Load(),
-		Drops:       c.drops.Load(),
-		Evictions:   c.evictions.Load(),
-		DeadPeers:   c.deadPeers.Load(),
-		Suspects:    c.suspects.Load(),
-		Pings:       c.pings.Load(),
-		RateLimited: c.rateLimited.Load(),
-		BadRequests: c.badRequests.Load(),
-		Denied:      c.denied.Load(),
-		RTT:         c.rtt.summary(),
+		Conns:         int(c.conns.Load()),
+		Topics:        int(c.topics.Load()),
+		Connects:      c.connects.Load(),
+		Disconnects:   c.disconnects.Load(),
+		Published:     c.published.Load(),
+		Drops:         c.drops.Load(),
+		Evictions:     c.evictions.Load(),
+		DeadPeers:     c.deadPeers.Load(),
+		Suspects:      c.suspects.Load(),
+		Pings:         c.pings.Load(),
+		RateLimited:   c.rateLimited.Load(),
+		BadRequests:   c.badRequests.Load(),
+		Denied:        c.denied.Load(),
+		BrokerOutages: c.brokerOutages.Load(),
+		LocalOnly:     c.localOnly.Load(),
+		RTT:           c.rtt.summary(),
 	}
 	for _, conn := range h.snapshot() {
 		conn.mu.Lock()

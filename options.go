@@ -72,6 +72,7 @@ type hubConfig struct {
 	subscribeAuth  func(*Conn, string) bool
 	history        History
 	offline        OfflineStore
+	broker         Broker
 	presenceTopics func(string) bool // nil: every topic
 	presenceGrace  time.Duration
 	onConnect      func(*Conn)
@@ -182,6 +183,24 @@ func WithHistory(hist History) HubOption {
 // messages and 256 KiB per user, kept 24 hours, 64 MiB in all.
 func WithOfflineStore(s OfflineStore) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.offline = s })
+}
+
+// WithBroker links the hub with the hubs of other processes through b
+// (see [Broker]; tether/redisbroker is one over Redis): topics, direct
+// messages, history, offline messages and presence are then shared, and
+// [Hub.Publish], [Hub.SendToUser], [Hub.Presence] and [Hub.Online] answer
+// for every node. [Hub.Broadcast] and [Hub.LastSeen] stay this hub's own.
+// The hub opens b in NewHub and closes it when it is shut down.
+//
+// The broker's shared history replaces [WithHistory]'s for publications,
+// and raw peers get the one-line form of the data published (a v1 peer
+// gets that anyway). While the broker reports its link lost, the hub
+// delivers to its own conns only: publications under an epoch of its
+// own, numbered by its own history, so that clients resync when the link
+// is back; direct messages to the user's conns here, or to the hub's
+// own offline store.
+func WithBroker(b Broker) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.broker = b })
 }
 
 // WithPresence sets which topics track presence (nil: every topic) and

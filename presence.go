@@ -2,6 +2,7 @@ package tether
 
 import (
 	"encoding/json"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -45,6 +46,13 @@ type presentUser struct {
 	conns     []*Conn
 	announced bool      // subscribers have been told of the join
 	goneAt    time.Time // when the last conn left; zero while one is here
+
+	// With a broker: the user's conns on the topic at other nodes, by
+	// node; whether the broker knows of the user's presence here, and
+	// whether conns changed since it was told.
+	remote  map[string][]MemberConn
+	joined  bool
+	changed bool
 }
 
 func (p *presence) empty() bool { return p == nil || len(p.users) == 0 }
@@ -64,10 +72,15 @@ func (p *presence) snapshot(topic string) []byte {
 
 // meta is what a join shows of the user: its first conn's metadata.
 func (u *presentUser) meta() json.RawMessage {
-	if len(u.conns) == 0 {
-		return nil
+	if len(u.conns) > 0 {
+		return u.conns[0].hc.meta
 	}
-	return u.conns[0].hc.meta
+	for _, n := range slices.Sorted(maps.Keys(u.remote)) {
+		if cs := u.remote[n]; len(cs) > 0 {
+			return cs[0].Meta
+		}
+	}
+	return nil
 }
 
 // presenceJoin records that c, whose user is set, is on topic t, which is
@@ -81,7 +94,8 @@ func (h *Hub) presenceJoin(t *topic, c *Conn) {
 	}
 	u.conns = append(u.conns, c)
 	u.goneAt = time.Time{}
-	if !u.announced {
+	u.changed = true
+	if !u.announced || h.broker != nil {
 		h.armPresence(t, time.Now().Add(defaultPresenceSettle))
 	}
 }
@@ -97,10 +111,14 @@ func (h *Hub) presenceLeave(t *topic, c *Conn) {
 	if i := slices.Index(u.conns, c); i >= 0 {
 		u.conns = slices.Delete(u.conns, i, i+1)
 	}
+	u.changed = true
 	if len(u.conns) > 0 {
+		if u.joined {
+			h.armPresence(t, time.Now().Add(defaultPresenceSettle))
+		}
 		return
 	}
-	if !u.announced {
+	if !u.announced && !u.joined && len(u.remote) == 0 {
 		delete(t.pres.users, user) // came and went unseen
 		return
 	}
@@ -141,22 +159,36 @@ func (h *Hub) announce(t *topic) {
 	var ev PresenceEvent
 	var next time.Time
 	for id, u := range p.users {
+		local := len(u.conns) > 0
+		due := u.goneAt.Add(h.cfg.presenceGrace)
+		grace := !local && !u.goneAt.IsZero() && now.Before(due)
+		if grace && (next.IsZero() || due.Before(next)) {
+			next = due
+		}
+		if h.broker != nil {
+			// The other nodes learn of this node's changes as its own
+			// subscribers do: joins once settled, leaves after the grace.
+			switch {
+			case local && u.changed:
+				h.broker.Join(t.name, id, u.localConns())
+				u.joined, u.changed = true, false
+			case !local && !grace && u.joined:
+				h.broker.Leave(t.name, id)
+				u.joined = false
+			}
+		}
 		switch {
-		case len(u.conns) > 0 && !u.announced:
+		case (local || len(u.remote) > 0) && !u.announced:
 			u.announced = true
 			joins = append(joins, wireMember{user: id, meta: u.meta()})
 			if h.cfg.onPresence != nil {
 				ev.Joins = append(ev.Joins, u.member(id))
 			}
-		case len(u.conns) == 0:
-			due := u.goneAt.Add(h.cfg.presenceGrace)
-			if now.Before(due) {
-				if next.IsZero() || due.Before(next) {
-					next = due
-				}
+		case !local && !grace && len(u.remote) == 0:
+			delete(p.users, id)
+			if !u.announced {
 				continue
 			}
-			delete(p.users, id)
 			leaves = append(leaves, wireMember{user: id})
 			if h.cfg.onPresence != nil {
 				ev.Leaves = append(ev.Leaves, Member{UserID: id})
@@ -191,12 +223,74 @@ func nonNil(ms []wireMember) []wireMember {
 	return ms
 }
 
+// member returns the user as a Member, with its conns here and, after
+// them, those on other nodes.
 func (u *presentUser) member(id string) Member {
-	m := Member{UserID: id, Conns: make([]MemberConn, len(u.conns))}
-	for i, c := range u.conns {
-		m.Conns[i] = MemberConn{ID: c.hc.id, Meta: c.hc.meta}
+	m := Member{UserID: id, Conns: u.localConns()}
+	for _, n := range slices.Sorted(maps.Keys(u.remote)) {
+		m.Conns = append(m.Conns, u.remote[n]...)
 	}
 	return m
+}
+
+func (u *presentUser) localConns() []MemberConn {
+	out := make([]MemberConn, len(u.conns))
+	for i, c := range u.conns {
+		out[i] = MemberConn{ID: c.hc.id, Meta: c.hc.meta}
+	}
+	return out
+}
+
+// remotePresence is Node.Presence.
+func (h *Hub) remotePresence(name string, members []RemoteMember, snapshot bool) {
+	s := &h.topics[h.shard(name)]
+	s.mu.Lock()
+	t := s.m[name]
+	if t == nil || t.pres == nil {
+		s.mu.Unlock()
+		return
+	}
+	t.mu.Lock()
+	s.mu.Unlock()
+	p := t.pres
+	if snapshot {
+		for _, u := range p.users {
+			u.remote = nil
+		}
+	}
+	for _, m := range members {
+		u := p.users[m.UserID]
+		if len(m.Conns) == 0 {
+			if u != nil {
+				delete(u.remote, m.Node)
+			}
+			continue
+		}
+		if u == nil {
+			u = &presentUser{}
+			p.users[m.UserID] = u
+		}
+		if u.remote == nil {
+			u.remote = make(map[string][]MemberConn)
+		}
+		u.remote[m.Node] = m.Conns
+	}
+	h.armPresence(t, time.Now())
+	h.unlockTopic(t)
+}
+
+// forgetRemoteLocked drops what t, locked, knows of other nodes' presence
+// once it has no subscriber here: the broker no longer tells it.
+func (t *topic) forgetRemoteLocked() {
+	if t.pres == nil || len(t.subs) > 0 || t.pending > 0 {
+		return
+	}
+	for id, u := range t.pres.users {
+		u.remote = nil
+		if len(u.conns) == 0 && u.goneAt.IsZero() {
+			delete(t.pres.users, id)
+		}
+	}
 }
 
 // stopTimers stops the presence timers once every conn has gone, and
@@ -222,13 +316,27 @@ func (h *Hub) stopTimers() {
 // Presence returns the users present on topic, sorted by user ID, with
 // their conns on it. A user whose last conn left less than the grace
 // period ago (see [WithPresence]) is still present, with no conns.
+//
+// With a broker, the answer covers every node: from what the hub was
+// told while it has a subscriber to topic, and from the broker otherwise
+// (without the users in their grace period there).
 func (h *Hub) Presence(topic string) []Member {
 	s := &h.topics[h.shard(topic)]
 	s.mu.Lock()
 	t := s.m[topic]
-	if t == nil {
+	if t == nil || h.broker != nil && len(t.subs) == 0 {
 		s.mu.Unlock()
-		return nil
+		if h.broker != nil && !h.brokerDown.Load() {
+			ctx, cancel := brokerContext()
+			defer cancel()
+			if m, err := h.broker.Members(ctx, topic); err == nil {
+				return m
+			}
+		}
+		if t == nil {
+			return nil
+		}
+		s.mu.Lock()
 	}
 	t.mu.Lock()
 	s.mu.Unlock()
@@ -244,12 +352,21 @@ func (h *Hub) Presence(topic string) []Member {
 	return out
 }
 
-// Online reports whether the user has a live conn on this hub.
+// Online reports whether the user has a live conn on this hub or, with a
+// broker, on any node (this hub's answer alone while the broker cannot
+// be reached).
 func (h *Hub) Online(userID string) bool {
 	u := &h.users[h.shard(userID)]
 	u.mu.Lock()
-	defer u.mu.Unlock()
-	return len(u.m[userID]) > 0
+	here := len(u.m[userID]) > 0
+	u.mu.Unlock()
+	if here || h.broker == nil || h.brokerDown.Load() {
+		return here
+	}
+	ctx, cancel := brokerContext()
+	defer cancel()
+	on, err := h.broker.Online(ctx, userID)
+	return err == nil && on
 }
 
 // LastSeen returns when the user was last heard from: the latest frame

@@ -1,0 +1,265 @@
+package tether
+
+import (
+	"context"
+)
+
+// This file is the hub's side of a Broker (see broker.go): publishing
+// through it, and taking what it delivers. Each topic the node holds has
+// a cursor, t.pos, the position of the last message its subscribers were
+// sent; every message goes through deliverLocked, which keeps the
+// subscribers' stream free of repeats and holes whatever the broker does.
+
+// publishShared publishes data through the broker, which delivers it back
+// to this node along with every other node's. While the broker cannot be
+// reached, this node's subscribers still get it.
+func (h *Hub) publishShared(name string, data []byte) error {
+	if !h.brokerDown.Load() {
+		ctx, cancel := brokerContext()
+		_, err := h.broker.Publish(ctx, name, data)
+		cancel()
+		if err == nil {
+			h.count.published.Add(1)
+			return nil
+		}
+	}
+	// Numbered by the hub's own history, whose epochs are never the
+	// broker's: subscribers see a new epoch now and another when the link
+	// is back, and resync then.
+	h.count.published.Add(1)
+	h.count.localOnly.Add(1)
+	s := &h.topics[h.shard(name)]
+	s.mu.Lock()
+	t := s.m[name]
+	if t == nil {
+		s.mu.Unlock()
+		return nil
+	}
+	t.mu.Lock()
+	s.mu.Unlock()
+	defer t.mu.Unlock()
+	pos, err := h.cfg.history.Append(context.Background(), name, data)
+	if err != nil {
+		return historyErr(err)
+	}
+	h.deliverLocked(t, pos, data, false)
+	return nil
+}
+
+// deliverRemote is Node.Deliver.
+func (h *Hub) deliverRemote(name string, pos Position, data []byte) {
+	s := &h.topics[h.shard(name)]
+	s.mu.Lock()
+	t := s.m[name]
+	if t == nil {
+		s.mu.Unlock()
+		return // no subscriber here any more
+	}
+	t.mu.Lock()
+	s.mu.Unlock()
+	defer t.mu.Unlock()
+	h.deliverLocked(t, pos, data, true)
+}
+
+// deliverLocked sends t's message at pos to its subscribers, t locked,
+// unless they had it: a message that skips some is preceded by those
+// skipped, replayed from the broker when shared is set and it still has
+// them, or else by a resync.
+func (h *Hub) deliverLocked(t *topic, pos Position, data []byte, shared bool) {
+	switch {
+	case t.pos.Epoch == "":
+	case pos.Epoch == t.pos.Epoch && pos.Seq <= t.pos.Seq:
+		return
+	case pos.Epoch == t.pos.Epoch && pos.Seq == t.pos.Seq+1:
+	case shared && h.fillLocked(t, pos):
+	default:
+		h.resyncLocked(t, pos.Epoch)
+	}
+	t.pos = pos
+	h.fanOutLocked(t, pos, data, data)
+}
+
+// fillLocked sends t's subscribers the messages between t.pos and to,
+// from the broker's history, and reports whether it could.
+func (h *Hub) fillLocked(t *topic, to Position) bool {
+	ctx, cancel := brokerContext()
+	entries, last, ok, err := h.broker.Since(ctx, t.name, t.pos)
+	cancel()
+	if err != nil || !ok || last.Epoch != to.Epoch || last.Seq+1 < to.Seq {
+		return false
+	}
+	for _, e := range entries {
+		if e.Seq >= to.Seq {
+			break
+		}
+		t.pos = Position{Epoch: to.Epoch, Seq: e.Seq}
+		h.fanOutLocked(t, t.pos, e.Data, e.Data)
+	}
+	return true
+}
+
+// catchUpLocked brings t's subscribers up to the broker's last message,
+// after the link was lost: what the broker missed delivering is replayed
+// when it still has it, and a resync sent otherwise.
+func (h *Hub) catchUpLocked(t *topic) {
+	ctx, cancel := brokerContext()
+	entries, last, ok, err := h.broker.Since(ctx, t.name, t.pos)
+	cancel()
+	switch {
+	case err != nil:
+		return // lost again: the next Health(nil) tries again
+	case t.pos.Epoch == "":
+	case !ok:
+		h.resyncLocked(t, last.Epoch)
+	default:
+		for _, e := range entries {
+			h.fanOutLocked(t, Position{Epoch: last.Epoch, Seq: e.Seq}, e.Data, e.Data)
+		}
+	}
+	t.pos = last
+}
+
+// resyncLocked tells t's v1 subscribers that they missed messages that
+// cannot be replayed.
+func (h *Hub) resyncLocked(t *topic, epoch string) {
+	var msg []byte
+	for _, c := range t.subs {
+		if c.coalesce {
+			if msg == nil {
+				msg = appendResync(nil, t.name, epoch)
+			}
+			c.enqueue(msg)
+		}
+	}
+}
+
+// catchUpShared is catchUp with a broker, t locked: it returns what c
+// resuming at since (nil: not resuming) must receive before live
+// messages, and t's cursor, where they start.
+func (h *Hub) catchUpShared(c *Conn, t *topic, since *wireSince, id string) ([][]byte, Position, error) {
+	if t.pos.Epoch == "" {
+		ctx, cancel := brokerContext()
+		_, last, _, err := h.broker.Since(ctx, t.name, Position{})
+		cancel()
+		if err != nil {
+			if since == nil {
+				return nil, Position{}, nil // a plain ack: no position to give
+			}
+			return nil, Position{}, err
+		}
+		t.pos = last
+	}
+	if since == nil {
+		return nil, t.pos, nil
+	}
+	pos := Position{Epoch: since.epoch, Seq: since.seq}
+	resync := [][]byte{appendResync(nil, t.name, t.pos.Epoch)}
+	if pos.Epoch != t.pos.Epoch {
+		return resync, t.pos, nil
+	}
+	if pos.Seq == t.pos.Seq {
+		return nil, t.pos, nil
+	}
+	ctx, cancel := brokerContext()
+	entries, last, ok, err := h.broker.Since(ctx, t.name, pos)
+	cancel()
+	switch {
+	case err != nil:
+		return nil, t.pos, err
+	case !ok || last.Epoch != t.pos.Epoch || last.Seq < t.pos.Seq:
+		return resync, t.pos, nil
+	}
+	// Live messages go on after t.pos: replay up to there. A client
+	// ahead of t.pos (it saw them on another node) ignores the live ones
+	// it has.
+	n := 0
+	for n < len(entries) && entries[n].Seq <= t.pos.Seq {
+		n++
+	}
+	return replay(c, t.name, entries[:n], t.pos), t.pos, nil
+}
+
+// registerShared adds c, whose user is set, to the user index and queues
+// its offline backlog from the broker, without holding the user's lock
+// while the broker answers: direct messages arriving meanwhile wait in
+// c's backlog, and follow it.
+func (h *Hub) registerShared(c *Conn) {
+	hc := c.hc
+	u := &h.users[h.shard(hc.user)]
+	var later [][]byte
+	u.mu.Lock()
+	u.m[hc.user] = append(u.m[hc.user], c)
+	delete(u.seen, hc.user)
+	hc.backlog = &later
+	u.mu.Unlock()
+
+	ctx, cancel := brokerContext()
+	kept, err := h.broker.Connect(ctx, hc.user)
+	cancel()
+	if err != nil {
+		h.connCfg.logger.Debug("tether: broker connect", "user", hc.user, "err", err)
+	}
+
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	hc.backlog = nil
+	h.takeOffline(c, kept, later)
+}
+
+// deliverUser is Node.DeliverUser.
+func (h *Hub) deliverUser(userID string, data []byte) bool {
+	compact, err := compactData(data)
+	if err != nil {
+		return true // not from SendToUser: nothing anyone could read
+	}
+	v1 := appendMsg(make([]byte, 0, len(compact)+24), "", "", 0, compact)
+	u := &h.users[h.shard(userID)]
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return h.sendToUserLocked(userID, data, v1)
+}
+
+// brokerHealth is Node.Health.
+func (h *Hub) brokerHealth(err error) {
+	if err != nil {
+		if h.brokerDown.CompareAndSwap(false, true) {
+			h.count.brokerOutages.Add(1)
+			h.connCfg.logger.Warn("tether: broker link lost: delivering on this node only", "err", err)
+			if f := h.connCfg.observer.Broker; f != nil {
+				f(err)
+			}
+		}
+		return
+	}
+	if !h.brokerDown.CompareAndSwap(true, false) {
+		return
+	}
+	h.connCfg.logger.Info("tether: broker link back")
+	if f := h.connCfg.observer.Broker; f != nil {
+		f(nil)
+	}
+	var held []*topic
+	for i := range h.topics {
+		s := &h.topics[i]
+		s.mu.Lock()
+		for _, t := range s.m {
+			held = append(held, t)
+		}
+		s.mu.Unlock()
+	}
+	for _, t := range held {
+		t.mu.Lock()
+		if len(t.subs) > 0 {
+			h.catchUpLocked(t)
+		}
+		t.mu.Unlock()
+	}
+}
+
+// closeBroker closes the broker once, when the hub's conns and timers are
+// gone.
+func (h *Hub) closeBroker() error {
+	var err error
+	h.brokerClose.Do(func() { err = h.broker.Close() })
+	return err
+}

@@ -1,0 +1,940 @@
+// Package redisbroker links tether hubs in several processes through a
+// Redis server: it is a [tether.Broker].
+//
+//	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:6379"})
+//	hub, err := tether.NewHub(tether.WithBroker(redisbroker.New(rdb)))
+//	...
+//	hub.Shutdown(ctx) // closes the broker
+//	rdb.Close()
+//
+// A topic's publications are numbered and kept in a Redis stream by one
+// Lua script, which also publishes them on the topic's pub/sub channel,
+// so every node sees one order. A node subscribes to a topic's channel
+// only while one of its conns holds the topic. Direct messages go to the
+// channel of each node where the user has a conn, or to the user's
+// offline stream. Presence lives in a hash per topic, written by each
+// node for its own users; each node renews its own expiry in a sorted set
+// (its heartbeat), and when a node stops renewing, another removes what
+// it recorded and announces its users' leaves.
+//
+// When Redis cannot be reached the broker says so to the hub, which goes
+// on delivering to its own conns, and reconnects with the backoff of
+// [WithBackoff]; once back it re-subscribes, writes its users and
+// presence again, and the hub catches up every topic it holds.
+//
+// Redis Cluster is not supported: the scripts touch keys of several
+// slots. A single server, or one behind Sentinel, is.
+package redisbroker
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/tether-ws/tether"
+)
+
+// ErrUnavailable is returned, wrapped, while the broker has no working
+// link to Redis.
+var ErrUnavailable = errors.New("redisbroker: redis unavailable")
+
+// Broker is a [tether.Broker] over Redis. Create it with [New] and pass
+// it to [tether.WithBroker]; it serves one hub.
+type Broker struct {
+	rdb redis.UniversalClient
+	cfg config
+	log *slog.Logger
+
+	node *tether.Node
+	id   string
+
+	ctx    context.Context // ends with Close
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex // guards the fields below
+	ps      *redis.PubSub
+	gen     uint64 // counts sessions: a Hold waiting on one that ended gives up
+	up      bool   // subscribed and reconciled: calls go to Redis
+	holds   map[string]*hold
+	users   map[string]struct{}                       // users with a conn here
+	present map[string]map[string][]tether.MemberConn // topic → user → conns here
+	ops     []op                                      // for the writer, in order
+	wake    chan struct{}
+	closing bool
+}
+
+// hold is a topic's references and the SUBSCRIBEs sent for it.
+type hold struct {
+	n               int
+	sent, confirmed uint64
+	changed         chan struct{} // closed and replaced at each confirmation
+	channel         string
+}
+
+// op is a write that the writer goroutine makes in order.
+type op struct {
+	run   func(ctx context.Context) ([][]byte, error)
+	reply chan opResult // nil: nobody waits
+}
+
+type opResult struct {
+	msgs [][]byte
+	err  error
+}
+
+// New returns a broker over rdb, configured by opts. It does not own rdb:
+// close rdb after the hub has shut down.
+func New(rdb redis.UniversalClient, opts ...Option) *Broker {
+	cfg := defaults()
+	for _, o := range opts {
+		o(&cfg)
+	}
+	log := cfg.logger
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Broker{
+		rdb:     rdb,
+		cfg:     cfg,
+		log:     log,
+		holds:   make(map[string]*hold),
+		users:   make(map[string]struct{}),
+		present: make(map[string]map[string][]tether.MemberConn),
+		wake:    make(chan struct{}, 1),
+	}
+}
+
+func (b *Broker) key(kind, name string) string     { return b.cfg.prefix + ":" + kind + ":" + name }
+func (b *Broker) topicChannel(topic string) string { return b.key("t", topic) }
+func (b *Broker) nodeChannel(id string) string     { return b.key("n", id) }
+
+// Open implements [tether.Broker]: it starts the broker's goroutines. It
+// does not wait for Redis: until the broker is linked, the hub delivers
+// to its own conns only.
+func (b *Broker) Open(node *tether.Node) error {
+	if b.node != nil {
+		return errors.New("redisbroker: a broker serves one hub")
+	}
+	b.node, b.id = node, node.ID()
+	b.ctx, b.cancel = context.WithCancel(context.Background())
+	b.wg.Add(3)
+	go b.link()
+	go b.heartbeat()
+	go b.writer()
+	return nil
+}
+
+// Close implements [tether.Broker]: it withdraws this node's users and
+// presence from Redis, announcing the leaves, and stops the broker.
+func (b *Broker) Close() error {
+	b.mu.Lock()
+	if b.closing || b.node == nil {
+		b.mu.Unlock()
+		return nil
+	}
+	b.closing = true
+	b.ops = nil
+	up := b.up
+	b.mu.Unlock()
+	b.signal()
+	var err error
+	if up {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		err = b.reap(ctx, b.id, true)
+		cancel()
+	}
+	b.cancel()
+	b.mu.Lock()
+	if b.ps != nil {
+		b.ps.Close() // ends the receive loop
+	}
+	b.mu.Unlock()
+	b.wg.Wait()
+	return err
+}
+
+// link keeps a pub/sub session with Redis, starting a new one after a
+// backoff whenever it fails, until Close.
+func (b *Broker) link() {
+	defer b.wg.Done()
+	failures := 0
+	stable := b.cfg.backoff.StableAfter
+	if stable == 0 {
+		stable = 10 * time.Second
+	}
+	for {
+		start := time.Now()
+		err := b.session()
+		if b.ctx.Err() != nil {
+			return
+		}
+		b.node.Health(fmt.Errorf("%w: %w", ErrUnavailable, err))
+		if time.Since(start) > stable {
+			failures = 0
+		}
+		t := time.NewTimer(b.cfg.backoff.Delay(failures))
+		failures++
+		select {
+		case <-t.C:
+		case <-b.ctx.Done():
+			t.Stop()
+			return
+		}
+	}
+}
+
+// session subscribes to this node's channel and every held topic's,
+// reconciles the node's records in Redis, reports the link up, and
+// receives until the connection fails.
+func (b *Broker) session() error {
+	ps := b.rdb.Subscribe(b.ctx)
+	b.mu.Lock()
+	if b.closing {
+		b.mu.Unlock()
+		ps.Close()
+		return errors.New("closing")
+	}
+	b.ps = ps
+	b.gen++
+	gen := b.gen
+	channels := []string{b.nodeChannel(b.id)}
+	var tickets []ticket
+	for _, h := range b.holds {
+		if h.n > 0 {
+			h.sent++
+			channels = append(channels, h.channel)
+			tickets = append(tickets, ticket{h, h.sent})
+		}
+	}
+	b.mu.Unlock()
+
+	ctx, cancel := context.WithCancel(b.ctx)
+	var ready sync.WaitGroup
+	defer func() {
+		cancel()
+		ps.Close()
+		ready.Wait()
+		b.mu.Lock()
+		b.ps, b.up = nil, false
+		b.gen++
+		for _, h := range b.holds {
+			close(h.changed) // wakes Holds waiting on this session
+			h.changed = make(chan struct{})
+		}
+		b.mu.Unlock()
+	}()
+	if err := b.rdb.Ping(ctx).Err(); err != nil {
+		return err
+	}
+	nodeReady := make(chan struct{})
+	if err := ps.Subscribe(ctx, channels...); err != nil {
+		return err
+	}
+	ready.Add(1)
+	go func() {
+		defer ready.Done()
+		if err := b.reconcile(ctx, gen, nodeReady, tickets); err != nil {
+			if ctx.Err() == nil {
+				b.log.Warn("redisbroker: reconcile", "err", err)
+			}
+			ps.Close()
+		}
+	}()
+	return b.receive(ctx, ps, nodeReady)
+}
+
+type ticket struct {
+	h *hold
+	n uint64
+}
+
+// receive reads the session's messages until the connection fails.
+func (b *Broker) receive(ctx context.Context, ps *redis.PubSub, nodeReady chan struct{}) error {
+	nodeChannel := b.nodeChannel(b.id)
+	topicPrefix := b.key("t", "")
+	for {
+		msg, err := ps.Receive(ctx)
+		if err != nil {
+			return err
+		}
+		switch m := msg.(type) {
+		case *redis.Subscription:
+			if m.Kind != "subscribe" {
+				continue
+			}
+			if m.Channel == nodeChannel {
+				select {
+				case <-nodeReady:
+				default:
+					close(nodeReady)
+				}
+				continue
+			}
+			b.confirm(strings.TrimPrefix(m.Channel, topicPrefix))
+		case *redis.Message:
+			if m.Channel == nodeChannel {
+				b.direct(m.Payload)
+			} else if topic, ok := strings.CutPrefix(m.Channel, topicPrefix); ok {
+				b.topicMessage(topic, m.Payload)
+			}
+		}
+	}
+}
+
+// confirm counts a SUBSCRIBE of topic's channel as in effect.
+func (b *Broker) confirm(topic string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	h := b.holds[topic]
+	if h == nil {
+		return
+	}
+	h.confirmed++
+	close(h.changed)
+	h.changed = make(chan struct{})
+	if h.n == 0 && h.confirmed >= h.sent {
+		delete(b.holds, topic)
+	}
+}
+
+// direct hands a direct message to the node, keeping it offline if the
+// user left meanwhile.
+func (b *Broker) direct(payload string) {
+	n, rest, ok := strings.Cut(payload[min(1, len(payload)):], ":")
+	size, err := strconv.Atoi(n)
+	if !ok || err != nil || !strings.HasPrefix(payload, "u") || size > len(rest) {
+		b.log.Warn("redisbroker: malformed direct message", "payload", truncate(payload))
+		return
+	}
+	user, data := rest[:size], []byte(rest[size:])
+	if b.node.DeliverUser(user, data) {
+		return
+	}
+	b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) {
+		return nil, keepScript.Run(ctx, b.rdb, []string{b.key("o", user)},
+			data, b.cfg.offlineLen, b.ttl(b.cfg.offlineAge)).Err()
+	}})
+}
+
+// topicMessage hands a topic's message or presence change to the node.
+func (b *Broker) topicMessage(topic, payload string) {
+	switch {
+	case strings.HasPrefix(payload, "m"):
+		epoch, rest, ok1 := strings.Cut(payload[1:], ":")
+		seq, data, ok2 := strings.Cut(rest, ":")
+		n, err := strconv.ParseUint(seq, 10, 64)
+		if !ok1 || !ok2 || err != nil {
+			break
+		}
+		b.node.Deliver(topic, tether.Position{Epoch: epoch, Seq: n}, []byte(data))
+		return
+	case strings.HasPrefix(payload, "p"):
+		var ev presenceEvent
+		if json.Unmarshal([]byte(payload[1:]), &ev) != nil {
+			break
+		}
+		if ev.Node != b.id {
+			b.node.Presence(topic, []tether.RemoteMember{ev.member()}, false)
+		}
+		return
+	}
+	b.log.Warn("redisbroker: malformed topic message", "topic", topic, "payload", truncate(payload))
+}
+
+// presenceEvent is a user's presence change at a node, as published on
+// the topic's channel; Conns is empty for a leave.
+type presenceEvent struct {
+	Node  string              `json:"n"`
+	User  string              `json:"u"`
+	Conns []tether.MemberConn `json:"c,omitempty"`
+}
+
+func (ev presenceEvent) member() tether.RemoteMember {
+	return tether.RemoteMember{Node: ev.Node, Member: tether.Member{UserID: ev.User, Conns: noNullMeta(ev.Conns)}}
+}
+
+// noNullMeta restores the nil Meta of conns without metadata, which JSON
+// turned into null.
+func noNullMeta(conns []tether.MemberConn) []tether.MemberConn {
+	for i := range conns {
+		if string(conns[i].Meta) == "null" {
+			conns[i].Meta = nil
+		}
+	}
+	return conns
+}
+
+func truncate(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "…"
+	}
+	return s
+}
+
+// reconcile runs once a session's SUBSCRIBEs are in effect: it renews the
+// node, writes again the users and presence it holds (Redis may have lost
+// them, or another node reaped them), hands the node the presence of the
+// topics it holds, and reports the link up.
+func (b *Broker) reconcile(ctx context.Context, gen uint64, nodeReady chan struct{}, tickets []ticket) error {
+	select {
+	case <-nodeReady:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	for _, t := range tickets {
+		if err := b.waitConfirmed(ctx, gen, t); err != nil {
+			return err
+		}
+	}
+	if _, err := b.beat(ctx); err != nil {
+		return err
+	}
+	// The writer is idle while down: what it queued since is in the
+	// records below, so it is dropped rather than replayed out of order.
+	b.mu.Lock()
+	b.ops = nil
+	users := make([]string, 0, len(b.users))
+	for u := range b.users {
+		users = append(users, u)
+	}
+	var joins []presenceRecord
+	for topic, m := range b.present {
+		for user, conns := range m {
+			joins = append(joins, presenceRecord{topic, user, conns})
+		}
+	}
+	b.mu.Unlock()
+
+	// Forget what Redis holds for this node beyond the records, so that a
+	// leave lost in the outage does not linger.
+	recorded, err := b.rdb.SMembers(ctx, b.key("np", b.id)).Result()
+	if err != nil {
+		return err
+	}
+	keep := make(map[string]bool, len(joins))
+	for _, j := range joins {
+		keep[presenceKey(j.topic, j.user)] = true
+	}
+	for _, r := range recorded {
+		if topic, user, ok := parsePresenceKey(r); ok && !keep[r] {
+			if err := b.leave(ctx, topic, user); err != nil {
+				return err
+			}
+		}
+	}
+	for _, u := range users {
+		kept, err := b.connect(ctx, u)
+		if err != nil {
+			return err
+		}
+		for _, m := range kept {
+			if !b.node.DeliverUser(u, m) {
+				if err := keepScript.Run(ctx, b.rdb, []string{b.key("o", u)}, m, b.cfg.offlineLen, b.ttl(b.cfg.offlineAge)).Err(); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	for _, j := range joins {
+		if err := b.join(ctx, j.topic, j.user, j.conns); err != nil {
+			return err
+		}
+	}
+	b.mu.Lock()
+	topics := make([]string, 0, len(b.holds))
+	for t, h := range b.holds {
+		if h.n > 0 {
+			topics = append(topics, t)
+		}
+	}
+	b.mu.Unlock()
+	for _, t := range topics {
+		if err := b.snapshot(ctx, t); err != nil {
+			return err
+		}
+	}
+	b.mu.Lock()
+	if b.gen != gen {
+		b.mu.Unlock()
+		return errors.New("session ended")
+	}
+	b.up = true
+	b.mu.Unlock()
+	b.signal()
+	b.node.Health(nil)
+	return nil
+}
+
+type presenceRecord struct {
+	topic, user string
+	conns       []tether.MemberConn
+}
+
+// waitConfirmed waits until t's SUBSCRIBE is in effect, or the session
+// gen has ended.
+func (b *Broker) waitConfirmed(ctx context.Context, gen uint64, t ticket) error {
+	for {
+		b.mu.Lock()
+		if b.gen != gen {
+			b.mu.Unlock()
+			return fmt.Errorf("%w: the session ended", ErrUnavailable)
+		}
+		if t.h.confirmed >= t.n {
+			b.mu.Unlock()
+			return nil
+		}
+		ch := t.h.changed
+		b.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// heartbeat renews this node's expiry every third of the TTL and reaps
+// the nodes that let theirs pass. A failure ends the session, so that a
+// Redis that stopped answering is noticed even with no traffic.
+func (b *Broker) heartbeat() {
+	defer b.wg.Done()
+	t := time.NewTicker(b.cfg.nodeTTL / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-b.ctx.Done():
+			return
+		}
+		b.mu.Lock()
+		up, ps := b.up, b.ps
+		b.mu.Unlock()
+		if !up {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(b.ctx, b.cfg.nodeTTL/3)
+		dead, err := b.beat(ctx)
+		for _, n := range dead {
+			if err == nil {
+				err = b.reap(ctx, n, false)
+			}
+		}
+		cancel()
+		if err != nil && b.ctx.Err() == nil {
+			b.log.Warn("redisbroker: heartbeat", "err", err)
+			ps.Close()
+		}
+	}
+}
+
+func (b *Broker) beat(ctx context.Context) ([]string, error) {
+	return heartbeatScript.Run(ctx, b.rdb, []string{b.cfg.prefix + ":nodes"},
+		b.id, b.cfg.nodeTTL.Milliseconds()).StringSlice()
+}
+
+// reap removes node and what it recorded, announcing its users' leaves;
+// force removes it even before it expires (a node leaving).
+func (b *Broker) reap(ctx context.Context, node string, force bool) error {
+	f := "0"
+	if force {
+		f = "1"
+	}
+	n, err := reapScript.Run(ctx, b.rdb, []string{b.cfg.prefix + ":nodes", b.key("nu", node), b.key("np", node)},
+		node, b.cfg.prefix, f).Int()
+	if err == nil && n == 1 && node != b.id {
+		b.log.Info("redisbroker: reaped a node that stopped renewing", "node", node)
+	}
+	return err
+}
+
+// writer makes the queued writes in order, while the link is up.
+func (b *Broker) writer() {
+	defer b.wg.Done()
+	for {
+		select {
+		case <-b.wake:
+		case <-b.ctx.Done():
+			return
+		}
+		for {
+			b.mu.Lock()
+			if !b.up || len(b.ops) == 0 {
+				b.mu.Unlock()
+				break
+			}
+			o := b.ops[0]
+			b.ops[0] = op{}
+			b.ops = b.ops[1:]
+			b.mu.Unlock()
+			ctx, cancel := context.WithTimeout(b.ctx, opTimeout)
+			msgs, err := o.run(ctx)
+			cancel()
+			if o.reply != nil {
+				o.reply <- opResult{msgs, err}
+			} else if err != nil && b.ctx.Err() == nil {
+				b.log.Warn("redisbroker: write", "err", err)
+			}
+		}
+	}
+}
+
+// opTimeout bounds one write of the writer.
+const opTimeout = 5 * time.Second
+
+func (b *Broker) signal() {
+	select {
+	case b.wake <- struct{}{}:
+	default:
+	}
+}
+
+// enqueue queues a write, if the link is up: when it is down the records
+// are written again in full once it is back.
+func (b *Broker) enqueue(o op) bool {
+	b.mu.Lock()
+	if !b.up || b.closing {
+		b.mu.Unlock()
+		return false
+	}
+	b.ops = append(b.ops, o)
+	b.mu.Unlock()
+	b.signal()
+	return true
+}
+
+func (b *Broker) unavailable() error {
+	return fmt.Errorf("%w: reconnecting", ErrUnavailable)
+}
+
+func (b *Broker) isUp() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.up
+}
+
+// ttl is how long a key lives after its last write: age, or an hour when
+// longer, so that a quiet topic keeps its epoch.
+func (b *Broker) ttl(age time.Duration) int64 {
+	return max(age, time.Hour).Milliseconds()
+}
+
+// Publish implements [tether.Broker].
+func (b *Broker) Publish(ctx context.Context, topic string, data []byte) (tether.Position, error) {
+	if !b.isUp() {
+		return tether.Position{}, b.unavailable()
+	}
+	res, err := publishScript.Run(ctx, b.rdb, []string{b.key("h", topic), b.key("x", topic)},
+		data, newEpoch(), b.cfg.historyLen, b.ttl(b.cfg.historyAge), b.topicChannel(topic)).Slice()
+	if err != nil {
+		return tether.Position{}, err
+	}
+	return position(res)
+}
+
+func position(res []any) (tether.Position, error) {
+	if len(res) < 2 {
+		return tether.Position{}, fmt.Errorf("redisbroker: unexpected reply %v", res)
+	}
+	epoch, _ := res[0].(string)
+	seq, _ := res[1].(int64)
+	return tether.Position{Epoch: epoch, Seq: uint64(seq)}, nil
+}
+
+// Since implements [tether.Broker].
+func (b *Broker) Since(ctx context.Context, topic string, pos tether.Position) ([]tether.HistoryEntry, tether.Position, bool, error) {
+	if !b.isUp() {
+		return nil, tether.Position{}, false, b.unavailable()
+	}
+	res, err := sinceScript.Run(ctx, b.rdb, []string{b.key("h", topic), b.key("x", topic)},
+		pos.Epoch, pos.Seq, newEpoch(), b.ttl(b.cfg.historyAge), b.cfg.historyAge.Milliseconds()).Slice()
+	if err != nil {
+		return nil, tether.Position{}, false, err
+	}
+	last, err := position(res)
+	if err != nil || len(res) < 3 {
+		return nil, last, false, err
+	}
+	if ok, _ := res[2].(int64); ok != 1 {
+		return nil, last, false, nil
+	}
+	entries := make([]tether.HistoryEntry, 0, len(res)-3)
+	for i, d := range res[3:] {
+		s, _ := d.(string)
+		entries = append(entries, tether.HistoryEntry{Seq: pos.Seq + uint64(i) + 1, Data: []byte(s)})
+	}
+	return entries, last, true, nil
+}
+
+// Hold implements [tether.Broker]. The first reference subscribes to the
+// topic's channel and, once Redis confirms it, hands the node the
+// topic's presence on the other nodes.
+func (b *Broker) Hold(ctx context.Context, topic string) error {
+	b.mu.Lock()
+	h := b.holds[topic]
+	if h == nil {
+		h = &hold{channel: b.topicChannel(topic), changed: make(chan struct{})}
+		b.holds[topic] = h
+	}
+	h.n++
+	first := h.n == 1
+	ps, gen, up := b.ps, b.gen, b.up
+	if ps == nil || !up {
+		b.mu.Unlock()
+		return b.unavailable() // the next session subscribes
+	}
+	if first {
+		h.sent++
+		// Sent under mu, so that SUBSCRIBE and UNSUBSCRIBE reach Redis
+		// in the order of Hold and Release.
+		if err := ps.Subscribe(ctx, h.channel); err != nil {
+			b.mu.Unlock()
+			return err
+		}
+	}
+	t := ticket{h, h.sent}
+	b.mu.Unlock()
+	if err := b.waitConfirmed(ctx, gen, t); err != nil {
+		return err
+	}
+	if first {
+		return b.snapshot(ctx, topic)
+	}
+	return nil
+}
+
+// Release implements [tether.Broker]: the last reference unsubscribes.
+func (b *Broker) Release(topic string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	h := b.holds[topic]
+	if h == nil || h.n == 0 {
+		return
+	}
+	h.n--
+	if h.n > 0 {
+		return
+	}
+	if h.confirmed >= h.sent {
+		delete(b.holds, topic)
+	}
+	if b.ps != nil {
+		// A failure breaks the session, whose successor subscribes to
+		// held topics only.
+		_ = b.ps.Unsubscribe(b.ctx, h.channel)
+	}
+}
+
+// snapshot hands the node the presence of topic on the other nodes.
+func (b *Broker) snapshot(ctx context.Context, topic string) error {
+	all, err := b.members(ctx, topic)
+	if err != nil {
+		return err
+	}
+	others := slices.DeleteFunc(all, func(m tether.RemoteMember) bool { return m.Node == b.id })
+	b.node.Presence(topic, others, true)
+	return nil
+}
+
+// members returns the presence on topic at every live node.
+func (b *Broker) members(ctx context.Context, topic string) ([]tether.RemoteMember, error) {
+	res, err := membersScript.Run(ctx, b.rdb, []string{b.key("p", topic), b.cfg.prefix + ":nodes"}).StringSlice()
+	if err != nil {
+		return nil, err
+	}
+	var out []tether.RemoteMember
+	for i := 0; i+1 < len(res); i += 2 {
+		node, user, ok := strings.Cut(res[i], ":")
+		var conns []tether.MemberConn
+		if !ok || json.Unmarshal([]byte(res[i+1]), &conns) != nil || len(conns) == 0 {
+			continue
+		}
+		out = append(out, tether.RemoteMember{Node: node, Member: tether.Member{UserID: user, Conns: noNullMeta(conns)}})
+	}
+	return out, nil
+}
+
+// Members implements [tether.Broker].
+func (b *Broker) Members(ctx context.Context, topic string) ([]tether.Member, error) {
+	if !b.isUp() {
+		return nil, b.unavailable()
+	}
+	all, err := b.members(ctx, topic)
+	if err != nil {
+		return nil, err
+	}
+	slices.SortFunc(all, func(a, c tether.RemoteMember) int {
+		return cmpOr(strings.Compare(a.UserID, c.UserID), strings.Compare(a.Node, c.Node))
+	})
+	var out []tether.Member
+	for _, m := range all {
+		if n := len(out); n > 0 && out[n-1].UserID == m.UserID {
+			out[n-1].Conns = append(out[n-1].Conns, m.Conns...)
+			continue
+		}
+		out = append(out, tether.Member{UserID: m.UserID, Conns: slices.Clone(m.Conns)})
+	}
+	return out, nil
+}
+
+func cmpOr(a, b int) int {
+	if a != 0 {
+		return a
+	}
+	return b
+}
+
+// Join implements [tether.Broker].
+func (b *Broker) Join(topic, userID string, conns []tether.MemberConn) {
+	b.mu.Lock()
+	m := b.present[topic]
+	if m == nil {
+		m = make(map[string][]tether.MemberConn)
+		b.present[topic] = m
+	}
+	m[userID] = conns
+	b.mu.Unlock()
+	b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) {
+		return nil, b.join(ctx, topic, userID, conns)
+	}})
+}
+
+// Leave implements [tether.Broker].
+func (b *Broker) Leave(topic, userID string) {
+	b.mu.Lock()
+	if m := b.present[topic]; m != nil {
+		delete(m, userID)
+		if len(m) == 0 {
+			delete(b.present, topic)
+		}
+	}
+	b.mu.Unlock()
+	b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) {
+		return nil, b.leave(ctx, topic, userID)
+	}})
+}
+
+func (b *Broker) join(ctx context.Context, topic, user string, conns []tether.MemberConn) error {
+	cj, err := json.Marshal(conns)
+	if err != nil {
+		return err
+	}
+	ev, err := json.Marshal(presenceEvent{Node: b.id, User: user, Conns: conns})
+	if err != nil {
+		return err
+	}
+	return joinScript.Run(ctx, b.rdb, []string{b.key("p", topic), b.key("np", b.id)},
+		b.id+":"+user, cj, presenceKey(topic, user), b.topicChannel(topic), append([]byte("p"), ev...)).Err()
+}
+
+func (b *Broker) leave(ctx context.Context, topic, user string) error {
+	ev, err := json.Marshal(presenceEvent{Node: b.id, User: user})
+	if err != nil {
+		return err
+	}
+	return leaveScript.Run(ctx, b.rdb, []string{b.key("p", topic), b.key("np", b.id)},
+		b.id+":"+user, presenceKey(topic, user), b.topicChannel(topic), append([]byte("p"), ev...)).Err()
+}
+
+// presenceKey names a user's presence on a topic in a node's records.
+func presenceKey(topic, user string) string {
+	return strconv.Itoa(len(topic)) + ":" + topic + user
+}
+
+func parsePresenceKey(k string) (topic, user string, ok bool) {
+	n, rest, ok := strings.Cut(k, ":")
+	size, err := strconv.Atoi(n)
+	if !ok || err != nil || size < 0 || size > len(rest) {
+		return "", "", false
+	}
+	return rest[:size], rest[size:], true
+}
+
+// SendToUser implements [tether.Broker].
+func (b *Broker) SendToUser(ctx context.Context, userID string, data []byte) error {
+	if !b.isUp() {
+		return b.unavailable()
+	}
+	payload := make([]byte, 0, len(data)+len(userID)+8)
+	payload = append(payload, 'u')
+	payload = strconv.AppendInt(payload, int64(len(userID)), 10)
+	payload = append(payload, ':')
+	payload = append(payload, userID...)
+	payload = append(payload, data...)
+	n, err := sendScript.Run(ctx, b.rdb, []string{b.key("u", userID), b.cfg.prefix + ":nodes", b.key("o", userID)},
+		payload, data, b.cfg.offlineLen, b.ttl(b.cfg.offlineAge), b.key("n", "")).Int()
+	if err != nil {
+		return err
+	}
+	if n < 0 {
+		return fmt.Errorf("%w: the broker keeps no offline messages", tether.ErrOfflineFull)
+	}
+	return nil
+}
+
+// Connect implements [tether.Broker].
+func (b *Broker) Connect(ctx context.Context, userID string) ([][]byte, error) {
+	b.mu.Lock()
+	b.users[userID] = struct{}{}
+	b.mu.Unlock()
+	reply := make(chan opResult, 1)
+	if !b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) { return b.connect(ctx, userID) }, reply: reply}) {
+		return nil, b.unavailable()
+	}
+	select {
+	case r := <-reply:
+		return r.msgs, r.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (b *Broker) connect(ctx context.Context, user string) ([][]byte, error) {
+	res, err := connectScript.Run(ctx, b.rdb, []string{b.key("u", user), b.key("nu", b.id), b.key("o", user)},
+		b.id, user, b.cfg.offlineAge.Milliseconds()).StringSlice()
+	if err != nil {
+		return nil, err
+	}
+	out := make([][]byte, len(res))
+	for i, s := range res {
+		out[i] = []byte(s)
+	}
+	return out, nil
+}
+
+// Disconnect implements [tether.Broker].
+func (b *Broker) Disconnect(userID string) {
+	b.mu.Lock()
+	delete(b.users, userID)
+	b.mu.Unlock()
+	b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) {
+		return nil, disconnectScript.Run(ctx, b.rdb, []string{b.key("u", userID), b.key("nu", b.id)}, b.id, userID).Err()
+	}})
+}
+
+// Online implements [tether.Broker].
+func (b *Broker) Online(ctx context.Context, userID string) (bool, error) {
+	if !b.isUp() {
+		return false, b.unavailable()
+	}
+	n, err := onlineScript.Run(ctx, b.rdb, []string{b.key("u", userID), b.cfg.prefix + ":nodes"}).Int()
+	return n == 1, err
+}
+
+// newEpoch returns a random epoch, offered to Redis for a topic that has
+// none: 64 bits, in base64url as the core's own.
+func newEpoch() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return base64.RawURLEncoding.EncodeToString(b[:])
+}
