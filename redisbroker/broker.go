@@ -210,12 +210,16 @@ func (b *Broker) session() error {
 	gen := b.gen
 	channels := []string{b.nodeChannel(b.id)}
 	var tickets []ticket
-	for _, h := range b.holds {
-		if h.n > 0 {
-			h.sent++
-			channels = append(channels, h.channel)
-			tickets = append(tickets, ticket{h, h.sent})
+	for topic, h := range b.holds {
+		// A new connection: the counts start again.
+		h.sent, h.confirmed = 0, 0
+		if h.n == 0 {
+			delete(b.holds, topic)
+			continue
 		}
+		h.sent = 1
+		channels = append(channels, h.channel)
+		tickets = append(tickets, ticket{h, 1})
 	}
 	b.mu.Unlock()
 
@@ -688,8 +692,8 @@ func (b *Broker) Hold(ctx context.Context, topic string) error {
 	}
 	h.n++
 	first := h.n == 1
-	ps, gen, up := b.ps, b.gen, b.up
-	if ps == nil || !up {
+	ps, gen := b.ps, b.gen
+	if ps == nil {
 		b.mu.Unlock()
 		return b.unavailable() // the next session subscribes
 	}
