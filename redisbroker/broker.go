@@ -34,6 +34,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -70,8 +71,11 @@ type Broker struct {
 	users   map[string]struct{}                       // users with a conn here
 	present map[string]map[string][]tether.MemberConn // topic → user → conns here
 	ops     []op                                      // for the writer, in order
+	dirty   bool                                      // records changed while down
 	wake    chan struct{}
 	closing bool
+
+	writerStop, writerDone chan struct{}
 }
 
 // hold is a topic's references and the SUBSCRIBEs sent for it.
@@ -128,7 +132,8 @@ func (b *Broker) Open(node *tether.Node) error {
 	}
 	b.node, b.id = node, node.ID()
 	b.ctx, b.cancel = context.WithCancel(context.Background())
-	b.wg.Add(3)
+	b.writerStop, b.writerDone = make(chan struct{}), make(chan struct{})
+	b.wg.Add(2)
 	go b.link()
 	go b.heartbeat()
 	go b.writer()
@@ -147,7 +152,10 @@ func (b *Broker) Close() error {
 	b.ops = nil
 	up := b.up
 	b.mu.Unlock()
-	b.signal()
+	// The writer stops first, so that no write of its lands after the
+	// node's records are removed.
+	close(b.writerStop)
+	<-b.writerDone
 	var err error
 	if up {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -325,10 +333,7 @@ func (b *Broker) direct(payload string) {
 	if b.node.DeliverUser(user, data) {
 		return
 	}
-	b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) {
-		return nil, keepScript.Run(ctx, b.rdb, []string{b.key("o", user)},
-			data, b.cfg.offlineLen, b.ttl(b.cfg.offlineAge)).Err()
-	}})
+	b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) { return nil, b.keep(ctx, user, data) }})
 }
 
 // topicMessage hands a topic's message or presence change to the node.
@@ -404,55 +409,27 @@ func (b *Broker) reconcile(ctx context.Context, gen uint64, nodeReady chan struc
 	if _, err := b.beat(ctx); err != nil {
 		return err
 	}
-	// The writer is idle while down: what it queued since is in the
-	// records below, so it is dropped rather than replayed out of order.
-	b.mu.Lock()
-	b.ops = nil
-	users := make([]string, 0, len(b.users))
-	for u := range b.users {
-		users = append(users, u)
-	}
-	var joins []presenceRecord
-	for topic, m := range b.present {
-		for user, conns := range m {
-			joins = append(joins, presenceRecord{topic, user, conns})
-		}
-	}
-	b.mu.Unlock()
-
-	// Forget what Redis holds for this node beyond the records, so that a
-	// leave lost in the outage does not linger.
-	recorded, err := b.rdb.SMembers(ctx, b.key("np", b.id)).Result()
-	if err != nil {
-		return err
-	}
-	keep := make(map[string]bool, len(joins))
-	for _, j := range joins {
-		keep[presenceKey(j.topic, j.user)] = true
-	}
-	for _, r := range recorded {
-		if topic, user, ok := parsePresenceKey(r); ok && !keep[r] {
-			if err := b.leave(ctx, topic, user); err != nil {
-				return err
+	for {
+		b.mu.Lock()
+		// The writer is idle while down, and Join, Leave, Connect and
+		// Disconnect queue nothing then: the records say it all.
+		b.ops, b.dirty = nil, false
+		users := slices.Collect(maps.Keys(b.users))
+		var joins []presenceRecord
+		for topic, m := range b.present {
+			for user, conns := range m {
+				joins = append(joins, presenceRecord{topic, user, conns})
 			}
 		}
-	}
-	for _, u := range users {
-		kept, err := b.connect(ctx, u)
-		if err != nil {
+		b.mu.Unlock()
+		if err := b.rewrite(ctx, users, joins); err != nil {
 			return err
 		}
-		for _, m := range kept {
-			if !b.node.DeliverUser(u, m) {
-				if err := keepScript.Run(ctx, b.rdb, []string{b.key("o", u)}, m, b.cfg.offlineLen, b.ttl(b.cfg.offlineAge)).Err(); err != nil {
-					return err
-				}
-			}
-		}
-	}
-	for _, j := range joins {
-		if err := b.join(ctx, j.topic, j.user, j.conns); err != nil {
-			return err
+		b.mu.Lock()
+		dirty := b.dirty
+		b.mu.Unlock()
+		if !dirty {
+			break
 		}
 	}
 	b.mu.Lock()
@@ -473,10 +450,68 @@ func (b *Broker) reconcile(ctx context.Context, gen uint64, nodeReady chan struc
 		b.mu.Unlock()
 		return errors.New("session ended")
 	}
+	if b.dirty {
+		// Changed during the snapshots: write the records again.
+		b.mu.Unlock()
+		return b.reconcile(ctx, gen, nodeReady, nil)
+	}
 	b.up = true
 	b.mu.Unlock()
 	b.signal()
 	b.node.Health(nil)
+	return nil
+}
+
+// rewrite makes Redis hold this node's users and presence as recorded:
+// those Redis lost, or another node reaped while this one could not renew
+// its heartbeat, are written again (with the offline messages kept
+// meanwhile handed to the node), and those that left meanwhile are
+// removed, announcing the leaves.
+func (b *Broker) rewrite(ctx context.Context, users []string, joins []presenceRecord) error {
+	keep := make(map[string]bool, len(joins))
+	for _, j := range joins {
+		keep[presenceKey(j.topic, j.user)] = true
+	}
+	recorded, err := b.rdb.SMembers(ctx, b.key("np", b.id)).Result()
+	if err != nil {
+		return err
+	}
+	for _, r := range recorded {
+		if topic, user, ok := parsePresenceKey(r); ok && !keep[r] {
+			if err := b.leave(ctx, topic, user); err != nil {
+				return err
+			}
+		}
+	}
+	here, err := b.rdb.SMembers(ctx, b.key("nu", b.id)).Result()
+	if err != nil {
+		return err
+	}
+	for _, u := range here {
+		if !slices.Contains(users, u) {
+			if err := b.disconnect(ctx, u); err != nil {
+				return err
+			}
+		}
+	}
+	for _, u := range users {
+		kept, err := b.connect(ctx, u)
+		if err != nil {
+			return err
+		}
+		for _, m := range kept {
+			if !b.node.DeliverUser(u, m) {
+				if err := b.keep(ctx, u, m); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	for _, j := range joins {
+		if err := b.join(ctx, j.topic, j.user, j.conns); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -564,11 +599,11 @@ func (b *Broker) reap(ctx context.Context, node string, force bool) error {
 
 // writer makes the queued writes in order, while the link is up.
 func (b *Broker) writer() {
-	defer b.wg.Done()
+	defer close(b.writerDone)
 	for {
 		select {
 		case <-b.wake:
-		case <-b.ctx.Done():
+		case <-b.writerStop:
 			return
 		}
 		for {
@@ -608,6 +643,7 @@ func (b *Broker) signal() {
 func (b *Broker) enqueue(o op) bool {
 	b.mu.Lock()
 	if !b.up || b.closing {
+		b.dirty = true
 		b.mu.Unlock()
 		return false
 	}
@@ -921,9 +957,16 @@ func (b *Broker) Disconnect(userID string) {
 	b.mu.Lock()
 	delete(b.users, userID)
 	b.mu.Unlock()
-	b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) {
-		return nil, disconnectScript.Run(ctx, b.rdb, []string{b.key("u", userID), b.key("nu", b.id)}, b.id, userID).Err()
-	}})
+	b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) { return nil, b.disconnect(ctx, userID) }})
+}
+
+func (b *Broker) disconnect(ctx context.Context, user string) error {
+	return disconnectScript.Run(ctx, b.rdb, []string{b.key("u", user), b.key("nu", b.id)}, b.id, user).Err()
+}
+
+// keep keeps data in the user's offline stream.
+func (b *Broker) keep(ctx context.Context, user string, data []byte) error {
+	return keepScript.Run(ctx, b.rdb, []string{b.key("o", user)}, data, b.cfg.offlineLen, b.ttl(b.cfg.offlineAge)).Err()
 }
 
 // Online implements [tether.Broker].
