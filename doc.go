@@ -56,6 +56,15 @@
 // offline until the next conn ([WithOfflineBuffer]). Refusals that
 // retrying cannot fix (401, 403, close 4401 and 4403) end it for good.
 //
+// # Several nodes
+//
+// [WithBroker] links hubs in several processes through a [Broker] (the
+// module tether/redisbroker is one over Redis): publications reach every
+// node's subscribers in one order, direct messages reach the user on any
+// node, and history, offline messages and presence are shared, so a
+// client resumes on whichever node it reaches. While the broker is down a
+// hub goes on serving its own conns.
+//
 // # Errors and close codes
 //
 // [Conn.Err] says why a conn ended, as one of the Err* values (test with
