@@ -323,42 +323,83 @@ func (b *Broker) confirm(topic string) {
 // direct hands a direct message to the node, keeping it offline if the
 // user left meanwhile.
 func (b *Broker) direct(payload string) {
-	n, rest, ok := strings.Cut(payload[min(1, len(payload)):], ":")
-	size, err := strconv.Atoi(n)
-	if !ok || err != nil || !strings.HasPrefix(payload, "u") || size > len(rest) {
+	user, data, ok := parseDirect(payload)
+	if !ok {
 		b.log.Warn("redisbroker: malformed direct message", "payload", truncate(payload))
 		return
 	}
-	user, data := rest[:size], []byte(rest[size:])
 	if b.node.DeliverUser(user, data) {
 		return
 	}
 	b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) { return nil, b.keep(ctx, user, data) }})
 }
 
+// appendDirect encodes a direct message for a node's channel:
+// "u<len(user)>:<user><data>".
+func appendDirect(dst []byte, user string, data []byte) []byte {
+	dst = append(dst, 'u')
+	dst = strconv.AppendInt(dst, int64(len(user)), 10)
+	dst = append(dst, ':')
+	dst = append(dst, user...)
+	return append(dst, data...)
+}
+
+func parseDirect(payload string) (user string, data []byte, ok bool) {
+	rest, ok := strings.CutPrefix(payload, "u")
+	if !ok {
+		return "", nil, false
+	}
+	user, rest, ok = parseSized(rest)
+	return user, []byte(rest), ok
+}
+
+// parseSized splits "<n>:<s><rest>" into s, of n bytes, and rest.
+func parseSized(p string) (s, rest string, ok bool) {
+	n, tail, ok := strings.Cut(p, ":")
+	size, err := strconv.Atoi(n)
+	if !ok || err != nil || size < 0 || size > len(tail) || n != strconv.Itoa(size) {
+		return "", "", false
+	}
+	return tail[:size], tail[size:], true
+}
+
 // topicMessage hands a topic's message or presence change to the node.
 func (b *Broker) topicMessage(topic, payload string) {
+	pos, data, ev, err := parseTopicPayload(payload)
 	switch {
-	case strings.HasPrefix(payload, "m"):
-		epoch, rest, ok1 := strings.Cut(payload[1:], ":")
-		seq, data, ok2 := strings.Cut(rest, ":")
-		n, err := strconv.ParseUint(seq, 10, 64)
-		if !ok1 || !ok2 || err != nil {
-			break
-		}
-		b.node.Deliver(topic, tether.Position{Epoch: epoch, Seq: n}, []byte(data))
-		return
-	case strings.HasPrefix(payload, "p"):
-		var ev presenceEvent
-		if json.Unmarshal([]byte(payload[1:]), &ev) != nil {
-			break
-		}
+	case err != nil:
+		b.log.Warn("redisbroker: malformed topic message", "topic", topic, "payload", truncate(payload), "err", err)
+	case ev != nil:
 		if ev.Node != b.id {
 			b.node.Presence(topic, []tether.RemoteMember{ev.member()}, false)
 		}
-		return
+	default:
+		b.node.Deliver(topic, pos, data)
 	}
-	b.log.Warn("redisbroker: malformed topic message", "topic", topic, "payload", truncate(payload))
+}
+
+var errMalformed = errors.New("malformed")
+
+// parseTopicPayload reads what the publish script ("m<epoch>:<seq>:<data>")
+// or a node ("p<json>") published on a topic's channel.
+func parseTopicPayload(payload string) (tether.Position, []byte, *presenceEvent, error) {
+	if rest, ok := strings.CutPrefix(payload, "m"); ok {
+		epoch, rest, ok1 := strings.Cut(rest, ":")
+		seq, data, ok2 := strings.Cut(rest, ":")
+		n, err := strconv.ParseUint(seq, 10, 64)
+		if !ok1 || !ok2 || err != nil || epoch == "" || n == 0 {
+			return tether.Position{}, nil, nil, errMalformed
+		}
+		return tether.Position{Epoch: epoch, Seq: n}, []byte(data), nil, nil
+	}
+	if rest, ok := strings.CutPrefix(payload, "p"); ok {
+		var ev presenceEvent
+		if err := json.Unmarshal([]byte(rest), &ev); err != nil || ev.Node == "" || ev.User == "" {
+			return tether.Position{}, nil, nil, errMalformed
+		}
+		return tether.Position{}, nil, &ev, nil
+	}
+	return tether.Position{}, nil, nil, errMalformed
 }
 
 // presenceEvent is a user's presence change at a node, as published on
@@ -892,12 +933,7 @@ func presenceKey(topic, user string) string {
 }
 
 func parsePresenceKey(k string) (topic, user string, ok bool) {
-	n, rest, ok := strings.Cut(k, ":")
-	size, err := strconv.Atoi(n)
-	if !ok || err != nil || size < 0 || size > len(rest) {
-		return "", "", false
-	}
-	return rest[:size], rest[size:], true
+	return parseSized(k)
 }
 
 // SendToUser implements [tether.Broker].
@@ -905,12 +941,7 @@ func (b *Broker) SendToUser(ctx context.Context, userID string, data []byte) err
 	if !b.isUp() {
 		return b.unavailable()
 	}
-	payload := make([]byte, 0, len(data)+len(userID)+8)
-	payload = append(payload, 'u')
-	payload = strconv.AppendInt(payload, int64(len(userID)), 10)
-	payload = append(payload, ':')
-	payload = append(payload, userID...)
-	payload = append(payload, data...)
+	payload := appendDirect(make([]byte, 0, len(data)+len(userID)+8), userID, data)
 	n, err := sendScript.Run(ctx, b.rdb, []string{b.key("u", userID), b.cfg.prefix + ":nodes", b.key("o", userID)},
 		payload, data, b.cfg.offlineLen, b.ttl(b.cfg.offlineAge), b.key("n", "")).Int()
 	if err != nil {
