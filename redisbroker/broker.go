@@ -63,17 +63,18 @@ type Broker struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu      sync.Mutex // guards the fields below
-	ps      *redis.PubSub
-	gen     uint64 // counts sessions: a Hold waiting on one that ended gives up
-	up      bool   // subscribed and reconciled: calls go to Redis
-	holds   map[string]*hold
-	users   map[string]struct{}                       // users with a conn here
-	present map[string]map[string][]tether.MemberConn // topic → user → conns here
-	ops     []op                                      // for the writer, in order
-	dirty   bool                                      // records changed while down
-	wake    chan struct{}
-	closing bool
+	mu        sync.Mutex // guards the fields below
+	ps        *redis.PubSub
+	gen       uint64 // counts sessions: a Hold waiting on one that ended gives up
+	up        bool   // subscribed and reconciled: calls go to Redis
+	holds     map[string]*hold
+	users     map[string]struct{}                       // users with a conn here
+	present   map[string]map[string][]tether.MemberConn // topic → user → conns here
+	snapshots map[string]*pendingSnapshot               // by marker
+	ops       []op                                      // for the writer, in order
+	dirty     bool                                      // records changed while down
+	wake      chan struct{}
+	closing   bool
 
 	writerStop, writerDone chan struct{}
 }
@@ -109,13 +110,14 @@ func New(rdb redis.UniversalClient, opts ...Option) *Broker {
 		log = slog.Default()
 	}
 	return &Broker{
-		rdb:     rdb,
-		cfg:     cfg,
-		log:     log,
-		holds:   make(map[string]*hold),
-		users:   make(map[string]struct{}),
-		present: make(map[string]map[string][]tether.MemberConn),
-		wake:    make(chan struct{}, 1),
+		rdb:       rdb,
+		cfg:       cfg,
+		log:       log,
+		holds:     make(map[string]*hold),
+		users:     make(map[string]struct{}),
+		present:   make(map[string]map[string][]tether.MemberConn),
+		snapshots: make(map[string]*pendingSnapshot),
+		wake:      make(chan struct{}, 1),
 	}
 }
 
@@ -298,7 +300,7 @@ func (b *Broker) receive(ctx context.Context, ps *redis.PubSub, nodeReady chan s
 			if m.Channel == nodeChannel {
 				b.direct(m.Payload)
 			} else if topic, ok := strings.CutPrefix(m.Channel, topicPrefix); ok {
-				b.topicMessage(topic, m.Payload)
+				b.topicMessage(ctx, topic, m.Payload)
 			}
 		}
 	}
@@ -364,7 +366,11 @@ func parseSized(p string) (s, rest string, ok bool) {
 }
 
 // topicMessage hands a topic's message or presence change to the node.
-func (b *Broker) topicMessage(topic, payload string) {
+func (b *Broker) topicMessage(ctx context.Context, topic, payload string) {
+	if marker, ok := strings.CutPrefix(payload, "s"); ok {
+		b.applySnapshot(ctx, topic, marker)
+		return
+	}
 	pos, data, ev, err := parseTopicPayload(payload)
 	switch {
 	case err != nil:
@@ -817,19 +823,70 @@ func (b *Broker) Release(topic string) {
 }
 
 // snapshot hands the node the presence of topic on the other nodes.
+//
+// The presence changes on the channel and the snapshot must reach the
+// node in the order they happened, or a change made just after the
+// snapshot was read could be undone by it. So the script that reads the
+// snapshot also publishes a marker on the channel, and the receive loop
+// hands the node the snapshot when it meets the marker: what came before
+// it happened before the read, what follows, after.
 func (b *Broker) snapshot(ctx context.Context, topic string) error {
-	all, err := b.members(ctx, topic)
+	marker := newEpoch()
+	sn := &pendingSnapshot{members: make(chan []tether.RemoteMember, 1), applied: make(chan struct{})}
+	b.mu.Lock()
+	b.snapshots[marker] = sn
+	b.mu.Unlock()
+	defer func() {
+		b.mu.Lock()
+		delete(b.snapshots, marker)
+		b.mu.Unlock()
+	}()
+	all, err := b.members(ctx, topic, marker)
 	if err != nil {
+		close(sn.members) // the receive loop may be waiting: nothing comes
 		return err
 	}
-	others := slices.DeleteFunc(all, func(m tether.RemoteMember) bool { return m.Node == b.id })
-	b.node.Presence(topic, others, true)
-	return nil
+	sn.members <- slices.DeleteFunc(all, func(m tether.RemoteMember) bool { return m.Node == b.id })
+	select {
+	case <-sn.applied:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
-// members returns the presence on topic at every live node.
-func (b *Broker) members(ctx context.Context, topic string) ([]tether.RemoteMember, error) {
-	res, err := membersScript.Run(ctx, b.rdb, []string{b.key("p", topic), b.cfg.prefix + ":nodes"}).StringSlice()
+// pendingSnapshot is a snapshot on its way to the node: read by snapshot,
+// handed to the node by the receive loop.
+type pendingSnapshot struct {
+	members chan []tether.RemoteMember // closed if the read failed
+	applied chan struct{}
+}
+
+// applySnapshot hands the node the snapshot whose marker the receive loop
+// met on topic's channel, waiting for its reply if needed; markers of
+// other nodes are ignored.
+func (b *Broker) applySnapshot(ctx context.Context, topic, marker string) {
+	b.mu.Lock()
+	sn := b.snapshots[marker]
+	b.mu.Unlock()
+	if sn == nil {
+		return
+	}
+	select {
+	case m, ok := <-sn.members:
+		if ok {
+			b.node.Presence(topic, m, true)
+		}
+		close(sn.applied)
+	case <-ctx.Done():
+	}
+}
+
+// members returns the presence on topic at every live node; with a
+// marker, it also publishes it on the topic's channel.
+func (b *Broker) members(ctx context.Context, topic, marker string) ([]tether.RemoteMember, error) {
+	res, err := membersScript.Run(ctx, b.rdb, []string{b.key("p", topic), b.cfg.prefix + ":nodes"},
+		b.topicChannel(topic), marker).StringSlice()
 	if err != nil {
 		return nil, err
 	}
@@ -850,7 +907,7 @@ func (b *Broker) Members(ctx context.Context, topic string) ([]tether.Member, er
 	if !b.isUp() {
 		return nil, b.unavailable()
 	}
-	all, err := b.members(ctx, topic)
+	all, err := b.members(ctx, topic, "")
 	if err != nil {
 		return nil, err
 	}

@@ -216,10 +216,15 @@ redis.call('DEL', KEYS[3])
 return 1
 `)
 
-// membersScript: KEYS topic's presence, nodes. Returns field, conns
-// pairs of the live nodes.
+// membersScript: KEYS topic's presence, nodes; ARGV topic's channel,
+// marker ("": none). Returns field, conns pairs of the live nodes, and
+// publishes the marker, so that subscribers know where in the channel's
+// stream the snapshot was read.
 var membersScript = redis.NewScript(nowMs + `
 local now = now_ms()
+if ARGV[2] ~= '' then
+  redis.call('PUBLISH', ARGV[1], 's' .. ARGV[2])
+end
 local all = redis.call('HGETALL', KEYS[1])
 local out = {}
 for i = 1, #all, 2 do
