@@ -950,7 +950,10 @@ func (h *Hub) leave(c *Conn, name string) {
 	if t.pres != nil && c.hc.user != "" {
 		h.presenceLeave(t, c)
 	}
-	if h.broker != nil {
+	if h.broker != nil && len(t.subs) == 0 && t.pending == 0 {
+		// The broker stops delivering the topic here: the cursor would go
+		// stale, and a later subscriber must start from the topic's head.
+		t.pos = Position{}
 		t.forgetRemoteLocked()
 	}
 	h.unlockTopic(t)

@@ -282,7 +282,7 @@ func (h *Hub) remotePresence(name string, members []RemoteMember, snapshot bool)
 // forgetRemoteLocked drops what t, locked, knows of other nodes' presence
 // once it has no subscriber here: the broker no longer tells it.
 func (t *topic) forgetRemoteLocked() {
-	if t.pres == nil || len(t.subs) > 0 || t.pending > 0 {
+	if t.pres == nil {
 		return
 	}
 	for id, u := range t.pres.users {

@@ -65,8 +65,9 @@ type Broker struct {
 
 	mu        sync.Mutex // guards the fields below
 	ps        *redis.PubSub
-	gen       uint64 // counts sessions: a Hold waiting on one that ended gives up
-	up        bool   // subscribed and reconciled: calls go to Redis
+	live      context.Context // ends with the session; valid while up
+	gen       uint64          // counts sessions: a Hold waiting on one that ended gives up
+	up        bool            // subscribed and reconciled: calls go to Redis
 	holds     map[string]*hold
 	users     map[string]struct{}                       // users with a conn here
 	present   map[string]map[string][]tether.MemberConn // topic → user → conns here
@@ -234,6 +235,9 @@ func (b *Broker) session() error {
 	b.mu.Unlock()
 
 	ctx, cancel := context.WithCancel(b.ctx)
+	b.mu.Lock()
+	b.live = ctx
+	b.mu.Unlock()
 	var ready sync.WaitGroup
 	defer func() {
 		cancel()
@@ -704,10 +708,20 @@ func (b *Broker) unavailable() error {
 	return fmt.Errorf("%w: reconnecting", ErrUnavailable)
 }
 
-func (b *Broker) isUp() bool {
+// call returns a context for a call to Redis on behalf of the hub: ctx,
+// cut short when the session ends, so that a call under way when the link
+// is lost fails at once rather than after go-redis's retries, and the hub
+// goes on delivering locally. It fails while the link is down.
+func (b *Broker) call(ctx context.Context) (context.Context, context.CancelFunc, error) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.up
+	up, live := b.up, b.live
+	b.mu.Unlock()
+	if !up {
+		return nil, nil, b.unavailable()
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(live, cancel)
+	return ctx, func() { stop(); cancel() }, nil
 }
 
 // ttl is how long a key lives after its last write: age, or an hour when
@@ -718,9 +732,11 @@ func (b *Broker) ttl(age time.Duration) int64 {
 
 // Publish implements [tether.Broker].
 func (b *Broker) Publish(ctx context.Context, topic string, data []byte) (tether.Position, error) {
-	if !b.isUp() {
-		return tether.Position{}, b.unavailable()
+	ctx, done, err := b.call(ctx)
+	if err != nil {
+		return tether.Position{}, err
 	}
+	defer done()
 	res, err := publishScript.Run(ctx, b.rdb, []string{b.key("h", topic), b.key("x", topic)},
 		data, newEpoch(), b.cfg.historyLen, b.ttl(b.cfg.historyAge), b.topicChannel(topic)).Slice()
 	if err != nil {
@@ -740,9 +756,11 @@ func position(res []any) (tether.Position, error) {
 
 // Since implements [tether.Broker].
 func (b *Broker) Since(ctx context.Context, topic string, pos tether.Position) ([]tether.HistoryEntry, tether.Position, bool, error) {
-	if !b.isUp() {
-		return nil, tether.Position{}, false, b.unavailable()
+	ctx, done, err := b.call(ctx)
+	if err != nil {
+		return nil, tether.Position{}, false, err
 	}
+	defer done()
 	res, err := sinceScript.Run(ctx, b.rdb, []string{b.key("h", topic), b.key("x", topic)},
 		pos.Epoch, pos.Seq, newEpoch(), b.ttl(b.cfg.historyAge), b.cfg.historyAge.Milliseconds()).Slice()
 	if err != nil {
@@ -904,9 +922,11 @@ func (b *Broker) members(ctx context.Context, topic, marker string) ([]tether.Re
 
 // Members implements [tether.Broker].
 func (b *Broker) Members(ctx context.Context, topic string) ([]tether.Member, error) {
-	if !b.isUp() {
-		return nil, b.unavailable()
+	ctx, done, err := b.call(ctx)
+	if err != nil {
+		return nil, err
 	}
+	defer done()
 	all, err := b.members(ctx, topic, "")
 	if err != nil {
 		return nil, err
@@ -995,9 +1015,11 @@ func parsePresenceKey(k string) (topic, user string, ok bool) {
 
 // SendToUser implements [tether.Broker].
 func (b *Broker) SendToUser(ctx context.Context, userID string, data []byte) error {
-	if !b.isUp() {
-		return b.unavailable()
+	ctx, done, err := b.call(ctx)
+	if err != nil {
+		return err
 	}
+	defer done()
 	payload := appendDirect(make([]byte, 0, len(data)+len(userID)+8), userID, data)
 	n, err := sendScript.Run(ctx, b.rdb, []string{b.key("u", userID), b.cfg.prefix + ":nodes", b.key("o", userID)},
 		payload, data, b.cfg.offlineLen, b.ttl(b.cfg.offlineAge), b.key("n", "")).Int()
@@ -1059,9 +1081,11 @@ func (b *Broker) keep(ctx context.Context, user string, data []byte) error {
 
 // Online implements [tether.Broker].
 func (b *Broker) Online(ctx context.Context, userID string) (bool, error) {
-	if !b.isUp() {
-		return false, b.unavailable()
+	ctx, done, err := b.call(ctx)
+	if err != nil {
+		return false, err
 	}
+	defer done()
 	n, err := onlineScript.Run(ctx, b.rdb, []string{b.key("u", userID), b.cfg.prefix + ":nodes"}).Int()
 	return n == 1, err
 }
