@@ -58,6 +58,9 @@ func (h *Hub) deliverRemote(name string, pos Position, data []byte) {
 	t.mu.Lock()
 	s.mu.Unlock()
 	defer t.mu.Unlock()
+	if len(t.subs) == 0 && t.pending == 0 {
+		return // in flight as the broker let go: the cursor stays unset
+	}
 	h.deliverLocked(t, pos, data, true)
 }
 
@@ -108,8 +111,9 @@ func (h *Hub) catchUpLocked(t *topic) {
 	switch {
 	case err != nil:
 		return // lost again: the next Health(nil) tries again
-	case t.pos.Epoch == "":
-	case !ok:
+	case t.pos.Epoch == "" || !ok:
+		// Subscribed while the link was down, with no position, or
+		// missed what history no longer holds.
 		h.resyncLocked(t, last.Epoch)
 	default:
 		for _, e := range entries {

@@ -190,6 +190,9 @@ func NewHub(opts ...HubOption) (*Hub, error) {
 	h.connCfg = &cc
 	if b := cfg.broker; b != nil {
 		h.broker, h.node = b, &Node{h: h, id: newConnID()}
+		// Down until the broker first reports its link up: meanwhile the
+		// hub serves its own conns.
+		h.brokerDown.Store(true)
 		if err := b.Open(h.node); err != nil {
 			return nil, fmt.Errorf("tether: broker: %w", err)
 		}
@@ -759,14 +762,14 @@ func (h *Hub) subscribeOnce(c *Conn, name string, since *wireSince, id string, p
 	}
 	if hc.gone {
 		if t != nil {
-			h.unlockTopic(t)
+			h.unpinLocked(t)
 		}
 		return false, fmt.Errorf("tether: subscribe: %w", net.ErrClosed)
 	}
 	_, already := hc.topics[name]
 	if !already && len(hc.topics) >= maxSubscriptions {
 		if t != nil {
-			h.unlockTopic(t)
+			h.unpinLocked(t)
 		}
 		return false, &ProtocolError{Code: CodeBadRequest, Reason: "too many subscriptions (the limit is " + strconv.Itoa(maxSubscriptions) + ")", ID: id}
 	}
@@ -789,7 +792,7 @@ func (h *Hub) subscribeOnce(c *Conn, name string, since *wireSince, id string, p
 		_, last, _, err = h.cfg.history.Since(context.Background(), name, Position{})
 	}
 	if err != nil {
-		h.unlockTopic(t)
+		h.unpinLocked(t)
 		return false, &ProtocolError{Code: CodeInternal, Reason: "history unavailable", ID: id}
 	}
 	switch {
@@ -823,6 +826,16 @@ func (h *Hub) subscribeOnce(c *Conn, name string, since *wireSince, id string, p
 	}
 	h.unlockTopic(t)
 	return !already, nil
+}
+
+// unpinLocked unlocks t, pinned by a subscription that did not happen,
+// forgetting what the broker told it if nothing else holds it.
+func (h *Hub) unpinLocked(t *topic) {
+	if len(t.subs) == 0 && t.pending == 0 {
+		t.pos = Position{}
+		t.forgetRemoteLocked()
+	}
+	h.unlockTopic(t)
 }
 
 // catchUp returns what a v1 client resuming at since must receive before

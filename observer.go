@@ -24,7 +24,8 @@ type Observer struct {
 	Drop func(c *Conn, messages int)
 	// Broker reports a hub's broker (see [WithBroker]) losing its link,
 	// with the error, and regaining it, with nil. It runs on the broker's
-	// goroutine.
+	// goroutine, which Hub.Shutdown waits for: start a shutdown from it
+	// in a goroutine of its own.
 	Broker func(err error)
 }
 

@@ -252,6 +252,12 @@ func (h *Hub) remotePresence(name string, members []RemoteMember, snapshot bool)
 	}
 	t.mu.Lock()
 	s.mu.Unlock()
+	if len(t.subs) == 0 && t.pending == 0 {
+		// Not held here any more: a change still in flight when the
+		// broker let go of the topic, which nothing would ever undo.
+		t.mu.Unlock()
+		return
+	}
 	p := t.pres
 	if snapshot {
 		for _, u := range p.users {
@@ -324,22 +330,32 @@ func (h *Hub) Presence(topic string) []Member {
 	s := &h.topics[h.shard(topic)]
 	s.mu.Lock()
 	t := s.m[topic]
-	if t == nil || h.broker != nil && len(t.subs) == 0 {
-		s.mu.Unlock()
-		if h.broker != nil && !h.brokerDown.Load() {
+	if t != nil {
+		t.mu.Lock()
+	}
+	s.mu.Unlock()
+	if h.broker != nil && (t == nil || len(t.subs) == 0) {
+		if t != nil {
+			t.mu.Unlock()
+		}
+		if !h.brokerDown.Load() {
 			ctx, cancel := brokerContext()
-			defer cancel()
-			if m, err := h.broker.Members(ctx, topic); err == nil {
+			m, err := h.broker.Members(ctx, topic)
+			cancel()
+			if err == nil {
 				return m
 			}
 		}
-		if t == nil {
-			return nil
-		}
+		// This hub's own view, then.
 		s.mu.Lock()
+		if t = s.m[topic]; t != nil {
+			t.mu.Lock()
+		}
+		s.mu.Unlock()
 	}
-	t.mu.Lock()
-	s.mu.Unlock()
+	if t == nil {
+		return nil
+	}
 	defer t.mu.Unlock()
 	if t.pres == nil {
 		return nil

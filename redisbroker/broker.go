@@ -73,7 +73,9 @@ type Broker struct {
 	present   map[string]map[string][]tether.MemberConn // topic → user → conns here
 	snapshots map[string]*pendingSnapshot               // by marker
 	ops       []op                                      // for the writer, in order
-	dirty     bool                                      // records changed while down
+	held      []string                                  // direct messages received before up, in order
+	run       string                                    // the Redis server's run_id, read at each session
+	directMu  sync.Mutex                                // orders direct deliveries with reconcile's
 	wake      chan struct{}
 	closing   bool
 
@@ -88,10 +90,24 @@ type hold struct {
 	channel         string
 }
 
-// op is a write that the writer goroutine makes in order.
+// op is a write that the writer goroutine makes in order. An op made for
+// a session that has ended is skipped, since the next session writes the
+// records in full, unless it is durable (a message to keep offline, which
+// no record holds).
 type op struct {
-	run   func(ctx context.Context) ([][]byte, error)
-	reply chan opResult // nil: nobody waits
+	run     func(ctx context.Context) ([][]byte, error)
+	gen     uint64
+	durable bool
+	reply   *handoff // nil: nobody waits
+}
+
+// handoff passes an op's result to a waiter that may give up: then the
+// writer deals with the messages itself, so that none is lost.
+type handoff struct {
+	mu        sync.Mutex
+	result    chan opResult // buffered
+	abandoned bool
+	user      string // whose offline messages they are
 }
 
 type opResult struct {
@@ -151,12 +167,24 @@ func (b *Broker) Close() error {
 		b.mu.Unlock()
 		return nil
 	}
-	b.closing = true
-	b.ops = nil
 	up := b.up
 	b.mu.Unlock()
-	// The writer stops first, so that no write of its lands after the
+	// The writer finishes its queue (messages to keep offline are in it),
+	// for a while, then stops, so that no write of its lands after the
 	// node's records are removed.
+	for deadline := time.Now().Add(2 * time.Second); up && time.Now().Before(deadline); {
+		b.mu.Lock()
+		n := len(b.ops)
+		b.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	b.mu.Lock()
+	b.closing = true
+	b.ops = nil
+	b.mu.Unlock()
 	close(b.writerStop)
 	<-b.writerDone
 	var err error
@@ -210,15 +238,25 @@ func (b *Broker) link() {
 // receives until the connection fails.
 func (b *Broker) session() error {
 	ps := b.rdb.Subscribe(b.ctx)
+	ctx, cancel := context.WithCancel(b.ctx)
 	b.mu.Lock()
 	if b.closing {
 		b.mu.Unlock()
+		cancel()
 		ps.Close()
 		return errors.New("closing")
 	}
-	b.ps = ps
+	b.ps, b.live = ps, ctx
 	b.gen++
 	gen := b.gen
+	// Ops of the last session are covered by the records reconcile
+	// writes, but for messages to keep offline.
+	b.ops = slices.DeleteFunc(b.ops, func(o op) bool {
+		if !o.durable {
+			o.fail(b.unavailable())
+		}
+		return !o.durable
+	})
 	channels := []string{b.nodeChannel(b.id)}
 	var tickets []ticket
 	for topic, h := range b.holds {
@@ -234,10 +272,6 @@ func (b *Broker) session() error {
 	}
 	b.mu.Unlock()
 
-	ctx, cancel := context.WithCancel(b.ctx)
-	b.mu.Lock()
-	b.live = ctx
-	b.mu.Unlock()
 	var ready sync.WaitGroup
 	defer func() {
 		cancel()
@@ -252,9 +286,17 @@ func (b *Broker) session() error {
 		}
 		b.mu.Unlock()
 	}()
-	if err := b.rdb.Ping(ctx).Err(); err != nil {
+	info, err := b.rdb.Info(ctx, "server").Result()
+	if err != nil {
 		return err
 	}
+	run, ok := infoField(info, "run_id")
+	if !ok {
+		return errors.New("redisbroker: INFO server has no run_id")
+	}
+	b.mu.Lock()
+	b.run = run
+	b.mu.Unlock()
 	nodeReady := make(chan struct{})
 	if err := ps.Subscribe(ctx, channels...); err != nil {
 		return err
@@ -329,6 +371,23 @@ func (b *Broker) confirm(topic string) {
 // direct hands a direct message to the node, keeping it offline if the
 // user left meanwhile.
 func (b *Broker) direct(payload string) {
+	b.directMu.Lock()
+	defer b.directMu.Unlock()
+	b.mu.Lock()
+	if !b.up {
+		// Until reconcile has handed over the offline messages kept
+		// while this node was unreachable, which are older.
+		b.held = append(b.held, payload)
+		b.mu.Unlock()
+		return
+	}
+	b.mu.Unlock()
+	b.deliverDirect(payload)
+}
+
+// deliverDirect hands a direct message to the node, keeping it offline if
+// the user left meanwhile.
+func (b *Broker) deliverDirect(payload string) {
 	user, data, ok := parseDirect(payload)
 	if !ok {
 		b.log.Warn("redisbroker: malformed direct message", "payload", truncate(payload))
@@ -337,7 +396,7 @@ func (b *Broker) direct(payload string) {
 	if b.node.DeliverUser(user, data) {
 		return
 	}
-	b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) { return nil, b.keep(ctx, user, data) }})
+	b.enqueue(op{durable: true, run: func(ctx context.Context) ([][]byte, error) { return nil, b.keep(ctx, user, data) }})
 }
 
 // appendDirect encodes a direct message for a node's channel:
@@ -460,28 +519,19 @@ func (b *Broker) reconcile(ctx context.Context, gen uint64, nodeReady chan struc
 	if _, err := b.beat(ctx); err != nil {
 		return err
 	}
-	for {
-		b.mu.Lock()
-		// The writer is idle while down, and Join, Leave, Connect and
-		// Disconnect queue nothing then: the records say it all.
-		b.ops, b.dirty = nil, false
-		users := slices.Collect(maps.Keys(b.users))
-		var joins []presenceRecord
-		for topic, m := range b.present {
-			for user, conns := range m {
-				joins = append(joins, presenceRecord{topic, user, conns})
-			}
+	// Ops queued from now on are written after the records: in order,
+	// and again for those the records already show, which is harmless.
+	b.mu.Lock()
+	users := slices.Collect(maps.Keys(b.users))
+	var joins []presenceRecord
+	for topic, m := range b.present {
+		for user, conns := range m {
+			joins = append(joins, presenceRecord{topic, user, conns})
 		}
-		b.mu.Unlock()
-		if err := b.rewrite(ctx, users, joins); err != nil {
-			return err
-		}
-		b.mu.Lock()
-		dirty := b.dirty
-		b.mu.Unlock()
-		if !dirty {
-			break
-		}
+	}
+	b.mu.Unlock()
+	if err := b.rewrite(ctx, users, joins); err != nil {
+		return err
 	}
 	b.mu.Lock()
 	topics := make([]string, 0, len(b.holds))
@@ -496,18 +546,23 @@ func (b *Broker) reconcile(ctx context.Context, gen uint64, nodeReady chan struc
 			return err
 		}
 	}
+	// Direct messages that arrived meanwhile follow the offline ones
+	// rewrite handed over.
+	b.directMu.Lock()
 	b.mu.Lock()
 	if b.gen != gen {
 		b.mu.Unlock()
+		b.directMu.Unlock()
 		return errors.New("session ended")
 	}
-	if b.dirty {
-		// Changed during the snapshots: write the records again.
-		b.mu.Unlock()
-		return b.reconcile(ctx, gen, nodeReady, nil)
-	}
+	held := b.held
+	b.held = nil
 	b.up = true
 	b.mu.Unlock()
+	for _, p := range held {
+		b.deliverDirect(p)
+	}
+	b.directMu.Unlock()
 	b.signal()
 	b.node.Health(nil)
 	return nil
@@ -538,8 +593,12 @@ func (b *Broker) rewrite(ctx context.Context, users []string, joins []presenceRe
 	if err != nil {
 		return err
 	}
+	isUser := make(map[string]bool, len(users))
+	for _, u := range users {
+		isUser[u] = true
+	}
 	for _, u := range here {
-		if !slices.Contains(users, u) {
+		if !isUser[u] {
 			if err := b.disconnect(ctx, u); err != nil {
 				return err
 			}
@@ -666,14 +725,46 @@ func (b *Broker) writer() {
 			o := b.ops[0]
 			b.ops[0] = op{}
 			b.ops = b.ops[1:]
+			stale := !o.durable && o.gen != b.gen
 			b.mu.Unlock()
+			if stale {
+				o.fail(b.unavailable())
+				continue
+			}
 			ctx, cancel := context.WithTimeout(b.ctx, opTimeout)
 			msgs, err := o.run(ctx)
-			cancel()
 			if o.reply != nil {
-				o.reply <- opResult{msgs, err}
+				b.handOver(ctx, o.reply, opResult{msgs, err})
 			} else if err != nil && b.ctx.Err() == nil {
 				b.log.Warn("redisbroker: write", "err", err)
+			}
+			cancel()
+		}
+	}
+}
+
+// fail answers a waiter, if any, with err.
+func (o op) fail(err error) {
+	if o.reply != nil {
+		o.reply.mu.Lock()
+		o.reply.result <- opResult{err: err}
+		o.reply.mu.Unlock()
+	}
+}
+
+// handOver gives r to the waiter of h or, if it gave up, delivers the
+// offline messages in r itself, or keeps them again.
+func (b *Broker) handOver(ctx context.Context, h *handoff, r opResult) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.abandoned {
+		h.result <- r
+		return
+	}
+	for _, m := range r.msgs {
+		if !b.node.DeliverUser(h.user, m) {
+			if err := b.keep(ctx, h.user, m); err != nil {
+				b.log.Warn("redisbroker: offline message lost", "user", h.user, "err", err)
 			}
 		}
 	}
@@ -689,15 +780,16 @@ func (b *Broker) signal() {
 	}
 }
 
-// enqueue queues a write, if the link is up: when it is down the records
-// are written again in full once it is back.
+// enqueue queues a write for the writer, which makes it once the session
+// is up. Without a session it is dropped, as the next session writes the
+// records in full, unless it is durable.
 func (b *Broker) enqueue(o op) bool {
 	b.mu.Lock()
-	if !b.up || b.closing {
-		b.dirty = true
+	if b.closing || b.ps == nil && !o.durable {
 		b.mu.Unlock()
 		return false
 	}
+	o.gen = b.gen
 	b.ops = append(b.ops, o)
 	b.mu.Unlock()
 	b.signal()
@@ -708,13 +800,39 @@ func (b *Broker) unavailable() error {
 	return fmt.Errorf("%w: reconnecting", ErrUnavailable)
 }
 
+// runID returns the run_id of the Redis server of the session.
+func (b *Broker) runID() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.run
+}
+
+// infoField returns a field of an INFO reply.
+func infoField(info, name string) (string, bool) {
+	for line := range strings.Lines(info) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), name+":"); ok {
+			return v, true
+		}
+	}
+	return "", false
+}
+
 // call returns a context for a call to Redis on behalf of the hub: ctx,
 // cut short when the session ends, so that a call under way when the link
 // is lost fails at once rather than after go-redis's retries, and the hub
 // goes on delivering locally. It fails while the link is down.
 func (b *Broker) call(ctx context.Context) (context.Context, context.CancelFunc, error) {
+	return b.callIn(ctx, false)
+}
+
+// callIn is call; with starting, it also works while a session is
+// starting, for reads that the hub needs to catch up.
+func (b *Broker) callIn(ctx context.Context, starting bool) (context.Context, context.CancelFunc, error) {
 	b.mu.Lock()
 	up, live := b.up, b.live
+	if starting && b.ps != nil {
+		up = true
+	}
 	b.mu.Unlock()
 	if !up {
 		return nil, nil, b.unavailable()
@@ -738,7 +856,7 @@ func (b *Broker) Publish(ctx context.Context, topic string, data []byte) (tether
 	}
 	defer done()
 	res, err := publishScript.Run(ctx, b.rdb, []string{b.key("h", topic), b.key("x", topic)},
-		data, newEpoch(), b.cfg.historyLen, b.ttl(b.cfg.historyAge), b.topicChannel(topic)).Slice()
+		data, newEpoch(), b.cfg.historyLen, b.ttl(b.cfg.historyAge), b.topicChannel(topic), b.runID()).Slice()
 	if err != nil {
 		return tether.Position{}, err
 	}
@@ -756,13 +874,13 @@ func position(res []any) (tether.Position, error) {
 
 // Since implements [tether.Broker].
 func (b *Broker) Since(ctx context.Context, topic string, pos tether.Position) ([]tether.HistoryEntry, tether.Position, bool, error) {
-	ctx, done, err := b.call(ctx)
+	ctx, done, err := b.callIn(ctx, true)
 	if err != nil {
 		return nil, tether.Position{}, false, err
 	}
 	defer done()
 	res, err := sinceScript.Run(ctx, b.rdb, []string{b.key("h", topic), b.key("x", topic)},
-		pos.Epoch, pos.Seq, newEpoch(), b.ttl(b.cfg.historyAge), b.cfg.historyAge.Milliseconds()).Slice()
+		pos.Epoch, pos.Seq, newEpoch(), b.ttl(b.cfg.historyAge), b.cfg.historyAge.Milliseconds(), b.runID()).Slice()
 	if err != nil {
 		return nil, tether.Position{}, false, err
 	}
@@ -1037,14 +1155,22 @@ func (b *Broker) Connect(ctx context.Context, userID string) ([][]byte, error) {
 	b.mu.Lock()
 	b.users[userID] = struct{}{}
 	b.mu.Unlock()
-	reply := make(chan opResult, 1)
-	if !b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) { return b.connect(ctx, userID) }, reply: reply}) {
+	h := &handoff{result: make(chan opResult, 1), user: userID}
+	if !b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) { return b.connect(ctx, userID) }, reply: h}) {
 		return nil, b.unavailable()
 	}
 	select {
-	case r := <-reply:
+	case r := <-h.result:
 		return r.msgs, r.err
 	case <-ctx.Done():
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	select {
+	case r := <-h.result: // came as it gave up
+		return r.msgs, r.err
+	default:
+		h.abandoned = true
 		return nil, ctx.Err()
 	}
 }

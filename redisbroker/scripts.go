@@ -29,20 +29,26 @@ local function now_ms()
 end
 `
 
+// An epoch belongs to one run of the Redis server (its run_id, in the
+// topic's hash as r): a server restarted from a snapshot, or a replica
+// promoted by Sentinel, may have lost the last writes, and its seqs would
+// repeat ones clients already have. Such a topic starts a new epoch.
+
 // publishScript: KEYS meta, stream; ARGV data, candidate epoch, history
-// length, key ttl ms, channel. Returns {epoch, seq}.
+// length, key ttl ms, channel, run_id. Returns {epoch, seq}.
 var publishScript = redis.NewScript(nowMs + `
 local e = redis.call('HGET', KEYS[1], 'e')
 local s
-if e then
+if e and redis.call('HGET', KEYS[1], 'r') == ARGV[6] then
   s = redis.call('HINCRBY', KEYS[1], 's', 1)
 end
-if not e or s > 9007199254740991 then
-  -- a new topic, or one whose history was lost or is spent: a new epoch
+if not s or s > 9007199254740991 then
+  -- a new topic, one whose history was lost or is spent, or one from
+  -- another run of the server: a new epoch
   e = ARGV[2]
   s = 1
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', e, 's', 1)
+  redis.call('HSET', KEYS[1], 'e', e, 's', 1, 'r', ARGV[6])
 end
 local id = string.format('%d', s)
 if tonumber(ARGV[3]) > 0 then
@@ -55,17 +61,20 @@ return {e, s}
 `)
 
 // sinceScript: KEYS meta, stream; ARGV epoch, seq, candidate epoch, key
-// ttl ms, max age ms (0: none). Returns {epoch, last seq, ok, data...}.
-// A topic without a record gets one, so that the epoch returned is the
-// one its next publication will have.
+// ttl ms, max age ms (0: none), run_id. Returns {epoch, last seq, ok,
+// data...}. A topic without a record (or with one from another run of the
+// server) gets one, so that the epoch returned is the one its next
+// publication will have.
 var sinceScript = redis.NewScript(nowMs + `
 local e = redis.call('HGET', KEYS[1], 'e')
-if not e then
+if not e or redis.call('HGET', KEYS[1], 'r') ~= ARGV[6] then
   e = ARGV[3]
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', e, 's', 0)
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('HSET', KEYS[1], 'e', e, 's', 0, 'r', ARGV[6])
 end
+-- A topic read is a topic in use: its epoch lives on.
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 local last = tonumber(redis.call('HGET', KEYS[1], 's'))
 local since = tonumber(ARGV[2])
 if ARGV[1] ~= e or since > last then
