@@ -20,10 +20,14 @@ import (
 // a skipped one from [Broker.Since], and when neither is possible tells
 // the topic's v1 subscribers to resync.
 //
-// The hub calls the methods that take a context from its conns'
-// goroutines, never while holding a lock, and bounds them with a timeout;
-// those without one it may call while holding locks, so they must not
-// block (queue the work). Every method must be safe for concurrent use.
+// The hub bounds the methods that take a context with a timeout, and
+// calls them without holding its locks, but for Since: to keep a topic's
+// stream in order it reads history with the topic locked, also from
+// within Node.Deliver. So Since must not wait on the broker's delivery to
+// the node, and a slow Since holds up that topic. The methods without a
+// context the hub may call while holding locks: they must not block
+// (queue the work). Every method must be safe for concurrent use, and
+// none may call the hub's methods.
 type Broker interface {
 	// Open starts the broker for the hub that node stands for. NewHub
 	// calls it once, last; the broker delivers to node until Close.
