@@ -238,7 +238,11 @@ func (h *Hub) brokerHealth(err error) {
 	if !h.brokerDown.CompareAndSwap(true, false) {
 		return
 	}
-	h.connCfg.logger.Info("tether: broker link back")
+	if h.brokerLinked.Swap(true) {
+		h.connCfg.logger.Info("tether: broker link back")
+	} else {
+		h.connCfg.logger.Debug("tether: broker linked")
+	}
 	if f := h.connCfg.observer.Broker; f != nil {
 		f(nil)
 	}

@@ -45,8 +45,9 @@ type Hub struct {
 	node      *Node
 	// brokerDown is set while the broker reports its link lost: the hub
 	// then delivers to its own conns only, without waiting on the broker.
-	brokerDown  atomic.Bool
-	brokerClose sync.Once
+	brokerDown   atomic.Bool
+	brokerLinked atomic.Bool // the broker has reported its link up once
+	brokerClose  sync.Once
 
 	conns  [shards]connShard
 	topics [shards]topicShard

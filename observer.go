@@ -22,8 +22,9 @@ type Observer struct {
 	// locks of the topic or registry it is delivering to: it must not call
 	// methods of the Hub or the Conn.
 	Drop func(c *Conn, messages int)
-	// Broker reports a hub's broker (see [WithBroker]) losing its link,
-	// with the error, and regaining it, with nil. It runs on the broker's
+	// Broker reports a hub's broker (see [WithBroker]) linking up, with
+	// nil (first soon after NewHub), losing its link, with the error, and
+	// regaining it, with nil again. It runs on the broker's
 	// goroutine, which Hub.Shutdown waits for: start a shutdown from it
 	// in a goroutine of its own.
 	Broker func(err error)

@@ -190,7 +190,10 @@ func WithOfflineStore(s OfflineStore) HubOption {
 // messages, history, offline messages and presence are then shared, and
 // [Hub.Publish], [Hub.SendToUser], [Hub.Presence] and [Hub.Online] answer
 // for every node. [Hub.Broadcast] and [Hub.LastSeen] stay this hub's own.
-// The hub opens b in NewHub and closes it when it is shut down.
+// The hub opens b in NewHub and closes it when it is shut down. NewHub
+// does not wait for the broker to link up (a few milliseconds on a LAN):
+// until it has, as while it is down, the hub serves its own conns only.
+// [Observer].Broker reports the moment.
 //
 // The broker's shared history replaces [WithHistory]'s for publications,
 // and raw peers get the one-line form of the data published (a v1 peer
