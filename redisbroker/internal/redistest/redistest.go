@@ -41,30 +41,39 @@ type Server struct {
 // the command line ("--maxmemory", "10mb", ...).
 func Start(t testing.TB, extra ...string) *Server {
 	t.Helper()
-	bin, err := exec.LookPath("redis-server")
+	s, err := Launch(t.TempDir(), extra...)
 	if err != nil {
-		t.Fatalf("redistest: redis-server is not on PATH (%v): install redis-server: apt-get install redis-server; .ci/run does", err)
+		t.Fatalf("redistest: %v", err)
 	}
-	s := &Server{bin: bin, dir: t.TempDir(), args: extra, out: &syncBuffer{}}
 	t.Cleanup(func() {
 		s.Stop()
 		if t.Failed() {
 			t.Logf("redistest: redis-server %s output:\n%s", s.Addr(), s.out.String())
 		}
 	})
+	return s
+}
+
+// Launch is Start without a test, for examples: the caller stops the
+// server. dir is its working directory.
+func Launch(dir string, extra ...string) (*Server, error) {
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		return nil, fmt.Errorf("redis-server is not on PATH (%v): install redis-server: apt-get install redis-server; .ci/run does", err)
+	}
+	s := &Server{bin: bin, dir: dir, args: extra, out: &syncBuffer{}}
 	var last error
 	for attempt := 0; attempt < 5; attempt++ {
 		port, err := freePort()
 		if err != nil {
-			t.Fatalf("redistest: no free port: %v", err)
+			return nil, fmt.Errorf("no free port: %w", err)
 		}
 		s.port = port
 		if last = s.start(); last == nil {
-			return s
+			return s, nil
 		}
 	}
-	t.Fatalf("redistest: cannot start redis-server: %v\n%s", last, s.out.String())
-	return nil
+	return nil, fmt.Errorf("cannot start redis-server: %v\n%s", last, s.out.String())
 }
 
 // Addr returns the server's host:port.
