@@ -28,15 +28,10 @@ func (h *Hub) publishShared(name string, data []byte) error {
 	// is back, and resync then.
 	h.count.published.Add(1)
 	h.count.localOnly.Add(1)
-	s := &h.topics[h.shard(name)]
-	s.mu.Lock()
-	t := s.m[name]
+	t := h.lockExisting(name)
 	if t == nil {
-		s.mu.Unlock()
 		return nil
 	}
-	t.mu.Lock()
-	s.mu.Unlock()
 	defer t.mu.Unlock()
 	pos, err := h.cfg.history.Append(context.Background(), name, data)
 	if err != nil {
@@ -48,15 +43,10 @@ func (h *Hub) publishShared(name string, data []byte) error {
 
 // deliverRemote is Node.Deliver.
 func (h *Hub) deliverRemote(name string, pos Position, data []byte) {
-	s := &h.topics[h.shard(name)]
-	s.mu.Lock()
-	t := s.m[name]
+	t := h.lockExisting(name)
 	if t == nil {
-		s.mu.Unlock()
 		return // no subscriber here any more
 	}
-	t.mu.Lock()
-	s.mu.Unlock()
 	defer t.mu.Unlock()
 	if len(t.subs) == 0 && t.pending == 0 {
 		return // in flight as the broker let go: the cursor stays unset

@@ -938,17 +938,25 @@ func (h *Hub) Unsubscribe(c *Conn, topic string) error {
 	return nil
 }
 
-// leave removes c from the topic's subscribers and presence.
-func (h *Hub) leave(c *Conn, name string) {
+// lockExisting returns the topic called name, locked, or nil if the
+// index has none.
+func (h *Hub) lockExisting(name string) *topic {
 	s := &h.topics[h.shard(name)]
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	t := s.m[name]
+	if t != nil {
+		t.mu.Lock()
+	}
+	return t
+}
+
+// leave removes c from the topic's subscribers and presence.
+func (h *Hub) leave(c *Conn, name string) {
+	t := h.lockExisting(name)
 	if t == nil {
-		s.mu.Unlock()
 		return
 	}
-	t.mu.Lock()
-	s.mu.Unlock()
 	i, subscribed := t.idx[c]
 	if subscribed {
 		last := len(t.subs) - 1

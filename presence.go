@@ -243,16 +243,11 @@ func (u *presentUser) localConns() []MemberConn {
 
 // remotePresence is Node.Presence.
 func (h *Hub) remotePresence(name string, members []RemoteMember, snapshot bool) {
-	s := &h.topics[h.shard(name)]
-	s.mu.Lock()
-	t := s.m[name]
-	if t == nil || t.pres == nil {
-		s.mu.Unlock()
+	t := h.lockExisting(name)
+	if t == nil {
 		return
 	}
-	t.mu.Lock()
-	s.mu.Unlock()
-	if len(t.subs) == 0 && t.pending == 0 {
+	if t.pres == nil || len(t.subs) == 0 && t.pending == 0 {
 		// Not held here any more: a change still in flight when the
 		// broker let go of the topic, which nothing would ever undo.
 		t.mu.Unlock()
@@ -327,13 +322,7 @@ func (h *Hub) stopTimers() {
 // told while it has a subscriber to topic, and from the broker otherwise
 // (without the users in their grace period there).
 func (h *Hub) Presence(topic string) []Member {
-	s := &h.topics[h.shard(topic)]
-	s.mu.Lock()
-	t := s.m[topic]
-	if t != nil {
-		t.mu.Lock()
-	}
-	s.mu.Unlock()
+	t := h.lockExisting(topic)
 	if h.broker != nil && (t == nil || len(t.subs) == 0) {
 		if t != nil {
 			t.mu.Unlock()
@@ -346,12 +335,7 @@ func (h *Hub) Presence(topic string) []Member {
 				return m
 			}
 		}
-		// This hub's own view, then.
-		s.mu.Lock()
-		if t = s.m[topic]; t != nil {
-			t.mu.Lock()
-		}
-		s.mu.Unlock()
+		t = h.lockExisting(topic) // this hub's own view, then
 	}
 	if t == nil {
 		return nil
