@@ -259,7 +259,7 @@ func (c *Conn) check(now time.Time) time.Time {
 		}
 		c.wg.Add(1)
 		c.mu.Unlock()
-		go c.heartbeatPing(now.Add(pingTimeout))
+		go c.heartbeatPing(pingTimeout)
 	}
 	return next
 }
@@ -272,16 +272,20 @@ func earliest(a, b time.Time) time.Time {
 }
 
 // heartbeatPing sends one heartbeat ping and waits for its pong. The end of
-// the conn ends the wait; so does deadline, for a peer that sends data but
-// never pongs. deadline must lie beyond the death the scheduler enforces:
+// the conn ends the wait; so does timeout, for a peer that sends data but
+// never pongs. timeout must reach beyond the death the scheduler enforces:
 // coder/websocket closes the conn when a write's context expires, and a dead
 // peer must be reported as ErrHeartbeatTimeout, not as a failed write.
-func (c *Conn) heartbeatPing(deadline time.Time) {
+func (c *Conn) heartbeatPing(timeout time.Duration) {
 	defer c.wg.Done()
 	defer c.sched.pings.Add(-1)
 	// Not derived from c.ctx, which would keep a registry of children for
 	// the conn's life: the reader's CloseNow ends the wait when the conn ends.
-	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	// The deadline counts from now, not from the scheduler's tick: after a
+	// stall of the process the tick is old, and a deadline already past
+	// would close the socket and report a live or silent peer as lost
+	// rather than let the heartbeat judge it.
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	handled := c.hb.handled.Load()
 	sent := time.Now()
 	err := c.ping(ctx)

@@ -1,0 +1,408 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tether-ws/tether"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// syncBuffer is written by run and read by the test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// startChat runs the command on a free loopback port until the test ends,
+// and returns its base URL (http://127.0.0.1:port).
+func startChat(t *testing.T, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	var out syncBuffer
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, append([]string{"-addr", "127.0.0.1:0"}, args...), &out)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("run: %v\n%s", err, out.String())
+			}
+		case <-time.After(15 * time.Second):
+			t.Errorf("run did not return after its context ended\n%s", out.String())
+		}
+	})
+	listening := regexp.MustCompile(`chat on (http://127\.0\.0\.1:\d+)/`)
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if m := listening.FindStringSubmatch(out.String()); m != nil {
+			return m[1]
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("run returned before listening: %v\n%s", err, out.String())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	t.Fatalf("the chat did not say where it listens:\n%s", out.String())
+	return ""
+}
+
+func get(t *testing.T, url string) (*http.Response, []byte) {
+	t.Helper()
+	res, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	body, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res, body
+}
+
+func getJSON(t *testing.T, url string, v any) {
+	t.Helper()
+	res, body := get(t, url)
+	if res.StatusCode != http.StatusOK || res.Header.Get("Content-Type") != "application/json" {
+		t.Fatalf("GET %s: %s, %q: %s", url, res.Status, res.Header.Get("Content-Type"), body)
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		t.Fatalf("GET %s: %v: %s", url, err, body)
+	}
+}
+
+// The page, its script and the browser client are served with their
+// types, the client as it is in the repository's js/.
+func TestServesPageAndClient(t *testing.T) {
+	base := startChat(t)
+	repoClient, err := os.ReadFile(filepath.Join("..", "..", "js", "tether.js"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		path, ctype, contains string
+	}{
+		{"/", "text/html; charset=utf-8", `<script type="module" src="/static/chat.js">`},
+		{"/?user=ann&room=lobby", "text/html; charset=utf-8", `id="log"`},
+		{"/static/chat.js", "text/javascript; charset=utf-8", `from "/tether.js"`},
+		{"/static/chat.css", "text/css; charset=utf-8", "#log"},
+		{"/tether.js", "text/javascript; charset=utf-8", string(repoClient)},
+	} {
+		res, body := get(t, base+c.path)
+		if res.StatusCode != http.StatusOK {
+			t.Errorf("GET %s: %s", c.path, res.Status)
+			continue
+		}
+		if got := res.Header.Get("Content-Type"); got != c.ctype {
+			t.Errorf("GET %s: Content-Type %q, want %q", c.path, got, c.ctype)
+		}
+		if !strings.Contains(string(body), c.contains) {
+			t.Errorf("GET %s: the body lacks %.60q", c.path, c.contains)
+		}
+	}
+	for _, path := range []string{"/static/nope.js", "/static/", "/nope", "/api/rooms/bad%20name/messages"} {
+		if res, _ := get(t, base+path); res.StatusCode != http.StatusNotFound {
+			t.Errorf("GET %s: %s, want 404", path, res.Status)
+		}
+	}
+}
+
+func dial(t *testing.T, ctx context.Context, base, user string) *tether.Client {
+	t.Helper()
+	c, err := tether.Dial(ctx, "ws"+strings.TrimPrefix(base, "http")+"/ws?user="+user)
+	if err != nil {
+		t.Fatalf("%s: %v", user, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+type people struct {
+	Present []struct {
+		User     string
+		Conns    int
+		Meta     json.RawMessage
+		LastSeen *time.Time `json:"last_seen"`
+	}
+	Away []struct {
+		User     string
+		LastSeen *time.Time `json:"last_seen"`
+	}
+}
+
+func (p people) present() (users []string) {
+	for _, u := range p.Present {
+		users = append(users, u.User)
+	}
+	return users
+}
+
+func (p people) away() (users []string) {
+	for _, u := range p.Away {
+		users = append(users, u.User)
+	}
+	return users
+}
+
+// Two users in a room: one's publication reaches the other, the room's
+// transcript keeps it, and the people endpoint lists them present with
+// their last-seen times, then the one who left as away.
+func TestRoom(t *testing.T) {
+	base := startChat(t, "-grace", "50ms")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	const topic = "room:test"
+	ann := dial(t, ctx, base, "ann")
+	got := make(chan tether.TopicMessage, 16)
+	if err := ann.Subscribe(ctx, topic, func(m tether.TopicMessage) { got <- m }); err != nil {
+		t.Fatal(err)
+	}
+	bob := dial(t, ctx, base, "bob")
+	if err := bob.Subscribe(ctx, topic, func(tether.TopicMessage) {}); err != nil {
+		t.Fatal(err)
+	}
+	data := `{"id":"m1","user":"bob","text":"hello ann","ts":1700000000000}`
+	if err := bob.Publish(ctx, topic, []byte(data)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-got:
+		if string(m.Data) != data || m.Topic != topic || m.Position.Seq != 1 {
+			t.Fatalf("ann received %s #%d %s, want %s #1 %s", m.Topic, m.Position.Seq, m.Data, topic, data)
+		}
+	case <-ctx.Done():
+		t.Fatal("ann did not receive bob's message")
+	}
+
+	var transcript struct {
+		Messages []struct {
+			Epoch string
+			Seq   uint64
+			Data  json.RawMessage
+		}
+	}
+	getJSON(t, base+"/api/rooms/test/messages", &transcript)
+	if len(transcript.Messages) != 1 || string(transcript.Messages[0].Data) != data || transcript.Messages[0].Seq != 1 || transcript.Messages[0].Epoch == "" {
+		t.Fatalf("transcript %+v, want bob's message at seq 1", transcript.Messages)
+	}
+	// A room nobody spoke in, visited or not.
+	if err := ann.Subscribe(ctx, "room:quiet", func(tether.TopicMessage) {}); err != nil {
+		t.Fatal(err)
+	}
+	for _, room := range []string{"quiet", "empty"} {
+		res, body := get(t, base+"/api/rooms/"+room+"/messages")
+		if res.StatusCode != http.StatusOK || strings.TrimSpace(string(body)) != `{"messages":[]}` {
+			t.Fatalf("transcript of room %s: %s %s, want no messages", room, res.Status, body)
+		}
+	}
+
+	var p people
+	getJSON(t, base+"/api/rooms/test/people", &p)
+	if !slices.Equal(p.present(), []string{"ann", "bob"}) || len(p.Away) != 0 {
+		t.Fatalf("people %+v, want ann and bob present", p)
+	}
+	for _, u := range p.Present {
+		if u.Conns != 1 || u.LastSeen == nil || time.Since(*u.LastSeen) > time.Minute || string(u.Meta) != `{"device":"app"}` {
+			t.Errorf("%s: %d conns, meta %s, last seen %v", u.User, u.Conns, u.Meta, u.LastSeen)
+		}
+	}
+
+	// bob leaves: after the grace period he is away, last seen when he left.
+	bob.Close()
+	left := time.Now()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		getJSON(t, base+"/api/rooms/test/people", &p)
+		if slices.Equal(p.present(), []string{"ann"}) && slices.Equal(p.away(), []string{"bob"}) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("people %+v, want ann present and bob away", p)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if at := p.Away[0].LastSeen; at == nil || at.Sub(left).Abs() > 5*time.Second {
+		t.Errorf("bob last seen %v, he left at %v", at, left)
+	}
+}
+
+// Demo-only authentication and the room rules: no user, no conn; topics
+// that are not rooms are refused.
+func TestRules(t *testing.T) {
+	base := startChat(t)
+	for _, q := range []string{"", "?user=", "?user=a%20b", "?user=" + strings.Repeat("x", 33)} {
+		if res, _ := get(t, base+"/ws"+q); res.StatusCode != http.StatusUnauthorized {
+			t.Errorf("GET /ws%s: %s, want 401", q, res.Status)
+		}
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var mu sync.Mutex
+	var refusals []error
+	c, err := tether.Dial(ctx, "ws"+strings.TrimPrefix(base, "http")+"/ws?user=eve",
+		tether.OnError(func(err error) {
+			mu.Lock()
+			defer mu.Unlock()
+			refusals = append(refusals, err)
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for _, topic := range []string{"news", "room:", "room:a b", "room:" + strings.Repeat("x", 33)} {
+		var pe *tether.ProtocolError
+		if err := c.Subscribe(ctx, topic, func(tether.TopicMessage) {}); !errors.As(err, &pe) || pe.Code != tether.CodeForbidden {
+			t.Errorf("subscribe %q: %v, want forbidden", topic, err)
+		}
+	}
+	if err := c.Publish(ctx, "news", []byte(`{"text":"spam"}`)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		mu.Lock()
+		n := len(refusals)
+		mu.Unlock()
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a publication outside the rooms was not refused")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	var pe *tether.ProtocolError
+	if !errors.As(refusals[0], &pe) || pe.Code != tether.CodeForbidden {
+		t.Errorf("publish to news: %v, want forbidden", refusals[0])
+	}
+}
+
+func TestStats(t *testing.T) {
+	base := startChat(t)
+	var stats map[string]any
+	getJSON(t, base+"/api/stats", &stats)
+	for _, k := range []string{"conns", "topics", "published", "dead_peers", "rtt_samples", "rtt_p50_ms"} {
+		if _, ok := stats[k]; !ok {
+			t.Errorf("stats lack %q: %v", k, stats)
+		}
+	}
+}
+
+// On shutdown, a client is told to go away and come back later (1001),
+// and run returns.
+func TestShutdown(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var out syncBuffer
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, []string{"-addr", "127.0.0.1:0"}, &out) }()
+	listening := regexp.MustCompile(`chat on http://(127\.0\.0\.1:\d+)/`)
+	var addr string
+	for deadline := time.Now().Add(10 * time.Second); addr == "" && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if m := listening.FindStringSubmatch(out.String()); m != nil {
+			addr = m[1]
+		}
+	}
+	if addr == "" {
+		cancel()
+		t.Fatalf("not listening:\n%s", out.String())
+	}
+	states := make(chan tether.ClientState, 16)
+	dialCtx, dialCancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer dialCancel()
+	c, err := tether.Dial(dialCtx, "ws://"+addr+"/ws?user=ann", tether.OnStateChange(func(s tether.ClientState, _ error) {
+		select {
+		case states <- s:
+		default:
+		}
+	}))
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	defer c.Close()
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("run: %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("run did not return")
+	}
+	for reconnecting := false; !reconnecting; {
+		select {
+		case s := <-states:
+			reconnecting = s == tether.Reconnecting
+		case <-time.After(10 * time.Second):
+			t.Fatal("the client was not told to reconnect")
+		}
+	}
+	if !strings.Contains(out.String(), "shutting down") {
+		t.Errorf("no word of the shutdown in the log:\n%s", out.String())
+	}
+}
+
+// The client is found from the working directory (the package's, in a
+// test) and -js overrides it; a wrong -js is an error that says so.
+func TestFindClient(t *testing.T) {
+	got, err := findClient("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, _ := filepath.Abs(filepath.Join("..", "..", "js", "tether.js"))
+	if got != want {
+		t.Errorf("found %s, want %s", got, want)
+	}
+	if got, err := findClient("main.go"); err != nil || got != "main.go" {
+		t.Errorf("-js main.go: %q, %v", got, err)
+	}
+	if _, err := findClient("nope.js"); err == nil || !strings.Contains(err.Error(), "-js") {
+		t.Errorf("-js nope.js: %v, want an error about -js", err)
+	}
+	if root := moduleRoot(t.TempDir()); root != "" {
+		t.Errorf("module root above a temporary directory: %q", root)
+	}
+	for gomod, want := range map[string]bool{
+		"module github.com/tether-ws/tether\n\ngo 1.26.0\n": true,
+		"// x\nmodule \"github.com/tether-ws/tether\"\n":    true,
+		"module github.com/tether-ws/tether/redisbroker\n":  false,
+		"go 1.26.0\n": false,
+	} {
+		if got := declares(gomod, modulePath); got != want {
+			t.Errorf("declares(%q) = %v", gomod, got)
+		}
+	}
+}

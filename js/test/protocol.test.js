@@ -1,0 +1,235 @@
+// What the Go hub never sends: malformed frames, seq gaps, epoch changes,
+// welcome resume entries, refused re-subscriptions. A scripted WebSocket
+// server (the ws package) plays the server's side of PROTOCOL.md over
+// loopback, one script per test.
+import assert from 'node:assert/strict'
+import { after, afterEach, before, test } from 'node:test'
+import { WebSocketServer } from 'ws'
+import { client, closeAll, errors, next, sleep, state, until } from '../testlib/helpers.js'
+
+let wss, url
+/** @type {(sock: import('ws').WebSocket, n: number, req: any) => void} */
+let script = () => {}
+let conns = 0
+const sockets = new Set()
+
+before(async () => {
+  wss = new WebSocketServer({
+    host: '127.0.0.1',
+    port: 0,
+    // Selects tether.v1 unless the URL says ?raw.
+    handleProtocols: (protocols, req) => (req.url.includes('raw') ? false : protocols.has('tether.v1') ? 'tether.v1' : false)
+  })
+  await new Promise((resolve) => wss.once('listening', resolve))
+  url = `ws://127.0.0.1:${wss.address().port}/ws`
+  wss.on('connection', (sock, req) => {
+    sockets.add(sock)
+    sock.on('close', () => sockets.delete(sock))
+    script(sock, ++conns, req)
+  })
+})
+afterEach(closeAll) // each test's clients only: the next script is not theirs
+after(async () => {
+  await closeAll()
+  for (const s of sockets) s.terminate()
+  await new Promise((resolve) => wss.close(resolve))
+})
+
+/** A fresh script: counts conns from 1. */
+function serve (fn) {
+  conns = 0
+  script = fn
+}
+
+const welcome = (extra = {}) => JSON.stringify({ op: 'welcome', session: 's1', heartbeat: { interval_ms: 1000, timeout_ms: 3000 }, ...extra })
+
+/** The client's protocol messages on sock, parsed, as they arrive. */
+function inbox (sock) {
+  const list = []
+  sock.on('message', (data) => {
+    for (const line of String(data).split('\n')) if (line) list.push(JSON.parse(line))
+  })
+  return list
+}
+
+test('malformed frames: an error event each, the conn kept; unknown ops ignored', async () => {
+  let sock
+  let got
+  serve((s) => {
+    sock = s
+    got = inbox(s)
+    s.send(welcome())
+  })
+  const c = client(url)
+  const errs = errors(c)
+  const msgs = []
+  c.on('message', (d) => msgs.push(d))
+  await state(c, 'connected')
+  const bad = [
+    'not json',
+    '[1,2]',
+    '"a string"',
+    '{"op":5}',
+    '{"no":"op"}',
+    '{"op":"msg"}', // data missing
+    '{"op":"msg","topic":"t","data":1}', // epoch and seq missing
+    '{"op":"msg","topic":"t","epoch":"e","seq":-1,"data":1}',
+    '{"op":"ack"}', // id missing
+    '{"op":"error","id":"9"}', // code missing
+    '{"op":"presence","joins":[]}', // topic missing
+    '{"op":"presence","topic":"t","joins":[{"meta":1}]}', // user missing
+    '{"op":"resync","topic":"t"}', // epoch missing
+    '{"op":"ping","ts":"now"}',
+    '   ' // only spaces: not JSON
+  ]
+  for (const f of bad) sock.send(f)
+  sock.send('{"op":"frobnicate","x":1}') // a newer server's op: ignored
+  sock.send('{"op":"sub","topic":"t"}') // a client's op: ignored
+  sock.send(Buffer.from([1, 2, 3]), { binary: true })
+  // Several protocol messages in one frame, as the hub coalesces them;
+  // empty lines skipped, \r tolerated, a bad line among good ones.
+  sock.send('{"op":"msg","data":"a"}\n\n{bad\n{"op":"msg","data":"b"}\r\n')
+  sock.send('{"op":"ping","ts":42}')
+  await until(() => msgs.length === 2 && got.some((m) => m.op === 'pong'), 2000, 'the good messages')
+  await sleep(50)
+  assert.deepEqual(msgs, ['a', 'b'])
+  assert.equal(errs.length, bad.length + 2, errs.map((e) => e.message).join('\n'))
+  assert.ok(errs.every((e) => e.code === 'bad_frame'))
+  assert.ok(errs.some((e) => /binary/.test(e.message)))
+  assert.deepEqual(got.filter((m) => m.op === 'pong'), [{ op: 'pong', ts: 42 }])
+  assert.equal(c.state, 'connected')
+  assert.equal(conns, 1, 'no reconnect')
+})
+
+test('positions: duplicates dropped, a seq jump or an epoch change is a resync; resubscribes with since', async () => {
+  const subs = []
+  serve((s, n) => {
+    s.send(welcome({ session: `s${n}` }))
+    s.on('message', (data) => {
+      const m = JSON.parse(String(data))
+      if (m.op !== 'sub') return
+      subs.push([n, m.since])
+      if (n === 1) {
+        s.send(JSON.stringify({ op: 'ack', id: m.id, epoch: 'e1', seq: 3 }))
+        s.send([
+          { op: 'msg', topic: 't', epoch: 'e1', seq: 3, data: 'had it' }, // the ack's position
+          { op: 'msg', topic: 't', epoch: 'e1', seq: 4, data: 4 },
+          { op: 'msg', topic: 't', epoch: 'e1', seq: 4, data: 'again' },
+          { op: 'msg', topic: 't', epoch: 'e1', seq: 6, data: 6 }, // 5 lost
+          { op: 'msg', topic: 't', epoch: 'e2', seq: 1, data: 'e2.1' }, // new epoch from 1
+          { op: 'msg', topic: 't', epoch: 'e3', seq: 5, data: 'e3.5' }, // new epoch, not from 1
+          { op: 'resync', topic: 't', epoch: 'e4' },
+          { op: 'msg', topic: 't', epoch: 'e4', seq: 9, data: 'e4.9' }, // unknown position: taken
+          { op: 'msg', topic: 'other', epoch: 'x', seq: 1, data: 'not subscribed' }
+        ].map((m) => JSON.stringify(m)).join('\n'))
+      } else {
+        s.send(JSON.stringify({ op: 'ack', id: m.id }))
+      }
+    })
+  })
+  const c = client(url)
+  const got = []
+  const resyncs = []
+  c.on('resync', (t) => resyncs.push(t))
+  const pos = await c.subscribe('t', (d, m) => got.push([d, m.epoch, m.seq]))
+  assert.deepEqual(pos, { topic: 't', epoch: 'e1', seq: 3 })
+  await until(() => got.length === 5, 2000, 'messages')
+  assert.deepEqual(got, [[4, 'e1', 4], [6, 'e1', 6], ['e2.1', 'e2', 1], ['e3.5', 'e3', 5], ['e4.9', 'e4', 9]])
+  assert.deepEqual(resyncs, ['t', 't', 't']) // the jump, e3 not from 1, the resync op
+
+  const back = next(c, 'state', (s) => s === 'connected')
+  for (const s of sockets) s.terminate()
+  await back
+  assert.deepEqual(subs, [[1, undefined], [2, { epoch: 'e4', seq: 9 }]])
+})
+
+test('welcome resume: a resync entry resets the position and emits resync', async () => {
+  const subs = []
+  serve((s, n) => {
+    s.on('message', (data) => {
+      const m = JSON.parse(String(data))
+      if (m.op !== 'sub') return
+      subs.push(m.since)
+      s.send(JSON.stringify(n === 1 ? { op: 'ack', id: m.id, epoch: 'e1', seq: 0 } : { op: 'ack', id: m.id }))
+    })
+    s.send(n === 1 ? welcome() : welcome({ resume: [{ topic: 'r', epoch: 'e9', seq: 20, status: 'resync' }, { topic: 'q', epoch: 'e', seq: 1, status: 'ok' }] }))
+  })
+  const c = client(url)
+  const resyncs = []
+  c.on('resync', (t) => resyncs.push(t))
+  await c.subscribe('r', () => {})
+  const back = next(c, 'state', (s) => s === 'connected')
+  for (const s of sockets) s.terminate()
+  await back
+  assert.deepEqual(resyncs, ['r'])
+  assert.deepEqual(subs, [undefined, { epoch: 'e9', seq: 20 }])
+})
+
+test('a re-subscription refused for a while is retried; a refused one for good is dropped', async () => {
+  let refusals = 0
+  serve((s, n) => {
+    s.send(welcome())
+    s.on('message', (data) => {
+      const m = JSON.parse(String(data))
+      if (m.op !== 'sub') return
+      if (n > 1 && m.topic === 'busy' && refusals++ < 2) {
+        s.send(JSON.stringify({ op: 'error', code: 'rate_limited', reason: 'slow down', id: m.id }))
+      } else if (n > 1 && m.topic === 'gone') {
+        s.send(JSON.stringify({ op: 'error', code: 'forbidden', reason: 'no more', id: m.id }))
+      } else {
+        s.send(JSON.stringify({ op: 'ack', id: m.id, epoch: 'e', seq: 0 }))
+      }
+    })
+  })
+  const c = client(url, { backoff: { base: 50, max: 100 } })
+  const errs = errors(c)
+  await c.subscribe('busy', () => {})
+  await c.subscribe('gone', () => {})
+  const back = next(c, 'state', (s) => s === 'connected')
+  for (const s of sockets) s.terminate()
+  await back
+  await until(() => refusals === 3, 2000, 'the retries') // two refusals, then the ack
+  assert.deepEqual(c.topics, ['busy'])
+  assert.equal(errs.filter((e) => e.code === 'rate_limited' && /retrying/.test(e.message)).length, 2)
+  assert.equal(errs.filter((e) => e.code === 'forbidden' && /gone/.test(e.message)).length, 1)
+})
+
+test('a server without tether.v1 is refused for good; a first message that is no welcome is retried', async () => {
+  serve((s) => s.send(welcome()))
+  const raw = client(url + '?raw')
+  const [, err] = await next(raw, 'state', (s) => s === 'closed')
+  assert.equal(err.code, 'rejected')
+
+  serve((s, n) => s.send(n === 1 ? '{"op":"msg","data":1}' : welcome()))
+  const c = client(url)
+  await state(c, 'connected')
+  assert.equal(conns, 2)
+})
+
+test('a check held up past its time gives the server one more probe before judging', async () => {
+  // The server answers pings 700 ms late, and every client timer fires at
+  // least 500 ms late: the check after each probe finds it unanswered,
+  // but late, so it probes once more; the answer arrives meanwhile. With
+  // timers on time, the same server is found dead.
+  serve((s) => {
+    s.send(JSON.stringify({ op: 'welcome', session: 'slow', heartbeat: { interval_ms: 50, timeout_ms: 150 } }))
+    s.on('message', (data) => {
+      const m = JSON.parse(String(data))
+      if (m.op === 'ping') setTimeout(() => s.readyState === 1 && s.send(JSON.stringify({ op: 'pong', ts: m.ts })), 700)
+    })
+  })
+  const timers = { setTimeout: (fn, ms) => setTimeout(fn, Math.max(ms, 500)), clearTimeout: (h) => clearTimeout(h) }
+  const c = client(url, { timers })
+  await state(c, 'connected')
+  const states = []
+  c.on('state', (s) => states.push(s))
+  await sleep(2500)
+  assert.deepEqual(states, [])
+  assert.equal(conns, 1)
+  await c.close()
+
+  const d = client(url) // timers on time
+  await state(d, 'connected')
+  const [, err] = await next(d, 'state', (s) => s === 'reconnecting', 2000)
+  assert.equal(err.code, 'heartbeat_timeout')
+})

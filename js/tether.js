@@ -1,0 +1,1307 @@
+// tether.js: the browser and Node client of tether's wire protocol v1
+// (PROTOCOL.md). One dependency-free ES module; it mirrors the Go Client
+// (client.go, reconnect.go): it reconnects with backoff and jitter, tries
+// failover URLs in turn, resumes every topic from its position so that
+// nothing is missed or repeated, keeps what is published while offline and
+// sends it once the subscriptions are back, and finds dead servers with
+// protocol pings, without mistaking a throttled background tab for one.
+//
+//   import { TetherClient } from './tether.js'
+//   const client = new TetherClient('wss://example.com/ws')
+//   await client.subscribe('room:42', (data, { seq }) => show(data))
+//   await client.publish('room:42', { text: 'hi' })
+
+/** The subprotocol of wire protocol v1. */
+export const SUBPROTOCOL = 'tether.v1'
+
+const OPEN = 1 // WebSocket.OPEN, the same in browsers and in ws
+
+const DEFAULT_BACKOFF = { base: 500, max: 30000, factor: 2, jitter: 'full', stableAfter: 10000, maxRetries: 0 }
+const DEFAULT_HEARTBEAT = { interval: 15000, timeout: 30000 }
+const DEFAULT_BUFFER = { messages: 256, bytes: 1 << 20 }
+const DEFAULT_PROBE_GRACE = 2000
+const MAX_RETRY_HINT = 3600000 // what a server may ask a client to wait, at most (1 h)
+
+/**
+ * An error of the client. `code` says what happened: one of the server's
+ * error codes (`forbidden`, `bad_request`, `rate_limited`, `too_big`,
+ * `internal`, `unknown_op`, or a newer one) for a refused request, or one
+ * of the client's own: `buffer_full`, `offline`, `rate_limited` (refused
+ * before sending), `conn_lost`, `closed`, `unauthorized`, `forbidden`,
+ * `rejected`, `heartbeat_timeout`, `connect_failed`, `gave_up`,
+ * `bad_frame`, `handler`, `already_subscribed`, `not_json`, `bad_request`
+ * (an invalid topic).
+ */
+export class TetherError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   * @param {{closeCode?: number, reason?: string, id?: string, topic?: string, retryMs?: number, status?: number, terminal?: boolean, cause?: unknown}} [extra]
+   */
+  constructor (code, message, extra) {
+    super(message, extra && 'cause' in extra ? { cause: extra.cause } : undefined)
+    this.name = 'TetherError'
+    /** @type {string} */
+    this.code = code
+    if (extra) {
+      for (const [k, v] of Object.entries(extra)) {
+        if (k !== 'cause' && v !== undefined) this[k] = v
+      }
+    }
+  }
+}
+
+/**
+ * A protocol v1 client that keeps itself connected. See README.md.
+ *
+ * Events (`on(event, fn)`):
+ * - `state` (state, err): a new state; err is why the conn was lost
+ *   (reconnecting) or why the client closed (closed), else undefined.
+ * - `message` (data): a direct message from the server application.
+ * - `presence` (topic, {joins, leaves}): who arrived at and left a topic.
+ * - `resync` (topic): the client cannot resume topic; reload its state.
+ * - `error` (err): something went wrong away from any call; the client
+ *   goes on.
+ * - `rtt` (ms): the round trip of a protocol ping.
+ * - `welcome` (welcome): the welcome of each new conn, as the server sent it.
+ */
+export class TetherClient {
+  /**
+   * @param {string | string[]} urls the URL (ws:, wss:, http:, https:, or
+   *   relative to the page in a browser), or several to fail over between
+   * @param {import('./tether.d.ts').TetherOptions} [options]
+   */
+  constructor (urls, options = {}) {
+    const list = (Array.isArray(urls) ? urls : [urls]).map((u) => resolveURL(u))
+    if (list.length === 0) throw new TypeError('tether: no URL')
+    const o = options ?? {}
+    const backoff = { ...DEFAULT_BACKOFF, ...(o.backoff ?? {}) }
+    if (o.backoff?.max === undefined) backoff.max = Math.max(DEFAULT_BACKOFF.max, backoff.base)
+    checkBackoff(backoff)
+    const buffer = { ...DEFAULT_BUFFER, ...(o.offlineBuffer ?? {}) }
+    if (!(buffer.messages >= 0) || !(buffer.bytes >= 0)) throw new TypeError('tether: offline buffer bounds must not be negative')
+    const hb = { ...DEFAULT_HEARTBEAT, ...(o.heartbeat ?? {}) }
+    if (!(hb.interval > 0) || !(hb.timeout > hb.interval)) throw new TypeError('tether: heartbeat timeout must exceed a positive interval')
+    const WS = o.WebSocket ?? globalThis.WebSocket
+    if (typeof WS !== 'function') throw new TypeError('tether: no WebSocket constructor: pass the WebSocket option (in Node 20, the ws package)')
+    if (o.token !== undefined && typeof o.token !== 'function') throw new TypeError('tether: token must be a function')
+    const t = o.timers ?? {}
+
+    /** @internal */ this._urls = list
+    /** @internal */ this._WS = WS
+    /** @internal */ this._protocols = [...new Set([SUBPROTOCOL, ...(o.protocols ?? [])])]
+    /** @internal */ this._backoff = backoff
+    /** @internal */ this._buf = buffer
+    /** @internal */ this._hb = hb
+    /** @internal */ this._probeGrace = o.probeGrace ?? DEFAULT_PROBE_GRACE
+    /** @internal */ this._token = o.token
+    /** @internal */ this._now = t.now ?? (() => Date.now())
+    /** @internal */ this._setTimeout = t.setTimeout ?? ((fn, ms) => globalThis.setTimeout(fn, ms))
+    /** @internal */ this._clearTimeout = t.clearTimeout ?? ((h) => globalThis.clearTimeout(h))
+
+    /** @internal @type {Map<string, Set<Function>>} */ this._listeners = new Map()
+    /** @internal */ this._state = 'connecting'
+    /** @internal */ this._closed = false
+    /** @internal @type {Link | null} */ this._link = null // the conn being made or up
+    /** @internal */ this._live = false // the link is resubscribed and flushed: send on it
+    /** @internal @type {Map<string, Sub>} */ this._subs = new Map()
+    /** @internal @type {Req[]} */ this._buffer = []
+    /** @internal */ this._bufBytes = 0
+    /** @internal */ this._ids = 0
+    /** @internal */ this._attempt = 0 // backoff step: failures since the last stable conn
+    /** @internal */ this._failures = 0 // rounds in a row that failed, for maxRetries
+    /** @internal */ this._good = 0 // the URL to try first: the last that worked
+    /** @internal */ this._round = 0 // URLs tried in this round
+    /** @internal */ this._wait = null // the timer before the next round
+    /** @internal */ this._waitHinted = false // that wait is the server's hint
+    /** @internal */ this._closing = null
+    /** @type {number | undefined} */
+    this.rtt = undefined
+    /** The URL of the current or last conn (without the token). @type {string | undefined} */
+    this.url = undefined
+    /** Why the client closed, once it has; undefined after close(). @type {TetherError | undefined} */
+    this.error = undefined
+
+    // A page coming back to the foreground, or a network coming back, may
+    // have left a dead conn behind (or throttled the timers that would
+    // have noticed): check at once.
+    /** @internal */ this._onVisible = () => {
+      if (globalThis.document?.visibilityState === 'visible') this.probe()
+    }
+    /** @internal */ this._onOnline = () => {
+      this.probe()
+      if (this._wait !== null && !this._waitHinted) {
+        // The network is back: no point waiting out the backoff.
+        this._clearTimeout(this._wait)
+        this._wait = null
+        this._connectRound()
+      }
+    }
+    const doc = globalThis.document
+    if (doc && typeof doc.addEventListener === 'function') doc.addEventListener('visibilitychange', this._onVisible)
+    const win = globalThis.window
+    if (win && typeof win.addEventListener === 'function') win.addEventListener('online', this._onOnline)
+
+    Promise.resolve().then(() => this._connectRound())
+  }
+
+  /** 'connecting' | 'connected' | 'reconnecting' | 'closed' */
+  get state () { return this._state }
+
+  /** The topics subscribed to. @returns {string[]} */
+  get topics () { return [...this._subs.keys()] }
+
+  /** The heartbeat in force: the welcome's, or the defaults before it. */
+  get heartbeat () {
+    const hb = this._link?.welcomed ? this._link.hb : this._hb
+    return { interval: hb.interval, timeout: hb.timeout }
+  }
+
+  /**
+   * Adds a listener.
+   * @param {string} event
+   * @param {Function} fn
+   * @returns {this}
+   */
+  on (event, fn) {
+    if (typeof fn !== 'function') throw new TypeError('tether: listener must be a function')
+    let set = this._listeners.get(event)
+    if (!set) this._listeners.set(event, (set = new Set()))
+    set.add(fn)
+    return this
+  }
+
+  /**
+   * Removes a listener.
+   * @param {string} event
+   * @param {Function} fn
+   * @returns {this}
+   */
+  off (event, fn) {
+    this._listeners.get(event)?.delete(fn)
+    return this
+  }
+
+  /**
+   * Subscribes to topic and resolves once the server has acknowledged it,
+   * with the topic's position then; handler receives the messages
+   * published from then on. After a reconnect the client subscribes again
+   * from the last message handler received, so that it gets exactly what
+   * it missed, or a 'resync' event when the server no longer has it.
+   * While offline, it waits for the next conn. Rejects with a TetherError
+   * carrying the server's code (forbidden, ...) when refused.
+   * @param {string} topic
+   * @param {(data: any, meta: {topic: string, epoch: string, seq: number}) => void} handler
+   * @returns {Promise<{topic: string, epoch?: string, seq?: number}>}
+   */
+  subscribe (topic, handler) {
+    if (this._closed) return Promise.reject(closedError('subscribe'))
+    const problem = topicProblem(topic)
+    if (problem) return Promise.reject(new TetherError('bad_request', `tether: subscribe: ${problem}`, { topic }))
+    if (typeof handler !== 'function') return Promise.reject(new TypeError('tether: subscribe: handler must be a function'))
+    if (this._subs.has(topic)) return Promise.reject(new TetherError('already_subscribed', `tether: subscribe: already subscribed to ${JSON.stringify(topic)}`, { topic }))
+    return new Promise((resolve, reject) => {
+      /** @type {Sub} */
+      const sub = { topic, handler, epoch: '', seq: 0, known: false, acked: false, waiter: { resolve, reject }, retry: null, retries: 0 }
+      this._subs.set(topic, sub)
+      const link = this._link
+      // A conn already welcomed has taken its list of topics: this one
+      // goes on it now (paced like the rest), else with the next conn's.
+      if (link && link.welcomed && !link.ended) {
+        const go = () => {
+          if (this._link === link && !link.ended && this._subs.get(topic) === sub && sub.waiter) this._subscribeOn(link, sub, false)
+        }
+        if (link.bucket) link.pace().then(go)
+        else go()
+      }
+    })
+  }
+
+  /**
+   * Ends the subscription to topic: its handler receives nothing more. A
+   * subscribe() still waiting for the server rejects.
+   * @param {string} topic
+   */
+  unsubscribe (topic) {
+    const sub = this._subs.get(topic)
+    if (!sub) return
+    this._subs.delete(topic)
+    if (sub.retry !== null) {
+      this._link?.clear(sub.retry)
+      sub.retry = null
+    }
+    if (sub.waiter) {
+      sub.waiter.reject(new TetherError('closed', `tether: subscribe: unsubscribed from ${JSON.stringify(topic)} meanwhile`, { topic }))
+      sub.waiter = null
+    }
+    const link = this._link
+    if (link && link.welcomed && !link.ended) {
+      // Without id: nothing to do with the answer. A sub still in flight
+      // is undone by this unsub, which follows it.
+      link.send(JSON.stringify({ op: 'unsub', topic }))
+    }
+  }
+
+  /**
+   * Publishes data (any JSON value) to topic. Resolves once the server has
+   * published it; rejects with the server's code if it refuses
+   * (forbidden, ...). While offline the message waits in the offline
+   * buffer and goes out, in order, once the subscriptions are back;
+   * past the buffer's bounds it rejects with code 'buffer_full'. With
+   * {volatile: true} it rejects with 'offline' instead of buffering. A
+   * message sent on a conn that was then lost before the server's answer
+   * rejects with 'conn_lost' (it may or may not have been published)
+   * unless it was still unsent, in which case it is sent again on the next
+   * conn: never twice.
+   * @param {string} topic
+   * @param {any} data
+   * @param {{volatile?: boolean}} [options]
+   * @returns {Promise<void>}
+   */
+  publish (topic, data, options) {
+    const problem = topicProblem(topic)
+    if (problem) return Promise.reject(new TetherError('bad_request', `tether: publish: ${problem}`, { topic }))
+    return this._request('pub', topic, data, options?.volatile === true)
+  }
+
+  /**
+   * Sends data (any JSON value) to the server application, outside any
+   * topic: the 'send' op. Buffered and answered like publish().
+   * @param {any} data
+   * @param {{volatile?: boolean}} [options]
+   * @returns {Promise<void>}
+   */
+  send (data, options) {
+    return this._request('send', undefined, data, options?.volatile === true)
+  }
+
+  /**
+   * Checks the conn now: sends a ping, and presumes the server dead if
+   * nothing at all arrives within a short grace (probeGrace, 2 s by
+   * default, bounded by the heartbeat). Called by itself when a page
+   * becomes visible and when the browser comes back online.
+   */
+  probe () {
+    const link = this._link
+    if (link && link.welcomed && !link.ended) link.probe()
+  }
+
+  /**
+   * Closes the client for good: a close frame (1000) to the server, the
+   * offline buffer dropped, every pending promise rejected with 'closed',
+   * state 'closed'. Resolves once the socket has closed.
+   * @returns {Promise<void>}
+   */
+  close () {
+    if (this._closed) return this._closing ?? Promise.resolve()
+    const link = this._link
+    if (link && !link.ended) link.end(closedError('close'), false, { graceful: true })
+    this._closing = link ? link.socketClosed() : Promise.resolve()
+    this._finish(undefined)
+    return this._closing
+  }
+
+  // --- Connecting -----------------------------------------------------------
+
+  /** @internal Tries every URL once, from the last that worked. */
+  _connectRound () {
+    this._wait = null
+    if (this._closed) return
+    this._round = 0
+    this._tryNext()
+  }
+
+  /** @internal */
+  _tryNext () {
+    const idx = (this._good + this._round) % this._urls.length
+    this._round++
+    const link = new Link(this, this._urls[idx], idx)
+    this._link = link
+    link.open()
+  }
+
+  /** @internal An attempt failed before the welcome. */
+  _attemptFailed (link, err) {
+    if (this._link === link) this._link = null
+    if (this._closed) return
+    if (err.terminal) {
+      this._finish(err)
+      return
+    }
+    if (this._round < this._urls.length) {
+      this._tryNext()
+      return
+    }
+    this._failures++
+    const b = this._backoff
+    if (b.maxRetries > 0 && this._failures >= b.maxRetries) {
+      this._finish(new TetherError('gave_up', `tether: gave up after ${this._failures} attempts: ${err.message}`, { cause: err }))
+      return
+    }
+    const d = backoffDelay(b, this._attempt)
+    this._attempt++
+    const hint = err.retryMs ?? 0
+    this._schedule(Math.max(d, hint), hint > d)
+  }
+
+  /** @internal */
+  _schedule (ms, hinted) {
+    this._waitHinted = hinted
+    this._wait = this._setTimeout(() => this._connectRound(), ms)
+  }
+
+  /** @internal A conn is up and welcomed. */
+  _welcomed (link, welcome) {
+    this._good = link.index
+    this._failures = 0
+    this.url = link.url
+    this._emit('welcome', welcome)
+    for (const r of welcome.resume ?? []) {
+      // Topics the server resumed by itself: an "ok" replay follows (what
+      // the client had already is dropped by seq); a "resync" starts over.
+      const sub = this._subs.get(r.topic)
+      if (sub && r.status === 'resync') {
+        sub.epoch = r.epoch
+        sub.seq = r.seq
+        sub.known = true
+        this._emit('resync', r.topic)
+      }
+    }
+    if (link.ended) return
+    this._resume(link)
+  }
+
+  /**
+   * @internal Subscribes the new conn to every topic, each from its
+   * position, waits for the answers, then sends the offline buffer and
+   * marks the client connected; both paced within the welcome's limits.
+   */
+  async _resume (link) {
+    const subs = [...this._subs.values()]
+    link.resubs = 1 // this loop's own, so that answers cannot finish it early
+    for (const sub of subs) {
+      if (link.bucket && !(await link.pace())) return
+      if (link.ended || this._closed) return
+      if (this._subs.get(sub.topic) === sub) {
+        link.resubs++
+        this._subscribeOn(link, sub, true)
+      }
+    }
+    link.resubAnswered()
+    await link.resubbed
+    // The buffer, oldest first; what is published meanwhile joins its end.
+    for (;;) {
+      if (link.ended || this._closed) return
+      if (this._buffer.length === 0) break
+      if (link.bucket && !(await link.pace())) return
+      if (link.ended || this._closed) return
+      const req = this._buffer[0]
+      if (!link.send(req.line, req)) return
+      this._buffer.shift()
+      this._bufBytes -= req.bytes
+    }
+    this._live = true
+    this._setState('connected', undefined)
+  }
+
+  /** @internal */
+  _subscribeOn (link, sub, batch) {
+    const id = this._newID()
+    const msg = { op: 'sub', topic: sub.topic }
+    if (sub.known) msg.since = { epoch: sub.epoch, seq: sub.seq }
+    msg.id = id
+    /** @type {Req} */
+    const req = { id, op: 'sub', topic: sub.topic, line: '', bytes: 0, sub, since: sub.known, batch }
+    link.send(JSON.stringify(msg), req)
+  }
+
+  /** @internal The conn, welcomed once, has ended. */
+  _lost (link, err) {
+    if (this._link === link) this._link = null
+    this._live = false
+    // What the conn never transmitted goes back to the front of the buffer;
+    // what it did may have arrived: at most once, never twice. The socket's
+    // bufferedAmount says how many bytes, at the end of what was sent, it
+    // still held; the ledger counts frame headers too, so that the estimate
+    // errs towards "transmitted".
+    const unsentFrom = link.unsent > 0 ? link.bytesSent - link.unsent : Infinity
+    const back = []
+    for (const req of link.requests.values()) {
+      if (req.op === 'sub') continue // made afresh by the next conn; its waiter waits on
+      if (!this._closed && req.start >= unsentFrom) {
+        back.push(req)
+      } else {
+        req.reject?.(new TetherError('conn_lost', `tether: ${req.op}: the connection was lost before the server answered; the message may or may not have arrived`, { id: req.id, topic: req.topic, cause: err }))
+      }
+    }
+    link.requests.clear()
+    if (back.length > 0) {
+      // Past the bound: these were accepted and must not be lost to it.
+      for (const req of back) this._bufBytes += req.bytes
+      this._buffer = back.concat(this._buffer)
+    }
+    for (const sub of this._subs.values()) sub.retry = null // the link's timers are gone; the next conn subscribes anyway
+    if (this._closed) return
+
+    if (this._now() - link.upAt >= this._backoff.stableAfter) this._attempt = 0
+    const b = this._backoff
+    const hint = err.retryMs ?? 0
+    switch (err.closeCode) {
+      case 4401:
+      case 4403:
+        this._finish(err)
+        return
+      case 1001:
+        this._setState('reconnecting', err)
+        if (this._closed) return
+        if (hint > 0) {
+          // The server spread its clients over the hint already; a little
+          // more keeps equal hints apart.
+          this._schedule(hint + Math.random() * hint / 5, true)
+        } else {
+          this._schedule(backoffDelay(b, this._attempt++), false)
+        }
+        return
+      default: {
+        // 4008 and 4429 included: a client the server had to shed backs
+        // off further each time.
+        this._setState('reconnecting', err)
+        if (this._closed) return
+        const d = backoffDelay(b, this._attempt++)
+        this._schedule(Math.max(d, hint), hint > d)
+      }
+    }
+  }
+
+  /** @internal Closes the client for reason (undefined for close()). */
+  _finish (reason) {
+    if (this._closed) return
+    this._closed = true
+    this._live = false
+    this.error = reason
+    if (this._wait !== null) {
+      this._clearTimeout(this._wait)
+      this._wait = null
+    }
+    const doc = globalThis.document
+    if (doc && typeof doc.removeEventListener === 'function') doc.removeEventListener('visibilitychange', this._onVisible)
+    const win = globalThis.window
+    if (win && typeof win.removeEventListener === 'function') win.removeEventListener('online', this._onOnline)
+    const link = this._link
+    this._link = null
+    if (link && !link.ended) link.end(closedError('close'), false)
+    const gone = () => closedError('client')
+    for (const req of this._buffer) req.reject?.(gone())
+    this._buffer = []
+    this._bufBytes = 0
+    if (link) {
+      for (const req of link.requests.values()) req.reject?.(gone())
+      link.requests.clear()
+    }
+    for (const sub of this._subs.values()) {
+      if (sub.waiter) {
+        sub.waiter.reject(reason ?? closedError('subscribe'))
+        sub.waiter = null
+      }
+    }
+    this._subs.clear()
+    this._setState('closed', reason)
+  }
+
+  // --- Requests -------------------------------------------------------------
+
+  /** @internal */
+  _request (op, topic, data, volatile) {
+    if (this._closed) return Promise.reject(closedError(op === 'pub' ? 'publish' : 'send'))
+    let json
+    try {
+      json = JSON.stringify(data)
+    } catch (err) {
+      return Promise.reject(new TetherError('not_json', `tether: ${op}: data is not a JSON value: ${err.message}`, { cause: err }))
+    }
+    if (json === undefined) return Promise.reject(new TetherError('not_json', `tether: ${op}: data is not a JSON value`))
+    const id = this._newID()
+    const line = op === 'pub'
+      ? `{"op":"pub","topic":${JSON.stringify(topic)},"data":${json},"id":"${id}"}`
+      : `{"op":"send","data":${json},"id":"${id}"}`
+    return new Promise((resolve, reject) => {
+      /** @type {Req} */
+      const req = { id, op, topic, line, bytes: utf8Length(line), resolve, reject }
+      const link = this._link
+      if (this._live && link && !link.ended) {
+        if (link.bucket && link.bucket.take(this._now()) > 0) {
+          // The server would refuse it, and close the conn if this went on.
+          reject(new TetherError('rate_limited', `tether: ${op}: over the rate limit the server advertised`, { id, topic }))
+          return
+        }
+        if (link.send(line, req)) return
+      }
+      if (volatile) {
+        reject(new TetherError('offline', `tether: ${op}: offline`, { id, topic }))
+        return
+      }
+      if (this._buffer.length >= this._buf.messages || this._bufBytes + req.bytes > this._buf.bytes) {
+        reject(new TetherError('buffer_full', `tether: ${op}: offline buffer full (${this._buf.messages} messages, ${this._buf.bytes} bytes)`, { id, topic }))
+        return
+      }
+      this._buffer.push(req)
+      this._bufBytes += req.bytes
+    })
+  }
+
+  /** @internal */
+  _newID () {
+    return (++this._ids).toString(36)
+  }
+
+  // --- Reading --------------------------------------------------------------
+
+  /** @internal One protocol message (one line) from the server. */
+  _onLine (link, line) {
+    let m
+    try {
+      m = JSON.parse(line)
+    } catch (err) {
+      this._bad(`not JSON: ${err.message}`, line)
+      return
+    }
+    if (m === null || typeof m !== 'object' || Array.isArray(m)) {
+      this._bad('not a JSON object', line)
+      return
+    }
+    const op = m.op
+    if (typeof op !== 'string') {
+      this._bad('no string "op"', line)
+      return
+    }
+    switch (op) {
+      case 'ping': {
+        const ts = m.ts ?? 0
+        if (!Number.isSafeInteger(ts)) return this._bad('"ts" is not an integer', line)
+        link.send(`{"op":"pong","ts":${ts}}`)
+        return
+      }
+      case 'pong': {
+        const ts = m.ts ?? 0
+        if (!Number.isSafeInteger(ts)) return this._bad('"ts" is not an integer', line)
+        if (ts === link.pingTs && link.pingTs !== 0) {
+          link.pingTs = 0
+          const rtt = Math.max(0, this._now() - ts)
+          this.rtt = rtt
+          this._emit('rtt', rtt)
+        }
+        return
+      }
+      case 'msg': {
+        if (!('data' in m)) return this._bad('"data" missing', line)
+        const topic = m.topic ?? ''
+        if (typeof topic !== 'string') return this._bad('"topic" is not a string', line)
+        if (topic === '') {
+          this._emit('message', m.data)
+          return
+        }
+        if (typeof m.epoch !== 'string') return this._bad('"epoch" missing', line)
+        if (!isUint(m.seq)) return this._bad('"seq" missing or not an integer', line)
+        this._deliver(topic, m.epoch, m.seq, m.data)
+        return
+      }
+      case 'presence': {
+        if (typeof m.topic !== 'string') return this._bad('"topic" missing', line)
+        const joins = m.joins ?? []
+        const leaves = m.leaves ?? []
+        if (!Array.isArray(joins) || !Array.isArray(leaves)) return this._bad('"joins" and "leaves" must be arrays', line)
+        for (const e of [...joins, ...leaves]) {
+          if (e === null || typeof e !== 'object' || typeof e.user !== 'string') return this._bad('a member without "user"', line)
+        }
+        this._emit('presence', m.topic, { joins, leaves })
+        return
+      }
+      case 'resync': {
+        if (typeof m.topic !== 'string' || typeof m.epoch !== 'string') return this._bad('"topic" or "epoch" missing', line)
+        const sub = this._subs.get(m.topic)
+        if (!sub) return
+        // Stale: the position is unknown until the next message.
+        sub.known = false
+        this._emit('resync', m.topic)
+        return
+      }
+      case 'ack': {
+        if (typeof m.id !== 'string') return this._bad('"id" missing', line)
+        if (m.epoch != null && typeof m.epoch !== 'string') return this._bad('"epoch" is not a string', line)
+        if (m.seq != null && !isUint(m.seq)) return this._bad('"seq" is not an integer', line)
+        this._answer(link, m.id, m, undefined)
+        return
+      }
+      case 'error': {
+        if (typeof m.code !== 'string') return this._bad('"code" missing', line)
+        if (m.id != null && typeof m.id !== 'string') return this._bad('"id" is not a string', line)
+        if (m.reason != null && typeof m.reason !== 'string') return this._bad('"reason" is not a string', line)
+        const id = m.id ?? ''
+        const reason = m.reason ?? ''
+        const err = new TetherError(m.code, `tether: the server refused: ${m.code}${reason ? ': ' + reason : ''}`, { reason, id: id || undefined })
+        if (id === '') {
+          this._report(err)
+          return
+        }
+        this._answer(link, id, m, err)
+        return
+      }
+      case 'welcome': {
+        const problem = welcomeProblem(m)
+        if (problem) this._bad(problem, line)
+        return // only the first counts
+      }
+      default:
+        // A newer server's op, or one only clients send: ignored, as
+        // PROTOCOL.md asks.
+    }
+  }
+
+  /** @internal */
+  _bad (why, line) {
+    const shown = line.length > 200 ? line.slice(0, 200) + '…' : line
+    this._report(new TetherError('bad_frame', `tether: unreadable message from the server (${why}): ${shown}`))
+  }
+
+  /** @internal Hands a topic message to its handler, unless it had it already. */
+  _deliver (topic, epoch, seq, data) {
+    const sub = this._subs.get(topic)
+    if (!sub) return // unsubscribed: what was in flight is ignored
+    if (sub.known && epoch === sub.epoch && seq <= sub.seq) return // had it already
+    // A jump in seq, or a new epoch that does not start at 1, means
+    // messages were lost: the topic's state is stale, as after a resync.
+    const gap = sub.known && ((epoch === sub.epoch && seq > sub.seq + 1) || (epoch !== sub.epoch && seq !== 1))
+    sub.epoch = epoch
+    sub.seq = seq
+    sub.known = true
+    if (gap) this._emit('resync', topic)
+    if (this._subs.get(topic) !== sub) return
+    try {
+      sub.handler(data, { topic, epoch, seq })
+    } catch (err) {
+      this._report(new TetherError('handler', `tether: the handler of ${JSON.stringify(topic)} threw: ${err?.message ?? err}`, { topic, cause: err }))
+    }
+  }
+
+  /** @internal Settles the request that an ack (err undefined) or an error answers. */
+  _answer (link, id, m, err) {
+    const req = link.requests.get(id)
+    if (!req) return
+    link.requests.delete(id)
+    if (req.op !== 'sub') {
+      if (err) {
+        err.topic = req.topic
+        req.reject(err)
+      } else {
+        req.resolve()
+      }
+      return
+    }
+    const sub = req.sub
+    const current = this._subs.get(sub.topic) === sub
+    let report
+    let stale = false
+    if (err && current && !sub.waiter && (err.code === 'rate_limited' || err.code === 'internal')) {
+      // For a while only: try again on this conn, backing off.
+      const delay = backoffDelay(this._backoff, sub.retries++)
+      sub.retry = link.timer(() => {
+        sub.retry = null
+        if (!this._closed && this._link === link && !link.ended && this._subs.get(sub.topic) === sub) this._subscribeOn(link, sub, false)
+      }, delay)
+      report = new TetherError(err.code, `tether: re-subscription to ${JSON.stringify(sub.topic)} refused, retrying in ${Math.round(delay)} ms: ${err.message}`, { topic: sub.topic, reason: err.reason })
+    } else if (err && current) {
+      this._subs.delete(sub.topic)
+      if (!sub.waiter) report = new TetherError(err.code, `tether: re-subscription to ${JSON.stringify(sub.topic)} refused, the subscription is gone: ${err.message}`, { topic: sub.topic, reason: err.reason })
+    } else if (!err && current && !req.since && typeof m.epoch === 'string' && m.epoch !== '') {
+      // Live messages start after the ack's position. A topic subscribed
+      // before without a position (a resync, then the conn was lost before
+      // any message) missed what came between.
+      stale = sub.acked
+      sub.epoch = m.epoch
+      sub.seq = m.seq ?? 0
+      sub.known = true
+    }
+    if (!err) {
+      sub.acked = true
+      sub.retries = 0
+    }
+    // Before the waiter: the resumption goes on (and may mark the client
+    // connected) before the caller of subscribe() hears of the ack.
+    if (req.batch) link.resubAnswered()
+    const w = sub.waiter
+    if (w) {
+      sub.waiter = null
+      if (err) {
+        err.topic = sub.topic
+        w.reject(err)
+      } else {
+        const pos = { topic: sub.topic }
+        if (typeof m.epoch === 'string' && m.epoch !== '') {
+          pos.epoch = m.epoch
+          pos.seq = m.seq ?? 0
+        }
+        w.resolve(pos)
+      }
+    }
+    if (report) this._report(report)
+    if (stale) this._emit('resync', sub.topic)
+  }
+
+  // --- Events ---------------------------------------------------------------
+
+  /** @internal */
+  _setState (state, err) {
+    if (this._state === state) return
+    this._state = state
+    this._emit('state', state, err)
+  }
+
+  /** @internal */
+  _report (err) {
+    this._emit('error', err)
+  }
+
+  /** @internal */
+  _emit (event, ...args) {
+    const set = this._listeners.get(event)
+    if (!set) return
+    for (const fn of [...set]) {
+      try {
+        fn(...args)
+      } catch (err) {
+        if (event !== 'error') this._report(new TetherError('handler', `tether: a listener of ${event} threw: ${err?.message ?? err}`, { cause: err }))
+      }
+    }
+  }
+}
+
+/**
+ * One WebSocket, from its attempt to its end.
+ * @internal
+ */
+class Link {
+  /**
+   * @param {TetherClient} client
+   * @param {string} url
+   * @param {number} index
+   */
+  constructor (client, url, index) {
+    this.c = client
+    this.url = url
+    this.index = index
+    /** @type {any} */ this.ws = null
+    this.welcomed = false
+    this.ended = false
+    this.upAt = 0
+    /** @type {Set<any>} */ this.timers = new Set()
+    /** @type {Set<() => void>} */ this.sleepers = new Set()
+    /** @type {Map<string, Req>} sent on this conn, not yet answered, in send order */
+    this.requests = new Map()
+    this.bytesSent = 0
+    this.unsent = 0 // bytes the socket had not transmitted when it ended
+    this.hb = { ...client._hb }
+    /** @type {Bucket | null} */ this.bucket = null
+    this.sockErr = null
+    this.resubs = 0
+    /** @type {() => void} */ this._resubDone = () => {}
+    /** @type {Promise<void>} resolved once the re-subscriptions are answered, or the conn ended */
+    this.resubbed = new Promise((resolve) => { this._resubDone = () => resolve() })
+    // Heartbeat (PROTOCOL.md, section 9), in wall-clock time.
+    this.lastRecv = 0
+    this.pingAt = 0
+    this.pingTs = 0
+    this.awaiting = false // a ping was sent and nothing has arrived since
+    this.probing = false // that ping is a probe: it gets the grace, not the timeout
+    this.reprobed = false // a late timer has had its one extra probe
+    this.hbTimer = null
+    this.hbDue = 0
+  }
+
+  /** A timer of this conn, cleared when it ends. */
+  timer (fn, ms) {
+    const c = this.c
+    const h = c._setTimeout(() => {
+      this.timers.delete(h)
+      if (!this.ended) fn()
+    }, Math.max(0, ms))
+    this.timers.add(h)
+    return h
+  }
+
+  clear (h) {
+    if (h === null || h === undefined) return
+    this.c._clearTimeout(h)
+    this.timers.delete(h)
+  }
+
+  /** Resolves true after ms, or false as soon as the conn ends. */
+  sleep (ms) {
+    return new Promise((resolve) => {
+      const wake = () => {
+        this.sleepers.delete(wake)
+        this.clear(h)
+        resolve(!this.ended)
+      }
+      this.sleepers.add(wake)
+      const h = this.timer(wake, ms)
+    })
+  }
+
+  /** Waits for a token of the welcome's rate limit; false if the conn ended. */
+  async pace () {
+    for (;;) {
+      if (this.ended) return false
+      if (!this.bucket) return true
+      const wait = this.bucket.take(this.c._now())
+      if (wait <= 0) return true
+      if (!(await this.sleep(wait))) return false
+    }
+  }
+
+  resubAnswered () {
+    if (--this.resubs === 0) this._resubDone()
+  }
+
+  async open () {
+    const c = this.c
+    // The attempt, welcome included, is bounded by the heartbeat timeout.
+    this.timer(() => this.end(new TetherError('connect_failed', `tether: ${this.url}: no welcome within ${c._hb.timeout} ms`), true), c._hb.timeout)
+    let url = this.url
+    if (c._token) {
+      let tok
+      try {
+        tok = await c._token()
+      } catch (err) {
+        this.end(new TetherError('connect_failed', `tether: ${this.url}: token: ${err?.message ?? err}`, { cause: err }), true)
+        return
+      }
+      if (this.ended) return
+      const u = new URL(url)
+      u.searchParams.set('token', String(tok))
+      url = u.href
+    }
+    let ws
+    try {
+      ws = new c._WS(url, c._protocols)
+    } catch (err) {
+      this.end(new TetherError('rejected', `tether: ${this.url}: ${err?.message ?? err}`, { cause: err, terminal: true }), true)
+      return
+    }
+    this.ws = ws
+    try { ws.binaryType = 'arraybuffer' } catch {}
+    // Handlers stay attached after the end (ws throws on an 'error' event
+    // without a listener); they do nothing then.
+    ws.onopen = () => this.onOpen()
+    ws.onmessage = (ev) => this.onMessage(ev)
+    ws.onerror = (ev) => { this.sockErr = ev }
+    ws.onclose = (ev) => this.onClose(ev)
+  }
+
+  onOpen () {
+    if (this.ended) return
+    if (this.ws.protocol !== SUBPROTOCOL) {
+      this.end(new TetherError('rejected', `tether: ${this.url}: the server does not speak ${SUBPROTOCOL}`, { terminal: true }), true, { reason: `${SUBPROTOCOL} required` })
+      return
+    }
+    this.lastRecv = this.c._now()
+  }
+
+  onMessage (ev) {
+    if (this.ended) return
+    const c = this.c
+    this.lastRecv = c._now()
+    this.awaiting = this.probing = this.reprobed = false
+    const data = ev.data
+    if (typeof data !== 'string') {
+      const n = data?.byteLength ?? data?.size ?? 0
+      c._report(new TetherError('bad_frame', `tether: the server sent a binary message of ${n} bytes; protocol v1 has none`))
+      return
+    }
+    const lines = data.split('\n')
+    let i = 0
+    if (!this.welcomed) {
+      while (i < lines.length && lines[i] === '') i++
+      let w
+      let problem = 'empty'
+      if (i < lines.length) {
+        try {
+          w = JSON.parse(lines[i])
+          problem = welcomeProblem(w)
+        } catch (err) {
+          problem = err.message
+        }
+      }
+      if (problem) {
+        this.end(new TetherError('connect_failed', `tether: ${this.url}: the first message is not a welcome: ${problem}`), true, { reason: 'welcome expected' })
+        return
+      }
+      i++
+      this.onWelcome(w)
+      if (this.ended) return
+    }
+    for (; i < lines.length && !this.ended; i++) {
+      if (lines[i] !== '') c._onLine(this, lines[i])
+    }
+  }
+
+  onWelcome (w) {
+    const c = this.c
+    this.welcomed = true
+    for (const h of this.timers) c._clearTimeout(h) // the attempt's timeout
+    this.timers.clear()
+    this.upAt = c._now()
+    const { interval_ms: interval, timeout_ms: timeout } = w.heartbeat
+    if (interval > 0 && timeout > interval) this.hb = { interval, timeout }
+    const l = w.limits
+    if (l) {
+      // 90 % of the rate and the burst: the rest is for what is not
+      // paced, pings and unsubs.
+      this.bucket = new Bucket(l.msgs_per_s * 0.9, Math.max(1, Math.floor(Math.min(l.burst, 2 ** 31) * 9 / 10)), c._now())
+    }
+    this.schedule()
+    c._welcomed(this, w)
+  }
+
+  onClose (ev) {
+    this._sockClosed = true
+    if (this._kill) {
+      this.c._clearTimeout(this._kill)
+      this._kill = null
+    }
+    this._onSockClosed?.()
+    if (this.ended) return
+    const code = ev?.code ?? 1006
+    const reason = typeof ev?.reason === 'string' ? ev.reason : ''
+    const retryMs = retryHint(reason)
+    const desc = `${code}${reason ? ' (' + reason + ')' : ''}`
+    if (code === 4401) {
+      this.end(new TetherError('unauthorized', `tether: the server closed the connection with ${desc}`, { closeCode: code, reason, terminal: true }), true)
+      return
+    }
+    if (code === 4403) {
+      this.end(new TetherError('forbidden', `tether: the server closed the connection with ${desc}`, { closeCode: code, reason, terminal: true }), true)
+      return
+    }
+    if (!this.welcomed) {
+      // Browsers hide a refused handshake's HTTP status; ws (Node) tells.
+      const msg = String(this.sockErr?.message ?? this.sockErr?.error?.message ?? '')
+      const status = Number(/Unexpected server response: (\d{3})/.exec(msg)?.[1] ?? 0)
+      if (status === 401) return this.end(new TetherError('unauthorized', `tether: ${this.url}: HTTP 401`, { status, terminal: true }), true)
+      if (status === 403) return this.end(new TetherError('forbidden', `tether: ${this.url}: HTTP 403`, { status, terminal: true }), true)
+      if (status >= 400 && status < 500 && status !== 408 && status !== 425 && status !== 429) {
+        return this.end(new TetherError('rejected', `tether: ${this.url}: HTTP ${status}`, { status, terminal: true }), true)
+      }
+      if (/subprotocol/i.test(msg)) {
+        // ws fails the handshake of a server that selects no subprotocol,
+        // where a browser opens the socket with protocol "".
+        return this.end(new TetherError('rejected', `tether: ${this.url}: the server does not speak ${SUBPROTOCOL}: ${msg}`, { terminal: true }), true)
+      }
+      const why = msg || `closed with ${desc}`
+      this.end(new TetherError('connect_failed', `tether: ${this.url}: ${why}`, { closeCode: code, reason, status: status || undefined, retryMs }), true)
+      return
+    }
+    this.end(new TetherError('conn_lost', `tether: the connection closed with ${desc}`, { closeCode: code, reason, retryMs }), true)
+  }
+
+  /**
+   * Ends the conn: its timers stop, its socket closes (with a close frame
+   * if graceful, else at once), and the client hears of it if notify.
+   */
+  end (err, notify, { reason = '', graceful = false } = {}) {
+    if (this.ended) return
+    this.ended = true
+    const c = this.c
+    for (const h of this.timers) c._clearTimeout(h)
+    this.timers.clear()
+    this.hbTimer = null
+    for (const wake of [...this.sleepers]) wake()
+    this._resubDone()
+    const ws = this.ws
+    if (ws) {
+      const n = Number(ws.bufferedAmount)
+      this.unsent = Number.isFinite(n) && n > 0 ? n : 0
+      if (ws.readyState === 0 || ws.readyState === OPEN) {
+        if (graceful && ws.readyState === OPEN) {
+          try { ws.close(1000) } catch {}
+          if (typeof ws.terminate === 'function') {
+            // ws (Node) waits 30 s for a dead server's close frame.
+            this._kill = c._setTimeout(() => { this._kill = null; ws.terminate() }, 2000)
+            this._kill?.unref?.()
+          }
+        } else if (typeof ws.terminate === 'function') {
+          ws.terminate() // ws (Node): dropped at once, no close handshake to wait out
+        } else {
+          try { ws.close(1000, reason) } catch { try { ws.close() } catch {} }
+        }
+      }
+    }
+    if (!notify) return
+    if (this.welcomed) c._lost(this, err)
+    else c._attemptFailed(this, err)
+  }
+
+  /** Resolves once the socket has closed. */
+  socketClosed () {
+    const ws = this.ws
+    if (!ws || ws.readyState === 3 || this._sockClosed) return Promise.resolve()
+    return new Promise((resolve) => { this._onSockClosed = resolve })
+  }
+
+  /** Sends a line; with req, remembers it as waiting for its answer. */
+  send (line, req) {
+    const ws = this.ws
+    if (this.ended || !ws || ws.readyState !== OPEN) return false
+    try {
+      ws.send(line)
+    } catch {
+      return false
+    }
+    const bytes = req?.bytes || utf8Length(line)
+    const start = this.bytesSent
+    // A client frame's header: 2 bytes, the length's extension, the mask.
+    this.bytesSent += bytes + 2 + (bytes < 126 ? 0 : bytes < 65536 ? 2 : 8) + 4
+    if (req) {
+      req.line = line
+      req.bytes = bytes
+      req.start = start
+      this.requests.set(req.id, req)
+    }
+    return true
+  }
+
+  // --- Heartbeat ------------------------------------------------------------
+  //
+  // Silence decides, in wall-clock time (now()), never a timer alone: a
+  // background tab's timers may fire late, long after the ping they were
+  // to send, and the silence that follows is the client's own doing. So a
+  // server is presumed dead only when a ping was actually sent and nothing
+  // at all arrived within the timeout and a grace after it; a check that
+  // finds a long silence without a ping sent probes first, and a check
+  // that fires late gives the server one more probe.
+
+  grace () {
+    const { interval, timeout } = this.hb
+    return Math.min(timeout - interval, Math.max(this.c._probeGrace, 4 * (this.c.rtt ?? 0)))
+  }
+
+  ping (probing) {
+    const ts = Math.floor(this.c._now())
+    if (!this.send(`{"op":"ping","ts":${ts}}`)) return
+    this.pingAt = ts
+    this.pingTs = ts
+    this.awaiting = true
+    this.probing = probing
+  }
+
+  probe () {
+    if (this.awaiting && this.probing) return
+    this.ping(true)
+    this.schedule()
+  }
+
+  schedule () {
+    if (this.ended) return
+    const { interval, timeout } = this.hb
+    let due
+    if (this.awaiting) {
+      due = this.probing ? this.pingAt + this.grace() : Math.max(this.lastRecv + timeout, this.pingAt + this.grace())
+    } else {
+      due = Math.min(Math.max(this.lastRecv, this.pingAt) + interval, this.lastRecv + timeout)
+    }
+    const t = this.c._now()
+    this.hbDue = Math.max(due, t)
+    this.clear(this.hbTimer)
+    this.hbTimer = this.timer(() => this.check(), due - t)
+  }
+
+  check () {
+    this.hbTimer = null
+    if (this.ended) return
+    const { interval, timeout } = this.hb
+    const t = this.c._now()
+    const late = t - this.hbDue > Math.max(50, Math.min(1000, (timeout - interval) / 2))
+    const silence = t - this.lastRecv
+    if (this.awaiting) {
+      const g = this.grace()
+      const since = t - this.pingAt
+      const expired = this.probing ? since >= g : silence >= timeout && since >= g
+      if (expired) {
+        if (late && !this.reprobed) {
+          // This check itself was held up: what answered the ping may be
+          // waiting behind it. One more probe before judging.
+          this.reprobed = true
+          this.ping(true)
+        } else {
+          this.end(new TetherError('heartbeat_timeout', `tether: the server sent nothing for ${Math.round(silence)} ms (heartbeat timeout ${timeout} ms)`), true)
+          return
+        }
+      }
+    } else if (silence >= timeout) {
+      // Silent for the whole timeout without a ping from us: our timers
+      // were held up (a background tab). Ask before judging.
+      this.ping(true)
+    } else if (silence >= interval && t - this.pingAt >= interval) {
+      this.ping(false)
+    }
+    this.schedule()
+  }
+}
+
+/** A token bucket: rate per second, burst tokens. @internal */
+class Bucket {
+  constructor (rate, burst, now) {
+    this.perMs = rate / 1000
+    this.burst = burst
+    this.tokens = burst
+    this.t = now
+  }
+
+  /** Takes a token and returns 0, or returns how many ms until one. */
+  take (now) {
+    this.tokens = Math.min(this.burst, this.tokens + Math.max(0, now - this.t) * this.perMs)
+    this.t = now
+    if (this.tokens >= 1) {
+      this.tokens -= 1
+      return 0
+    }
+    return Math.max(1, Math.ceil((1 - this.tokens) / this.perMs))
+  }
+}
+
+// --- Helpers ------------------------------------------------------------------
+
+/**
+ * How long to wait before attempt (from 0), as the Go client's Backoff.
+ * @param {{base: number, max: number, factor: number, jitter: string}} b
+ * @param {number} attempt
+ */
+export function backoffDelay (b, attempt) {
+  attempt = Math.max(0, attempt)
+  if (b.jitter === 'decorrelated') {
+    let d = b.base
+    for (let i = 0; i <= Math.min(attempt, 256); i++) d = Math.min(b.max, b.base + Math.random() * (3 * d - b.base))
+    return d
+  }
+  const raw = b.base * Math.pow(b.factor, attempt)
+  const c = raw >= b.max || !Number.isFinite(raw) ? b.max : raw
+  switch (b.jitter) {
+    case 'equal': return c / 2 + Math.random() * (c / 2)
+    case 'none': return c
+    default: return Math.random() * c
+  }
+}
+
+function checkBackoff (b) {
+  const bad = (why) => { throw new TypeError(`tether: backoff: ${why}`) }
+  if (!(b.base >= 0) || !(b.max >= 0) || !(b.stableAfter >= 0)) bad('durations must not be negative')
+  if (b.base > b.max) bad(`base ${b.base} exceeds max ${b.max}`)
+  if (!(b.factor >= 1) || !Number.isFinite(b.factor)) bad('factor must be a number of at least 1')
+  if (!['full', 'equal', 'none', 'decorrelated'].includes(b.jitter)) bad(`unknown jitter ${JSON.stringify(b.jitter)}`)
+  if (!(b.maxRetries >= 0)) bad('maxRetries must not be negative')
+}
+
+/** The retry_ms hint of a close reason, or 0. */
+function retryHint (reason) {
+  const m = /retry_ms=(\d+)/.exec(reason)
+  if (!m) return 0
+  const ms = Number(m[1])
+  return ms > 0 ? Math.min(ms, MAX_RETRY_HINT) : 0
+}
+
+function resolveURL (u) {
+  if (typeof u !== 'string' || u === '') throw new TypeError('tether: a URL must be a non-empty string')
+  const base = globalThis.location?.href
+  let url
+  try {
+    url = base ? new URL(u, base) : new URL(u)
+  } catch {
+    throw new TypeError(`tether: invalid URL ${JSON.stringify(u)}`)
+  }
+  if (url.protocol === 'http:') url.protocol = 'ws:'
+  else if (url.protocol === 'https:') url.protocol = 'wss:'
+  if (url.protocol !== 'ws:' && url.protocol !== 'wss:') throw new TypeError(`tether: ${JSON.stringify(u)} is not a ws:, wss:, http: or https: URL`)
+  url.hash = ''
+  return url.href
+}
+
+function closedError (what) {
+  return new TetherError('closed', `tether: ${what}: the client is closed`)
+}
+
+function isUint (n) {
+  return Number.isSafeInteger(n) && n >= 0
+}
+
+/** Why s cannot name a topic, or '' (PROTOCOL.md, section 3). */
+function topicProblem (s) {
+  if (typeof s !== 'string') return 'a topic must be a string'
+  const n = utf8Length(s)
+  if (n === 0) return 'empty topic'
+  if (n > 256) return `topic of ${n} bytes, over 256`
+  // eslint-disable-next-line no-control-regex
+  if (/[\u0000-\u001f\u007f-\u009f]/.test(s)) return 'control character in topic'
+  return ''
+}
+
+/** What is wrong with a welcome, or ''. */
+function welcomeProblem (w) {
+  if (w === null || typeof w !== 'object' || Array.isArray(w)) return 'not a JSON object'
+  if (w.op !== 'welcome') return `op ${JSON.stringify(w.op)}`
+  if (typeof w.session !== 'string') return '"session" missing'
+  const hb = w.heartbeat
+  if (hb === null || typeof hb !== 'object' || !isUint(hb.interval_ms ?? 0) || !isUint(hb.timeout_ms ?? 0)) return '"heartbeat" missing or invalid'
+  if (w.limits != null) {
+    const l = w.limits
+    if (typeof l !== 'object' || typeof l.msgs_per_s !== 'number' || !(l.msgs_per_s > 0) || !Number.isSafeInteger(l.burst) || l.burst <= 0) return '"limits" invalid'
+  }
+  if (w.resume != null) {
+    if (!Array.isArray(w.resume)) return '"resume" is not an array'
+    for (const r of w.resume) {
+      if (r === null || typeof r !== 'object' || typeof r.topic !== 'string' || typeof r.epoch !== 'string' || !isUint(r.seq) || typeof r.status !== 'string') return 'a "resume" entry is invalid'
+    }
+  }
+  return ''
+}
+
+/** The length of s in UTF-8. */
+function utf8Length (s) {
+  let n = 0
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i)
+    if (c < 0x80) n += 1
+    else if (c < 0x800) n += 2
+    else if (c >= 0xd800 && c <= 0xdbff && i + 1 < s.length && (s.charCodeAt(i + 1) & 0xfc00) === 0xdc00) {
+      n += 4
+      i++
+    } else n += 3
+  }
+  return n
+}
+
+/**
+ * @typedef {object} Sub a topic subscribed to; it outlives conns
+ * @property {string} topic
+ * @property {Function} handler
+ * @property {string} epoch position: the last message delivered
+ * @property {number} seq
+ * @property {boolean} known the position holds one; else subscribe without since
+ * @property {boolean} acked the server has accepted it once
+ * @property {{resolve: Function, reject: Function} | null} waiter the first subscribe()
+ * @property {any} retry re-sends a re-subscription refused for a while
+ * @property {number} retries
+ */
+
+/**
+ * @typedef {object} Req a request sent, or to be sent
+ * @property {string} id
+ * @property {string} op
+ * @property {string | undefined} topic
+ * @property {string} line
+ * @property {number} bytes its length in UTF-8
+ * @property {number} [start] bytes sent on its conn before it
+ * @property {Function} [resolve]
+ * @property {Function} [reject]
+ * @property {Sub} [sub]
+ * @property {boolean} [since]
+ * @property {boolean} [batch] a re-subscription of a new conn
+ */
