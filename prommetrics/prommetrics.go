@@ -411,60 +411,43 @@ func Chain(obs ...tether.Observer) tether.Observer {
 			broker = append(broker, o.Broker)
 		}
 	}
-	switch len(disconnect) {
-	case 0:
-	case 1:
-		out.Disconnect = disconnect[0]
-	default:
-		out.Disconnect = func(c *tether.Conn, reason error) {
-			for _, f := range disconnect {
-				f(c, reason)
-			}
+	out.Disconnect = either(disconnect, func(c *tether.Conn, reason error) {
+		for _, f := range disconnect {
+			f(c, reason)
 		}
-	}
-	switch len(suspect) {
-	case 0:
-	case 1:
-		out.Suspect = suspect[0]
-	default:
-		out.Suspect = func(c *tether.Conn) {
-			for _, f := range suspect {
-				f(c)
-			}
+	})
+	out.Suspect = either(suspect, func(c *tether.Conn) {
+		for _, f := range suspect {
+			f(c)
 		}
-	}
-	switch len(pong) {
-	case 0:
-	case 1:
-		out.Pong = pong[0]
-	default:
-		out.Pong = func(c *tether.Conn, rtt time.Duration) {
-			for _, f := range pong {
-				f(c, rtt)
-			}
+	})
+	out.Pong = either(pong, func(c *tether.Conn, rtt time.Duration) {
+		for _, f := range pong {
+			f(c, rtt)
 		}
-	}
-	switch len(drop) {
-	case 0:
-	case 1:
-		out.Drop = drop[0]
-	default:
-		out.Drop = func(c *tether.Conn, n int) {
-			for _, f := range drop {
-				f(c, n)
-			}
+	})
+	out.Drop = either(drop, func(c *tether.Conn, n int) {
+		for _, f := range drop {
+			f(c, n)
 		}
-	}
-	switch len(broker) {
-	case 0:
-	case 1:
-		out.Broker = broker[0]
-	default:
-		out.Broker = func(err error) {
-			for _, f := range broker {
-				f(err)
-			}
+	})
+	out.Broker = either(broker, func(err error) {
+		for _, f := range broker {
+			f(err)
 		}
-	}
+	})
 	return out
+}
+
+// either returns nil for no hooks, the hook itself for one, and all, which
+// calls them in turn, for more: a single hook is not wrapped.
+func either[F any](hooks []F, all F) F {
+	switch len(hooks) {
+	case 0:
+		var none F
+		return none
+	case 1:
+		return hooks[0]
+	}
+	return all
 }
