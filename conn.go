@@ -58,6 +58,9 @@ type Conn struct {
 	hb    heartbeat
 
 	pingLimiter *rate.Limiter // created at the first inbound ping; reader only
+	// park lets an accepted conn's reader give its goroutine up while the
+	// peer is quiet; nil where it cannot (see park.go).
+	park *parkConn
 
 	// hc is the conn's state in a Hub; nil for a conn made by Accept or
 	// Wrap. coalesce joins queued messages into one frame, for protocol v1
@@ -117,6 +120,9 @@ func accept(w http.ResponseWriter, r *http.Request, cfg *config) (*Conn, error) 
 	}
 	if hw != nil && hw.nc != nil {
 		c.nc, c.ioCtx = hw.nc, context.Background()
+		if c.park = hw.park; c.park != nil {
+			c.park.wake = c.unpark
+		}
 	}
 	c.ws = ws
 	return c, nil
@@ -412,6 +418,7 @@ func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text s
 	if mode == endForced {
 		c.mu.Unlock()
 		c.abort()
+		c.unpark() // a parked reader would not see the socket close
 		return true
 	}
 	c.closeCode, c.closeText = code, text
@@ -423,6 +430,8 @@ func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text s
 		go c.writeLoop()
 	}
 	c.mu.Unlock()
+	// The peer's close reply, or the budget's abort, ends a running reader.
+	c.unpark()
 	return true
 }
 
@@ -539,10 +548,26 @@ func (c *Conn) coalesceLocked(first []byte) ([]byte, *[]byte) {
 
 func (c *Conn) writeTimedOut() { c.end(ErrWriteTimeout, endForced, 0, "") }
 
+// readLoop is the conn's reader. A parking conn's reader returns when it
+// parks and a new one starts when the peer sends; the last one to run
+// finishes the conn.
 func (c *Conn) readLoop() {
 	for {
+		parkable := c.park != nil && !c.park.off && c.hb.state.Load() != int32(Closed)
+		if parkable {
+			c.park.mayPark.Store(true)
+		}
 		typ, data, err := c.ws.Read(c.ioCtx)
+		if parkable {
+			c.park.mayPark.Store(false)
+		}
 		if err != nil {
+			if parkable && errors.Is(err, errParked) {
+				if c.parkReader() {
+					return
+				}
+				continue
+			}
 			c.end(readError(err), endForced, 0, "")
 			break
 		}
@@ -559,6 +584,9 @@ func (c *Conn) readLoop() {
 	// A read error does not release coder/websocket's pending pings and
 	// close handshake; CloseNow does, now that the socket is closed.
 	_ = c.ws.CloseNow()
+	if c.park != nil {
+		c.park.reg.release()
+	}
 	c.wg.Wait()
 	c.mu.Lock()
 	if c.budget != nil {

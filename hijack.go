@@ -23,7 +23,8 @@ const (
 // operation of a conn at once) and to give coder/websocket small buffers.
 type hijackWriter struct {
 	http.ResponseWriter
-	nc net.Conn
+	nc   net.Conn
+	park *parkConn // nil when the socket cannot park: see park.go
 }
 
 // wrapForHijack returns w wrapped in a hijackWriter, or w itself when no
@@ -65,11 +66,17 @@ func (h *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		// a peer that does not read; aborting must not. Close the socket.
 		h.nc = tc.NetConn()
 	}
-	var conn net.Conn = nc
+	var prefix []byte
 	if n := brw.Reader.Buffered(); n > 0 {
 		// The client sent frames right behind its handshake: keep them.
 		b, _ := brw.Reader.Peek(n)
-		conn = &prefixConn{Conn: nc, prefix: bytes.Clone(b)}
+		prefix = bytes.Clone(b)
+	}
+	var conn net.Conn = nc
+	if h.park = newParkConn(nc, prefix); h.park != nil {
+		conn = h.park
+	} else if prefix != nil {
+		conn = &prefixConn{Conn: nc, prefix: prefix}
 	}
 	return conn, bufio.NewReadWriter(
 		bufio.NewReaderSize(conn, readBufferSize),

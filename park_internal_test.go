@@ -1,0 +1,371 @@
+package tether
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+// parkServer accepts tether conns over loopback and hands them over.
+type parkServer struct {
+	*httptest.Server
+	conns chan *Conn
+	msgs  chan Message
+}
+
+func newParkServer(t *testing.T, opts ...Option) *parkServer {
+	t.Helper()
+	s := &parkServer{conns: make(chan *Conn, 64), msgs: make(chan Message, 1024)}
+	opts = append([]Option{OnMessage(func(_ *Conn, m Message) {
+		m.Data = bytes.Clone(m.Data)
+		s.msgs <- m
+	})}, opts...)
+	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, err := Accept(w, r, opts...)
+		if err != nil {
+			t.Errorf("accept: %v", err)
+			return
+		}
+		s.conns <- c
+	}))
+	t.Cleanup(s.Close)
+	return s
+}
+
+func (s *parkServer) dial(t *testing.T, opts *websocket.DialOptions) (*websocket.Conn, *Conn) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(s.URL, "http"), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws.SetReadLimit(-1)
+	select {
+	case c := <-s.conns:
+		t.Cleanup(func() {
+			_ = c.CloseNow()
+			<-c.Done()
+		})
+		return ws, c
+	case <-ctx.Done():
+		t.Fatal("no conn accepted")
+		return nil, nil
+	}
+}
+
+// waitParked waits until c's reader has given its goroutine up.
+func waitParked(t *testing.T, c *Conn) {
+	t.Helper()
+	if c.park == nil {
+		t.Fatal("accepted conn over TCP cannot park")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for c.park.state.Load() != readerParked {
+		if time.Now().After(deadline) {
+			t.Fatal("reader did not park within 5s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func (s *parkServer) recv(t *testing.T) Message {
+	t.Helper()
+	select {
+	case m := <-s.msgs:
+		return m
+	case <-time.After(5 * time.Second):
+		t.Fatal("no message within 5s")
+		return Message{}
+	}
+}
+
+// Conns that wait park their reader; what the peer then sends, in frames
+// of every length encoding, fragmented or with control frames in between,
+// arrives whole and in order, and the conn parks again after each burst.
+func TestParkedReaderLosesNothing(t *testing.T) {
+	s := newParkServer(t, WithMaxMessageSize(1<<20))
+	ws, c := s.dial(t, nil)
+	defer ws.CloseNow()
+	// The client must read for its pings to be answered; it reads nothing else.
+	ws.CloseRead(t.Context())
+	waitParked(t, c)
+
+	sizes := []int{0, 1, 125, 126, 127, 4000, 65535, 65536, 300_000}
+	for _, n := range sizes {
+		want := bytes.Repeat([]byte{byte('a' + n%26)}, n)
+		if err := ws.Write(t.Context(), websocket.MessageBinary, want); err != nil {
+			t.Fatal(err)
+		}
+		if m := s.recv(t); !bytes.Equal(m.Data, want) || !m.Binary {
+			t.Fatalf("size %d: got %d bytes (binary %v)", n, len(m.Data), m.Binary)
+		}
+		waitParked(t, c)
+	}
+
+	// A fragmented message with pings between its frames: the reader must
+	// not park inside the message even when the socket runs dry.
+	w, err := ws.Writer(t.Context(), websocket.MessageText)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []byte
+	for i := range 5 {
+		// Larger than the client's write buffer, so that every fragment
+		// reaches the socket at once.
+		part := bytes.Repeat([]byte{byte('0' + i)}, 5000+i*100)
+		want = append(want, part...)
+		if _, err := w.Write(part); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond) // the socket drains between frames
+		if c.park.state.Load() == readerParked {
+			t.Fatalf("reader parked inside a fragmented message, after fragment %d", i)
+		}
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if m := s.recv(t); !bytes.Equal(m.Data, want) || m.Binary {
+		t.Fatalf("fragmented message: got %d bytes, want %d", len(m.Data), len(want))
+	}
+	waitParked(t, c)
+
+	// A burst of small messages in one go.
+	for i := range 200 {
+		if err := ws.Write(t.Context(), websocket.MessageText, []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 200 {
+		if m := s.recv(t); len(m.Data) != 1 || m.Data[0] != byte(i) {
+			t.Fatalf("burst message %d: got %q", i, m.Data)
+		}
+	}
+	waitParked(t, c)
+	if err := c.Err(); err != nil {
+		t.Fatalf("conn ended: %v", err)
+	}
+}
+
+// Heartbeats run while the reader is parked: the pong wakes a reader,
+// which parks again, and a peer that stops answering is still found dead.
+func TestParkedReaderHeartbeat(t *testing.T) {
+	var pongs atomic.Int64
+	s := newParkServer(t, WithHeartbeat(30*time.Millisecond, 300*time.Millisecond),
+		WithObserver(Observer{Pong: func(*Conn, time.Duration) { pongs.Add(1) }}))
+	var silent atomic.Bool
+	var lastAnswer atomic.Int64
+	ws, c := s.dial(t, &websocket.DialOptions{OnPingReceived: func(context.Context, []byte) bool {
+		if silent.Load() {
+			return false
+		}
+		lastAnswer.Store(time.Now().UnixNano())
+		return true
+	}})
+	defer ws.CloseNow()
+	ws.CloseRead(t.Context())
+	waitParked(t, c)
+
+	deadline := time.Now().Add(5 * time.Second)
+	for pongs.Load() < 5 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d pongs in 5s with a 30ms heartbeat", pongs.Load())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	waitParked(t, c)
+	if err := c.Err(); err != nil {
+		t.Fatalf("healthy peer ended: %v", err)
+	}
+
+	silent.Store(true)
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("silent peer not detected within 5s")
+	}
+	if !errors.Is(c.Err(), ErrHeartbeatTimeout) {
+		t.Fatalf("silent peer ended with %v, want ErrHeartbeatTimeout", c.Err())
+	}
+	// Found dead no earlier than the timeout after the last sign of life
+	// (the scheduler's tick is 5ms at this timeout).
+	if silence := time.Since(time.Unix(0, lastAnswer.Load())); silence < 300*time.Millisecond-10*time.Millisecond {
+		t.Errorf("declared dead %v after its last pong, before the 300ms timeout", silence)
+	}
+}
+
+// Every way a parked conn can end reaches Done: the peer closes, the peer
+// vanishes, the server closes gracefully, the server drops it.
+func TestParkedReaderEnds(t *testing.T) {
+	s := newParkServer(t)
+	t.Run("peer closes", func(t *testing.T) {
+		ws, c := s.dial(t, nil)
+		waitParked(t, c)
+		go ws.Close(websocket.StatusGoingAway, "bye")
+		waitDoneIn(t, c)
+		if websocket.CloseStatus(c.Err()) != websocket.StatusGoingAway {
+			t.Errorf("reason %v, want the peer's 1001", c.Err())
+		}
+	})
+	t.Run("peer vanishes", func(t *testing.T) {
+		ws, c := s.dial(t, nil)
+		waitParked(t, c)
+		ws.CloseNow()
+		waitDoneIn(t, c)
+		if !errors.Is(c.Err(), ErrConnLost) {
+			t.Errorf("reason %v, want ErrConnLost", c.Err())
+		}
+	})
+	t.Run("server closes", func(t *testing.T) {
+		ws, c := s.dial(t, nil)
+		defer ws.CloseNow()
+		got := make(chan error, 1)
+		go func() {
+			_, _, err := ws.Read(context.Background())
+			got <- err
+		}()
+		waitParked(t, c)
+		if err := c.Close(websocket.StatusNormalClosure, "done"); err != nil {
+			t.Fatal(err)
+		}
+		waitDoneIn(t, c)
+		if err := <-got; websocket.CloseStatus(err) != websocket.StatusNormalClosure {
+			t.Errorf("client read %v, want the server's 1000", err)
+		}
+	})
+	t.Run("server drops", func(t *testing.T) {
+		ws, c := s.dial(t, nil)
+		defer ws.CloseNow()
+		waitParked(t, c)
+		_ = c.CloseNow()
+		waitDoneIn(t, c)
+	})
+	// Each conn's cleanup has run by now except the subtests' shared
+	// server; with no conn registered the poller has stopped.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		pollers.mu.Lock()
+		p := pollers.p
+		pollers.mu.Unlock()
+		if p == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("poller still running with no conn registered")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func waitDoneIn(t *testing.T, c *Conn) {
+	t.Helper()
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatalf("conn not done within 5s (state %v, err %v)", c.State(), c.Err())
+	}
+}
+
+// Parked conns hold no goroutine.
+func TestParkedConnsHoldNoGoroutine(t *testing.T) {
+	s := newParkServer(t, WithHeartbeat(time.Minute, 2*time.Minute))
+	before := runtime.NumGoroutine()
+	const n = 50
+	conns := make([]*Conn, n)
+	for i := range conns {
+		ws, c := s.dial(t, nil)
+		defer ws.CloseNow()
+		conns[i] = c
+	}
+	for _, c := range conns {
+		waitParked(t, c)
+	}
+	// The clients' own readers do not run (they read nothing); the
+	// server side adds the poller and the heartbeat wheel at most, plus
+	// net/http's goroutines for conns it has not yet let go.
+	if got := runtime.NumGoroutine() - before; got > n/5 {
+		t.Errorf("%d parked conns added %d goroutines", n, got)
+	}
+}
+
+// FuzzFrameTracker feeds arbitrary bytes in two chunkings: the state after
+// each must agree, whatever the bytes (coder/websocket judges them).
+func FuzzFrameTracker(f *testing.F) {
+	f.Add([]byte{0x81, 0x85, 1, 2, 3, 4, 'h', 'e', 'l', 'l', 'o'}, uint8(3))
+	f.Add([]byte{0x01, 0x81, 0, 0, 0, 0, 'a', 0x89, 0x80, 0, 0, 0, 0, 0x80, 0x81, 0, 0, 0, 0, 'b'}, uint8(1))
+	f.Add([]byte{0x82, 0xfe, 0x01, 0x00, 9, 9, 9, 9}, uint8(2))
+	f.Add([]byte{0x82, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 1, 9, 9, 9, 9}, uint8(5))
+	f.Fuzz(func(t *testing.T, b []byte, step uint8) {
+		var whole, chunked frameTracker
+		whole.feed(b)
+		k := int(step%16) + 1
+		for i := 0; i < len(b); i += k {
+			chunked.feed(b[i:min(i+k, len(b))])
+		}
+		if whole != chunked {
+			t.Fatalf("state differs by chunking: %+v vs %+v", whole, chunked)
+		}
+		if whole.left < 0 || whole.hn < 0 || whole.hn >= len(whole.hdr) {
+			t.Fatalf("bad state %+v", whole)
+		}
+	})
+}
+
+// The tracker finds the boundaries of frames as RFC 6455 lays them out:
+// header, extended length, masking key, payload.
+func TestFrameTrackerBoundaries(t *testing.T) {
+	frame := func(fin bool, op byte, n int) []byte {
+		b := []byte{op}
+		if fin {
+			b[0] |= 0x80
+		}
+		switch {
+		case n < 126:
+			b = append(b, 0x80|byte(n))
+		case n < 1<<16:
+			b = append(b, 0x80|126, byte(n>>8), byte(n))
+		default:
+			b = append(b, 0x80|127, 0, 0, 0, 0, byte(n>>24), byte(n>>16), byte(n>>8), byte(n))
+		}
+		b = append(b, 1, 2, 3, 4) // masking key
+		return append(b, make([]byte, n)...)
+	}
+	type step struct {
+		bytes    []byte
+		boundary bool // after these bytes
+	}
+	steps := []step{
+		{frame(true, 0x1, 5), true},
+		{frame(true, 0x2, 300), true},
+		{frame(true, 0x2, 70_000), true},
+		{frame(false, 0x1, 3), false},   // a message begins
+		{frame(true, 0x9, 4), false},    // a ping inside it
+		{frame(false, 0x0, 200), false}, // a continuation
+		{frame(true, 0x0, 1), true},     // the final one
+		{frame(true, 0xA, 0), true},     // a pong between messages
+	}
+	for _, chunk := range []int{1, 3, 7, 1 << 20} {
+		var tr frameTracker
+		for i, s := range steps {
+			for j := 0; j < len(s.bytes); j += chunk {
+				tr.feed(s.bytes[j:min(j+chunk, len(s.bytes))])
+				if j+chunk < len(s.bytes) && tr.atBoundary() {
+					t.Fatalf("chunk %d, step %d: boundary inside a frame at byte %d", chunk, i, j+chunk)
+				}
+			}
+			if tr.atBoundary() != s.boundary {
+				t.Fatalf("chunk %d, step %d: boundary %v, want %v", chunk, i, tr.atBoundary(), s.boundary)
+			}
+		}
+	}
+}

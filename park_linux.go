@@ -1,0 +1,226 @@
+package tether
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+)
+
+// errWouldBlock: the socket has nothing to read right now.
+var errWouldBlock = errors.New("would block")
+
+// newParkConn returns nc wrapped for parking, or nil if nc cannot park.
+func newParkConn(nc net.Conn, prefix []byte) *parkConn {
+	tc, ok := nc.(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return &parkConn{Conn: nc, prefix: prefix, reg: pollReg{rc: rc}}
+}
+
+// readNow reads what the socket holds without waiting: errWouldBlock when
+// it holds nothing. The fd stays referenced (and cannot be reused by
+// another socket) for the duration of the call.
+func (pc *parkConn) readNow(b []byte) (int, error) {
+	var n int
+	var rerr error
+	err := pc.reg.rc.Read(func(fd uintptr) bool {
+		n, rerr = syscall.Read(int(fd), b)
+		return true // never wait: parking is the wait
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case rerr == syscall.EAGAIN || rerr == syscall.EINTR:
+		return 0, errWouldBlock
+	case rerr != nil:
+		return 0, &net.OpError{Op: "read", Net: "tcp", Addr: pc.LocalAddr(), Err: os.NewSyscallError("read", rerr)}
+	case n == 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+// pollReg is a conn's registration with the poller.
+type pollReg struct {
+	rc syscall.RawConn
+	mu sync.Mutex // guards the fields below
+	p  *poller    // set by the first arm, until release
+	id uint64
+	// released: the conn has ended; a late arm must not register it anew.
+	released bool
+}
+
+// arm asks the poller to wake pc's conn once its socket is readable: once,
+// so that two readers never run.
+func (r *pollReg) arm(pc *parkConn) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.released {
+		return net.ErrClosed
+	}
+	op := syscall.EPOLL_CTL_MOD
+	if r.p == nil {
+		p, err := acquirePoller()
+		if err != nil {
+			return err
+		}
+		r.p, r.id = p, p.add(pc.wake)
+		op = syscall.EPOLL_CTL_ADD
+	}
+	ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLONESHOT}
+	ev.Fd, ev.Pad = int32(uint32(r.id)), int32(uint32(r.id>>32))
+	var cerr error
+	// Control holds the fd: it cannot be closed and reused by another
+	// socket while epoll_ctl runs.
+	err := r.rc.Control(func(fd uintptr) {
+		cerr = syscall.EpollCtl(r.p.epfd, op, int(fd), &ev)
+	})
+	if err == nil && cerr != nil {
+		err = fmt.Errorf("tether: epoll_ctl: %w", cerr)
+	}
+	if err != nil && op == syscall.EPOLL_CTL_ADD {
+		r.p.remove(r.id)
+		r.p = nil
+		releasePoller()
+	}
+	return err
+}
+
+// release forgets the conn in the poller, which stops once no conn is
+// left. The kernel drops the socket from the epoll set when it is closed.
+func (r *pollReg) release() {
+	r.mu.Lock()
+	p, id := r.p, r.id
+	r.p, r.released = nil, true
+	r.mu.Unlock()
+	if p != nil {
+		p.remove(id)
+		releasePoller()
+	}
+}
+
+// poller waits for parked conns' sockets with one epoll instance and one
+// goroutine, which runs while any conn is registered.
+type poller struct {
+	epfd int
+	pipe [2]int // a byte on pipe[1] stops the loop
+	done chan struct{}
+
+	nextID atomic.Uint64
+	mu     sync.Mutex
+	wakes  map[uint64]func()
+}
+
+var pollers struct {
+	mu   sync.Mutex
+	p    *poller
+	refs int
+}
+
+// pipeID marks the stop pipe's events; conn IDs start at 1.
+const pipeID = 0
+
+func acquirePoller() (*poller, error) {
+	pollers.mu.Lock()
+	defer pollers.mu.Unlock()
+	if pollers.p == nil {
+		p, err := newPoller()
+		if err != nil {
+			return nil, err
+		}
+		pollers.p = p
+		go p.run()
+	}
+	pollers.refs++
+	return pollers.p, nil
+}
+
+func releasePoller() {
+	pollers.mu.Lock()
+	defer pollers.mu.Unlock()
+	pollers.refs--
+	if pollers.refs > 0 {
+		return
+	}
+	p := pollers.p
+	pollers.p = nil
+	_, _ = syscall.Write(p.pipe[1], []byte{0})
+	<-p.done
+}
+
+func newPoller() (*poller, error) {
+	epfd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("tether: epoll_create1: %w", err)
+	}
+	p := &poller{epfd: epfd, done: make(chan struct{}), wakes: make(map[uint64]func())}
+	if err := syscall.Pipe2(p.pipe[:], syscall.O_CLOEXEC|syscall.O_NONBLOCK); err != nil {
+		syscall.Close(epfd)
+		return nil, fmt.Errorf("tether: pipe2: %w", err)
+	}
+	ev := syscall.EpollEvent{Events: syscall.EPOLLIN} // Fd, Pad: pipeID
+	if err := syscall.EpollCtl(epfd, syscall.EPOLL_CTL_ADD, p.pipe[0], &ev); err != nil {
+		p.closeFDs()
+		return nil, fmt.Errorf("tether: epoll_ctl: %w", err)
+	}
+	return p, nil
+}
+
+func (p *poller) closeFDs() {
+	syscall.Close(p.pipe[0])
+	syscall.Close(p.pipe[1])
+	syscall.Close(p.epfd)
+}
+
+func (p *poller) add(wake func()) uint64 {
+	id := p.nextID.Add(1)
+	p.mu.Lock()
+	p.wakes[id] = wake
+	p.mu.Unlock()
+	return id
+}
+
+func (p *poller) remove(id uint64) {
+	p.mu.Lock()
+	delete(p.wakes, id)
+	p.mu.Unlock()
+}
+
+func (p *poller) run() {
+	defer close(p.done)
+	defer p.closeFDs()
+	events := make([]syscall.EpollEvent, 256)
+	for {
+		n, err := syscall.EpollWait(p.epfd, events, -1)
+		if err != nil {
+			if err == syscall.EINTR {
+				continue
+			}
+			// Not expected for a valid epoll fd. Parked conns cannot be
+			// woken any more; their heartbeat ends them.
+			return
+		}
+		for i := range n {
+			id := uint64(uint32(events[i].Fd)) | uint64(uint32(events[i].Pad))<<32
+			if id == pipeID {
+				return
+			}
+			p.mu.Lock()
+			wake := p.wakes[id]
+			p.mu.Unlock()
+			if wake != nil {
+				wake()
+			}
+		}
+	}
+}
