@@ -78,9 +78,13 @@ func (h *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	} else if prefix != nil {
 		conn = &prefixConn{Conn: nc, prefix: prefix}
 	}
+	rsize, wsize := readBufferSize, writeBufferSize
+	if h.park != nil {
+		rsize, wsize = parkBufSize, parkBufSize
+	}
 	return conn, bufio.NewReadWriter(
-		bufio.NewReaderSize(conn, readBufferSize),
-		bufio.NewWriterSize(conn, writeBufferSize),
+		bufio.NewReaderSize(conn, rsize),
+		bufio.NewWriterSize(conn, wsize),
 	), nil
 }
 

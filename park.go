@@ -3,6 +3,7 @@ package tether
 import (
 	"errors"
 	"net"
+	"sync"
 	"sync/atomic"
 )
 
@@ -31,12 +32,26 @@ const (
 	readerParked
 )
 
-// parkConn sits between coder/websocket's read buffer and the socket.
+// parkConn sits between coder/websocket's buffers and the socket. Those
+// buffers are tiny for a parking conn (parkBufSize), as they live as long as
+// the conn: reads go through a pooled read-ahead buffer held only while
+// there is something to read, and a frame coder/websocket writes in two
+// pieces (its buffer, then the rest of the payload) goes out in one writev.
 type parkConn struct {
 	net.Conn
 	prefix []byte // bytes the client sent right behind its handshake
 
-	frames frameTracker // read side only: the reader or Close's handshake
+	// Read side: the reader or Close's handshake, one at a time.
+	frames frameTracker // what has been handed up to coder/websocket
+	ahead  *[]byte      // pooled read-ahead buffer; nil when drained
+	ar, aw int          // its unread bytes: (*ahead)[ar:aw]
+
+	// Write side: coder/websocket's writers, one at a time.
+	out  frameTracker // what has been written
+	held []byte       // the start of a frame not yet written; within hold
+	hold [parkBufSize]byte
+	vec  [2][]byte
+
 	// mayPark is set by the reader around its reads: a read that finds the
 	// socket empty at a frame boundary then returns errParked.
 	mayPark atomic.Bool
@@ -47,24 +62,91 @@ type parkConn struct {
 	reg  pollReg
 }
 
+// parkBufSize is the size of coder/websocket's own read and write buffers
+// for a parking conn (bufio's minimum is 16).
+const parkBufSize = 16
+
+// readAhead is the size of the pooled buffer a reading conn fills from
+// the socket: one syscall for a burst of small frames.
+const readAhead = 4 << 10
+
+var readAheadBufs = sync.Pool{New: func() any { b := make([]byte, readAhead); return &b }}
+
 func (pc *parkConn) Read(b []byte) (int, error) {
+	if len(b) == 0 {
+		return 0, nil
+	}
 	if len(pc.prefix) > 0 {
 		n := copy(b, pc.prefix)
 		pc.prefix = pc.prefix[n:]
 		pc.frames.feed(b[:n])
 		return n, nil
 	}
-	if len(b) > 0 && pc.mayPark.Load() && pc.frames.atBoundary() {
-		n, err := pc.readNow(b)
-		if errors.Is(err, errWouldBlock) {
-			return 0, errParked
+	if pc.ar == pc.aw {
+		park := pc.mayPark.Load() && pc.frames.atBoundary()
+		if len(b) >= readAhead {
+			// A large payload: straight into it.
+			n, err := pc.fill(b, park)
+			pc.frames.feed(b[:n])
+			return n, err
 		}
-		pc.frames.feed(b[:max(n, 0)])
-		return n, err
+		if pc.ahead == nil {
+			pc.ahead = readAheadBufs.Get().(*[]byte)
+		}
+		n, err := pc.fill(*pc.ahead, park)
+		if n == 0 {
+			pc.drop()
+			return 0, err
+		}
+		pc.ar, pc.aw = 0, n
 	}
-	n, err := pc.Conn.Read(b)
-	pc.frames.feed(b[:max(n, 0)])
+	n := copy(b, (*pc.ahead)[pc.ar:pc.aw])
+	pc.ar += n
+	if pc.ar == pc.aw {
+		pc.drop()
+	}
+	pc.frames.feed(b[:n])
+	return n, nil
+}
+
+// fill reads from the socket into b; without waiting if park, when an
+// empty socket means errParked.
+func (pc *parkConn) fill(b []byte, park bool) (int, error) {
+	if !park {
+		n, err := pc.Conn.Read(b)
+		return max(n, 0), err
+	}
+	n, err := pc.readNow(b)
+	if errors.Is(err, errWouldBlock) {
+		return 0, errParked
+	}
 	return n, err
+}
+
+// drop gives the drained read-ahead buffer back.
+func (pc *parkConn) drop() {
+	if pc.ahead != nil {
+		readAheadBufs.Put(pc.ahead)
+		pc.ahead, pc.ar, pc.aw = nil, 0, 0
+	}
+}
+
+func (pc *parkConn) Write(b []byte) (int, error) {
+	pc.out.feed(b)
+	if len(pc.held) > 0 {
+		// The rest of the held frame, or more: both in one writev.
+		held := len(pc.held)
+		pc.vec = [2][]byte{pc.held, b}
+		bufs := net.Buffers(pc.vec[:])
+		n, err := bufs.WriteTo(pc.Conn)
+		pc.vec, pc.held = [2][]byte{}, nil
+		return max(int(n)-held, 0), err
+	}
+	if !pc.out.frameDone() && len(b) <= len(pc.hold) {
+		pc.held = pc.hold[:copy(pc.hold[:], b)]
+		return len(b), nil
+	}
+	return pc.Conn.Write(b)
 }
 
 // Close releases the conn's place in the poller along with the socket.
@@ -86,9 +168,13 @@ type frameTracker struct {
 	inMessage bool
 }
 
+// atBoundary: between messages, nothing of a frame pending.
 func (t *frameTracker) atBoundary() bool {
-	return t.hn == 0 && t.left == 0 && !t.inMessage
+	return t.frameDone() && !t.inMessage
 }
+
+// frameDone: between frames.
+func (t *frameTracker) frameDone() bool { return t.hn == 0 && t.left == 0 }
 
 func (t *frameTracker) feed(b []byte) {
 	for len(b) > 0 {

@@ -369,3 +369,38 @@ func TestFrameTrackerBoundaries(t *testing.T) {
 		}
 	}
 }
+
+// What a parking conn writes through its tiny buffer arrives whole, for
+// every payload length around the buffer's size and the length encodings.
+func TestParkedConnWrites(t *testing.T) {
+	s := newParkServer(t, WithMaxMessageSize(1<<20))
+	ws, c := s.dial(t, nil)
+	defer ws.CloseNow()
+	sizes := []int{0, 1, 12, 13, 14, 15, 16, 17, 31, 32, 33, 100, 125, 126, 127, 4095, 4096, 65535, 65536, 200_000}
+	for _, n := range sizes {
+		want := bytes.Repeat([]byte{byte('a' + n%26)}, n)
+		if err := c.Send(t.Context(), want); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, n := range sizes {
+		_, got, err := ws.Read(t.Context())
+		if err != nil {
+			t.Fatalf("size %d: %v", n, err)
+		}
+		if want := bytes.Repeat([]byte{byte('a' + n%26)}, n); !bytes.Equal(got, want) {
+			t.Fatalf("size %d: got %d bytes", n, len(got))
+		}
+	}
+	// A close reason long enough to be written in two pieces.
+	reason := strings.Repeat("r", 120)
+	if err := c.Close(websocket.StatusGoingAway, reason); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err := ws.Read(t.Context())
+	var ce websocket.CloseError
+	if !errors.As(err, &ce) || ce.Code != websocket.StatusGoingAway || ce.Reason != reason {
+		t.Fatalf("client read %v, want 1001 with the 120-byte reason", err)
+	}
+	waitDoneIn(t, c)
+}
