@@ -121,7 +121,7 @@ func accept(w http.ResponseWriter, r *http.Request, cfg *config) (*Conn, error) 
 	if hw != nil && hw.nc != nil {
 		c.nc, c.ioCtx = hw.nc, context.Background()
 		if c.park = hw.park; c.park != nil {
-			c.park.wake = c.unpark
+			c.park.c = c
 		}
 	}
 	c.ws = ws
@@ -635,4 +635,9 @@ func (c *Conn) onPing(context.Context, []byte) bool {
 
 // onPong runs on the reader for every inbound pong, even a late one whose
 // ping has given up waiting.
-func (c *Conn) onPong(context.Context, []byte) { c.hb.touch() }
+func (c *Conn) onPong(_ context.Context, payload []byte) {
+	c.hb.touch()
+	if c.park != nil {
+		c.rawPong(payload)
+	}
+}

@@ -2,6 +2,7 @@ package tether
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -89,6 +90,7 @@ type heartbeat struct {
 	timeout      time.Duration
 	pingAfter    time.Duration // silence before the next ping, jittered
 	pingSent     time.Duration // since born; 0 = no ping in flight
+	pingHandled  uint64        // handled when a raw ping was sent
 	srtt, rttvar time.Duration
 	sampled      bool // srtt and rttvar hold a measurement
 	onTime       int
@@ -211,6 +213,11 @@ func (c *Conn) check(now time.Time) time.Time {
 	next := h.born.Add(last + h.timeout)
 	var suspect, ping bool
 	switch {
+	case h.pingSent != 0 && c.park != nil && h.since(now)-h.pingSent >= h.timeout:
+		// A raw ping whose pong never came from a peer that still sends:
+		// give up on it, as heartbeatPing's timeout does, and ping anew.
+		h.pongLocked(-1, false)
+		next = earliest(next, h.born.Add(last+h.pingAfter))
 	case h.pingSent != 0:
 		deadline := h.pingSent + h.suspectAfter()
 		if h.since(now) >= deadline {
@@ -224,6 +231,16 @@ func (c *Conn) check(now time.Time) time.Time {
 		h.seenLife = true
 		h.jitter()
 		next = earliest(next, h.born.Add(last+h.pingAfter))
+	case silent >= h.pingAfter && c.park != nil:
+		// A parking conn writes its ping frame from here, without a
+		// goroutine; the reader settles it when the pong comes.
+		ping = true
+		if n := c.cfg.pingsSent; n != nil {
+			n.Add(1)
+		}
+		h.pingSent = max(h.since(now), 1)
+		h.pingHandled = h.handled.Load()
+		next = earliest(next, now.Add(h.suspectAfter()))
 	case silent >= h.pingAfter:
 		if c.sched.pings.Add(1) > maxPingsInFlight {
 			c.sched.pings.Add(-1)
@@ -239,7 +256,7 @@ func (c *Conn) check(now time.Time) time.Time {
 	default:
 		next = earliest(next, h.born.Add(last+h.pingAfter))
 	}
-	pingTimeout := h.timeout
+	pingTimeout, pingSent := h.timeout, h.pingSent
 	h.mu.Unlock()
 
 	if suspect && h.state.Load() == int32(Suspect) {
@@ -247,6 +264,10 @@ func (c *Conn) check(now time.Time) time.Time {
 		if f := c.cfg.observer.Suspect; f != nil {
 			f(c)
 		}
+	}
+	if ping && c.park != nil {
+		c.park.ping(uint64(pingSent))
+		return next
 	}
 	if ping {
 		// The reader waits for c.wg once the conn has ended; Add only
@@ -307,6 +328,31 @@ func (c *Conn) heartbeatPing(timeout time.Duration) {
 		if f := c.cfg.observer.Pong; f != nil {
 			f(c, rtt)
 		}
+	}
+}
+
+// rawPong settles a parking conn's raw ping when its pong comes; it runs
+// on the reader. The payload is the ping's send time, so a late pong of a
+// ping given up on is not taken for the pong of the next.
+func (c *Conn) rawPong(payload []byte) {
+	if len(payload) != 8 {
+		return
+	}
+	sent := time.Duration(binary.BigEndian.Uint64(payload))
+	h := &c.hb
+	h.mu.Lock()
+	if h.pingSent == 0 || sent != h.pingSent {
+		h.mu.Unlock()
+		return
+	}
+	rtt := h.since(time.Now()) - sent
+	// A message handled between ping and pong held the pong up.
+	h.pongLocked(rtt, h.handled.Load() != h.pingHandled)
+	next := h.born.Add(time.Duration(h.lastSeen.Load()) + h.pingAfter)
+	h.mu.Unlock()
+	c.sched.wheel.Reset(&h.timer, next)
+	if f := c.cfg.observer.Pong; f != nil {
+		f(c, rtt)
 	}
 }
 

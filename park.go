@@ -1,6 +1,7 @@
 package tether
 
 import (
+	"encoding/binary"
 	"errors"
 	"net"
 	"sync"
@@ -46,20 +47,39 @@ type parkConn struct {
 	ahead  *[]byte      // pooled read-ahead buffer; nil when drained
 	ar, aw int          // its unread bytes: (*ahead)[ar:aw]
 
-	// Write side: coder/websocket's writers, one at a time.
-	out  frameTracker // what has been written
+	// Write side: coder/websocket's writers, one at a time, and the
+	// heartbeat's raw pings, all under wmu.
+	wmu  sync.Mutex
+	out  frameTracker // what coder/websocket has written
 	held []byte       // the start of a frame not yet written; within hold
 	hold [parkBufSize]byte
-	vec  [2][]byte
+	// A raw ping goes out between two frames: at once if the socket is
+	// free, else right behind the frame being written. rest is the part of
+	// a ping frame the socket did not take.
+	pingDue     bool
+	pingFrame   [pingFrameLen]byte
+	rest        []byte // within restBuf
+	restBuf     [pingFrameLen]byte
+	pingWaiting atomic.Bool   // a ping found wmu taken
+	pingPayload atomic.Uint64 // its payload
+	vec         [4][]byte
+	bufs        net.Buffers
 
 	// mayPark is set by the reader around its reads: a read that finds the
 	// socket empty at a frame boundary then returns errParked.
 	mayPark atomic.Bool
 	state   atomic.Int32 // readerRunning or readerParked
+	// pending: bytes arrived since the reader last read the socket. The
+	// poller sets it; a reader clears it before each read.
+	pending atomic.Bool
+	// drained: the last read from the socket took less than it asked
+	// for, so the socket was empty then, and any byte since has set
+	// pending: parking needs no read to find the socket empty.
+	drained bool
 	off     bool         // parking failed once: this conn reads with a goroutine
 
-	wake func() // starts a reader; set by the conn before its first read
-	reg  pollReg
+	c   *Conn // set by the conn before its first read
+	reg pollReg
 }
 
 // parkBufSize is the size of coder/websocket's own read and write buffers
@@ -112,14 +132,23 @@ func (pc *parkConn) Read(b []byte) (int, error) {
 // fill reads from the socket into b; without waiting if park, when an
 // empty socket means errParked.
 func (pc *parkConn) fill(b []byte, park bool) (int, error) {
-	if !park {
-		n, err := pc.Conn.Read(b)
-		return max(n, 0), err
-	}
-	n, err := pc.readNow(b)
-	if errors.Is(err, errWouldBlock) {
+	if park && pc.drained && !pc.pending.Load() {
 		return 0, errParked
 	}
+	pc.pending.Store(false)
+	var n int
+	var err error
+	if park {
+		n, err = pc.readNow(b)
+		if errors.Is(err, errWouldBlock) {
+			pc.drained = true
+			return 0, errParked
+		}
+	} else {
+		n, err = pc.Conn.Read(b)
+	}
+	n = max(n, 0)
+	pc.drained = n < len(b)
 	return n, err
 }
 
@@ -132,21 +161,91 @@ func (pc *parkConn) drop() {
 }
 
 func (pc *parkConn) Write(b []byte) (int, error) {
+	pc.wmu.Lock()
+	n, err := pc.writeLocked(b)
+	pc.unlockWrite()
+	return n, err
+}
+
+func (pc *parkConn) writeLocked(b []byte) (int, error) {
 	pc.out.feed(b)
-	if len(pc.held) > 0 {
-		// The rest of the held frame, or more: both in one writev.
-		held := len(pc.held)
-		pc.vec = [2][]byte{pc.held, b}
-		bufs := net.Buffers(pc.vec[:])
-		n, err := bufs.WriteTo(pc.Conn)
-		pc.vec, pc.held = [2][]byte{}, nil
-		return max(int(n)-held, 0), err
-	}
-	if !pc.out.frameDone() && len(b) <= len(pc.hold) {
+	if !pc.out.frameDone() && len(pc.held) == 0 && len(pc.rest) == 0 && len(b) <= len(pc.hold) {
+		// The start of a frame: wait for the rest.
 		pc.held = pc.hold[:copy(pc.hold[:], b)]
 		return len(b), nil
 	}
-	return pc.Conn.Write(b)
+	vec := pc.vec[:0]
+	before := len(pc.rest) + len(pc.held)
+	if len(pc.rest) > 0 {
+		vec = append(vec, pc.rest)
+	}
+	if len(pc.held) > 0 {
+		vec = append(vec, pc.held)
+	}
+	vec = append(vec, b)
+	if pc.pingDue && pc.out.frameDone() {
+		vec = append(vec, pc.pingFrame[:])
+		pc.pingDue = false
+	}
+	pc.bufs = vec
+	n, err := pc.bufs.WriteTo(pc.Conn)
+	pc.vec, pc.bufs, pc.rest, pc.held = [4][]byte{}, nil, nil, nil
+	return min(max(int(n)-before, 0), len(b)), err
+}
+
+// unlockWrite releases wmu, then sends a ping that found it taken.
+func (pc *parkConn) unlockWrite() {
+	pc.wmu.Unlock()
+	// ping stores pingWaiting before its TryLock; this loads it after the
+	// Unlock: one of the two sees the other.
+	for pc.pingWaiting.Load() && pc.wmu.TryLock() {
+		if pc.pingWaiting.Swap(false) {
+			pc.pingLocked(pc.pingPayload.Load())
+		}
+		pc.wmu.Unlock()
+	}
+}
+
+// pingFrameLen: FIN + ping opcode, an unmasked 8-byte length, 8 bytes.
+const pingFrameLen = 10
+
+// ping sends a ping frame carrying payload between two of coder/websocket's
+// frames, without waiting: it runs on the heartbeat scheduler.
+func (pc *parkConn) ping(payload uint64) {
+	pc.pingPayload.Store(payload)
+	pc.pingWaiting.Store(true)
+	if !pc.wmu.TryLock() {
+		return // the holder sends it as it unlocks
+	}
+	if pc.pingWaiting.Swap(false) {
+		pc.pingLocked(pc.pingPayload.Load())
+	}
+	pc.unlockWrite()
+}
+
+func (pc *parkConn) pingLocked(payload uint64) {
+	pc.pingFrame = [pingFrameLen]byte{0x89, 8}
+	binary.BigEndian.PutUint64(pc.pingFrame[2:], payload)
+	if !pc.out.frameDone() || len(pc.held) > 0 || len(pc.rest) > 0 {
+		pc.pingDue = true // behind the frame under way
+		return
+	}
+	n, err := pc.writeNow(pc.pingFrame[:])
+	if err != nil || n == len(pc.pingFrame) {
+		return // a broken socket: the reader reports it
+	}
+	pc.rest = pc.restBuf[:copy(pc.restBuf[:], pc.pingFrame[n:])]
+	// The socket is full and no write may come to carry the rest.
+	pc.c.flushPingLater()
+}
+
+// flushRest writes what the socket did not take of a ping, waiting for it.
+func (pc *parkConn) flushRest() {
+	pc.wmu.Lock()
+	if len(pc.rest) > 0 {
+		_, _ = pc.writeLocked(nil)
+	}
+	pc.unlockWrite()
 }
 
 // Close releases the conn's place in the poller along with the socket.
@@ -238,11 +337,17 @@ func (t *frameTracker) payloadLen() int64 {
 func (c *Conn) parkReader() bool {
 	pc := c.park
 	pc.state.Store(readerParked)
-	// end sets Closed before it unparks: one of the two sees the other.
+	// end sets Closed before it unparks, and the poller sets pending before
+	// it does: in each pair, one of the two sees the other.
 	if c.hb.state.Load() != int32(Closed) {
 		err := pc.reg.arm(pc)
 		if err == nil {
-			return true
+			if !pc.pending.Load() {
+				return true
+			}
+			// Bytes came meanwhile: read on, unless the poller has
+			// already started another reader.
+			return !pc.state.CompareAndSwap(readerParked, readerRunning)
 		}
 		if !errors.Is(err, net.ErrClosed) {
 			c.cfg.logger.Debug("tether: reading without parking", "remote", c.remote, "err", err)
@@ -250,6 +355,21 @@ func (c *Conn) parkReader() bool {
 		}
 	}
 	return !pc.state.CompareAndSwap(readerParked, readerRunning)
+}
+
+// flushPingLater finishes writing a ping the socket took only part of.
+func (c *Conn) flushPingLater() {
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.wg.Add(1)
+	c.mu.Unlock()
+	go func() {
+		defer c.wg.Done()
+		c.park.flushRest()
+	}()
 }
 
 // unpark starts a reader for a parked conn; it does nothing for a conn

@@ -50,6 +50,25 @@ func (pc *parkConn) readNow(b []byte) (int, error) {
 	return n, nil
 }
 
+// writeNow writes what the socket takes without waiting.
+func (pc *parkConn) writeNow(b []byte) (int, error) {
+	var n int
+	var werr error
+	err := pc.reg.rc.Write(func(fd uintptr) bool {
+		n, werr = syscall.Write(int(fd), b)
+		return true
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case werr == syscall.EAGAIN || werr == syscall.EINTR:
+		return 0, nil
+	case werr != nil:
+		return 0, werr
+	}
+	return max(n, 0), nil
+}
+
 // pollReg is a conn's registration with the poller.
 type pollReg struct {
 	rc syscall.RawConn
@@ -60,41 +79,45 @@ type pollReg struct {
 	released bool
 }
 
-// arm asks the poller to wake pc's conn once its socket is readable: once,
-// so that two readers never run.
+// arm makes sure the poller watches pc's socket. The first call registers
+// it, edge-triggered, for the conn's life: the poller then marks pc
+// pending whenever bytes arrive, and wakes the conn if it is parked.
 func (r *pollReg) arm(pc *parkConn) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.released {
 		return net.ErrClosed
 	}
-	op := syscall.EPOLL_CTL_MOD
-	if r.p == nil {
-		p, err := acquirePoller()
-		if err != nil {
-			return err
-		}
-		r.p, r.id = p, p.add(pc.wake)
-		op = syscall.EPOLL_CTL_ADD
+	if r.p != nil {
+		return nil
 	}
-	ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLONESHOT}
-	ev.Fd, ev.Pad = int32(uint32(r.id)), int32(uint32(r.id>>32))
+	p, err := acquirePoller()
+	if err != nil {
+		return err
+	}
+	id := p.add(pc)
+	ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | epollET}
+	ev.Fd, ev.Pad = int32(uint32(id)), int32(uint32(id>>32))
 	var cerr error
 	// Control holds the fd: it cannot be closed and reused by another
 	// socket while epoll_ctl runs.
-	err := r.rc.Control(func(fd uintptr) {
-		cerr = syscall.EpollCtl(r.p.epfd, op, int(fd), &ev)
+	err = r.rc.Control(func(fd uintptr) {
+		cerr = syscall.EpollCtl(p.epfd, syscall.EPOLL_CTL_ADD, int(fd), &ev)
 	})
 	if err == nil && cerr != nil {
 		err = fmt.Errorf("tether: epoll_ctl: %w", cerr)
 	}
-	if err != nil && op == syscall.EPOLL_CTL_ADD {
-		r.p.remove(r.id)
-		r.p = nil
+	if err != nil {
+		p.remove(id)
 		releasePoller()
+		return err
 	}
-	return err
+	r.p, r.id = p, id
+	return nil
 }
+
+// epollET is EPOLLET as the uint32 of EpollEvent.Events.
+const epollET = 1 << 31
 
 // release forgets the conn in the poller, which stops once no conn is
 // left. The kernel drops the socket from the epoll set when it is closed.
@@ -118,7 +141,7 @@ type poller struct {
 
 	nextID atomic.Uint64
 	mu     sync.Mutex
-	wakes  map[uint64]func()
+	conns  map[uint64]*parkConn
 }
 
 var pollers struct {
@@ -163,7 +186,7 @@ func newPoller() (*poller, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tether: epoll_create1: %w", err)
 	}
-	p := &poller{epfd: epfd, done: make(chan struct{}), wakes: make(map[uint64]func())}
+	p := &poller{epfd: epfd, done: make(chan struct{}), conns: make(map[uint64]*parkConn)}
 	if err := syscall.Pipe2(p.pipe[:], syscall.O_CLOEXEC|syscall.O_NONBLOCK); err != nil {
 		syscall.Close(epfd)
 		return nil, fmt.Errorf("tether: pipe2: %w", err)
@@ -182,17 +205,17 @@ func (p *poller) closeFDs() {
 	syscall.Close(p.epfd)
 }
 
-func (p *poller) add(wake func()) uint64 {
+func (p *poller) add(pc *parkConn) uint64 {
 	id := p.nextID.Add(1)
 	p.mu.Lock()
-	p.wakes[id] = wake
+	p.conns[id] = pc
 	p.mu.Unlock()
 	return id
 }
 
 func (p *poller) remove(id uint64) {
 	p.mu.Lock()
-	delete(p.wakes, id)
+	delete(p.conns, id)
 	p.mu.Unlock()
 }
 
@@ -216,10 +239,11 @@ func (p *poller) run() {
 				return
 			}
 			p.mu.Lock()
-			wake := p.wakes[id]
+			pc := p.conns[id]
 			p.mu.Unlock()
-			if wake != nil {
-				wake()
+			if pc != nil {
+				pc.pending.Store(true)
+				pc.c.unpark()
 			}
 		}
 	}

@@ -15,6 +15,8 @@ func newParkConn(net.Conn, []byte) *parkConn { return nil }
 
 func (pc *parkConn) readNow([]byte) (int, error) { return 0, errWouldBlock }
 
+func (pc *parkConn) writeNow([]byte) (int, error) { return 0, errors.ErrUnsupported }
+
 type pollReg struct{}
 
 func (*pollReg) arm(*parkConn) error { return errors.ErrUnsupported }
