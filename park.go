@@ -76,7 +76,7 @@ type parkConn struct {
 	// for, so the socket was empty then, and any byte since has set
 	// pending: parking needs no read to find the socket empty.
 	drained bool
-	off     bool         // parking failed once: this conn reads with a goroutine
+	off     bool // parking failed once: this conn reads with a goroutine
 
 	c   *Conn // set by the conn before its first read
 	reg pollReg
