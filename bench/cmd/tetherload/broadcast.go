@@ -12,13 +12,10 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/coder/websocket"
-	"github.com/tether-ws/tether"
 )
 
-// broadcastConfig is one fan-out run: n protocol v1 subscribers of one
-// topic, m messages of size bytes published by the server.
+// broadcastConfig is one fan-out run: n subscribers of one topic, m
+// messages of size bytes published by the server.
 type broadcastConfig struct {
 	n, m, size        int
 	rate              float64 // publications per second; 0: as fast as Publish goes
@@ -27,51 +24,59 @@ type broadcastConfig struct {
 	concurrency       int
 	setup             time.Duration
 	deliver           time.Duration // budget for every delivery after the last publish
-	queue             int           // the hub's send queue, in messages
+	quiet             time.Duration // once published, give up after this long without a delivery
+	queue             int           // the server's send queue per conn, in messages
 	jsonOut           bool
+	bare              bool // centrifuge: its protocol by hand, not centrifuge-go
 	serverCmd         []string
 }
 
 func broadcastMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg broadcastConfig
+	var impls implFlag
 	fs := flag.NewFlagSet("tetherload broadcast", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	impls.register(fs)
 	fs.IntVar(&cfg.n, "n", 1000, "subscribers")
 	fs.IntVar(&cfg.m, "m", 1000, "messages to publish")
 	fs.IntVar(&cfg.size, "size", 64, "bytes of data per message (at least 48)")
-	fs.Float64Var(&cfg.rate, "rate", 0, "publications per second; 0 publishes as fast as Hub.Publish returns")
+	fs.Float64Var(&cfg.rate, "rate", 0, "publications per second; 0 publishes as fast as the impl's publish call returns")
 	fs.DurationVar(&cfg.interval, "interval", 15*time.Second, "server heartbeat interval")
 	fs.DurationVar(&cfg.timeout, "timeout", 30*time.Second, "server heartbeat timeout")
 	fs.IntVar(&cfg.sources, "sources", 49, "source IPs to spread conns over: 127.0.0.2 .. 127.0.0.(1+sources)")
 	fs.IntVar(&cfg.concurrency, "concurrency", 64, "dials in flight at once")
 	fs.DurationVar(&cfg.setup, "setup", 3*time.Minute, "time allowed to start the server, dial and subscribe")
 	fs.DurationVar(&cfg.deliver, "deliver", time.Minute, "time allowed for every delivery once publishing is done")
-	fs.IntVar(&cfg.queue, "queue", 256, "the server's send queue per conn, in messages: a burst longer than it evicts subscribers that fall behind (tether's default policy)")
-	fs.BoolVar(&cfg.jsonOut, "json", false, "print the result as JSON")
+	fs.DurationVar(&cfg.quiet, "quiet", 3*time.Second, "once publishing is done, stop waiting after this long without any delivery (conns the server dropped never get the rest)")
+	fs.IntVar(&cfg.queue, "queue", 256, "the server's send buffer per conn, in messages: a burst longer than it drops subscribers (or messages) that fall behind")
+	fs.BoolVar(&cfg.jsonOut, "json", false, "print the results as JSON")
+	fs.BoolVar(&cfg.bare, "bare", false, "centrifuge: dial bare coder/websocket clients that speak its JSON protocol by hand instead of centrifuge-go, whose decoding costs CPU on the shared machine (the other impls' clients are bare already)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	res, err := runBroadcast(ctx, cfg, stderr)
-	if err != nil {
+	specs, err := impls.parse(stdout)
+	if err != nil || specs == nil {
 		return err
 	}
-	if cfg.jsonOut {
-		return writeJSON(stdout, res)
+	if err := cfg.validate(); err != nil {
+		return err
 	}
-	_, err = fmt.Fprintf(stdout, "%d subscribers x %d messages of %d B (rate %s): %d deliveries in %.3fs = %.0f/s; latency p50 %.2fms p99 %.2fms max %.2fms; %d out of order, %d duplicates, %d missing, %d evicted\n",
-		res.Subscribers, res.Messages, res.Size, res.Rate, res.Deliveries, res.Seconds, res.PerSecond,
-		res.P50ms, res.P99ms, res.MaxMS, res.OutOfOrder, res.Duplicates, res.Missing, res.Evicted)
-	return err
+	return runImpls(ctx, "broadcast", specs, cfg.jsonOut, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
+		return runBroadcast(ctx, cfg, im, stderr)
+	})
 }
 
 // BroadcastResult is what one fan-out run measured. Latency is from just
-// before Hub.Publish in the server to the subscriber's read of the frame
+// before the server's publish call to the subscriber's read of the frame
 // that holds the message, on the same host's clock.
 type BroadcastResult struct {
+	Impl        string  `json:"impl"`
 	Subscribers int     `json:"subscribers"`
 	Messages    int     `json:"messages"`
 	Size        int     `json:"size_bytes"`
 	Rate        string  `json:"rate"`
+	Heartbeat   string  `json:"heartbeat"`
+	Bare        bool    `json:"bare_clients,omitempty"`
 	Deliveries  int64   `json:"deliveries"`
 	Seconds     float64 `json:"seconds"` // first publish to last delivery
 	PublishSecs float64 `json:"publish_seconds"`
@@ -79,11 +84,19 @@ type BroadcastResult struct {
 	P50ms       float64 `json:"latency_p50_ms"`
 	P99ms       float64 `json:"latency_p99_ms"`
 	MaxMS       float64 `json:"latency_max_ms"`
-	Frames      int64   `json:"frames"` // WebSocket messages read: deliveries/frames is the coalescing
-	OutOfOrder  int64   `json:"out_of_order"`
-	Duplicates  int64   `json:"duplicates"`
-	Missing     int64   `json:"missing"`
-	Evicted     int64   `json:"evicted"`
+	// Frames is the WebSocket messages read that held deliveries:
+	// deliveries/frames is the coalescing. Not visible with centrifuge-go,
+	// which hands over publications one by one: 0.
+	Frames     int64 `json:"frames"`
+	OutOfOrder int64 `json:"out_of_order"`
+	Duplicates int64 `json:"duplicates"`
+	Missing    int64 `json:"missing"`
+	Evicted    int64 `json:"evicted"` // the server's hub_evictions during the run
+	// HeartbeatDrops is the conns the server ended by heartbeat during the
+	// run: healthy subscribers, busy receiving, declared dead.
+	HeartbeatDrops int64 `json:"heartbeat_drops"`
+	OtherEnds      int64 `json:"server_other_ends"` // conns the server saw end otherwise
+	ClientEnded    int64 `json:"client_conns_ended"`
 }
 
 func (cfg *broadcastConfig) validate() error {
@@ -100,8 +113,8 @@ func (cfg *broadcastConfig) validate() error {
 	if cfg.sources < 1 || cfg.sources > 253 || cfg.concurrency < 1 {
 		errs = append(errs, fmt.Errorf("-sources %d must be within 1..253 and -concurrency %d positive", cfg.sources, cfg.concurrency))
 	}
-	if cfg.interval <= 0 || cfg.timeout <= cfg.interval || cfg.setup <= 0 || cfg.deliver <= 0 {
-		errs = append(errs, errors.New("need 0 < interval < timeout, and positive -setup and -deliver"))
+	if cfg.interval <= 0 || cfg.timeout <= cfg.interval || cfg.setup <= 0 || cfg.deliver <= 0 || cfg.quiet <= 0 {
+		errs = append(errs, errors.New("need 0 < interval < timeout, and positive -setup, -deliver and -quiet"))
 	}
 	return errors.Join(errs...)
 }
@@ -143,10 +156,10 @@ func (l *latencies) quantile(q float64, total uint64) time.Duration {
 	return time.Duration(l.max.Load())
 }
 
-// runBroadcast runs one fan-out scenario against a child server process.
-// It returns within cfg.setup + cfg.deliver + the publishing time + a
-// minute, with its conns closed and its child gone.
-func runBroadcast(ctx context.Context, cfg broadcastConfig, progress io.Writer) (_ *BroadcastResult, err error) {
+// runBroadcast runs one fan-out scenario against a child server process
+// running im. It returns within cfg.setup + cfg.deliver + the publishing
+// time + a minute, with its conns closed and its child gone.
+func runBroadcast(ctx context.Context, cfg broadcastConfig, im implSpec, progress io.Writer) (_ *BroadcastResult, err error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
@@ -159,8 +172,8 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, progress io.Writer) 
 	setupCtx, setupCancel := context.WithTimeout(ctx, cfg.setup)
 	defer setupCancel()
 
-	child, err := startServer(setupCtx, idleConfig{interval: cfg.interval, timeout: cfg.timeout, serverCmd: cfg.serverCmd,
-		serverArgs: []string{"-queue", strconv.Itoa(max(cfg.queue, 1))}}, progress)
+	child, sc, err := startImpl(setupCtx, serverSpec{impl: im.server, interval: cfg.interval, timeout: cfg.timeout,
+		queue: max(cfg.queue, 1), cmd: cfg.serverCmd}, progress)
 	if err != nil {
 		return nil, err
 	}
@@ -169,6 +182,7 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, progress io.Writer) 
 			err = cerr
 		}
 	}()
+	defer sc.close()
 
 	var (
 		lat        = new(latencies)
@@ -181,64 +195,57 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, progress io.Writer) 
 		allOnce    sync.Once
 	)
 	want := int64(cfg.n) * int64(cfg.m)
-	pool := newClientPool(cfg.sources)
-	pool.subprotocols = []string{tether.Subprotocol}
-	pool.setup = func(ctx context.Context, c *websocket.Conn) error {
-		if err := c.Write(ctx, websocket.MessageText, []byte(`{"op":"sub","topic":"bench","id":"1"}`)); err != nil {
-			return err
-		}
-		for { // the welcome, then the ack
-			_, data, err := c.Read(ctx)
-			if err != nil {
-				return err
-			}
-			if bytes.Contains(data, []byte(`"op":"ack"`)) {
-				return nil
-			}
-		}
-	}
-	pool.newHandler = func() func([]byte) {
+	srcs := newSources(cfg.sources)
+	defer srcs.close()
+	pool := newConnPool(srcs, im.client, "ws://"+child.addr+im.path)
+	pool.handlers = func(int) connHandlers {
 		sub := &subscriber{}
-		return func(frame []byte) {
-			now := time.Now().UnixNano()
+		return connHandlers{bare: cfg.bare, recv: func(now int64, msgs []benchMsg) {
 			frames.Add(1)
-			var n int64
-			for line := range bytes.SplitSeq(frame, []byte("\n")) {
-				t, i, ok := parseBench(line)
-				if !ok {
-					continue
-				}
-				n++
-				lat.add(time.Duration(now - t))
+			for _, m := range msgs {
+				lat.add(time.Duration(now - m.t))
 				switch {
-				case i == sub.next:
+				case m.i == sub.next:
 					sub.next++
-				case i < sub.next:
+				case m.i < sub.next:
 					dups.Add(1)
 				default:
 					outOfOrder.Add(1)
-					sub.next = i + 1
+					sub.next = m.i + 1
 				}
 			}
-			if n > 0 {
-				lastAt.Store(now)
-				if delivered.Add(n) >= want {
-					allOnce.Do(func() { close(all) })
-				}
+			lastAt.Store(now)
+			if delivered.Add(int64(len(msgs))) >= want {
+				allOnce.Do(func() { close(all) })
 			}
-		}
+		}}
 	}
 	defer func() {
-		if cerr := pool.close(10 * time.Second); err == nil && cerr != nil {
+		if cerr := pool.close(time.Minute); err == nil && cerr != nil {
 			err = cerr
 		}
 	}()
-	fmt.Fprintf(progress, "tetherload: dialling %d subscribers to %s\n", cfg.n, child.addr)
-	if err := pool.dialAll(setupCtx, "ws://"+child.addr+"/hub", cfg.n, cfg.concurrency); err != nil {
+	fmt.Fprintf(progress, "tetherload: dialling %d subscribers to %s%s (%s)\n", cfg.n, child.addr, im.path, im.name)
+	if err := pool.dialAll(setupCtx, cfg.n, cfg.concurrency); err != nil {
 		return nil, err
 	}
-	sc := newStatsClient(child.addr)
-	defer sc.close()
+	// Every conn registered for the broadcast: for the impls where
+	// connecting is subscribing, the server may register a conn just after
+	// the client's handshake returns.
+	for {
+		st, err := sc.get(setupCtx, "gc=0")
+		if err != nil {
+			return nil, err
+		}
+		if st.HubConns >= int64(cfg.n) || (st.HubConns == 0 && st.Open >= int64(cfg.n)) {
+			break
+		}
+		select {
+		case <-setupCtx.Done():
+			return nil, fmt.Errorf("server has %d of %d subscribers registered: %w", st.HubConns, cfg.n, setupCtx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 
 	fmt.Fprintf(progress, "tetherload: publishing %d messages of %d B\n", cfg.m, cfg.size)
 	base, err := sc.get(ctx, "gc=0")
@@ -261,11 +268,26 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, progress io.Writer) 
 		return nil, fmt.Errorf("publish: %s: %s", resp.Status, body)
 	}
 	publishSecs := time.Since(start).Seconds()
-	select {
-	case <-all:
-	case <-time.After(cfg.deliver):
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	// Wait for every delivery; but subscribers the server dropped never get
+	// theirs, so a quiet spell once publishing is done ends the wait too.
+	deadline := time.After(cfg.deliver)
+	tick := time.NewTicker(min(cfg.quiet/4, 250*time.Millisecond))
+	defer tick.Stop()
+wait:
+	for {
+		select {
+		case <-all:
+			break wait
+		case <-deadline:
+			break wait
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-tick.C:
+			last := max(lastAt.Load(), start.UnixNano()+int64(publishSecs*1e9))
+			if time.Since(time.Unix(0, last)) >= cfg.quiet {
+				break wait
+			}
+		}
 	}
 	st, err := sc.get(ctx, "gc=0")
 	if err != nil {
@@ -273,23 +295,31 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, progress io.Writer) 
 	}
 	total := uint64(delivered.Load())
 	res := &BroadcastResult{
-		Subscribers: cfg.n,
-		Messages:    cfg.m,
-		Size:        cfg.size,
-		Rate:        "max",
-		Deliveries:  int64(total),
-		Seconds:     time.Duration(lastAt.Load() - start.UnixNano()).Seconds(),
-		PublishSecs: publishSecs,
-		Frames:      frames.Load(),
-		OutOfOrder:  outOfOrder.Load(),
-		Duplicates:  dups.Load(),
-		Missing:     max(want-int64(total), 0),
-		Evicted:     st.HubEvictions - base.HubEvictions,
+		Impl:           im.name,
+		Subscribers:    cfg.n,
+		Messages:       cfg.m,
+		Size:           cfg.size,
+		Rate:           "max",
+		Heartbeat:      cfg.interval.String() + "/" + cfg.timeout.String(),
+		Bare:           cfg.bare,
+		Deliveries:     int64(total),
+		Seconds:        time.Duration(lastAt.Load() - start.UnixNano()).Seconds(),
+		PublishSecs:    publishSecs,
+		OutOfOrder:     outOfOrder.Load(),
+		Duplicates:     dups.Load(),
+		Missing:        max(want-int64(total), 0),
+		Evicted:        st.HubEvictions - base.HubEvictions,
+		HeartbeatDrops: st.HeartbeatTimeouts - base.HeartbeatTimeouts,
+		OtherEnds:      st.OtherEnds - base.OtherEnds,
+		ClientEnded:    pool.lost.Load(),
+	}
+	if cfg.bare || im.client.framesVisible() {
+		res.Frames = frames.Load()
 	}
 	if cfg.rate > 0 {
 		res.Rate = strconv.FormatFloat(cfg.rate, 'f', -1, 64) + "/s"
 	}
-	if total > 0 {
+	if total > 0 && res.Seconds > 0 {
 		res.PerSecond = float64(total) / res.Seconds
 		ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 		res.P50ms = ms(lat.quantile(0.5, total))
@@ -299,34 +329,34 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, progress io.Writer) 
 	return res, nil
 }
 
+func (r *BroadcastResult) print(w io.Writer) error {
+	frames := "frames not visible"
+	if r.Frames > 0 {
+		frames = fmt.Sprintf("%d frames", r.Frames)
+	}
+	_, err := fmt.Fprintf(w, "%d subscribers x %d messages of %d B (rate %s, heartbeat %s): %d deliveries in %.3fs = %.0f/s (%s); latency p50 %.2fms p99 %.2fms max %.2fms\n"+
+		"%d out of order, %d duplicates, %d missing, %d evicted; %d conns dropped by heartbeat, %d ended otherwise on the server, %d client conns ended\n",
+		r.Subscribers, r.Messages, r.Size, r.Rate, r.Heartbeat, r.Deliveries, r.Seconds, r.PerSecond, frames,
+		r.P50ms, r.P99ms, r.MaxMS, r.OutOfOrder, r.Duplicates, r.Missing, r.Evicted,
+		r.HeartbeatDrops, r.OtherEnds, r.ClientEnded)
+	return err
+}
+
+func (r *BroadcastResult) figures() []figure {
+	return []figure{
+		{"deliveries/s", r.PerSecond, "higher"},
+		{"latency p50 ms", r.P50ms, "lower"},
+		{"latency p99 ms", r.P99ms, "lower"},
+		{"conns dropped by heartbeat", float64(r.HeartbeatDrops), "lower"},
+		{"deliveries missing", float64(r.Missing), "lower"},
+	}
+}
+
 // parseBench reads t and i from a msg line of the bench topic:
 // {"op":"msg",...,"data":{"t":<t>,"i":<i>,...}}.
 func parseBench(line []byte) (t int64, i int, ok bool) {
-	at := bytes.Index(line, []byte(`"data":{"t":`))
-	if at < 0 {
+	if !bytes.Contains(line, []byte(`"data":{"t":`)) {
 		return 0, 0, false
 	}
-	rest := line[at+len(`"data":{"t":`):]
-	end := bytes.IndexByte(rest, ',')
-	if end < 0 {
-		return 0, 0, false
-	}
-	t, err := strconv.ParseInt(string(rest[:end]), 10, 64)
-	if err != nil {
-		return 0, 0, false
-	}
-	rest = rest[end:]
-	if !bytes.HasPrefix(rest, []byte(`,"i":`)) {
-		return 0, 0, false
-	}
-	rest = rest[len(`,"i":`):]
-	end = bytes.IndexByte(rest, ',')
-	if end < 0 {
-		return 0, 0, false
-	}
-	n, err := strconv.Atoi(string(rest[:end]))
-	if err != nil {
-		return 0, 0, false
-	}
-	return t, n, true
+	return parseBenchAny(line)
 }

@@ -9,18 +9,17 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"text/tabwriter"
 	"time"
-
-	"github.com/coder/websocket"
 )
 
 type idleConfig struct {
@@ -32,20 +31,21 @@ type idleConfig struct {
 	concurrency       int           // dials in flight
 	setup             time.Duration // budget to start the server, dial and settle
 	jsonOut           bool
+	bare              bool   // centrifuge: its protocol by hand, not centrifuge-go
 	heapProfile       string // file for the server's heap profile at the end of the hold
 	memProfileRate    int    // the server's runtime.MemProfileRate, with heapProfile
 
 	// serverCmd is the server's command line, "serve" included; by default
 	// this very executable with "serve".
 	serverCmd []string
-	// serverArgs are more flags for the server.
-	serverArgs []string
 }
 
 func idleMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg idleConfig
+	impls := implFlag{allowConn: true}
 	fs := flag.NewFlagSet("tetherload idle", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	impls.register(fs)
 	fs.IntVar(&cfg.n, "n", 10000, "client conns to open and hold")
 	fs.DurationVar(&cfg.interval, "interval", 15*time.Second, "server heartbeat interval")
 	fs.DurationVar(&cfg.timeout, "timeout", 30*time.Second, "server heartbeat timeout")
@@ -54,20 +54,28 @@ func idleMain(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&cfg.sources, "sources", 49, "source IPs to spread conns over: 127.0.0.2 .. 127.0.0.(1+sources)")
 	fs.IntVar(&cfg.concurrency, "concurrency", 64, "dials in flight at once")
 	fs.DurationVar(&cfg.setup, "setup", 3*time.Minute, "time allowed to start the server, dial and settle")
-	fs.BoolVar(&cfg.jsonOut, "json", false, "print the result as JSON")
-	fs.StringVar(&cfg.heapProfile, "heapprofile", "", "write the server's heap profile at the end of the hold to `file` (starts it with -pprof)")
+	fs.BoolVar(&cfg.jsonOut, "json", false, "print the results as JSON")
+	fs.BoolVar(&cfg.bare, "bare", false, "centrifuge: dial bare coder/websocket clients that speak its JSON protocol by hand instead of centrifuge-go (the other impls' clients are bare already)")
+	fs.StringVar(&cfg.heapProfile, "heapprofile", "", "write the server's heap profile at the end of the hold to `file` (starts it with -pprof; with several impls, the impl's name is added)")
 	fs.IntVar(&cfg.memProfileRate, "memprofilerate", 0, "the server's runtime.MemProfileRate (1: every allocation); 0 keeps the default")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	res, err := runIdle(ctx, cfg, stderr)
-	if err != nil {
+	specs, err := impls.parse(stdout)
+	if err != nil || specs == nil {
 		return err
 	}
-	if cfg.jsonOut {
-		return writeJSON(stdout, res)
+	if err := cfg.validate(); err != nil {
+		return err
 	}
-	return res.print(stdout)
+	return runImpls(ctx, "idle", specs, cfg.jsonOut, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
+		c := cfg
+		if c.heapProfile != "" && len(specs) > 1 {
+			dir, file := filepath.Split(c.heapProfile)
+			c.heapProfile = filepath.Join(dir, im.name+"-"+file)
+		}
+		return runIdle(ctx, c, im, stderr)
+	})
 }
 
 func (cfg *idleConfig) validate() error {
@@ -94,11 +102,13 @@ func (cfg *idleConfig) validate() error {
 // server's growth over its baseline (before any conn) divided by Conns, at
 // the end of the hold.
 type IdleResult struct {
+	Impl      string  `json:"impl"`
 	Conns     int     `json:"conns"`
 	Interval  string  `json:"interval"`
 	Timeout   string  `json:"timeout"`
 	Hold      string  `json:"hold"`
 	Sources   int     `json:"source_ips"`
+	Bare      bool    `json:"bare_clients,omitempty"`
 	DialSecs  float64 `json:"dial_seconds"`
 	Baseline  Stats   `json:"baseline"`        // before any conn
 	Loaded    Stats   `json:"loaded"`          // all conns open, start of the hold
@@ -116,18 +126,22 @@ type IdleResult struct {
 	StackPerConn        float64 `json:"stack_per_conn_bytes"`
 	GoroutinesPerConn   float64 `json:"goroutines_per_conn"`
 	CPUPerSecond        float64 `json:"server_cpu_seconds_per_second"` // during the hold
+	CPUPerPong          float64 `json:"server_cpu_us_per_pong"`        // hold CPU over the hold's pongs
 	HeartbeatTimeouts   int64   `json:"heartbeat_timeouts"`
 	OtherEnds           int64   `json:"other_ends"`
 	ClientReadsEnded    int64   `json:"client_reads_ended"` // client conns that died during the run
 	HeartbeatPongs      int64   `json:"heartbeat_pongs"`    // during the hold
-	ServerPID           int     `json:"server_pid"`
-	HeapProfile         string  `json:"heap_profile,omitempty"`
+	// PongsEstimated: the server cannot observe pongs (centrifuge), so
+	// HeartbeatPongs is conns x hold / interval, one ping per interval.
+	PongsEstimated bool   `json:"pongs_estimated,omitempty"`
+	ServerPID      int    `json:"server_pid"`
+	HeapProfile    string `json:"heap_profile,omitempty"`
 }
 
-// runIdle runs one idle scenario against a child server process. It always
-// returns within cfg.setup + cfg.hold + a minute, with its conns closed and
-// its child gone.
-func runIdle(ctx context.Context, cfg idleConfig, progress io.Writer) (_ *IdleResult, err error) {
+// runIdle runs one idle scenario against a child server process running
+// im. It always returns within cfg.setup + cfg.hold + a minute, with its
+// conns closed and its child gone.
+func runIdle(ctx context.Context, cfg idleConfig, im implSpec, progress io.Writer) (_ *IdleResult, err error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
@@ -136,7 +150,10 @@ func runIdle(ctx context.Context, cfg idleConfig, progress io.Writer) (_ *IdleRe
 	setupCtx, setupCancel := context.WithTimeout(ctx, cfg.setup)
 	defer setupCancel()
 
-	child, err := startServer(setupCtx, cfg, progress)
+	child, sc, err := startImpl(setupCtx, serverSpec{
+		impl: im.server, interval: cfg.interval, timeout: cfg.timeout, cmd: cfg.serverCmd,
+		pprof: cfg.heapProfile != "", memProfileRate: cfg.memProfileRate,
+	}, progress)
 	if err != nil {
 		return nil, err
 	}
@@ -145,30 +162,34 @@ func runIdle(ctx context.Context, cfg idleConfig, progress io.Writer) (_ *IdleRe
 			err = cerr
 		}
 	}()
-	sc := newStatsClient(child.addr)
 	defer sc.close()
 
 	res := &IdleResult{
+		Impl:      im.name,
 		Conns:     cfg.n,
 		Interval:  cfg.interval.String(),
 		Timeout:   cfg.timeout.String(),
 		Hold:      cfg.hold.String(),
 		Sources:   cfg.sources,
+		Bare:      cfg.bare,
 		ServerPID: child.cmd.Process.Pid,
 	}
 	if res.Baseline, err = sc.get(setupCtx, "gc=1"); err != nil {
 		return nil, fmt.Errorf("baseline: %w", err)
 	}
 
-	pool := newClientPool(cfg.sources)
+	srcs := newSources(cfg.sources)
+	defer srcs.close()
+	pool := newConnPool(srcs, im.client, "ws://"+child.addr+im.path)
+	pool.handlers = func(int) connHandlers { return connHandlers{bare: cfg.bare} }
 	defer func() {
-		if cerr := pool.close(10 * time.Second); err == nil && cerr != nil {
+		if cerr := pool.close(time.Minute); err == nil && cerr != nil {
 			err = cerr
 		}
 	}()
-	fmt.Fprintf(progress, "tetherload: dialling %d conns to %s from %d source IPs\n", cfg.n, child.addr, cfg.sources)
+	fmt.Fprintf(progress, "tetherload: dialling %d conns to %s%s (%s) from %d source IPs\n", cfg.n, child.addr, im.path, im.name, cfg.sources)
 	start := time.Now()
-	if err := pool.dialAll(setupCtx, "ws://"+child.addr+"/ws", cfg.n, cfg.concurrency); err != nil {
+	if err := pool.dialAll(setupCtx, cfg.n, cfg.concurrency); err != nil {
 		return nil, err
 	}
 	res.DialSecs = time.Since(start).Seconds()
@@ -238,11 +259,13 @@ func runIdle(ctx context.Context, cfg idleConfig, progress io.Writer) (_ *IdleRe
 		return nil, err
 	}
 	res.ClientReadsEnded = pool.lost.Load()
-	res.compute()
+	res.compute(cfg.interval, im.server == "centrifuge")
 	return res, nil
 }
 
-func (r *IdleResult) compute() {
+// compute derives the per-conn figures. noPongs: the server cannot count
+// pongs, so the hold's pongs are estimated as one per conn per interval.
+func (r *IdleResult) compute(interval time.Duration, noPongs bool) {
 	n := float64(r.Conns)
 	per := func(v, base uint64) float64 { return (float64(v) - float64(base)) / n }
 	b, f := r.Baseline, r.Final
@@ -259,18 +282,43 @@ func (r *IdleResult) compute() {
 	}
 	// CPU over the hold: neither end includes a forced GC, since
 	// sampleStats reads CPU time before collecting.
-	if d := f.Time.Sub(r.HoldStart.Time).Seconds(); d > 0 {
-		r.CPUPerSecond = (f.CPUSeconds - r.HoldStart.CPUSeconds) / d
+	d := f.Time.Sub(r.HoldStart.Time).Seconds()
+	cpu := f.CPUSeconds - r.HoldStart.CPUSeconds
+	if d > 0 {
+		r.CPUPerSecond = cpu / d
 	}
 	r.HeartbeatTimeouts = f.HeartbeatTimeouts
 	r.OtherEnds = f.OtherEnds
 	r.HeartbeatPongs = f.Pongs - r.Loaded.Pongs
+	if noPongs && r.HeartbeatPongs == 0 && interval > 0 {
+		r.HeartbeatPongs = int64(float64(f.Open) * d / interval.Seconds())
+		r.PongsEstimated = true
+	}
+	if r.HeartbeatPongs > 0 {
+		r.CPUPerPong = cpu / float64(r.HeartbeatPongs) * 1e6
+	}
+}
+
+func (r *IdleResult) figures() []figure {
+	const kib = 1 << 10
+	perPong := r.CPUPerPong
+	if r.HeartbeatPongs == 0 {
+		perPong = math.NaN()
+	}
+	return []figure{
+		{"RSS/conn KiB, end of hold", r.RSSPerConn / kib, "lower"},
+		{"RSS/conn KiB, floor (FreeOSMemory)", r.ScavengedRSSPerConn / kib, "lower"},
+		{"heap/conn KiB", r.HeapPerConn / kib, "lower"},
+		{"goroutines/conn", r.GoroutinesPerConn, "lower"},
+		{"server CPU s/s", r.CPUPerSecond, "lower"},
+		{"server CPU µs/pong", perPong, "lower"},
+	}
 }
 
 func (r *IdleResult) print(w io.Writer) error {
 	const kib = 1 << 10
-	fmt.Fprintf(w, "tetherload idle: %d conns, heartbeat %s/%s, hold %s, %d source IPs, dialled in %.1fs\n\n",
-		r.Conns, r.Interval, r.Timeout, r.Hold, r.Sources, r.DialSecs)
+	fmt.Fprintf(w, "tetherload idle -impl %s: %d conns, heartbeat %s/%s, hold %s, %d source IPs, dialled in %.1fs\n\n",
+		r.Impl, r.Conns, r.Interval, r.Timeout, r.Hold, r.Sources, r.DialSecs)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "server\tRSS MiB\theap MiB\tstack MiB\tgoroutines\topen conns\t")
 	for _, row := range []struct {
@@ -290,17 +338,21 @@ func (r *IdleResult) print(w io.Writer) error {
 		return err
 	}
 	fmt.Fprintln(w)
-	fmt.Fprintln(tw, "conns\tRSS/conn KiB\theap/conn KiB\tstack/conn KiB\tgoroutines/conn\tserver CPU s/s\tdropped by heartbeat\tother ends\t")
-	fmt.Fprintf(tw, "%d\t%.2f\t%.2f\t%.2f\t%.4f\t%.4f\t%d\t%d\t\n",
+	fmt.Fprintln(tw, "conns\tRSS/conn KiB\theap/conn KiB\tstack/conn KiB\tgoroutines/conn\tserver CPU s/s\tCPU µs/pong\tdropped by heartbeat\tother ends\t")
+	fmt.Fprintf(tw, "%d\t%.2f\t%.2f\t%.2f\t%.4f\t%.4f\t%.1f\t%d\t%d\t\n",
 		r.Conns, r.RSSPerConn/kib, r.HeapPerConn/kib, r.StackPerConn/kib, r.GoroutinesPerConn,
-		r.CPUPerSecond, r.HeartbeatTimeouts, r.OtherEnds)
+		r.CPUPerSecond, r.CPUPerPong, r.HeartbeatTimeouts, r.OtherEnds)
 	if err := tw.Flush(); err != nil {
 		return err
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "per conn at the end of the hold; RSS/conn was %.2f KiB at its start, peaked at %.2f KiB, and is %.2f KiB after FreeOSMemory\n",
 		r.StartRSSPerConn/kib, r.PeakRSSPerConn/kib, r.ScavengedRSSPerConn/kib)
-	fmt.Fprintf(w, "heap alloc/conn %.2f KiB; %d heartbeat pongs during the hold\n", r.HeapAllocPerConn/kib, r.HeartbeatPongs)
+	est := ""
+	if r.PongsEstimated {
+		est = " (estimated: the server cannot count them, one per conn per interval)"
+	}
+	fmt.Fprintf(w, "heap alloc/conn %.2f KiB; %d heartbeat pongs during the hold%s\n", r.HeapAllocPerConn/kib, r.HeartbeatPongs, est)
 	if r.ClientReadsEnded > 0 {
 		fmt.Fprintf(w, "WARNING: %d client conns died during the run\n", r.ClientReadsEnded)
 	}
@@ -325,8 +377,8 @@ type child struct {
 	stopErr error
 }
 
-func startServer(ctx context.Context, cfg idleConfig, stderr io.Writer) (*child, error) {
-	argv := cfg.serverCmd
+func startServer(ctx context.Context, spec serverSpec, stderr io.Writer) (*child, error) {
+	argv := spec.cmd
 	if len(argv) == 0 {
 		exe, err := os.Executable()
 		if err != nil {
@@ -334,15 +386,7 @@ func startServer(ctx context.Context, cfg idleConfig, stderr io.Writer) (*child,
 		}
 		argv = []string{exe, "serve"}
 	}
-	args := append(argv[1:len(argv):len(argv)], "-addr", "127.0.0.1:0",
-		"-interval", cfg.interval.String(), "-timeout", cfg.timeout.String())
-	args = append(args, cfg.serverArgs...)
-	if cfg.heapProfile != "" {
-		args = append(args, "-pprof")
-		if cfg.memProfileRate > 0 {
-			args = append(args, "-memprofilerate", fmt.Sprint(cfg.memProfileRate))
-		}
-	}
+	args := append(argv[1:len(argv):len(argv)], spec.args()...)
 	cmd := exec.Command(argv[0], args...)
 	cmd.Env = append(os.Environ(), childEnv+"=serve")
 	cmd.Stderr = stderr
@@ -412,6 +456,16 @@ func (c *child) stop() error {
 	return c.stopErr
 }
 
+// kill crashes the server with SIGKILL, as a machine or an OOM kill would,
+// and waits for it to be gone.
+func (c *child) kill() {
+	c.once.Do(func() {
+		_ = c.cmd.Process.Kill()
+		<-c.exited
+		<-c.drained
+	})
+}
+
 // statsClient reads the server's /stats.
 type statsClient struct {
 	base string
@@ -470,150 +524,4 @@ func (s *statsClient) saveHeapProfile(ctx context.Context, path string) error {
 		return fmt.Errorf("heap profile: %w", err)
 	}
 	return nil
-}
-
-// clientPool holds the client conns, each with a goroutine that reads all
-// the time: coder/websocket answers the server's pings only while reading.
-type clientPool struct {
-	clients []*http.Client // one per source IP
-
-	// Set before dialling, for conns that do more than answer pings.
-	subprotocols []string
-	setup        func(context.Context, *websocket.Conn) error // after the handshake, before reading
-	newHandler   func() func(frame []byte)                    // one per conn, called by its reader
-
-	mu    sync.Mutex
-	conns []*websocket.Conn
-
-	readers sync.WaitGroup
-	closing atomic.Bool
-	lost    atomic.Int64 // reads that ended before close
-}
-
-func newClientPool(sources int) *clientPool {
-	p := &clientPool{}
-	for i := range sources {
-		d := &net.Dialer{
-			LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(2+i))},
-			Timeout:   10 * time.Second,
-		}
-		p.clients = append(p.clients, &http.Client{Transport: &http.Transport{DialContext: d.DialContext}})
-	}
-	return p
-}
-
-// dialAll opens n conns, concurrency at a time, so that the server's accept
-// backlog is never overrun. It stops at the first conn that cannot be made.
-func (p *clientPool) dialAll(ctx context.Context, url string, n, concurrency int) error {
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	next := make(chan int)
-	var wg sync.WaitGroup
-	for range min(concurrency, n) {
-		wg.Go(func() {
-			for i := range next {
-				if err := p.dial(ctx, url, i); err != nil {
-					cancel(fmt.Errorf("conn %d: %w", i, err))
-				}
-			}
-		})
-	}
-feed:
-	for i := range n {
-		select {
-		case next <- i:
-		case <-ctx.Done():
-			break feed
-		}
-	}
-	close(next)
-	wg.Wait()
-	if err := context.Cause(ctx); err != nil {
-		return fmt.Errorf("dial: %w", err)
-	}
-	return nil
-}
-
-func (p *clientPool) dial(ctx context.Context, url string, i int) error {
-	hc := p.clients[i%len(p.clients)]
-	var err error
-	for attempt := range 3 {
-		if attempt > 0 {
-			select {
-			case <-ctx.Done():
-				return err
-			case <-time.After(time.Duration(attempt) * 100 * time.Millisecond):
-			}
-		}
-		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		var c *websocket.Conn
-		c, _, err = websocket.Dial(dctx, url, &websocket.DialOptions{HTTPClient: hc, Subprotocols: p.subprotocols})
-		if err == nil && p.setup != nil {
-			if err = p.setup(dctx, c); err != nil {
-				c.CloseNow()
-			}
-		}
-		cancel()
-		if err == nil {
-			p.keep(c)
-			return nil
-		}
-		if ctx.Err() != nil {
-			return err
-		}
-	}
-	return err
-}
-
-func (p *clientPool) keep(c *websocket.Conn) {
-	p.mu.Lock()
-	p.conns = append(p.conns, c)
-	p.mu.Unlock()
-	var handle func([]byte)
-	if p.newHandler != nil {
-		handle = p.newHandler()
-	}
-	p.readers.Go(func() {
-		c.SetReadLimit(-1)
-		for {
-			_, data, err := c.Read(context.Background())
-			if err == nil && handle != nil {
-				handle(data)
-			}
-			if err != nil {
-				if !p.closing.Load() {
-					p.lost.Add(1)
-				}
-				return
-			}
-		}
-	})
-}
-
-// close drops every conn and waits up to timeout for their readers.
-func (p *clientPool) close(timeout time.Duration) error {
-	p.closing.Store(true)
-	p.mu.Lock()
-	conns := p.conns
-	p.conns = nil
-	p.mu.Unlock()
-	for _, c := range conns {
-		_ = c.CloseNow()
-	}
-	done := make(chan struct{})
-	go func() {
-		p.readers.Wait()
-		close(done)
-	}()
-	defer func() {
-		for _, hc := range p.clients {
-			hc.CloseIdleConnections()
-		}
-	}()
-	select {
-	case <-done:
-		return nil
-	case <-time.After(timeout):
-		return fmt.Errorf("client readers still running %v after close", timeout)
-	}
 }

@@ -1,22 +1,38 @@
-// Command tetherload measures what idle tether connections cost a server.
+// Command tetherload measures what tether costs a server, side by side
+// with the libraries a Go user would pick instead.
 //
-//	tetherload serve -addr 127.0.0.1:0 -interval 15s -timeout 30s [-pprof]
-//	tetherload idle -n 10000 -interval 15s -timeout 30s -hold 30s [-json]
-//	tetherload broadcast -n 1000 -m 1000 -size 64 [-rate 0] [-json]
+//	tetherload serve -impl tether|centrifuge|melody|gorilla|naive [-addr 127.0.0.1:0] [-interval 15s -timeout 30s] [-queue 256] [-pprof]
+//	tetherload idle -impl all -n 10000 -interval 15s -timeout 30s -hold 30s [-json]
+//	tetherload broadcast -impl all -n 1000 -m 1000 -size 64 [-rate 0] [-queue 256] [-json]
+//	tetherload deadpeer -impl all -n 1000 -k 100 -interval 5s -timeout 10s [-json]
+//	tetherload churn -impl all -rate 100 -duration 60s -hold 1s [-n0 0] [-settle 10s] [-json]
+//	tetherload storm -impl all -n 1000 [-wait 2m] [-json]
 //
-// serve runs a WebSocket server whose /ws handler accepts tether conns and
-// keeps them, and whose /stats endpoint reports the process's memory,
-// goroutines, CPU time and conn counts as JSON. It prints its listening
-// address as its first line of standard output.
+// serve runs the measured server (one impl per process): its /sub
+// endpoint, /publish, /stats (memory, goroutines, CPU time and conn counts
+// as JSON) and /events (every accept and every end). It prints its
+// listening address as its first line of standard output.
 //
-// idle starts serve as a child process, opens n client conns to it that do
-// nothing but answer the server's heartbeat pings, holds them, and prints
-// what each conn costs the server. It always exits by itself, closing its
-// conns and killing its child.
+// Every other subcommand is a scenario. It starts serve as a child process
+// for each impl of -impl (a name, a comma list, "all" or "list"), one
+// after another, opens its conns from the source IPs 127.0.0.2 ..
+// 127.0.0.50 with the client a user of that impl would use, prints each
+// impl's result and then a table of ratios tether/alternative for the
+// scenario's headline figures (with -json, all of it as one JSON
+// document). It always exits by itself, closing its conns and killing its
+// child.
 //
-// broadcast starts serve as a child process, subscribes n protocol v1
-// clients to one topic of its hub, has the server publish m messages, and
-// prints deliveries per second and delivery latency.
+//   - idle: n conns that do nothing but answer the server's heartbeat
+//     pings, held: RSS, heap and goroutines per conn, server CPU.
+//     -impl tether-conn measures bare tether conns (/ws, no hub).
+//   - broadcast: n subscribers, m messages published by the server:
+//     deliveries per second, latency, and healthy conns dropped.
+//   - deadpeer: k of n conns go silent: how long after its last pong the
+//     server declares each dead, against the timeout.
+//   - churn: conns opened and closed at a fixed rate: whether memory,
+//     goroutines and open conns return to the baseline.
+//   - storm: n reconnecting clients, the server SIGKILLed and restarted on
+//     the same port: time until all are back and the peak accept rate.
 package main
 
 import (
@@ -39,7 +55,14 @@ const usage = `usage:
   tetherload serve [flags]   run the measured server (see tetherload serve -h)
   tetherload idle [flags]    measure idle conns against a child server (see tetherload idle -h)
   tetherload broadcast [flags]
-                             measure fan-out to subscribers of a child server's hub (see tetherload broadcast -h)
+                             measure fan-out to subscribers of a child server (see tetherload broadcast -h)
+  tetherload deadpeer [flags]
+                             measure how fast silent peers are declared dead (see tetherload deadpeer -h)
+  tetherload churn [flags]   open and close conns at a fixed rate: does the server return to its baseline? (see tetherload churn -h)
+  tetherload storm [flags]   crash and restart the server under reconnecting clients (see tetherload storm -h)
+
+Every scenario takes -impl NAME|list|all (default tether) and runs against
+each impl in turn, then prints the ratios tether/alternative.
 `
 
 // run runs one subcommand and returns the process's exit code.
@@ -59,6 +82,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = idleMain(ctx, args[1:], stdout, stderr)
 	case "broadcast":
 		err = broadcastMain(ctx, args[1:], stdout, stderr)
+	case "deadpeer":
+		err = deadpeerMain(ctx, args[1:], stdout, stderr)
+	case "churn":
+		err = churnMain(ctx, args[1:], stdout, stderr)
+	case "storm":
+		err = stormMain(ctx, args[1:], stdout, stderr)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0

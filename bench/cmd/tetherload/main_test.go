@@ -21,9 +21,19 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
-// TestIdle runs the idle scenario end to end on a small scale: a server
-// process, 50 client conns over several source IPs, heartbeats firing
-// every 50 ms.
+// implOf returns the impl name, or fails the test.
+func implOf(t *testing.T, name string) implSpec {
+	t.Helper()
+	im, ok := lookupImpl(name)
+	if !ok {
+		t.Fatalf("no impl %q", name)
+	}
+	return im
+}
+
+// TestIdle runs the idle scenario end to end on a small scale against bare
+// tether conns (-impl tether-conn): a server process, 50 client conns over
+// several source IPs, heartbeats firing every 50 ms.
 func TestIdle(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 45*time.Second)
 	defer cancel()
@@ -38,7 +48,7 @@ func TestIdle(t *testing.T) {
 		concurrency: 64,
 		setup:       20 * time.Second,
 	}
-	res, err := runIdle(ctx, cfg, t.Output())
+	res, err := runIdle(ctx, cfg, implOf(t, "tether-conn"), t.Output())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,8 +62,9 @@ func TestIdle(t *testing.T) {
 		t.Errorf("conns ended during the run: %d by heartbeat timeout, %d otherwise on the server; %d client reads ended",
 			res.HeartbeatTimeouts, res.OtherEnds, res.ClientReadsEnded)
 	}
-	if g := res.GoroutinesPerConn; g < 0.5 || g > 1.5 {
-		t.Errorf("%.3f goroutines per conn, want 1 (within 0.5 .. 1.5)", g)
+	// A parked idle conn may have no goroutine at all; none has more than one.
+	if g := res.GoroutinesPerConn; g > 1.5 {
+		t.Errorf("%.3f goroutines per conn, want at most 1", g)
 	}
 	// 50 conns pinged every ~50 ms for 1 s: about a thousand pongs.
 	if res.HeartbeatPongs < n {
@@ -91,30 +102,80 @@ func (w *writerCounter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// TestBroadcast runs the broadcast scenario end to end on a small scale:
-// a server process whose hub fans 200 messages out to 50 subscribers.
+// TestIdleImpls runs the idle scenario against the tether hub (/sub,
+// subscribed conns), the gorilla pattern and centrifuge (centrifuge-go
+// clients): every conn stays, heartbeats fire, nothing is dropped.
+func TestIdleImpls(t *testing.T) {
+	for _, name := range []string{"tether", "gorilla", "centrifuge"} {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+			defer cancel()
+			const n = 30
+			cfg := idleConfig{
+				n: n, interval: 50 * time.Millisecond, timeout: time.Second,
+				hold: time.Second, sample: 500 * time.Millisecond,
+				sources: 49, concurrency: 16, setup: 20 * time.Second,
+			}
+			res, err := runIdle(ctx, cfg, implOf(t, name), t.Output())
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("%s: %.2f goroutines, %.0f B RSS, %.0f B heap per conn; %d pongs, %.1f µs CPU per pong",
+				name, res.GoroutinesPerConn, res.RSSPerConn, res.HeapPerConn, res.HeartbeatPongs, res.CPUPerPong)
+			if res.Impl != name || res.Final.Impl != name {
+				t.Errorf("result of impl %q, server %q; want %q", res.Impl, res.Final.Impl, name)
+			}
+			if res.Final.Accepted != n || res.Final.Open != n {
+				t.Errorf("server accepted %d conns and has %d open at the end, want %d and %d", res.Final.Accepted, res.Final.Open, n, n)
+			}
+			if res.HeartbeatTimeouts != 0 || res.OtherEnds != 0 || res.ClientReadsEnded != 0 {
+				t.Errorf("conns ended during the run: %d by heartbeat timeout, %d otherwise on the server; %d client reads ended",
+					res.HeartbeatTimeouts, res.OtherEnds, res.ClientReadsEnded)
+			}
+			if res.HeartbeatPongs < n || res.CPUPerPong <= 0 {
+				t.Errorf("%d heartbeat pongs during the hold (%.1f µs each), want heartbeats firing (>= %d)", res.HeartbeatPongs, res.CPUPerPong, n)
+			}
+			if res.GoroutinesPerConn <= 0 {
+				t.Errorf("%.3f goroutines per conn, want some", res.GoroutinesPerConn)
+			}
+		})
+	}
+}
+
+// TestBroadcast runs the broadcast scenario end to end on a small scale
+// against tether, the gorilla pattern and centrifuge (centrifuge-go
+// clients): a server process fans 200 messages out to 50 subscribers.
 func TestBroadcast(t *testing.T) {
-	ctx, cancel := context.WithTimeout(t.Context(), 45*time.Second)
-	defer cancel()
-	cfg := broadcastConfig{
-		n: 50, m: 200, size: 64, queue: 256,
-		interval: time.Second, timeout: 5 * time.Second,
-		sources: 49, concurrency: 16,
-		setup: 20 * time.Second, deliver: 20 * time.Second,
-	}
-	res, err := runBroadcast(ctx, cfg, t.Output())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("%.0f deliveries/s, p50 %.2f ms, p99 %.2f ms, %d frames", res.PerSecond, res.P50ms, res.P99ms, res.Frames)
-	if want := int64(cfg.n * cfg.m); res.Deliveries != want || res.Missing != 0 {
-		t.Errorf("%d deliveries, %d missing; want %d and 0", res.Deliveries, res.Missing, want)
-	}
-	if res.Duplicates != 0 || res.OutOfOrder != 0 || res.Evicted != 0 {
-		t.Errorf("%d duplicates, %d out of order, %d evicted; want none", res.Duplicates, res.OutOfOrder, res.Evicted)
-	}
-	if res.P50ms <= 0 || res.P99ms < res.P50ms || res.PerSecond <= 0 {
-		t.Errorf("implausible figures: %+v", res)
+	for _, name := range []string{"tether", "gorilla", "centrifuge"} {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+			defer cancel()
+			cfg := broadcastConfig{
+				n: 50, m: 200, size: 64, queue: 256,
+				interval: time.Second, timeout: 5 * time.Second,
+				sources: 49, concurrency: 16,
+				setup: 20 * time.Second, deliver: 20 * time.Second, quiet: 3 * time.Second,
+			}
+			res, err := runBroadcast(ctx, cfg, implOf(t, name), t.Output())
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("%s: %.0f deliveries/s, p50 %.2f ms, p99 %.2f ms, %d frames", name, res.PerSecond, res.P50ms, res.P99ms, res.Frames)
+			if want := int64(cfg.n * cfg.m); res.Deliveries != want || res.Missing != 0 {
+				t.Errorf("%d deliveries, %d missing; want %d and 0", res.Deliveries, res.Missing, want)
+			}
+			if res.Duplicates != 0 || res.OutOfOrder != 0 || res.Evicted != 0 {
+				t.Errorf("%d duplicates, %d out of order, %d evicted; want none", res.Duplicates, res.OutOfOrder, res.Evicted)
+			}
+			if res.HeartbeatDrops != 0 || res.OtherEnds != 0 || res.ClientEnded != 0 {
+				t.Errorf("conns ended: %d by heartbeat, %d otherwise, %d on the client; want none", res.HeartbeatDrops, res.OtherEnds, res.ClientEnded)
+			}
+			// centrifuge-go does not show frames: 0.
+			framesOK := res.Frames > 0 && res.Frames <= res.Deliveries || name == "centrifuge" && res.Frames == 0
+			if res.P50ms <= 0 || res.P99ms < res.P50ms || res.PerSecond <= 0 || !framesOK {
+				t.Errorf("implausible figures: %+v", res)
+			}
+		})
 	}
 }
 

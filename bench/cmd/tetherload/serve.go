@@ -12,35 +12,42 @@ import (
 	"net/http/pprof"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strconv"
-	"sync"
-	"sync/atomic"
+	"strings"
 	"time"
-
-	"github.com/tether-ws/tether"
-	"golang.org/x/time/rate"
 )
 
 type serveConfig struct {
+	impl              string // a key of serveImpls
 	addr              string
 	interval, timeout time.Duration
 	pprof             bool
 	memProfileRate    int
-	queue             int // the hub's send queue, in messages
+	queue             int // the per-conn send buffer, in messages, where the impl has one
 }
 
 func serveMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg serveConfig
 	fs := flag.NewFlagSet("tetherload serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.StringVar(&cfg.impl, "impl", "tether", "the server `library`: "+strings.Join(serveImplNames(), ", "))
 	fs.StringVar(&cfg.addr, "addr", "127.0.0.1:0", "listen `address`")
-	fs.DurationVar(&cfg.interval, "interval", 15*time.Second, "heartbeat interval (tether.WithHeartbeat)")
-	fs.DurationVar(&cfg.timeout, "timeout", 30*time.Second, "heartbeat timeout (tether.WithHeartbeat)")
+	fs.DurationVar(&cfg.interval, "interval", 15*time.Second, "heartbeat interval (tether.WithHeartbeat; mapped onto each impl)")
+	fs.DurationVar(&cfg.timeout, "timeout", 30*time.Second, "heartbeat timeout: a peer silent this long after its last pong is dropped")
 	fs.BoolVar(&cfg.pprof, "pprof", false, "serve net/http/pprof under /debug/pprof/")
-	fs.IntVar(&cfg.queue, "queue", 256, "send queue of the /hub conns, in messages (tether.WithSendQueue; 1 MiB)")
+	fs.IntVar(&cfg.queue, "queue", 256, "per-conn send buffer in messages (tether.WithSendQueue with 1 MiB; the others' send channels)")
 	fs.IntVar(&cfg.memProfileRate, "memprofilerate", 0, "set runtime.MemProfileRate (1 records every allocation; 0 keeps the default)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	if _, ok := serveImpls[cfg.impl]; !ok {
+		fmt.Fprintf(stderr, "unknown -impl %q: want one of %s\n", cfg.impl, strings.Join(serveImplNames(), ", "))
+		return errUsage
+	}
+	if cfg.interval <= 0 || cfg.timeout <= cfg.interval {
+		fmt.Fprintf(stderr, "want 0 < -interval < -timeout, have %v and %v\n", cfg.interval, cfg.timeout)
+		return errUsage
 	}
 	if cfg.memProfileRate > 0 {
 		runtime.MemProfileRate = cfg.memProfileRate
@@ -48,67 +55,97 @@ func serveMain(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	return serve(ctx, cfg, stdout, stderr)
 }
 
-// server accepts tether conns on /ws and keeps them until they end, and
-// serves a hub on /hub whose topics /publish publishes to.
+// serveImpl is one WebSocket server library behind the endpoints that every
+// scenario uses, so that the load side drives each library the same way and
+// the only difference measured is the library.
+//
+// An impl reports accepts, pongs and ends to the serveLog it was made with;
+// the server turns that log into /stats and /events.
+type serveImpl interface {
+	// routes adds the impl's WebSocket endpoints (at least GET /sub) to mux.
+	routes(mux *http.ServeMux)
+	// publish sends msg to every subscriber of topic (which only tether
+	// uses). It may keep msg: the caller never reuses it.
+	publish(topic string, msg []byte) error
+	// fill sets the figures of st that only the impl knows (hub_conns, and
+	// hub_evictions where the library counts them itself), after the log
+	// has set the others.
+	fill(st *Stats)
+	// close drops every conn and stops every goroutine the impl started,
+	// waiting for them until ctx ends. The HTTP server is already closed.
+	close(ctx context.Context) error
+}
+
+// serveImpls makes each impl by its -impl name.
+var serveImpls = map[string]func(cfg serveConfig, log *serveLog, stderr io.Writer) (serveImpl, error){
+	"tether":     newTetherServer,
+	"gorilla":    newGorillaServer,
+	"melody":     newMelodyServer,
+	"naive":      newNaiveServer,
+	"centrifuge": newCentrifugeServer,
+}
+
+func serveImplNames() []string {
+	names := make([]string, 0, len(serveImpls))
+	for name := range serveImpls {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	return names
+}
+
+// errServeClosed is what publish returns once the impl is shutting down.
+var errServeClosed = errors.New("server closed")
+
+// server serves one impl's WebSocket endpoints beside the endpoints every
+// impl shares: /publish, /stats and /events.
 type server struct {
-	opts   []tether.Option
-	stderr io.Writer
-	hub    *tether.Hub
-
-	mu    sync.Mutex
-	conns map[*tether.Conn]bool // true: registered; false: ended before it was registered
-
-	accepted, ended, hbTimeouts, pongs, acceptErrors atomic.Int64
+	name string
+	log  *serveLog
+	impl serveImpl
 }
 
-func newServer(cfg serveConfig, stderr io.Writer) *server {
-	s := &server{stderr: stderr, conns: make(map[*tether.Conn]bool)}
-	s.opts = []tether.Option{
-		tether.WithHeartbeat(cfg.interval, cfg.timeout),
-		tether.WithObserver(tether.Observer{
-			Disconnect: s.disconnected,
-			Pong:       func(*tether.Conn, time.Duration) { s.pongs.Add(1) },
-		}),
+func newServer(cfg serveConfig, stderr io.Writer) (*server, error) {
+	mk, ok := serveImpls[cfg.impl]
+	if !ok {
+		return nil, fmt.Errorf("unknown impl %q", cfg.impl)
 	}
-	hub, err := tether.NewHub(
-		tether.WithHeartbeat(cfg.interval, cfg.timeout),
-		tether.WithSendQueue(max(cfg.queue, 1), 1<<20),
-		tether.WithPresence(func(string) bool { return false }, 0),
-		// Load clients subscribe in a burst: no inbound limit.
-		tether.WithRateLimit(rate.Inf, 0),
-	)
-	if err != nil {
-		panic(err) // constant options
+	cfg.queue = max(cfg.queue, 1)
+	s := &server{name: cfg.impl, log: new(serveLog)}
+	var err error
+	if s.impl, err = mk(cfg, s.log, stderr); err != nil {
+		return nil, fmt.Errorf("impl %s: %w", cfg.impl, err)
 	}
-	s.hub = hub
-	return s
+	return s, nil
 }
 
-// handlePublish publishes n messages of size bytes to topic, at rate per
-// second (0: as fast as Publish goes), each holding its publication time
+// handlePublish publishes n messages of size bytes, at rate per second (0:
+// as fast as the impl's publish returns), each holding its publication time
 // in Unix nanoseconds as "t", and answers once they are all published.
 //
 //	POST /publish?topic=bench&n=1000&size=64&rate=0
+//
+// Each message is a buffer of its own, since some impls keep it until every
+// subscriber has been sent it: every impl pays for that allocation alike.
 func (s *server) handlePublish(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	topic := q.Get("topic")
+	topic := cmpOr(q.Get("topic"), "bench")
 	n, err1 := strconv.Atoi(q.Get("n"))
 	size, err2 := strconv.Atoi(q.Get("size"))
 	perSec, err3 := strconv.ParseFloat(cmpOr(q.Get("rate"), "0"), 64)
-	if err := errors.Join(err1, err2, err3); err != nil || n < 0 || perSec < 0 {
+	if err := errors.Join(err1, err2, err3); err != nil || n < 0 || size < 0 || perSec < 0 {
 		http.Error(w, "bad n, size or rate", http.StatusBadRequest)
 		return
 	}
 	start := time.Now()
-	buf := make([]byte, 0, size+64)
 	for i := range n {
 		if perSec > 0 {
 			if d := time.Until(start.Add(time.Duration(float64(i) / perSec * float64(time.Second)))); d > 0 {
 				time.Sleep(d)
 			}
 		}
-		buf = benchMessage(buf[:0], time.Now().UnixNano(), i, size)
-		if err := s.hub.Publish(topic, buf); err != nil {
+		msg := benchMessage(make([]byte, 0, size+64), time.Now().UnixNano(), i, size)
+		if err := s.impl.publish(topic, msg); err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
@@ -136,41 +173,6 @@ func benchMessage(dst []byte, t int64, i, size int) []byte {
 	return append(dst, `"}`...)
 }
 
-func (s *server) handleWS(w http.ResponseWriter, r *http.Request) {
-	c, err := tether.Accept(w, r, s.opts...)
-	if err != nil {
-		if s.acceptErrors.Add(1) <= 5 {
-			fmt.Fprintf(s.stderr, "tetherload serve: %v\n", err)
-		}
-		return
-	}
-	s.accepted.Add(1)
-	s.mu.Lock()
-	if _, ended := s.conns[c]; ended {
-		delete(s.conns, c)
-	} else {
-		s.conns[c] = true
-	}
-	s.mu.Unlock()
-	// The handler returns: net/http's goroutine for this conn ends, and the
-	// conn lives on in its tether reader alone.
-}
-
-// disconnected is the Observer.Disconnect hook, run on the conn's reader.
-func (s *server) disconnected(c *tether.Conn, reason error) {
-	s.mu.Lock()
-	if _, ok := s.conns[c]; ok {
-		delete(s.conns, c)
-	} else {
-		s.conns[c] = false // handleWS has not registered it yet
-	}
-	s.mu.Unlock()
-	s.ended.Add(1)
-	if errors.Is(reason, tether.ErrHeartbeatTimeout) {
-		s.hbTimeouts.Add(1)
-	}
-}
-
 func (s *server) handleStats(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	if q.Get("free") == "1" {
@@ -181,49 +183,18 @@ func (s *server) handleStats(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
-	s.fill(&st)
+	st.Impl = s.name
+	s.log.fill(&st)
+	s.impl.fill(&st)
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(st)
 }
 
-func (s *server) fill(st *Stats) {
-	ended := s.ended.Load()
-	st.Accepted = s.accepted.Load()
-	st.Open = st.Accepted - ended
-	st.HeartbeatTimeouts = s.hbTimeouts.Load()
-	st.OtherEnds = ended - st.HeartbeatTimeouts
-	st.Pongs = s.pongs.Load()
-	hs := s.hub.Stats()
-	st.HubConns, st.HubEvictions = int64(hs.Conns), int64(hs.Evictions)
-}
-
-// closeAll drops every conn and waits, until ctx ends, for them to be gone.
-func (s *server) closeAll(ctx context.Context) {
-	s.mu.Lock()
-	conns := make([]*tether.Conn, 0, len(s.conns))
-	for c, registered := range s.conns {
-		if registered {
-			conns = append(conns, c)
-		}
-	}
-	s.mu.Unlock()
-	for _, c := range conns {
-		_ = c.CloseNow()
-	}
-	for _, c := range conns {
-		select {
-		case <-c.Done():
-		case <-ctx.Done():
-			return
-		}
-	}
-}
-
 func (s *server) mux(withPprof bool) *http.ServeMux {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /ws", s.handleWS)
+	s.impl.routes(mux)
 	mux.HandleFunc("GET /stats", s.handleStats)
-	mux.Handle("GET /hub", s.hub)
+	mux.HandleFunc("GET /events", s.log.handleEvents)
 	mux.HandleFunc("POST /publish", s.handlePublish)
 	if withPprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
@@ -238,7 +209,22 @@ func (s *server) mux(withPprof bool) *http.ServeMux {
 // serve runs the server until ctx ends. Its first line on stdout is the
 // listening address.
 func serve(ctx context.Context, cfg serveConfig, stdout, stderr io.Writer) error {
-	s := newServer(cfg, stderr)
+	s, err := newServer(cfg, stderr)
+	if err != nil {
+		return err
+	}
+	// Every impl holds goroutines from the start (melody's hub, centrifuge's
+	// node): close it on every way out. An impl that has not closed within
+	// 5 s is reported, but does not fail the process, whose measurement is
+	// over: the load side would take it for a failed run.
+	shutdown := func() {
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := s.impl.close(shutdownCtx); err != nil {
+			fmt.Fprintf(stderr, "tetherload serve: closing the %s server: %v\n", s.name, err)
+		}
+	}
+	defer shutdown()
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
 		return err
@@ -259,15 +245,11 @@ func serve(ctx context.Context, cfg serveConfig, stdout, stderr io.Writer) error
 	case <-ctx.Done():
 	}
 	// Close stops the listener and every conn net/http still owns; the
-	// hijacked ones are tether's and are dropped by closeAll.
+	// hijacked ones are the impl's, dropped by its close.
 	_ = srv.Close()
 	if err == nil {
 		err = <-errc
 	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	s.closeAll(shutdownCtx)
-	s.hub.Close()
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil
 	}

@@ -23,13 +23,17 @@ type Stats struct {
 
 	Goroutines int `json:"goroutines"`
 
-	Accepted          int64 `json:"accepted_conns"`     // tether.Accept succeeded
+	// Impl is the -impl the server runs. The conn figures below mean the
+	// same for every impl; where an impl cannot observe one, its file says so.
+	Impl string `json:"impl"`
+
+	Accepted          int64 `json:"accepted_conns"`     // WebSocket upgrades that succeeded
 	Open              int64 `json:"open_conns"`         // accepted and not yet ended
-	HeartbeatTimeouts int64 `json:"heartbeat_timeouts"` // ended with tether.ErrHeartbeatTimeout
+	HeartbeatTimeouts int64 `json:"heartbeat_timeouts"` // ended by the server because the peer's heartbeat failed
 	OtherEnds         int64 `json:"other_ends"`         // ended for any other reason
-	Pongs             int64 `json:"heartbeat_pongs"`    // heartbeat pings answered (Observer.Pong)
-	HubConns          int64 `json:"hub_conns"`          // conns registered in the /hub hub
-	HubEvictions      int64 `json:"hub_evictions"`      // hub conns dropped as slow consumers
+	Pongs             int64 `json:"heartbeat_pongs"`    // heartbeat pongs the server observed (0 where it cannot)
+	HubConns          int64 `json:"hub_conns"`          // conns registered for broadcast
+	HubEvictions      int64 `json:"hub_evictions"`      // subscribers dropped as too slow (melody: messages dropped)
 
 	CPUSeconds float64   `json:"cpu_seconds"` // user + system time of the process
 	Time       time.Time `json:"time"`

@@ -1,0 +1,170 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tether-ws/tether"
+	"golang.org/x/time/rate"
+)
+
+// tetherServer is the library under test: bare conns from tether.Accept on
+// /ws (the idle measurement of a conn alone) and a tether.Hub on /sub (and
+// its old name /hub) for everything that subscribes.
+//
+// Heartbeat: WithHeartbeat(interval, timeout), tether's own semantics.
+// Queue: WithSendQueue(queue, 1 MiB), overflow policy Disconnect (the
+// default): hub_evictions is the hub's Evictions, conns dropped for a full
+// queue or a write timeout. Publish: Hub.Publish(topic). Pongs and heartbeat
+// deaths come from the Observer, for /ws and hub conns alike.
+type tetherServer struct {
+	log    *serveLog
+	stderr io.Writer
+	opts   []tether.Option
+	hub    *tether.Hub
+
+	mu    sync.Mutex
+	conns map[*tether.Conn]*tetherPeer
+
+	acceptErrors atomic.Int64
+}
+
+// tetherPeer is a conn as the server knows it. The Observer may report a
+// conn's end before the handler that accepted it has registered it: the
+// end then waits here for the registration.
+type tetherPeer struct {
+	rec *serveConn // nil until registered
+	ws  bool       // a /ws conn, which close drops (the hub drops its own)
+
+	// Set when the end came first.
+	endedAt   int64
+	heartbeat bool
+}
+
+func newTetherServer(cfg serveConfig, log *serveLog, stderr io.Writer) (serveImpl, error) {
+	s := &tetherServer{log: log, stderr: stderr, conns: make(map[*tether.Conn]*tetherPeer)}
+	obs := tether.WithObserver(tether.Observer{
+		Disconnect: s.disconnected,
+		Pong:       s.ponged,
+	})
+	s.opts = []tether.Option{tether.WithHeartbeat(cfg.interval, cfg.timeout), obs}
+	hub, err := tether.NewHub(
+		tether.WithHeartbeat(cfg.interval, cfg.timeout),
+		tether.WithSendQueue(cfg.queue, 1<<20),
+		tether.WithPresence(func(string) bool { return false }, 0),
+		// Load clients subscribe in a burst: no inbound limit.
+		tether.WithRateLimit(rate.Inf, 0),
+		obs,
+		tether.OnConnect(func(c *tether.Conn) { s.register(c, false) }),
+	)
+	if err != nil {
+		return nil, err
+	}
+	s.hub = hub
+	return s, nil
+}
+
+func (s *tetherServer) routes(mux *http.ServeMux) {
+	mux.HandleFunc("GET /ws", s.handleWS)
+	mux.Handle("GET /sub", s.hub)
+	mux.Handle("GET /hub", s.hub)
+}
+
+func (s *tetherServer) publish(topic string, msg []byte) error {
+	return s.hub.Publish(topic, msg)
+}
+
+func (s *tetherServer) fill(st *Stats) {
+	hs := s.hub.Stats()
+	st.HubConns, st.HubEvictions = int64(hs.Conns), int64(hs.Evictions)
+}
+
+func (s *tetherServer) handleWS(w http.ResponseWriter, r *http.Request) {
+	c, err := tether.Accept(w, r, s.opts...)
+	if err != nil {
+		if s.acceptErrors.Add(1) <= 5 {
+			fmt.Fprintf(s.stderr, "tetherload serve: %v\n", err)
+		}
+		return
+	}
+	s.register(c, true)
+	// The handler returns: net/http's goroutine for this conn ends, and the
+	// conn lives on in its tether reader alone.
+}
+
+// register logs an accepted conn, or its accept and its end when the end
+// was reported first.
+func (s *tetherServer) register(c *tether.Conn, ws bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if p, ended := s.conns[c]; ended {
+		delete(s.conns, c)
+		s.log.endAt(s.log.accept(c.RemoteAddr()), p.endedAt, p.heartbeat)
+		return
+	}
+	s.conns[c] = &tetherPeer{rec: s.log.accept(c.RemoteAddr()), ws: ws}
+}
+
+// disconnected is the Observer.Disconnect hook, run on the conn's reader.
+func (s *tetherServer) disconnected(c *tether.Conn, reason error) {
+	now := time.Now().UnixNano()
+	hb := errors.Is(reason, tether.ErrHeartbeatTimeout)
+	s.mu.Lock()
+	p, ok := s.conns[c]
+	if ok {
+		delete(s.conns, c)
+	} else {
+		s.conns[c] = &tetherPeer{endedAt: now, heartbeat: hb} // not registered yet
+	}
+	s.mu.Unlock()
+	if ok {
+		s.log.endAt(p.rec, now, hb)
+	}
+}
+
+// ponged is the Observer.Pong hook. It also sees the round trips of
+// Conn.Ping, which the server never calls: every one is a heartbeat's.
+func (s *tetherServer) ponged(c *tether.Conn, _ time.Duration) {
+	s.mu.Lock()
+	p := s.conns[c]
+	s.mu.Unlock()
+	var rec *serveConn
+	if p != nil {
+		rec = p.rec
+	}
+	s.log.pong(rec)
+}
+
+// close drops every /ws conn and waits, until ctx ends, for them to be gone,
+// then closes the hub, which drops its own conns.
+func (s *tetherServer) close(ctx context.Context) error {
+	s.mu.Lock()
+	var conns []*tether.Conn
+	for c, p := range s.conns {
+		if p.ws && p.rec != nil {
+			conns = append(conns, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		_ = c.CloseNow()
+	}
+	var err error
+	for _, c := range conns {
+		select {
+		case <-c.Done():
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
+		if err != nil {
+			break
+		}
+	}
+	return errors.Join(err, s.hub.Close())
+}
