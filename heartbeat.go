@@ -331,19 +331,20 @@ func (c *Conn) heartbeatPing(timeout time.Duration) {
 	}
 }
 
-// rawPong settles a parking conn's raw ping when its pong comes; it runs
-// on the reader. The payload is the ping's send time, so a late pong of a
+// rawPong settles a parking conn's raw ping if payload is its pong, and
+// reports whether it was. It runs where the pong is read: on the reader, or
+// on the poller. The payload is the ping's send time, so a late pong of a
 // ping given up on is not taken for the pong of the next.
-func (c *Conn) rawPong(payload []byte) {
+func (c *Conn) rawPong(payload []byte) bool {
 	if len(payload) != 8 {
-		return
+		return false
 	}
 	sent := time.Duration(binary.BigEndian.Uint64(payload))
 	h := &c.hb
 	h.mu.Lock()
 	if h.pingSent == 0 || sent != h.pingSent {
 		h.mu.Unlock()
-		return
+		return false
 	}
 	rtt := h.since(time.Now()) - sent
 	// A message handled between ping and pong held the pong up.
@@ -354,6 +355,7 @@ func (c *Conn) rawPong(payload []byte) {
 	if f := c.cfg.observer.Pong; f != nil {
 		f(c, rtt)
 	}
+	return true
 }
 
 // protocolPings makes a [Client]'s conn ping with protocol ping messages

@@ -8,8 +8,8 @@ import (
 
 // Observer holds optional hooks for connection events, for metrics and
 // logs. Nil fields are skipped. A hook runs on the goroutine that saw the
-// event (the conn's reader, the heartbeat scheduler, a ping goroutine, or
-// the caller of Send or Ping): it must return quickly and must not block.
+// event (the conn's reader, the heartbeat scheduler, a ping goroutine, the
+// poller that wakes idle conns, or the caller of Send or Ping): it must return quickly and must not block.
 type Observer struct {
 	// Disconnect reports a connection that ended, and why (see [Conn.Err]).
 	Disconnect func(c *Conn, reason error)

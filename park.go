@@ -372,6 +372,85 @@ func (c *Conn) flushPingLater() {
 	}()
 }
 
+// wake runs on the poller when bytes reached a parked conn's socket. Most
+// often they are the pong of the heartbeat's last ping: settled here, with
+// no reader started and nothing for coder/websocket to do. Anything else
+// goes to a reader, which coder/websocket reads it through.
+func (c *Conn) wake() {
+	pc := c.park
+	if !pc.state.CompareAndSwap(readerParked, readerRunning) {
+		return // a reader runs, and sees pending
+	}
+	if !c.takePongs() {
+		go c.readLoop()
+	}
+}
+
+// takePongs reads the socket while all it holds is pongs to this conn's raw
+// pings, then parks the conn again and reports true. It reports false when
+// a reader must take over, with whatever it read in the read-ahead buffer.
+// The caller owns the read side (it won the conn from readerParked).
+func (c *Conn) takePongs() bool {
+	pc := c.park
+	for {
+		if c.hb.state.Load() == int32(Closed) || pc.off || len(pc.prefix) > 0 ||
+			pc.ar != pc.aw || !pc.frames.atBoundary() {
+			return false
+		}
+		pc.pending.Store(false)
+		var buf [64]byte
+		n, err := pc.readNow(buf[:])
+		switch {
+		case errors.Is(err, errWouldBlock):
+			pc.drained = true
+		case err != nil:
+			// The reader must read to meet the error (or end of stream)
+			// again and report it, not park on an empty socket.
+			pc.drained = false
+			return false
+		default:
+			pc.drained = n < len(buf)
+			rest := buf[:n]
+			for len(rest) >= pongFrameLen && c.takePong(rest[:pongFrameLen]) {
+				rest = rest[pongFrameLen:]
+			}
+			if len(rest) > 0 {
+				pc.ahead = readAheadBufs.Get().(*[]byte)
+				pc.ar, pc.aw = 0, copy(*pc.ahead, rest)
+				return false
+			}
+			if !pc.drained {
+				continue
+			}
+		}
+		pc.state.Store(readerParked)
+		if !pc.pending.Load() && c.hb.state.Load() != int32(Closed) {
+			return true
+		}
+		if !pc.state.CompareAndSwap(readerParked, readerRunning) {
+			return true // the poller or end started a reader
+		}
+	}
+}
+
+// pongFrameLen: a client's pong to a raw ping, masked, 8 bytes of payload.
+const pongFrameLen = 2 + 4 + 8
+
+// takePong settles the raw ping whose pong is frame, if it is one: FIN and
+// the pong opcode, masked, 8 bytes, and the payload of the ping in flight.
+// Any other frame, a pong to [Conn.Ping] included, is coder/websocket's.
+func (c *Conn) takePong(frame []byte) bool {
+	if frame[0] != 0x8a || frame[1] != 0x80|8 {
+		return false
+	}
+	var payload [8]byte
+	for i := range payload {
+		payload[i] = frame[6+i] ^ frame[2+i%4]
+	}
+	c.hb.touch()
+	return c.rawPong(payload[:])
+}
+
 // unpark starts a reader for a parked conn; it does nothing for a conn
 // whose reader runs.
 func (c *Conn) unpark() {

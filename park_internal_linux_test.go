@@ -187,6 +187,17 @@ func TestParkedReaderHeartbeat(t *testing.T) {
 	if err := c.Err(); err != nil {
 		t.Fatalf("healthy peer ended: %v", err)
 	}
+	// An explicit Ping's pong is coder/websocket's, not the heartbeat's:
+	// it must reach the waiting Ping even while heartbeat pongs are
+	// settled without a reader.
+	for range 20 {
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		_, err := c.Ping(ctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("Ping on a parking conn: %v", err)
+		}
+	}
 
 	silent.Store(true)
 	select {

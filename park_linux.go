@@ -243,7 +243,7 @@ func (p *poller) run() {
 			p.mu.Unlock()
 			if pc != nil {
 				pc.pending.Store(true)
-				pc.c.unpark()
+				pc.c.wake()
 			}
 		}
 	}
