@@ -34,9 +34,10 @@ const (
 // it has been silent for the timeout. It is safe for use by multiple
 // goroutines.
 //
-// A Conn costs one goroutine while idle: its reader, which reads all the
-// time, because a WebSocket peer's pings and pongs are only seen by reading.
-// A writer goroutine exists only while the send queue holds messages, and
+// An idle conn from [Accept] on Linux holds no goroutine: its reader parks
+// in a poller shared by all conns between messages (see park.go). Elsewhere,
+// and for a wrapped conn, an idle conn costs one goroutine, its reader. A
+// writer goroutine exists only while the send queue holds messages, and
 // heartbeats are driven by a scheduler shared with other conns.
 //
 // Receive messages with the [OnMessage] option. Wait for the end with
@@ -479,7 +480,9 @@ func (c *Conn) writeLoop() {
 		} else {
 			timer.Reset(c.cfg.writeTimeout)
 		}
+		began := time.Now()
 		err := c.ws.Write(c.ioCtx, websocket.MessageText, msg)
+		ended := time.Now()
 		if joined != nil {
 			frameBufs[frameBufClass(cap(*joined))].Put(joined)
 		}
@@ -490,8 +493,18 @@ func (c *Conn) writeLoop() {
 			c.end(fmt.Errorf("%w: %w", ErrConnLost, err), endForced, 0, "")
 			return
 		}
+		at := int64(ended.Sub(c.hb.born))
+		c.hb.lastWrite.Store(at)
+		if ended.Sub(began) >= drainWait {
+			c.hb.lastDrain.Store(at)
+		}
 	}
 }
+
+// drainWait: a write that took this long waited for the socket, which the
+// peer had to drain by reading; a write into a socket with room takes
+// microseconds.
+const drainWait = time.Millisecond
 
 // maxCoalesced bounds a frame of joined messages: large enough that one
 // write carries hundreds of small messages, small enough that a peer's
@@ -553,7 +566,7 @@ func (c *Conn) writeTimedOut() { c.end(ErrWriteTimeout, endForced, 0, "") }
 // finishes the conn.
 func (c *Conn) readLoop() {
 	for {
-		parkable := c.park != nil && !c.park.off && c.hb.state.Load() != int32(Closed)
+		parkable := c.park != nil && !c.park.off.Load() && c.hb.state.Load() != int32(Closed)
 		if parkable {
 			c.park.mayPark.Store(true)
 		}

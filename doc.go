@@ -12,8 +12,11 @@
 // stretches the heartbeat on stable links.
 //
 // Heartbeats cost no goroutine or timer per conn: a shared timing wheel
-// wakes the conns that are due, and a ping runs in a short-lived goroutine.
-// An idle conn is one goroutine (its reader) and a few kilobytes.
+// wakes the conns that are due. On Linux a quiet accepted conn holds no
+// goroutine and no I/O buffer either: its reader parks in a shared epoll
+// poller between messages, the wheel writes its pings between two of its
+// frames, and the poller settles their pongs. An idle conn costs a few
+// kilobytes.
 //
 // # Sending and receiving
 //

@@ -77,11 +77,15 @@ func sharedScheduler(tick time.Duration) *scheduler {
 // heartbeat is one conn's liveness bookkeeping. lastSeen is written by the
 // reader on every frame and read by the scheduler; the rest is guarded by mu.
 type heartbeat struct {
-	born     time.Time     // monotonic origin for lastSeen
-	lastSeen atomic.Int64  // ns since born of the last inbound frame
-	busy     atomic.Bool   // the message handler is running
-	handled  atomic.Uint64 // messages handed to the handler so far
-	state    atomic.Int32  // State
+	born     time.Time    // monotonic origin for lastSeen
+	lastSeen atomic.Int64 // ns since born of the last inbound frame
+	// lastWrite is when a write of ours to the peer last completed, and
+	// lastDrain when one completed after waiting for the socket: the peer
+	// had to read for it to complete.
+	lastWrite, lastDrain atomic.Int64
+	busy      atomic.Bool   // the message handler is running
+	handled   atomic.Uint64 // messages handed to the handler so far
+	state     atomic.Int32  // State
 
 	mu           sync.Mutex
 	base, baseTO time.Duration // configured interval and timeout
@@ -91,6 +95,7 @@ type heartbeat struct {
 	pingAfter    time.Duration // silence before the next ping, jittered
 	pingSent     time.Duration // since born; 0 = no ping in flight
 	pingHandled  uint64        // handled when a raw ping was sent
+	lastPing     time.Duration // since born: the last ping sent, answered or not
 	srtt, rttvar time.Duration
 	sampled      bool // srtt and rttvar hold a measurement
 	onTime       int
@@ -206,6 +211,19 @@ func (c *Conn) check(now time.Time) time.Time {
 	last := time.Duration(h.lastSeen.Load())
 	silent := h.since(now) - last
 	if silent >= h.timeout {
+		// A peer we have been sending to since we last heard from it reads
+		// our ping only after what we sent before it, which may take it a
+		// while when we sent much: it has the timeout from the ping, and
+		// from the last time it made room in the socket for our writes.
+		// A peer we sent nothing to is judged by its silence alone.
+		if wrote := time.Duration(h.lastWrite.Load()); wrote > last {
+			busy := max(time.Duration(h.lastDrain.Load()), h.lastPing)
+			if busy > last && h.since(now)-busy < h.timeout {
+				next := h.born.Add(busy + h.timeout)
+				h.mu.Unlock()
+				return next
+			}
+		}
 		h.mu.Unlock()
 		c.end(ErrHeartbeatTimeout, endForced, 0, "")
 		return time.Time{}
@@ -233,12 +251,14 @@ func (c *Conn) check(now time.Time) time.Time {
 		next = earliest(next, h.born.Add(last+h.pingAfter))
 	case silent >= h.pingAfter && c.park != nil:
 		// A parking conn writes its ping frame from here, without a
-		// goroutine; the reader settles it when the pong comes.
+		// goroutine; the poller or the reader settles it when the pong
+		// comes.
 		ping = true
 		if n := c.cfg.pingsSent; n != nil {
 			n.Add(1)
 		}
 		h.pingSent = max(h.since(now), 1)
+		h.lastPing = h.pingSent
 		h.pingHandled = h.handled.Load()
 		next = earliest(next, now.Add(h.suspectAfter()))
 	case silent >= h.pingAfter:
@@ -252,6 +272,7 @@ func (c *Conn) check(now time.Time) time.Time {
 			n.Add(1)
 		}
 		h.pingSent = max(h.since(now), 1)
+		h.lastPing = h.pingSent
 		next = earliest(next, now.Add(h.suspectAfter()))
 	default:
 		next = earliest(next, h.born.Add(last+h.pingAfter))

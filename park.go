@@ -6,6 +6,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // An idle accepted conn gives its reader goroutine up. Most of what a
@@ -14,8 +15,9 @@ import (
 // wakeups leave; a server holding many quiet conns pays it per conn. So when
 // the reader finds nothing to read between two messages, it registers the
 // socket with a poller shared by every conn (epoll on Linux) and returns;
-// the poller starts a new reader when bytes arrive. Nothing is read ahead
-// and nothing is parsed twice: coder/websocket still reads every byte.
+// when bytes arrive, the poller settles them itself if they are the pong
+// of the heartbeat's ping, and otherwise starts a reader, which reads them
+// through coder/websocket as usual.
 //
 // Parking happens only where nothing can be lost: between frames, outside
 // a fragmented message, with coder/websocket's buffer empty (it reads from
@@ -56,14 +58,12 @@ type parkConn struct {
 	// A raw ping goes out between two frames: at once if the socket is
 	// free, else right behind the frame being written. rest is the part of
 	// a ping frame the socket did not take.
-	pingDue     bool
-	pingFrame   [pingFrameLen]byte
-	rest        []byte // within restBuf
-	restBuf     [pingFrameLen]byte
-	pingWaiting atomic.Bool   // a ping found wmu taken
-	pingPayload atomic.Uint64 // its payload
-	vec         [4][]byte
-	bufs        net.Buffers
+	pingDue   bool
+	pingFrame [pingFrameLen]byte
+	rest      []byte // within restBuf
+	restBuf   [pingFrameLen]byte
+	vec       [4][]byte
+	bufs      net.Buffers
 
 	// mayPark is set by the reader around its reads: a read that finds the
 	// socket empty at a frame boundary then returns errParked.
@@ -76,7 +76,11 @@ type parkConn struct {
 	// for, so the socket was empty then, and any byte since has set
 	// pending: parking needs no read to find the socket empty.
 	drained bool
-	off     bool // parking failed once: this conn reads with a goroutine
+	off     atomic.Bool // parking failed once: this conn reads with a goroutine
+	// rmu: the read side has one user at a time. The reader (or Close's
+	// handshake) holds it in Read; the poller tries it for takePongs and
+	// leaves the bytes to a reader if it is taken.
+	rmu sync.Mutex
 
 	c   *Conn // set by the conn before its first read
 	reg pollReg
@@ -96,6 +100,8 @@ func (pc *parkConn) Read(b []byte) (int, error) {
 	if len(b) == 0 {
 		return 0, nil
 	}
+	pc.rmu.Lock()
+	defer pc.rmu.Unlock()
 	if len(pc.prefix) > 0 {
 		n := copy(b, pc.prefix)
 		pc.prefix = pc.prefix[n:]
@@ -103,7 +109,8 @@ func (pc *parkConn) Read(b []byte) (int, error) {
 		return n, nil
 	}
 	if pc.ar == pc.aw {
-		park := pc.mayPark.Load() && pc.frames.atBoundary()
+		// An ending conn's reads wait: the close handshake reads too.
+		park := pc.mayPark.Load() && pc.frames.atBoundary() && pc.c.hb.state.Load() != int32(Closed)
 		if len(b) >= readAhead {
 			// A large payload: straight into it.
 			n, err := pc.fill(b, park)
@@ -162,9 +169,8 @@ func (pc *parkConn) drop() {
 
 func (pc *parkConn) Write(b []byte) (int, error) {
 	pc.wmu.Lock()
-	n, err := pc.writeLocked(b)
-	pc.unlockWrite()
-	return n, err
+	defer pc.wmu.Unlock()
+	return pc.writeLocked(b)
 }
 
 func (pc *parkConn) writeLocked(b []byte) (int, error) {
@@ -193,34 +199,24 @@ func (pc *parkConn) writeLocked(b []byte) (int, error) {
 	return min(max(int(n)-before, 0), len(b)), err
 }
 
-// unlockWrite releases wmu, then sends a ping that found it taken.
-func (pc *parkConn) unlockWrite() {
-	pc.wmu.Unlock()
-	// ping stores pingWaiting before its TryLock; this loads it after the
-	// Unlock: one of the two sees the other.
-	for pc.pingWaiting.Load() && pc.wmu.TryLock() {
-		if pc.pingWaiting.Swap(false) {
-			pc.pingLocked(pc.pingPayload.Load())
-		}
-		pc.wmu.Unlock()
-	}
-}
-
 // pingFrameLen: FIN + ping opcode, an unmasked 8-byte length, 8 bytes.
 const pingFrameLen = 10
 
 // ping sends a ping frame carrying payload between two of coder/websocket's
-// frames, without waiting: it runs on the heartbeat scheduler.
+// frames. It runs on the heartbeat scheduler and must not wait: when a
+// writer holds the socket, a goroutine of the conn's sends the ping once
+// the writer lets go.
 func (pc *parkConn) ping(payload uint64) {
-	pc.pingPayload.Store(payload)
-	pc.pingWaiting.Store(true)
-	if !pc.wmu.TryLock() {
-		return // the holder sends it as it unlocks
+	if pc.wmu.TryLock() {
+		pc.pingLocked(payload)
+		pc.wmu.Unlock()
+		return
 	}
-	if pc.pingWaiting.Swap(false) {
-		pc.pingLocked(pc.pingPayload.Load())
-	}
-	pc.unlockWrite()
+	pc.c.goWrite(func() {
+		pc.wmu.Lock()
+		defer pc.wmu.Unlock()
+		pc.pingLocked(payload)
+	})
 }
 
 func (pc *parkConn) pingLocked(payload uint64) {
@@ -236,22 +232,25 @@ func (pc *parkConn) pingLocked(payload uint64) {
 	}
 	pc.rest = pc.restBuf[:copy(pc.restBuf[:], pc.pingFrame[n:])]
 	// The socket is full and no write may come to carry the rest.
-	pc.c.flushPingLater()
+	pc.c.goWrite(func() {
+		pc.wmu.Lock()
+		defer pc.wmu.Unlock()
+		if len(pc.rest) > 0 {
+			_, _ = pc.writeLocked(nil)
+		}
+	})
 }
 
-// flushRest writes what the socket did not take of a ping, waiting for it.
-func (pc *parkConn) flushRest() {
-	pc.wmu.Lock()
-	if len(pc.rest) > 0 {
-		_, _ = pc.writeLocked(nil)
-	}
-	pc.unlockWrite()
-}
-
-// Close releases the conn's place in the poller along with the socket.
+// Close releases the conn's place in the poller along with the socket. A
+// closed socket raises no epoll event: a parked reader is woken here, to
+// meet the end and report it (coder/websocket closes the socket itself
+// when a write's context expires).
 func (pc *parkConn) Close() error {
 	err := pc.Conn.Close()
 	pc.reg.release()
+	if pc.c != nil {
+		pc.c.unpark()
+	}
 	return err
 }
 
@@ -351,14 +350,16 @@ func (c *Conn) parkReader() bool {
 		}
 		if !errors.Is(err, net.ErrClosed) {
 			c.cfg.logger.Debug("tether: reading without parking", "remote", c.remote, "err", err)
-			pc.off = true
+			pc.off.Store(true)
 		}
 	}
 	return !pc.state.CompareAndSwap(readerParked, readerRunning)
 }
 
-// flushPingLater finishes writing a ping the socket took only part of.
-func (c *Conn) flushPingLater() {
+// goWrite runs a write of the heartbeat's in a goroutine the conn owns,
+// bounded by the write timeout like any write: a peer that does not read
+// is dropped with ErrWriteTimeout, not waited for.
+func (c *Conn) goWrite(write func()) {
 	c.mu.Lock()
 	if c.err != nil {
 		c.mu.Unlock()
@@ -368,7 +369,9 @@ func (c *Conn) flushPingLater() {
 	c.mu.Unlock()
 	go func() {
 		defer c.wg.Done()
-		c.park.flushRest()
+		timer := time.AfterFunc(c.cfg.writeTimeout, c.writeTimedOut)
+		write()
+		timer.Stop()
 	}()
 }
 
@@ -392,8 +395,12 @@ func (c *Conn) wake() {
 // The caller owns the read side (it won the conn from readerParked).
 func (c *Conn) takePongs() bool {
 	pc := c.park
+	if !pc.rmu.TryLock() {
+		return false // Close's handshake reads: a reader waits behind it
+	}
+	defer pc.rmu.Unlock()
 	for {
-		if c.hb.state.Load() == int32(Closed) || pc.off || len(pc.prefix) > 0 ||
+		if c.hb.state.Load() == int32(Closed) || pc.off.Load() || len(pc.prefix) > 0 ||
 			pc.ar != pc.aw || !pc.frames.atBoundary() {
 			return false
 		}

@@ -415,3 +415,58 @@ func TestParkedConnWrites(t *testing.T) {
 	}
 	waitDoneIn(t, c)
 }
+
+// A peer busy reading what we sent it answers our ping late, behind the
+// backlog: it is not dead as long as it answers within the timeout of the
+// ping, however long since its last frame. One that stops reading
+// altogether still is.
+func TestBusyReceiverNotDeclaredDead(t *testing.T) {
+	const timeout = 500 * time.Millisecond
+	s := newParkServer(t, WithHeartbeat(300*time.Millisecond, timeout), WithSendQueue(8192, 64<<20))
+	ws, c := s.dial(t, nil)
+	defer ws.CloseNow()
+	msg := bytes.Repeat([]byte("x"), 1024)
+	const n = 500
+	for range n {
+		if err := c.Send(t.Context(), msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	for i := range n {
+		if _, _, err := ws.Read(t.Context()); err != nil {
+			t.Fatalf("message %d: %v (conn: %v)", i, err, c.Err())
+		}
+		time.Sleep(700 * time.Microsecond) // a slow consumer: ~0.6s for all
+	}
+	took := time.Since(start)
+	if err := c.Err(); err != nil {
+		t.Fatalf("busy receiver ended after %v of reading: %v", took, err)
+	}
+	if took < timeout {
+		t.Logf("the backlog took only %v to read; the test proves little on this machine", took)
+	}
+
+	// Now silent, with data still flowing to it: found dead, late by at
+	// most an interval or so.
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(10 * time.Millisecond):
+				_ = c.Send(context.Background(), msg)
+			}
+		}
+	}()
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("silent peer with traffic not found dead within 5s")
+	}
+	if !errors.Is(c.Err(), ErrHeartbeatTimeout) && !errors.Is(c.Err(), ErrWriteTimeout) && !errors.Is(c.Err(), ErrQueueFull) {
+		t.Fatalf("silent peer ended with %v", c.Err())
+	}
+}

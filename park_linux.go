@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // errWouldBlock: the socket has nothing to read right now.
@@ -34,13 +35,17 @@ func (pc *parkConn) readNow(b []byte) (int, error) {
 	var n int
 	var rerr error
 	err := pc.reg.rc.Read(func(fd uintptr) bool {
-		n, rerr = syscall.Read(int(fd), b)
-		return true // never wait: parking is the wait
+		for {
+			n, rerr = syscall.Read(int(fd), b)
+			if rerr != syscall.EINTR {
+				return true // never wait: parking is the wait
+			}
+		}
 	})
 	switch {
 	case err != nil:
 		return 0, err
-	case rerr == syscall.EAGAIN || rerr == syscall.EINTR:
+	case rerr == syscall.EAGAIN:
 		return 0, errWouldBlock
 	case rerr != nil:
 		return 0, &net.OpError{Op: "read", Net: "tcp", Addr: pc.LocalAddr(), Err: os.NewSyscallError("read", rerr)}
@@ -55,13 +60,17 @@ func (pc *parkConn) writeNow(b []byte) (int, error) {
 	var n int
 	var werr error
 	err := pc.reg.rc.Write(func(fd uintptr) bool {
-		n, werr = syscall.Write(int(fd), b)
-		return true
+		for {
+			n, werr = syscall.Write(int(fd), b)
+			if werr != syscall.EINTR {
+				return true
+			}
+		}
 	})
 	switch {
 	case err != nil:
 		return 0, err
-	case werr == syscall.EAGAIN || werr == syscall.EINTR:
+	case werr == syscall.EAGAIN:
 		return 0, nil
 	case werr != nil:
 		return 0, werr
@@ -229,9 +238,10 @@ func (p *poller) run() {
 			if err == syscall.EINTR {
 				continue
 			}
-			// Not expected for a valid epoll fd. Parked conns cannot be
-			// woken any more; their heartbeat ends them.
-			return
+			// Not expected for a valid epoll fd; keep the poller's state
+			// whole (conns hold its fds) and try again shortly.
+			time.Sleep(10 * time.Millisecond)
+			continue
 		}
 		for i := range n {
 			id := uint64(uint32(events[i].Fd)) | uint64(uint32(events[i].Pad))<<32
