@@ -83,9 +83,9 @@ type heartbeat struct {
 	// lastDrain when one completed after waiting for the socket: the peer
 	// had to read for it to complete.
 	lastWrite, lastDrain atomic.Int64
-	busy      atomic.Bool   // the message handler is running
-	handled   atomic.Uint64 // messages handed to the handler so far
-	state     atomic.Int32  // State
+	busy                 atomic.Bool   // the message handler is running
+	handled              atomic.Uint64 // messages handed to the handler so far
+	state                atomic.Int32  // State
 
 	mu           sync.Mutex
 	base, baseTO time.Duration // configured interval and timeout
