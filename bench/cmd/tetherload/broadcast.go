@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -17,51 +16,31 @@ import (
 // broadcastConfig is one fan-out run: n subscribers of one topic, m
 // messages of size bytes published by the server.
 type broadcastConfig struct {
-	n, m, size        int
-	rate              float64 // publications per second; 0: as fast as Publish goes
-	interval, timeout time.Duration
-	sources           int
-	concurrency       int
-	setup             time.Duration
-	deliver           time.Duration // budget for every delivery after the last publish
-	quiet             time.Duration // once published, give up after this long without a delivery
-	queue             int           // the server's send queue per conn, in messages
-	jsonOut           bool
-	bare              bool // centrifuge: its protocol by hand, not centrifuge-go
-	serverCmd         []string
+	loadFlags
+	n, m, size int
+	rate       float64       // publications per second; 0: as fast as Publish goes
+	deliver    time.Duration // budget for every delivery after the last publish
+	quiet      time.Duration // once published, give up after this long without a delivery
+	queue      int           // the server's send queue per conn, in messages
+	bare       bool          // centrifuge: its protocol by hand, not centrifuge-go
 }
 
 func broadcastMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg broadcastConfig
-	var impls implFlag
-	fs := flag.NewFlagSet("tetherload broadcast", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	impls.register(fs)
+	s := newScenario("broadcast", implFlag{}, &cfg.loadFlags, loadDefaults{
+		interval: 15 * time.Second, timeout: 30 * time.Second,
+		setupHelp: "time allowed to start the server, dial and subscribe",
+	}, stderr)
+	fs := s.fs
 	fs.IntVar(&cfg.n, "n", 1000, "subscribers")
 	fs.IntVar(&cfg.m, "m", 1000, "messages to publish")
 	fs.IntVar(&cfg.size, "size", 64, "bytes of data per message (at least 48)")
 	fs.Float64Var(&cfg.rate, "rate", 0, "publications per second; 0 publishes as fast as the impl's publish call returns")
-	fs.DurationVar(&cfg.interval, "interval", 15*time.Second, "server heartbeat interval")
-	fs.DurationVar(&cfg.timeout, "timeout", 30*time.Second, "server heartbeat timeout")
-	fs.IntVar(&cfg.sources, "sources", 49, "source IPs to spread conns over: 127.0.0.2 .. 127.0.0.(1+sources)")
-	fs.IntVar(&cfg.concurrency, "concurrency", 64, "dials in flight at once")
-	fs.DurationVar(&cfg.setup, "setup", 3*time.Minute, "time allowed to start the server, dial and subscribe")
 	fs.DurationVar(&cfg.deliver, "deliver", time.Minute, "time allowed for every delivery once publishing is done")
 	fs.DurationVar(&cfg.quiet, "quiet", 3*time.Second, "once publishing is done, stop waiting after this long without any delivery (conns the server dropped never get the rest)")
 	fs.IntVar(&cfg.queue, "queue", 256, "the server's send buffer per conn, in messages: a burst longer than it drops subscribers (or messages) that fall behind")
-	fs.BoolVar(&cfg.jsonOut, "json", false, "print the results as JSON")
 	fs.BoolVar(&cfg.bare, "bare", false, "centrifuge: dial bare coder/websocket clients that speak its JSON protocol by hand instead of centrifuge-go, whose decoding costs CPU on the shared machine (the other impls' clients are bare already)")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	specs, err := impls.parse(stdout)
-	if err != nil || specs == nil {
-		return err
-	}
-	if err := cfg.validate(); err != nil {
-		return err
-	}
-	return runImpls(ctx, "broadcast", specs, cfg.jsonOut, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
+	return s.run(ctx, args, cfg.validate, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
 		return runBroadcast(ctx, cfg, im, stderr)
 	})
 }

@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"math"
@@ -23,54 +22,31 @@ import (
 )
 
 type idleConfig struct {
-	n                 int
-	interval, timeout time.Duration // the server's heartbeat
-	hold              time.Duration
-	sample            time.Duration // /stats sampling period during the hold
-	sources           int           // source IPs 127.0.0.2 .. 127.0.0.(1+sources)
-	concurrency       int           // dials in flight
-	setup             time.Duration // budget to start the server, dial and settle
-	jsonOut           bool
-	bare              bool   // centrifuge: its protocol by hand, not centrifuge-go
-	heapProfile       string // file for the server's heap profile at the end of the hold
-	memProfileRate    int    // the server's runtime.MemProfileRate, with heapProfile
-
-	// serverCmd is the server's command line, "serve" included; by default
-	// this very executable with "serve".
-	serverCmd []string
+	loadFlags
+	n              int
+	hold           time.Duration
+	sample         time.Duration // /stats sampling period during the hold
+	bare           bool          // centrifuge: its protocol by hand, not centrifuge-go
+	heapProfile    string        // file for the server's heap profile at the end of the hold
+	memProfileRate int           // the server's runtime.MemProfileRate, with heapProfile
 }
 
 func idleMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg idleConfig
-	impls := implFlag{allowConn: true}
-	fs := flag.NewFlagSet("tetherload idle", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	impls.register(fs)
+	s := newScenario("idle", implFlag{allowConn: true}, &cfg.loadFlags, loadDefaults{
+		interval: 15 * time.Second, timeout: 30 * time.Second,
+		setupHelp: "time allowed to start the server, dial and settle",
+	}, stderr)
+	fs := s.fs
 	fs.IntVar(&cfg.n, "n", 10000, "client conns to open and hold")
-	fs.DurationVar(&cfg.interval, "interval", 15*time.Second, "server heartbeat interval")
-	fs.DurationVar(&cfg.timeout, "timeout", 30*time.Second, "server heartbeat timeout")
 	fs.DurationVar(&cfg.hold, "hold", 30*time.Second, "how long to hold the conns once all are open")
 	fs.DurationVar(&cfg.sample, "sample", 5*time.Second, "/stats sampling period during the hold")
-	fs.IntVar(&cfg.sources, "sources", 49, "source IPs to spread conns over: 127.0.0.2 .. 127.0.0.(1+sources)")
-	fs.IntVar(&cfg.concurrency, "concurrency", 64, "dials in flight at once")
-	fs.DurationVar(&cfg.setup, "setup", 3*time.Minute, "time allowed to start the server, dial and settle")
-	fs.BoolVar(&cfg.jsonOut, "json", false, "print the results as JSON")
 	fs.BoolVar(&cfg.bare, "bare", false, "centrifuge: dial bare coder/websocket clients that speak its JSON protocol by hand instead of centrifuge-go (the other impls' clients are bare already)")
 	fs.StringVar(&cfg.heapProfile, "heapprofile", "", "write the server's heap profile at the end of the hold to `file` (starts it with -pprof; with several impls, the impl's name is added)")
 	fs.IntVar(&cfg.memProfileRate, "memprofilerate", 0, "the server's runtime.MemProfileRate (1: every allocation); 0 keeps the default")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	specs, err := impls.parse(stdout)
-	if err != nil || specs == nil {
-		return err
-	}
-	if err := cfg.validate(); err != nil {
-		return err
-	}
-	return runImpls(ctx, "idle", specs, cfg.jsonOut, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
+	return s.run(ctx, args, cfg.validate, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
 		c := cfg
-		if c.heapProfile != "" && len(specs) > 1 {
+		if c.heapProfile != "" && len(s.specs) > 1 {
 			dir, file := filepath.Split(c.heapProfile)
 			c.heapProfile = filepath.Join(dir, im.name+"-"+file)
 		}

@@ -30,9 +30,11 @@ func testDeadpeer(t *testing.T, name string) {
 	defer cancel()
 	cfg := deadpeerConfig{
 		n: 30, k: 10,
-		// centrifuge checks for the pong only if timeout < 2 x interval.
-		interval: 200 * time.Millisecond, timeout: 300 * time.Millisecond,
-		sources: 49, concurrency: 16, setup: 10 * time.Second,
+		loadFlags: loadFlags{
+			// centrifuge checks for the pong only if timeout < 2 x interval.
+			interval: 200 * time.Millisecond, timeout: 300 * time.Millisecond,
+			sources: 49, concurrency: 16, setup: 10 * time.Second,
+		},
 	}
 	res, err := runDeadpeer(ctx, cfg, implOf(t, name), t.Output())
 	if err != nil {
@@ -83,8 +85,10 @@ func TestChurn(t *testing.T) {
 			cfg := churnConfig{
 				rate: 40, duration: time.Second, hold: 200 * time.Millisecond, n0: 10,
 				settle: time.Second, sample: 200 * time.Millisecond,
-				interval: time.Second, timeout: 5 * time.Second,
-				sources: 49, concurrency: 16, setup: 10 * time.Second,
+				loadFlags: loadFlags{
+					interval: time.Second, timeout: 5 * time.Second,
+					sources: 49, concurrency: 16, setup: 10 * time.Second,
+				},
 			}
 			res, err := runChurn(ctx, cfg, implOf(t, name), t.Output())
 			if err != nil {
@@ -126,8 +130,11 @@ func TestStorm(t *testing.T) {
 			defer cancel()
 			const n = 30
 			cfg := stormConfig{
-				n: n, interval: time.Second, timeout: 5 * time.Second,
-				sources: 49, concurrency: 16, setup: 10 * time.Second,
+				n: n,
+				loadFlags: loadFlags{
+					interval: time.Second, timeout: 5 * time.Second,
+					sources: 49, concurrency: 16, setup: 10 * time.Second,
+				},
 				wait: 10 * time.Second, window: 100 * time.Millisecond,
 			}
 			res, err := runStorm(ctx, cfg, implOf(t, name), t.Output())

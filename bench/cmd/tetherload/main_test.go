@@ -39,14 +39,16 @@ func TestIdle(t *testing.T) {
 	defer cancel()
 	const n = 50
 	cfg := idleConfig{
-		n:           n,
-		interval:    50 * time.Millisecond,
-		timeout:     time.Second, // pings every 50 ms; no drop on a loaded CI machine
-		hold:        time.Second,
-		sample:      250 * time.Millisecond,
-		sources:     49,
-		concurrency: 64,
-		setup:       20 * time.Second,
+		n:      n,
+		hold:   time.Second,
+		sample: 250 * time.Millisecond,
+		loadFlags: loadFlags{
+			interval:    50 * time.Millisecond,
+			timeout:     time.Second, // pings every 50 ms; no drop on a loaded CI machine
+			sources:     49,
+			concurrency: 64,
+			setup:       20 * time.Second,
+		},
 	}
 	res, err := runIdle(ctx, cfg, implOf(t, "tether-conn"), t.Output())
 	if err != nil {
@@ -112,9 +114,11 @@ func TestIdleImpls(t *testing.T) {
 			defer cancel()
 			const n = 30
 			cfg := idleConfig{
-				n: n, interval: 50 * time.Millisecond, timeout: time.Second,
-				hold: time.Second, sample: 500 * time.Millisecond,
-				sources: 49, concurrency: 16, setup: 20 * time.Second,
+				n: n, hold: time.Second, sample: 500 * time.Millisecond,
+				loadFlags: loadFlags{
+					interval: 50 * time.Millisecond, timeout: time.Second,
+					sources: 49, concurrency: 16, setup: 20 * time.Second,
+				},
 			}
 			res, err := runIdle(ctx, cfg, implOf(t, name), t.Output())
 			if err != nil {
@@ -152,9 +156,11 @@ func TestBroadcast(t *testing.T) {
 			defer cancel()
 			cfg := broadcastConfig{
 				n: 50, m: 200, size: 64, queue: 256,
-				interval: time.Second, timeout: 5 * time.Second,
-				sources: 49, concurrency: 16,
-				setup: 20 * time.Second, deliver: 20 * time.Second, quiet: 3 * time.Second,
+				loadFlags: loadFlags{
+					interval: time.Second, timeout: 5 * time.Second,
+					sources: 49, concurrency: 16, setup: 20 * time.Second,
+				},
+				deliver: 20 * time.Second, quiet: 3 * time.Second,
 			}
 			res, err := runBroadcast(ctx, cfg, implOf(t, name), t.Output())
 			if err != nil {

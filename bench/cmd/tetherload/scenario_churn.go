@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"sync"
@@ -15,48 +14,29 @@ import (
 // churnConfig is one churn run: conns opened at rate per second, each held
 // for hold and closed, for duration, beside n0 steady conns.
 type churnConfig struct {
-	rate              float64
-	duration, hold    time.Duration
-	n0                int
-	settle            time.Duration // after the last churned conn is closed
-	sample            time.Duration
-	interval, timeout time.Duration
-	sources           int
-	concurrency       int
-	setup             time.Duration
-	jsonOut           bool
-	serverCmd         []string
+	loadFlags
+	rate           float64
+	duration, hold time.Duration
+	n0             int
+	settle         time.Duration // after the last churned conn is closed
+	sample         time.Duration
 }
 
 func churnMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg churnConfig
-	var impls implFlag
-	fs := flag.NewFlagSet("tetherload churn", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	impls.register(fs)
+	s := newScenario("churn", implFlag{}, &cfg.loadFlags, loadDefaults{
+		interval: 15 * time.Second, timeout: 30 * time.Second,
+		concurrencyHelp: "dials in flight at once for the steady conns",
+		setupHelp:       "time allowed to start the server and dial the steady conns",
+	}, stderr)
+	fs := s.fs
 	fs.Float64Var(&cfg.rate, "rate", 100, "conns opened per second")
 	fs.DurationVar(&cfg.duration, "duration", time.Minute, "how long to keep opening conns")
 	fs.DurationVar(&cfg.hold, "hold", time.Second, "how long each churned conn lives before the client closes it (with a close handshake)")
 	fs.IntVar(&cfg.n0, "n0", 0, "steady conns held throughout: the baseline")
 	fs.DurationVar(&cfg.settle, "settle", 10*time.Second, "how long to wait, sampling, once every churned conn is closed")
 	fs.DurationVar(&cfg.sample, "sample", time.Second, "/stats sampling period")
-	fs.DurationVar(&cfg.interval, "interval", 15*time.Second, "server heartbeat interval")
-	fs.DurationVar(&cfg.timeout, "timeout", 30*time.Second, "server heartbeat timeout")
-	fs.IntVar(&cfg.sources, "sources", 49, "source IPs to spread conns over: 127.0.0.2 .. 127.0.0.(1+sources)")
-	fs.IntVar(&cfg.concurrency, "concurrency", 64, "dials in flight at once for the steady conns")
-	fs.DurationVar(&cfg.setup, "setup", 3*time.Minute, "time allowed to start the server and dial the steady conns")
-	fs.BoolVar(&cfg.jsonOut, "json", false, "print the results as JSON")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	specs, err := impls.parse(stdout)
-	if err != nil || specs == nil {
-		return err
-	}
-	if err := cfg.validate(); err != nil {
-		return err
-	}
-	return runImpls(ctx, "churn", specs, cfg.jsonOut, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
+	return s.run(ctx, args, cfg.validate, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
 		return runChurn(ctx, cfg, im, stderr)
 	})
 }

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"math"
@@ -13,42 +12,23 @@ import (
 
 // deadpeerConfig is one dead-peer run: n conns, k of which go silent.
 type deadpeerConfig struct {
-	n, k              int
-	interval, timeout time.Duration
-	sources           int
-	concurrency       int
-	setup             time.Duration
-	jsonOut           bool
-	serverCmd         []string
+	loadFlags
+	n, k int
 }
 
 func deadpeerMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg deadpeerConfig
-	var impls implFlag
-	fs := flag.NewFlagSet("tetherload deadpeer", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	impls.register(fs)
+	s := newScenario("deadpeer", implFlag{}, &cfg.loadFlags, loadDefaults{
+		// centrifuge allows timeout-interval for the pong and checks for it
+		// only if that is below the interval: timeout < 2 x interval.
+		interval: 6 * time.Second, timeout: 10 * time.Second,
+		timeoutNote: "a silent peer should be declared dead this long after its last pong (below 2 x interval, or centrifuge never drops it)",
+		setupHelp:   "time allowed to start the server and dial",
+	}, stderr)
+	fs := s.fs
 	fs.IntVar(&cfg.n, "n", 1000, "conns to open")
 	fs.IntVar(&cfg.k, "k", 100, "conns that go silent: stop answering pings and stop reading")
-	// centrifuge allows timeout-interval for the pong and checks for it only
-	// if that is below the interval: timeout < 2 x interval.
-	fs.DurationVar(&cfg.interval, "interval", 6*time.Second, "server heartbeat interval")
-	fs.DurationVar(&cfg.timeout, "timeout", 10*time.Second, "server heartbeat timeout: a silent peer should be declared dead this long after its last pong (below 2 x interval, or centrifuge never drops it)")
-	fs.IntVar(&cfg.sources, "sources", 49, "source IPs to spread conns over: 127.0.0.2 .. 127.0.0.(1+sources)")
-	fs.IntVar(&cfg.concurrency, "concurrency", 64, "dials in flight at once")
-	fs.DurationVar(&cfg.setup, "setup", 3*time.Minute, "time allowed to start the server and dial")
-	fs.BoolVar(&cfg.jsonOut, "json", false, "print the results as JSON")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	specs, err := impls.parse(stdout)
-	if err != nil || specs == nil {
-		return err
-	}
-	if err := cfg.validate(); err != nil {
-		return err
-	}
-	return runImpls(ctx, "deadpeer", specs, cfg.jsonOut, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
+	return s.run(ctx, args, cfg.validate, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
 		return runDeadpeer(ctx, cfg, im, stderr)
 	})
 }

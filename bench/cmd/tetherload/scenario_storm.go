@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"math"
@@ -17,45 +16,26 @@ import (
 // stormConfig is one reconnect-storm run: n reconnecting clients, then the
 // server crashes and comes back on the same port.
 type stormConfig struct {
-	n                 int
-	interval, timeout time.Duration
-	sources           int
-	concurrency       int
-	setup             time.Duration
-	down              time.Duration // between the kill and the restart
-	wait              time.Duration // for every client to be back after the restart
-	window            time.Duration // of the peak accept rate
-	jsonOut           bool
-	serverCmd         []string
+	loadFlags
+	n      int
+	down   time.Duration // between the kill and the restart
+	wait   time.Duration // for every client to be back after the restart
+	window time.Duration // of the peak accept rate
 }
 
 func stormMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg stormConfig
-	var impls implFlag
-	fs := flag.NewFlagSet("tetherload storm", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	impls.register(fs)
+	s := newScenario("storm", implFlag{}, &cfg.loadFlags, loadDefaults{
+		interval: 15 * time.Second, timeout: 30 * time.Second,
+		concurrencyHelp: "clients dialling at once before the crash",
+		setupHelp:       "time allowed to start the server and connect every client",
+	}, stderr)
+	fs := s.fs
 	fs.IntVar(&cfg.n, "n", 1000, "reconnecting clients")
-	fs.DurationVar(&cfg.interval, "interval", 15*time.Second, "server heartbeat interval")
-	fs.DurationVar(&cfg.timeout, "timeout", 30*time.Second, "server heartbeat timeout")
-	fs.IntVar(&cfg.sources, "sources", 49, "source IPs to spread conns over: 127.0.0.2 .. 127.0.0.(1+sources)")
-	fs.IntVar(&cfg.concurrency, "concurrency", 64, "clients dialling at once before the crash")
-	fs.DurationVar(&cfg.setup, "setup", 3*time.Minute, "time allowed to start the server and connect every client")
 	fs.DurationVar(&cfg.down, "down", 0, "how long the server stays down between the SIGKILL and the restart (clients retry meanwhile)")
 	fs.DurationVar(&cfg.wait, "wait", 2*time.Minute, "time allowed for every client to be back after the restart")
 	fs.DurationVar(&cfg.window, "window", 100*time.Millisecond, "window of the peak connect rate")
-	fs.BoolVar(&cfg.jsonOut, "json", false, "print the results as JSON")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	specs, err := impls.parse(stdout)
-	if err != nil || specs == nil {
-		return err
-	}
-	if err := cfg.validate(); err != nil {
-		return err
-	}
-	return runImpls(ctx, "storm", specs, cfg.jsonOut, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
+	return s.run(ctx, args, cfg.validate, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
 		return runStorm(ctx, cfg, im, stderr)
 	})
 }
