@@ -249,20 +249,11 @@ func (c *Conn) check(now time.Time) time.Time {
 		h.seenLife = true
 		h.jitter()
 		next = earliest(next, h.born.Add(last+h.pingAfter))
-	case silent >= h.pingAfter && c.park != nil:
-		// A parking conn writes its ping frame from here, without a
-		// goroutine; the poller or the reader settles it when the pong
-		// comes.
-		ping = true
-		if n := c.cfg.pingsSent; n != nil {
-			n.Add(1)
-		}
-		h.pingSent = max(h.since(now), 1)
-		h.lastPing = h.pingSent
-		h.pingHandled = h.handled.Load()
-		next = earliest(next, now.Add(h.suspectAfter()))
 	case silent >= h.pingAfter:
-		if c.sched.pings.Add(1) > maxPingsInFlight {
+		// A parking conn writes its ping frame from here, without a
+		// goroutine, and the poller or the reader settles it when the pong
+		// comes; any other conn pings from a goroutine, bounded in number.
+		if c.park == nil && c.sched.pings.Add(1) > maxPingsInFlight {
 			c.sched.pings.Add(-1)
 			next = earliest(next, now.Add(c.sched.wheel.Tick()))
 			break
@@ -273,6 +264,7 @@ func (c *Conn) check(now time.Time) time.Time {
 		}
 		h.pingSent = max(h.since(now), 1)
 		h.lastPing = h.pingSent
+		h.pingHandled = h.handled.Load()
 		next = earliest(next, now.Add(h.suspectAfter()))
 	default:
 		next = earliest(next, h.born.Add(last+h.pingAfter))
@@ -339,16 +331,21 @@ func (c *Conn) heartbeatPing(timeout time.Duration) {
 	}
 	heldUp := c.hb.handled.Load() != handled || c.hb.busy.Load()
 	c.hb.mu.Lock()
-	c.hb.pongLocked(rtt, heldUp)
+	c.settlePingLocked(rtt, heldUp)
+}
+
+// settlePingLocked settles the ping in flight with its round trip (< 0: no
+// pong), releases hb.mu, re-arms the conn's timer and reports the pong.
+func (c *Conn) settlePingLocked(rtt time.Duration, heldUp bool) {
+	h := &c.hb
+	h.pongLocked(rtt, heldUp)
 	// The timer waits for the suspect deadline; with the pong in, the next
 	// thing due is the next ping, which may come sooner.
-	next := c.hb.born.Add(time.Duration(c.hb.lastSeen.Load()) + c.hb.pingAfter)
-	c.hb.mu.Unlock()
-	c.sched.wheel.Reset(&c.hb.timer, next)
-	if err == nil {
-		if f := c.cfg.observer.Pong; f != nil {
-			f(c, rtt)
-		}
+	next := h.born.Add(time.Duration(h.lastSeen.Load()) + h.pingAfter)
+	h.mu.Unlock()
+	c.sched.wheel.Reset(&h.timer, next)
+	if f := c.cfg.observer.Pong; f != nil && rtt >= 0 {
+		f(c, rtt)
 	}
 }
 
@@ -367,15 +364,8 @@ func (c *Conn) rawPong(payload []byte) bool {
 		h.mu.Unlock()
 		return false
 	}
-	rtt := h.since(time.Now()) - sent
 	// A message handled between ping and pong held the pong up.
-	h.pongLocked(rtt, h.handled.Load() != h.pingHandled)
-	next := h.born.Add(time.Duration(h.lastSeen.Load()) + h.pingAfter)
-	h.mu.Unlock()
-	c.sched.wheel.Reset(&h.timer, next)
-	if f := c.cfg.observer.Pong; f != nil {
-		f(c, rtt)
-	}
+	c.settlePingLocked(max(h.since(time.Now())-sent, 0), h.handled.Load() != h.pingHandled)
 	return true
 }
 
