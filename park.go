@@ -328,11 +328,12 @@ func (t *frameTracker) payloadLen() int64 {
 	}
 }
 
-// parkReader is called by the reader after a read returned errParked. It
-// registers the socket with the poller and reports whether the reader must
-// return: true when it parked, or when another reader has already taken
-// over; false when this one must read on (the conn is ending, or the
-// poller refused the socket).
+// parkReader is called by the reader after a read returned errParked, and
+// by the poller after takePongs. It registers the socket with the poller
+// and reports whether the caller must stop reading: true when the conn
+// parked, or when another reader has already taken over; false when the
+// caller must read on (the conn is ending, the poller refused the socket,
+// or bytes came meanwhile).
 func (c *Conn) parkReader() bool {
 	pc := c.park
 	pc.state.Store(readerParked)
@@ -340,19 +341,16 @@ func (c *Conn) parkReader() bool {
 	// it does: in each pair, one of the two sees the other.
 	if c.hb.state.Load() != int32(Closed) {
 		err := pc.reg.arm(pc)
-		if err == nil {
-			if !pc.pending.Load() {
-				return true
-			}
-			// Bytes came meanwhile: read on, unless the poller has
-			// already started another reader.
-			return !pc.state.CompareAndSwap(readerParked, readerRunning)
+		if err == nil && !pc.pending.Load() {
+			return true
 		}
-		if !errors.Is(err, net.ErrClosed) {
+		if err != nil && !errors.Is(err, net.ErrClosed) {
 			c.cfg.logger.Debug("tether: reading without parking", "remote", c.remote, "err", err)
 			pc.off.Store(true)
 		}
 	}
+	// Ending, refused, or bytes came meanwhile: read on, unless the poller
+	// or end has already started another reader.
 	return !pc.state.CompareAndSwap(readerParked, readerRunning)
 }
 
@@ -430,12 +428,8 @@ func (c *Conn) takePongs() bool {
 				continue
 			}
 		}
-		pc.state.Store(readerParked)
-		if !pc.pending.Load() && c.hb.state.Load() != int32(Closed) {
+		if c.parkReader() {
 			return true
-		}
-		if !pc.state.CompareAndSwap(readerParked, readerRunning) {
-			return true // the poller or end started a reader
 		}
 	}
 }
