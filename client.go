@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/tether-ws/tether/internal/wire"
 	"golang.org/x/time/rate"
 )
 
@@ -244,7 +245,7 @@ func (cl *Client) Close() error {
 // Subscribe from a handler: it waits for the server, whose answer the
 // handler holds up.
 func (cl *Client) Subscribe(ctx context.Context, topic string, handler func(TopicMessage)) error {
-	if err := checkTopic(topic); err != nil {
+	if err := wire.CheckTopic(topic); err != nil {
 		return fmt.Errorf("tether: subscribe: %w", err)
 	}
 	if handler == nil {
@@ -346,7 +347,7 @@ func (cl *Client) Topics() []string {
 // sends a message twice. What had been written, up to a frame of 32 KiB
 // of joined messages, may be lost with the conn: at most once.
 func (cl *Client) Publish(ctx context.Context, topic string, data []byte) error {
-	return cl.request(ctx, opPub, topic, data, false)
+	return cl.request(ctx, wire.OpPub, topic, data, false)
 }
 
 // PublishVolatile is [Client.Publish] without the offline buffer: while
@@ -355,39 +356,39 @@ func (cl *Client) Publish(ctx context.Context, topic string, data []byte) error 
 // that is stale by the time the client reconnects: cursor positions,
 // typing indicators.
 func (cl *Client) PublishVolatile(ctx context.Context, topic string, data []byte) error {
-	return cl.request(ctx, opPub, topic, data, true)
+	return cl.request(ctx, wire.OpPub, topic, data, true)
 }
 
 // Send sends data, a JSON value, to the server application (see
 // [OnMessage] on the server side), the way [Client.Publish] publishes.
 func (cl *Client) Send(ctx context.Context, data []byte) error {
-	return cl.request(ctx, opSend, "", data, false)
+	return cl.request(ctx, wire.OpSend, "", data, false)
 }
 
 // SendVolatile is [Client.Send] without the offline buffer: while the
 // client is not Connected it returns [ErrOffline] and drops the message.
 func (cl *Client) SendVolatile(ctx context.Context, data []byte) error {
-	return cl.request(ctx, opSend, "", data, true)
+	return cl.request(ctx, wire.OpSend, "", data, true)
 }
 
 func (cl *Client) request(ctx context.Context, op, topic string, data []byte, volatile bool) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if op == opPub {
-		if err := checkTopic(topic); err != nil {
+	if op == wire.OpPub {
+		if err := wire.CheckTopic(topic); err != nil {
 			return fmt.Errorf("tether: publish: %w", err)
 		}
 	}
-	raw, err := compactData(data)
+	raw, err := wire.CompactData(data)
 	if err != nil {
 		return fmt.Errorf("tether: %s: %w", op, ErrNotJSON)
 	}
 	req := &request{id: cl.newID(), op: op, topic: topic}
-	if op == opPub {
-		req.line = appendPub(make([]byte, 0, len(raw)+len(topic)+48), topic, raw, req.id)
+	if op == wire.OpPub {
+		req.line = wire.AppendPub(make([]byte, 0, len(raw)+len(topic)+48), topic, raw, req.id)
 	} else {
-		req.line = appendSend(make([]byte, 0, len(raw)+40), raw, req.id)
+		req.line = wire.AppendSend(make([]byte, 0, len(raw)+40), raw, req.id)
 	}
 
 	cl.mu.Lock()
@@ -427,12 +428,12 @@ func (cl *Client) newID() string { return strconv.FormatUint(cl.ids.Add(1), 36) 
 // subscribeLocked sends sub's subscription on c, from its position when
 // it has one.
 func (cl *Client) subscribeLocked(c *Conn, sub *subscription) *request {
-	var since *wireSince
+	var since *wire.Since
 	if sub.known {
-		since = &wireSince{epoch: sub.pos.Epoch, seq: sub.pos.Seq}
+		since = &wire.Since{Epoch: sub.pos.Epoch, Seq: sub.pos.Seq}
 	}
-	req := &request{id: cl.newID(), op: opSub, topic: sub.topic, sub: sub, since: sub.known}
-	req.line = appendSub(nil, sub.topic, since, req.id)
+	req := &request{id: cl.newID(), op: wire.OpSub, topic: sub.topic, sub: sub, since: sub.known}
+	req.line = wire.AppendSub(nil, sub.topic, since, req.id)
 	cl.requests[req.id] = req
 	c.enqueueAll(req.line)
 	return req
@@ -454,7 +455,7 @@ func (cl *Client) unsubscribeLocked(sub *subscription) {
 	if cl.conn != nil {
 		// Without id: there is nothing to do with the answer. A sub still
 		// in flight is undone by this unsub, which follows it.
-		cl.conn.enqueueAll(appendUnsub(nil, sub.topic, ""))
+		cl.conn.enqueueAll(wire.AppendUnsub(nil, sub.topic, ""))
 	}
 }
 
@@ -464,8 +465,8 @@ func (cl *Client) onMessage(c *Conn, m Message) {
 		cl.report(fmt.Errorf("tether: the server sent a binary message of %d bytes; protocol v1 has none", len(m.Data)))
 		return
 	}
-	for line := range splitFrames(m.Data) {
-		f, err := decodeServerFrame(line)
+	for line := range wire.SplitFrames(m.Data) {
+		f, err := wire.DecodeServer(line)
 		if err != nil {
 			var pe *ProtocolError
 			if errors.As(err, &pe) && pe.Code == CodeUnknownOp {
@@ -474,26 +475,26 @@ func (cl *Client) onMessage(c *Conn, m Message) {
 			cl.report(fmt.Errorf("tether: unreadable message from the server: %w", err))
 			continue
 		}
-		switch f.op {
-		case opPing:
-			_ = c.enqueue(appendPong(nil, f.ts))
-		case opPong:
-			c.pings.pong(f.ts)
-		case opMsg:
-			if f.topic == "" {
+		switch f.Op {
+		case wire.OpPing:
+			_ = c.enqueue(wire.AppendPong(nil, f.TS))
+		case wire.OpPong:
+			c.pings.pong(f.TS)
+		case wire.OpMsg:
+			if f.Topic == "" {
 				if h := cl.cfg.conn.onMessage; h != nil {
-					h(c, Message{Data: f.data})
+					h(c, Message{Data: f.Data})
 				}
 				continue
 			}
 			cl.deliver(f)
-		case opResync:
-			cl.resync(f.topic)
-		case opAck:
+		case wire.OpResync:
+			cl.resync(f.Topic)
+		case wire.OpAck:
 			cl.answer(f, nil)
-		case opError:
-			pe := &ProtocolError{Code: f.code, Reason: f.reason, ID: f.id}
-			if f.id == "" {
+		case wire.OpError:
+			pe := &ProtocolError{Code: f.Code, Reason: f.Reason, ID: f.ID}
+			if f.ID == "" {
 				cl.report(fmt.Errorf("tether: the server refused a message: %w", pe))
 				continue
 			}
@@ -505,27 +506,27 @@ func (cl *Client) onMessage(c *Conn, m Message) {
 
 // deliver hands a topic message to its handler, unless it is one the
 // handler already had.
-func (cl *Client) deliver(f frame) {
+func (cl *Client) deliver(f wire.Frame) {
 	cl.mu.Lock()
-	sub := cl.subs[f.topic]
+	sub := cl.subs[f.Topic]
 	if sub == nil {
 		cl.mu.Unlock()
 		return // unsubscribed: what was in flight is ignored
 	}
-	if sub.known && f.epoch == sub.pos.Epoch && f.seq <= sub.pos.Seq {
+	if sub.known && f.Epoch == sub.pos.Epoch && f.Seq <= sub.pos.Seq {
 		cl.mu.Unlock()
 		return // had it already
 	}
 	// A jump in seq, or a new epoch that does not start at 1, means
 	// messages were lost (a server that drops for slow clients): the
 	// topic's state is stale, as after a resync.
-	gap := sub.known && (f.epoch == sub.pos.Epoch && f.seq > sub.pos.Seq+1 || f.epoch != sub.pos.Epoch && f.seq != 1)
-	sub.pos, sub.known = Position{Epoch: f.epoch, Seq: f.seq}, true
+	gap := sub.known && (f.Epoch == sub.pos.Epoch && f.Seq > sub.pos.Seq+1 || f.Epoch != sub.pos.Epoch && f.Seq != 1)
+	sub.pos, sub.known = Position{Epoch: f.Epoch, Seq: f.Seq}, true
 	cl.mu.Unlock()
 	if gap && cl.cfg.onResync != nil {
-		cl.cfg.onResync(f.topic)
+		cl.cfg.onResync(f.Topic)
 	}
-	sub.handler(TopicMessage{Topic: f.topic, Position: Position{Epoch: f.epoch, Seq: f.seq}, Data: f.data})
+	sub.handler(TopicMessage{Topic: f.Topic, Position: Position{Epoch: f.Epoch, Seq: f.Seq}, Data: f.Data})
 }
 
 // resync marks topic stale: its position is unknown until the next
@@ -546,18 +547,18 @@ func (cl *Client) resync(topic string) {
 
 // answer settles the request that f, an ack or an error, answers: err
 // is nil for an ack.
-func (cl *Client) answer(f frame, err *ProtocolError) {
+func (cl *Client) answer(f wire.Frame, err *ProtocolError) {
 	cl.mu.Lock()
-	req := cl.requests[f.id]
+	req := cl.requests[f.ID]
 	if req == nil {
 		cl.mu.Unlock()
 		return
 	}
-	delete(cl.requests, f.id)
+	delete(cl.requests, f.ID)
 	var report error
 	var stale bool
 	switch {
-	case req.op == opSub:
+	case req.op == wire.OpSub:
 		sub := req.sub
 		current := cl.subs[sub.topic] == sub
 		switch {
@@ -579,12 +580,12 @@ func (cl *Client) answer(f frame, err *ProtocolError) {
 			if sub.waiter == nil {
 				report = fmt.Errorf("tether: re-subscription to %q refused, the subscription is gone: %w", sub.topic, err)
 			}
-		case err == nil && current && !req.since && f.epoch != "":
+		case err == nil && current && !req.since && f.Epoch != "":
 			// Live messages start after the ack's position. A topic
 			// subscribed before without a position (a resync, then the
 			// conn was lost before any message) missed what came between.
 			stale = sub.acked
-			sub.pos, sub.known = Position{Epoch: f.epoch, Seq: f.seq}, true
+			sub.pos, sub.known = Position{Epoch: f.Epoch, Seq: f.Seq}, true
 		}
 		if err == nil {
 			sub.acked, sub.retries = true, 0
@@ -602,7 +603,7 @@ func (cl *Client) answer(f frame, err *ProtocolError) {
 		}
 	case err != nil:
 		what := "message"
-		if req.op == opPub {
+		if req.op == wire.OpPub {
 			what = fmt.Sprintf("publication to %q", req.topic)
 		}
 		report = fmt.Errorf("tether: the server refused a %s: %w", what, err)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 )
 
 // A full default offline buffer (256) is more than the hub's default
@@ -21,7 +22,7 @@ import (
 func TestClientFlushesBufferWithinRateLimit(t *testing.T) {
 	s := newSite(t,
 		tether.WithClientPublish(func(*tether.Conn, string) bool { return true }),
-		tether.WithHistory(tether.NewMemoryHistory(1000, time.Minute)),
+		tether.WithHistory(adapter.NewMemoryHistory(1000, time.Minute)),
 	)
 	var refused atomic.Int32
 	st := newStates()
@@ -105,11 +106,11 @@ func TestClientPublishOverRateLimit(t *testing.T) {
 // flakyHistory fails Since while fail is set, as a shared store would in
 // a brief outage.
 type flakyHistory struct {
-	tether.History
+	adapter.History
 	fail atomic.Bool
 }
 
-func (h *flakyHistory) Since(ctx context.Context, topic string, pos tether.Position) ([]tether.HistoryEntry, tether.Position, bool, error) {
+func (h *flakyHistory) Since(ctx context.Context, topic string, pos tether.Position) ([]adapter.HistoryEntry, tether.Position, bool, error) {
 	if h.fail.Load() {
 		return nil, tether.Position{}, false, errors.New("backend blip")
 	}
@@ -119,7 +120,7 @@ func (h *flakyHistory) Since(ctx context.Context, topic string, pos tether.Posit
 // A re-subscription refused for a while (internal: the history store is
 // down) is retried, not dropped.
 func TestClientRetriesTransientResubscribeRefusal(t *testing.T) {
-	hist := &flakyHistory{History: tether.NewMemoryHistory(100, time.Minute)}
+	hist := &flakyHistory{History: adapter.NewMemoryHistory(100, time.Minute)}
 	s := newSite(t, tether.WithHistory(hist))
 	errs := make(chan error, 10)
 	st := newStates()

@@ -17,6 +17,7 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 	"golang.org/x/time/rate"
 )
 
@@ -160,7 +161,7 @@ func TestClientSubscribePublishSend(t *testing.T) {
 // with the same history takes its address; the client gets every message
 // exactly once and in order, those published while it was away included.
 func TestClientResumesAcrossRestart(t *testing.T) {
-	hist := tether.NewMemoryHistory(10_000, time.Minute)
+	hist := adapter.NewMemoryHistory(10_000, time.Minute)
 	s := newSite(t, tether.WithHistory(hist))
 	st := newStates()
 	cl := dial(t, s.url(), fastBackoff, st.option())
@@ -210,7 +211,7 @@ func TestClientResumesAcrossRestart(t *testing.T) {
 }
 
 func TestClientResyncWhenHistoryIsShort(t *testing.T) {
-	hist := tether.NewMemoryHistory(5, time.Minute)
+	hist := adapter.NewMemoryHistory(5, time.Minute)
 	s := newSite(t, tether.WithHistory(hist))
 	st := newStates()
 	resyncs := make(chan string, 10)
@@ -247,7 +248,7 @@ func TestClientResyncWhenHistoryIsShort(t *testing.T) {
 // A quiet topic: nothing arrives between the subscription and the outage.
 // The ack's position still lets the client resume exactly.
 func TestClientResumesQuietTopic(t *testing.T) {
-	s := newSite(t, tether.WithHistory(tether.NewMemoryHistory(100, time.Minute)))
+	s := newSite(t, tether.WithHistory(adapter.NewMemoryHistory(100, time.Minute)))
 	s.Hub().Publish("quiet", numbered(0)) // before the subscription: not wanted
 	st := newStates()
 	resyncs := make(chan string, 10)
@@ -393,7 +394,7 @@ func TestClientFailoverSticks(t *testing.T) {
 
 func TestClientDeadServerDetected(t *testing.T) {
 	const interval, timeout = 50 * time.Millisecond, 250 * time.Millisecond
-	s := newSite(t, tether.WithHeartbeat(interval, timeout), tether.WithHistory(tether.NewMemoryHistory(100, time.Minute)))
+	s := newSite(t, tether.WithHeartbeat(interval, timeout), tether.WithHistory(adapter.NewMemoryHistory(100, time.Minute)))
 	p := newProxy(t, s.addr)
 	st := newStates()
 	// The client's own heartbeat is the default, 15 s / 30 s: it must
@@ -471,7 +472,7 @@ func TestClientOfflineBuffer(t *testing.T) {
 		}),
 		tether.WithClientPublish(func(*tether.Conn, string) bool { return true }),
 		tether.OnMessage(func(c *tether.Conn, m tether.Message) { got <- "send " + string(m.Data) }),
-		tether.WithHistory(tether.NewMemoryHistory(100, time.Minute)),
+		tether.WithHistory(adapter.NewMemoryHistory(100, time.Minute)),
 	)
 	st := newStates()
 	cl := dial(t, s.url(), fastBackoff, st.option(),

@@ -2,13 +2,46 @@ package tether
 
 import (
 	"context"
+	"time"
+
+	"github.com/tether-ws/tether/adapter"
+	"github.com/tether-ws/tether/internal/wire"
 )
 
-// This file is the hub's side of a Broker (see broker.go): publishing
-// through it, and taking what it delivers. Each topic the node holds has
+// This file is the hub's side of a Broker (see package adapter):
+// publishing through it, and taking what it delivers. Each topic the node holds has
 // a cursor, t.pos, the position of the last message its subscribers were
 // sent; every message goes through deliverLocked, which keeps the
 // subscribers' stream free of repeats and holes whatever the broker does.
+
+// brokerTimeout bounds each call the hub makes to its broker.
+const brokerTimeout = 5 * time.Second
+
+func brokerContext() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), brokerTimeout)
+}
+
+// node is the hub as its broker sees it (adapter.Node).
+type node struct {
+	h  *Hub
+	id string
+}
+
+func (n *node) ID() string { return n.id }
+
+func (n *node) Deliver(topic string, pos Position, data []byte) {
+	n.h.deliverRemote(topic, pos, data)
+}
+
+func (n *node) DeliverUser(userID string, data []byte) bool {
+	return n.h.deliverUser(userID, data)
+}
+
+func (n *node) Presence(topic string, members []adapter.RemoteMember, snapshot bool) {
+	n.h.remotePresence(topic, members, snapshot)
+}
+
+func (n *node) Health(err error) { n.h.brokerHealth(err) }
 
 // publishShared publishes data through the broker, which delivers it back
 // to this node along with every other node's. While the broker cannot be
@@ -120,7 +153,7 @@ func (h *Hub) resyncLocked(t *topic, epoch string) {
 	for _, c := range t.subs {
 		if c.coalesce {
 			if msg == nil {
-				msg = appendResync(nil, t.name, epoch)
+				msg = wire.AppendResync(nil, t.name, epoch)
 			}
 			c.enqueue(msg)
 		}
@@ -130,7 +163,7 @@ func (h *Hub) resyncLocked(t *topic, epoch string) {
 // catchUpShared is catchUp with a broker, t locked: it returns what c
 // resuming at since (nil: not resuming) must receive before live
 // messages, and t's cursor, where they start.
-func (h *Hub) catchUpShared(c *Conn, t *topic, since *wireSince, id string) ([][]byte, Position, error) {
+func (h *Hub) catchUpShared(c *Conn, t *topic, since *wire.Since, id string) ([][]byte, Position, error) {
 	if t.pos.Epoch == "" {
 		ctx, cancel := brokerContext()
 		_, last, _, err := h.broker.Since(ctx, t.name, Position{})
@@ -146,8 +179,8 @@ func (h *Hub) catchUpShared(c *Conn, t *topic, since *wireSince, id string) ([][
 	if since == nil {
 		return nil, t.pos, nil
 	}
-	pos := Position{Epoch: since.epoch, Seq: since.seq}
-	resync := [][]byte{appendResync(nil, t.name, t.pos.Epoch)}
+	pos := Position{Epoch: since.Epoch, Seq: since.Seq}
+	resync := [][]byte{wire.AppendResync(nil, t.name, t.pos.Epoch)}
 	if pos.Epoch != t.pos.Epoch {
 		return resync, t.pos, nil
 	}
@@ -202,11 +235,11 @@ func (h *Hub) registerShared(c *Conn) {
 
 // deliverUser is Node.DeliverUser.
 func (h *Hub) deliverUser(userID string, data []byte) bool {
-	compact, err := compactData(data)
+	compact, err := wire.CompactData(data)
 	if err != nil {
 		return true // not from SendToUser: nothing anyone could read
 	}
-	v1 := appendMsg(make([]byte, 0, len(compact)+24), "", "", 0, compact)
+	v1 := wire.AppendMsg(make([]byte, 0, len(compact)+24), "", "", 0, compact)
 	u := &h.users[h.shard(userID)]
 	u.mu.Lock()
 	defer u.mu.Unlock()

@@ -4,13 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"net"
 	"net/http"
 	"sync"
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/tether-ws/tether/internal/park"
+	"github.com/tether-ws/tether/internal/queue"
 	"golang.org/x/time/rate"
 )
 
@@ -21,13 +22,6 @@ type Message struct {
 	// Binary is true for a binary frame, false for a text frame.
 	Binary bool
 }
-
-// Inbound pings beyond this rate are a policy violation: a peer needs one
-// ping per heartbeat interval, not hundreds per second.
-const (
-	pingRateLimit = 10 // per second, sustained
-	pingBurst     = 20
-)
 
 // Conn is one live WebSocket connection with a heartbeat: the peer is
 // pinged when it has been silent for the heartbeat interval and dropped when
@@ -60,8 +54,8 @@ type Conn struct {
 
 	pingLimiter *rate.Limiter // created at the first inbound ping; reader only
 	// park lets an accepted conn's reader give its goroutine up while the
-	// peer is quiet; nil where it cannot (see park.go).
-	park *parkConn
+	// peer is quiet; nil where it cannot (see internal/park).
+	park *park.Conn
 
 	// hc is the conn's state in a Hub; nil for a conn made by Accept or
 	// Wrap. coalesce joins queued messages into one frame, for protocol v1
@@ -73,7 +67,7 @@ type Conn struct {
 	pings *protocolPings
 
 	mu        sync.Mutex // guards the fields below
-	queue     sendQueue
+	queue     queue.Queue
 	writing   bool // a writer goroutine owns the queue
 	err       error
 	closeCode websocket.StatusCode // graceful close to send once the queue is drained
@@ -108,7 +102,7 @@ func Accept(w http.ResponseWriter, r *http.Request, opts ...Option) (*Conn, erro
 // registers it first, so that nothing it reads can precede its welcome.
 func accept(w http.ResponseWriter, r *http.Request, cfg *config) (*Conn, error) {
 	c := newConn(cfg, r.RemoteAddr)
-	rw, hw := wrapForHijack(w)
+	rw, hw := park.WrapForHijack(w)
 	ws, err := websocket.Accept(rw, r, &websocket.AcceptOptions{
 		Subprotocols:   cfg.subprotocols,
 		OriginPatterns: cfg.originPatterns,
@@ -119,10 +113,10 @@ func accept(w http.ResponseWriter, r *http.Request, cfg *config) (*Conn, error) 
 		c.cancel()
 		return nil, fmt.Errorf("tether: accept: %w", err)
 	}
-	if hw != nil && hw.nc != nil {
-		c.nc, c.ioCtx = hw.nc, context.Background()
-		if c.park = hw.park; c.park != nil {
-			c.park.c = c
+	if hw != nil && hw.NetConn != nil {
+		c.nc, c.ioCtx = hw.NetConn, context.Background()
+		if c.park = hw.Park; c.park != nil {
+			c.park.Bind((*parkOwner)(c))
 		}
 	}
 	c.ws = ws
@@ -244,100 +238,6 @@ func (c *Conn) Ping(ctx context.Context) (time.Duration, error) {
 	return rtt, nil
 }
 
-// Send queues a text message and returns at once; a writer goroutine sends
-// it within the write timeout. Send keeps no reference to data.
-//
-// When the queue is full (see [WithSendQueue]), the overflow policy decides:
-// with Disconnect, Send returns [ErrQueueFull] and the conn closes with
-// [StatusSlowConsumer], the close frame going out right after the write in
-// flight; with DropNewest it returns [ErrQueueFull] and the conn stays; with
-// DropOldest older messages make room and Send succeeds. A message larger
-// than the queue's byte bound can never fit: Send returns [ErrQueueFull]
-// and, whatever the policy, the conn stays.
-// After the conn has ended, Send returns an error that wraps
-// [net.ErrClosed]. ctx is only checked on entry: Send never blocks.
-//
-// On a conn that speaks protocol v1, data must be a JSON value, and
-// anything else returns [ErrNotJSON]: a hub conn sends it as a direct msg,
-// a [Client]'s conn as a send (see PROTOCOL.md).
-func (c *Conn) Send(ctx context.Context, data []byte) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	if !c.coalesce {
-		return c.enqueue(append([]byte(nil), data...))
-	}
-	// A protocol v1 peer reads protocol messages: data travels as a direct
-	// msg from a hub, as a send to the server application from a client.
-	raw, err := compactData(data)
-	if err != nil {
-		return fmt.Errorf("tether: send: %w", ErrNotJSON)
-	}
-	buf := make([]byte, 0, len(raw)+len(`{"op":"send","data":}`))
-	if c.pings != nil {
-		return c.enqueue(appendSend(buf, raw, ""))
-	}
-	return c.enqueue(appendMsg(buf, "", "", 0, raw))
-}
-
-// enqueue queues msg, which the caller gives up: it may be shared by many
-// conns, and is never written to.
-func (c *Conn) enqueue(msg []byte) error {
-	c.mu.Lock()
-	if c.err != nil {
-		c.mu.Unlock()
-		return fmt.Errorf("tether: send: %w", net.ErrClosed)
-	}
-	if len(msg) > c.cfg.queueBytes {
-		c.mu.Unlock()
-		// The caller's mistake, not a slow peer: nothing to drop or close.
-		return fmt.Errorf("%w: a message of %d bytes exceeds the queue's %d", ErrQueueFull, len(msg), c.cfg.queueBytes)
-	}
-	dropped, ok := c.queue.push(msg, c.cfg.queueMessages, c.cfg.queueBytes, c.cfg.overflow == DropOldest)
-	if ok && !c.writing {
-		c.writing = true
-		c.wg.Add(1)
-		go c.writeLoop()
-	}
-	c.mu.Unlock()
-	if dropped > 0 || !ok && c.cfg.overflow == DropNewest {
-		if f := c.cfg.observer.Drop; f != nil {
-			f(c, max(dropped, 1))
-		}
-	}
-	if ok {
-		return nil
-	}
-	if c.cfg.overflow == Disconnect {
-		c.end(ErrQueueFull, endPolicy, StatusSlowConsumer, "slow consumer")
-	}
-	return ErrQueueFull
-}
-
-// enqueueAll queues msgs past the queue's bounds: for what the hub owes a
-// conn as it starts or subscribes (an offline backlog, a replay), which is
-// bounded by the offline store or the history rather than by the queue,
-// and must not be lost to it. Messages queued afterwards meet a fuller
-// queue, so a peer too slow to take the backlog is handled by the
-// overflow policy as usual.
-// It reports false, queueing nothing, if the conn has ended.
-func (c *Conn) enqueueAll(msgs ...[]byte) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.err != nil {
-		return false
-	}
-	for _, m := range msgs {
-		c.queue.push(m, math.MaxInt, math.MaxInt, false)
-	}
-	if !c.writing && len(msgs) > 0 {
-		c.writing = true
-		c.wg.Add(1)
-		go c.writeLoop()
-	}
-	return true
-}
-
 // Close starts a close handshake and returns at once: messages already
 // queued are sent first, then a close frame with code and reason. The conn
 // is dropped if the handshake has not finished within the write timeout
@@ -412,9 +312,9 @@ func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text s
 		if c.pings != nil {
 			// Never written, so the client may send them on its next conn
 			// without sending anything twice.
-			c.queue.each(func(m []byte) bool { c.unsent = append(c.unsent, m); return true })
+			c.queue.Each(func(m []byte) bool { c.unsent = append(c.unsent, m); return true })
 		}
-		c.queue.reset()
+		c.queue.Reset()
 	}
 	if mode == endForced {
 		c.mu.Unlock()
@@ -441,216 +341,5 @@ func (c *Conn) abort() {
 	c.cancel()
 	if c.nc != nil {
 		c.nc.Close()
-	}
-}
-
-func (c *Conn) writeLoop() {
-	defer c.wg.Done()
-	// The timeout is a timer that ends the conn with its reason before
-	// anything closes the socket, so the reader cannot report the aborted
-	// socket first. One timer serves the whole run.
-	var timer *time.Timer
-	defer func() {
-		if timer != nil {
-			timer.Stop()
-		}
-	}()
-	for {
-		c.mu.Lock()
-		msg, ok := c.queue.pop()
-		if !ok {
-			c.writing = false
-			code, text := c.closeCode, c.closeText
-			c.mu.Unlock()
-			if code != 0 {
-				// The peer's close reply ends the reader; errors here mean
-				// the peer is gone, which the reader reports.
-				_ = c.ws.Close(code, text)
-			}
-			return
-		}
-		var joined *[]byte
-		if c.coalesce {
-			msg, joined = c.coalesceLocked(msg)
-		}
-		c.mu.Unlock()
-
-		if timer == nil {
-			timer = time.AfterFunc(c.cfg.writeTimeout, c.writeTimedOut)
-		} else {
-			timer.Reset(c.cfg.writeTimeout)
-		}
-		began := time.Now()
-		err := c.ws.Write(c.ioCtx, websocket.MessageText, msg)
-		ended := time.Now()
-		if joined != nil {
-			frameBufs[frameBufClass(cap(*joined))].Put(joined)
-		}
-		if !timer.Stop() {
-			return // timed out: the conn has ended
-		}
-		if err != nil {
-			c.end(fmt.Errorf("%w: %w", ErrConnLost, err), endForced, 0, "")
-			return
-		}
-		at := int64(ended.Sub(c.hb.born))
-		c.hb.lastWrite.Store(at)
-		if ended.Sub(began) >= drainWait {
-			c.hb.lastDrain.Store(at)
-		}
-	}
-}
-
-// drainWait: a write that took this long waited for the socket, which the
-// peer had to drain by reading; a write into a socket with room takes
-// microseconds.
-const drainWait = time.Millisecond
-
-// maxCoalesced bounds a frame of joined messages: large enough that one
-// write carries hundreds of small messages, small enough that a peer's
-// read limit of 64 KiB, the common default, is never hit by joining.
-const maxCoalesced = 32 << 10
-
-// frameBufs holds the buffers writers join messages in, in size classes
-// of 1, 4 and 32 KiB, so that a writer that comes and goes with bursts
-// does not allocate one each time, and a frame of a few small messages
-// does not hold 32 KiB.
-var frameBufs = [...]sync.Pool{
-	{New: func() any { b := make([]byte, 0, 1<<10); return &b }},
-	{New: func() any { b := make([]byte, 0, 4<<10); return &b }},
-	{New: func() any { b := make([]byte, 0, maxCoalesced); return &b }},
-}
-
-func frameBufClass(n int) int {
-	switch {
-	case n <= 1<<10:
-		return 0
-	case n <= 4<<10:
-		return 1
-	}
-	return 2
-}
-
-// coalesceLocked joins first and the messages queued behind it, as many as
-// fit in maxCoalesced, with newlines (protocol v1 framing). It returns the
-// frame to write and, when it joined any, the pooled buffer that holds it,
-// to give back once written. c.mu must be held.
-func (c *Conn) coalesceLocked(first []byte) ([]byte, *[]byte) {
-	next, ok := c.queue.peek()
-	if !ok || len(first)+1+len(next) > maxCoalesced {
-		return first, nil
-	}
-	size, count := len(first), 0
-	c.queue.each(func(m []byte) bool {
-		if size+1+len(m) > maxCoalesced {
-			return false
-		}
-		size += 1 + len(m)
-		count++
-		return true
-	})
-	buf := frameBufs[frameBufClass(size)].Get().(*[]byte)
-	b := append((*buf)[:0], first...)
-	for range count {
-		m, _ := c.queue.pop()
-		b = append(append(b, '\n'), m...)
-	}
-	*buf = b
-	return b, buf
-}
-
-func (c *Conn) writeTimedOut() { c.end(ErrWriteTimeout, endForced, 0, "") }
-
-// readLoop is the conn's reader. A parking conn's reader returns when it
-// parks and a new one starts when the peer sends; the last one to run
-// finishes the conn.
-func (c *Conn) readLoop() {
-	for {
-		parkable := c.park != nil && !c.park.off.Load() && c.hb.state.Load() != int32(Closed)
-		if parkable {
-			c.park.mayPark.Store(true)
-		}
-		typ, data, err := c.ws.Read(c.ioCtx)
-		if parkable {
-			c.park.mayPark.Store(false)
-		}
-		if err != nil {
-			if parkable && errors.Is(err, errParked) {
-				if c.parkReader() {
-					return
-				}
-				continue
-			}
-			c.end(readError(err), endForced, 0, "")
-			break
-		}
-		c.hb.touch()
-		if f := c.cfg.onMessage; f != nil {
-			c.hb.busy.Store(true)
-			c.hb.handled.Add(1)
-			f(c, Message{Data: data, Binary: typ == websocket.MessageBinary})
-			c.hb.touch() // before clearing busy: see check
-			c.hb.busy.Store(false)
-		}
-	}
-	c.abort()
-	// A read error does not release coder/websocket's pending pings and
-	// close handshake; CloseNow does, now that the socket is closed.
-	_ = c.ws.CloseNow()
-	if c.park != nil {
-		c.park.reg.release()
-	}
-	c.wg.Wait()
-	c.mu.Lock()
-	if c.budget != nil {
-		c.budget.Stop()
-	}
-	err := c.err
-	c.mu.Unlock()
-	c.sched.wheel.Remove(&c.hb.timer)
-	c.cfg.logger.Debug("tether: disconnect", "remote", c.remote, "reason", err)
-	if f := c.cfg.onEnd; f != nil {
-		f(c, err)
-	}
-	if f := c.cfg.observer.Disconnect; f != nil {
-		f(c, err)
-	}
-	close(c.done)
-	if f := c.cfg.onDone; f != nil {
-		f(c)
-	}
-}
-
-// readError turns the error that ended the reader into a reason.
-func readError(err error) error {
-	switch {
-	case errors.Is(err, websocket.ErrMessageTooBig):
-		return fmt.Errorf("%w: %w", ErrMessageTooBig, err)
-	case websocket.CloseStatus(err) != -1:
-		return fmt.Errorf("tether: peer closed: %w", err)
-	default:
-		return fmt.Errorf("%w: %w", ErrConnLost, err)
-	}
-}
-
-// onPing runs on the reader for every inbound ping; false withholds the pong.
-func (c *Conn) onPing(context.Context, []byte) bool {
-	c.hb.touch()
-	if c.pingLimiter == nil {
-		c.pingLimiter = rate.NewLimiter(pingRateLimit, pingBurst)
-	}
-	if !c.pingLimiter.Allow() {
-		c.end(ErrPingFlood, endPolicy, websocket.StatusPolicyViolation, "ping flood")
-		return false
-	}
-	return true
-}
-
-// onPong runs on the reader for every inbound pong, even a late one whose
-// ping has given up waiting.
-func (c *Conn) onPong(_ context.Context, payload []byte) {
-	c.hb.touch()
-	if c.park != nil {
-		c.rawPong(payload)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/coder/websocket"
+	"github.com/tether-ws/tether/internal/wire"
 	"golang.org/x/time/rate"
 )
 
@@ -24,14 +25,14 @@ func (h *Hub) handle(c *Conn, m Message) {
 		h.refuse(c, &ProtocolError{Code: CodeBadRequest, Reason: "binary messages are not part of protocol v1"})
 		return
 	}
-	for line := range splitFrames(m.Data) {
-		f, err := decodeFrame(line)
+	for line := range wire.SplitFrames(m.Data) {
+		f, err := wire.DecodeClient(line)
 		if !h.allow(c) {
 			id := ""
 			if err == nil {
-				id = f.id
+				id = f.ID
 			}
-			c.enqueue(appendError(nil, CodeRateLimited, "over the rate limit", id))
+			c.enqueue(wire.AppendError(nil, CodeRateLimited, "over the rate limit", id))
 		} else if err != nil {
 			h.refuse(c, err)
 		} else {
@@ -88,7 +89,7 @@ func (h *Hub) refuse(c *Conn, err error) {
 	if !errors.As(err, &pe) {
 		pe = &ProtocolError{Code: CodeInternal, Reason: err.Error()}
 	}
-	c.enqueue(appendError(nil, pe.Code, pe.Reason, pe.ID))
+	c.enqueue(wire.AppendError(nil, pe.Code, pe.Reason, pe.ID))
 	if hc.faults == nil {
 		hc.faults = rate.NewLimiter(strikeRate, strikeBurst)
 	}
@@ -98,53 +99,53 @@ func (h *Hub) refuse(c *Conn, err error) {
 }
 
 // request carries out one request of a v1 client.
-func (h *Hub) request(c *Conn, f frame) {
-	switch f.op {
-	case opPing:
-		c.enqueue(appendPong(nil, f.ts))
+func (h *Hub) request(c *Conn, f wire.Frame) {
+	switch f.Op {
+	case wire.OpPing:
+		c.enqueue(wire.AppendPong(nil, f.TS))
 		return
-	case opPong:
+	case wire.OpPong:
 		return // proof of life, already counted by the reader
-	case opSub:
-		if a := h.cfg.subscribeAuth; a != nil && !a(c, f.topic) {
-			h.deny(c, f.id, "subscription refused")
+	case wire.OpSub:
+		if a := h.cfg.subscribeAuth; a != nil && !a(c, f.Topic) {
+			h.deny(c, f.ID, "subscription refused")
 			return
 		}
 		// subscribe queues the ack itself, ahead of the replay.
-		if err := h.subscribe(c, f.topic, f.since, f.id); err != nil {
-			h.fail(c, f.id, err)
+		if err := h.subscribe(c, f.Topic, f.Since, f.ID); err != nil {
+			h.fail(c, f.ID, err)
 		}
 		return
-	case opUnsub:
-		if err := h.Unsubscribe(c, f.topic); err != nil {
-			h.fail(c, f.id, err)
+	case wire.OpUnsub:
+		if err := h.Unsubscribe(c, f.Topic); err != nil {
+			h.fail(c, f.ID, err)
 			return
 		}
-	case opPub:
-		if a := h.cfg.clientPublish; a == nil || !a(c, f.topic) {
-			h.deny(c, f.id, "publication refused")
+	case wire.OpPub:
+		if a := h.cfg.clientPublish; a == nil || !a(c, f.Topic) {
+			h.deny(c, f.ID, "publication refused")
 			return
 		}
-		if err := h.publish(f.topic, f.data, f.data); err != nil {
-			h.fail(c, f.id, err)
+		if err := h.publish(f.Topic, f.Data, f.Data); err != nil {
+			h.fail(c, f.ID, err)
 			return
 		}
-	case opSend:
+	case wire.OpSend:
 		if h.onMessage == nil {
-			h.deny(c, f.id, "the server takes no direct messages")
+			h.deny(c, f.ID, "the server takes no direct messages")
 			return
 		}
-		h.onMessage(c, Message{Data: f.data})
+		h.onMessage(c, Message{Data: f.Data})
 	}
-	if f.id != "" {
-		c.enqueue(appendAck(nil, f.id))
+	if f.ID != "" {
+		c.enqueue(wire.AppendAck(nil, f.ID))
 	}
 }
 
 // deny answers a request the application refused.
 func (h *Hub) deny(c *Conn, id, reason string) {
 	h.count.denied.Add(1)
-	c.enqueue(appendError(nil, CodeForbidden, reason, id))
+	c.enqueue(wire.AppendError(nil, CodeForbidden, reason, id))
 }
 
 // fail answers a valid request the hub could not carry out.
@@ -155,12 +156,12 @@ func (h *Hub) fail(c *Conn, id string, err error) {
 			h.refuse(c, pe)
 			return
 		}
-		c.enqueue(appendError(nil, pe.Code, pe.Reason, id))
+		c.enqueue(wire.AppendError(nil, pe.Code, pe.Reason, id))
 		return
 	}
 	if c.Err() != nil {
 		return // the conn has ended: nobody to answer
 	}
 	h.connCfg.logger.Warn("tether: request failed", "conn", c.hc.id, "err", err)
-	c.enqueue(appendError(nil, CodeInternal, "the server failed", id))
+	c.enqueue(wire.AppendError(nil, CodeInternal, "the server failed", id))
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tether-ws/tether/internal/wheel"
+	"github.com/tether-ws/tether/internal/wire"
 )
 
 // State is a connection's liveness.
@@ -279,7 +280,7 @@ func (c *Conn) check(now time.Time) time.Time {
 		}
 	}
 	if ping && c.park != nil {
-		c.park.ping(uint64(pingSent))
+		c.park.Ping(uint64(pingSent))
 		return next
 	}
 	if ping {
@@ -402,7 +403,7 @@ func (c *Conn) ping(ctx context.Context) error {
 		delete(p.waiting, ts)
 		p.mu.Unlock()
 	}()
-	if err := c.enqueue(appendPing(nil, ts)); err != nil {
+	if err := c.enqueue(wire.AppendPing(nil, ts)); err != nil {
 		return err
 	}
 	select {

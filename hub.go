@@ -21,8 +21,17 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/tether-ws/tether/adapter"
+	"github.com/tether-ws/tether/internal/wire"
 	"golang.org/x/time/rate"
 )
+
+// Position is a place in a topic's history: its Epoch, which names the
+// topic's current run of seqs (compare it only for equality: it changes
+// when the history loses continuity), and the Seq of a message in it, 0
+// meaning before the first message. It is what a client sends as `since`
+// to resume (PROTOCOL.md, section 10).
+type Position = adapter.Position
 
 // Hub is an in-process registry of connections: it serves WebSocket
 // handshakes, keeps each conn alive with a heartbeat, and delivers
@@ -41,8 +50,8 @@ type Hub struct {
 	cfg       *hubConfig
 	connCfg   *config // shared by every conn of the hub
 	onMessage func(*Conn, Message)
-	broker    Broker // nil: the hub is alone
-	node      *Node
+	broker    adapter.Broker // nil: the hub is alone
+	node      *node
 	// brokerDown is set while the broker reports its link lost: the hub
 	// then delivers to its own conns only, without waiting on the broker.
 	brokerDown   atomic.Bool
@@ -190,7 +199,7 @@ func NewHub(opts ...HubOption) (*Hub, error) {
 	}
 	h.connCfg = &cc
 	if b := cfg.broker; b != nil {
-		h.broker, h.node = b, &Node{h: h, id: newConnID()}
+		h.broker, h.node = b, &node{h: h, id: newConnID()}
 		// Down until the broker first reports its link up: meanwhile the
 		// hub serves its own conns.
 		h.brokerDown.Store(true)
@@ -252,7 +261,7 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request) error {
 	}
 	hc := &hubConn{hub: h, id: newConnID(), user: user, v1: c.ws.Subprotocol() == Subprotocol}
 	if h.cfg.connMeta != nil {
-		if m, err := compactData(h.cfg.connMeta(r)); err == nil {
+		if m, err := wire.CompactData(h.cfg.connMeta(r)); err == nil {
 			hc.meta = m
 		}
 	}
@@ -340,11 +349,11 @@ func (h *Hub) register(c *Conn) {
 	hc := c.hc
 	if hc.v1 {
 		interval, timeout := c.Heartbeat()
-		var limits wireLimits
+		var limits wire.Limits
 		if h.cfg.rateLimit != rate.Inf {
-			limits = wireLimits{perSecond: float64(h.cfg.rateLimit), burst: int64(h.cfg.rateBurst)}
+			limits = wire.Limits{PerSecond: float64(h.cfg.rateLimit), Burst: int64(h.cfg.rateBurst)}
 		}
-		c.enqueue(appendWelcome(nil, hc.id, interval, timeout, limits, nil))
+		c.enqueue(wire.AppendWelcome(nil, hc.id, interval, timeout, limits, nil))
 	}
 	if hc.user != "" {
 		// Before the registry: nothing sent to every conn (Broadcast) may
@@ -416,7 +425,7 @@ func (h *Hub) deliverDirect(c *Conn, msgs [][]byte) bool {
 	var entries [][]byte
 	var b []byte
 	for _, m := range msgs {
-		m, err := compactData(m) // kept as a raw peer gets it
+		m, err := wire.CompactData(m) // kept as a raw peer gets it
 		if err != nil {
 			continue // not from SendToUser: nothing a v1 peer could read
 		}
@@ -426,7 +435,7 @@ func (h *Hub) deliverDirect(c *Conn, msgs [][]byte) bool {
 		if len(b) > 0 {
 			b = append(b, '\n')
 		}
-		b = appendMsg(b, "", "", 0, m)
+		b = wire.AppendMsg(b, "", "", 0, m)
 	}
 	if len(b) > 0 {
 		entries = append(entries, b)
@@ -551,14 +560,14 @@ func (h *Hub) encodeDirect(data []byte) (raw, v1 []byte, err error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	return raw, appendMsg(make([]byte, 0, len(compact)+24), "", "", 0, compact), nil
+	return raw, wire.AppendMsg(make([]byte, 0, len(compact)+24), "", "", 0, compact), nil
 }
 
 // ownData checks that data is a JSON value and returns a copy of it for
 // raw peers, and its one-line form for v1 peers, which is the same slice
 // unless data spans lines.
 func ownData(data []byte) (raw, compact []byte, err error) {
-	c, err := compactData(data)
+	c, err := wire.CompactData(data)
 	if err != nil {
 		return nil, nil, ErrNotJSON
 	}
@@ -587,7 +596,7 @@ func (h *Hub) SendToUser(userID string, data []byte) error {
 		ctx, cancel := brokerContext()
 		err := h.broker.SendToUser(ctx, userID, raw)
 		cancel()
-		if err == nil || errors.Is(err, ErrOfflineFull) {
+		if err == nil || errors.Is(err, adapter.ErrOfflineFull) {
 			return err
 		}
 		h.count.localOnly.Add(1)
@@ -632,7 +641,7 @@ func (h *Hub) sendToUserLocked(userID string, raw, v1 []byte) bool {
 // gets the topic's messages in publication order. Publish never blocks on
 // a subscriber: one whose queue is full is handled by the overflow policy.
 func (h *Hub) Publish(topic string, data []byte) error {
-	if err := checkTopic(topic); err != nil {
+	if err := wire.CheckTopic(topic); err != nil {
 		return err
 	}
 	if h.isClosing() {
@@ -684,7 +693,7 @@ func (h *Hub) publish(name string, raw, data []byte) error {
 func (h *Hub) fanOutLocked(t *topic, pos Position, raw, data []byte) {
 	var v1 []byte
 	if t.nV1 > 0 {
-		v1 = appendMsg(make([]byte, 0, len(data)+len(t.name)+len(pos.Epoch)+64), t.name, pos.Epoch, pos.Seq, data)
+		v1 = wire.AppendMsg(make([]byte, 0, len(data)+len(t.name)+len(pos.Epoch)+64), t.name, pos.Epoch, pos.Seq, data)
 	}
 	for _, c := range t.subs {
 		if c.coalesce {
@@ -702,7 +711,7 @@ func historyErr(err error) error { return fmt.Errorf("tether: history: %w", err)
 // twice changes nothing. It is how the application picks the topics of
 // raw peers; protocol v1 peers may also subscribe by themselves.
 func (h *Hub) Subscribe(c *Conn, topic string) error {
-	if err := checkTopic(topic); err != nil {
+	if err := wire.CheckTopic(topic); err != nil {
 		return err
 	}
 	return h.subscribe(c, topic, nil, "")
@@ -715,7 +724,7 @@ var errNotMember = errors.New("tether: the conn does not belong to this hub")
 // subscribe subscribes c to name and, for a client's request, queues the
 // ack (when id is set), then the replay or resync for since, then the
 // topic's presence, all before any live message of the topic.
-func (h *Hub) subscribe(c *Conn, name string, since *wireSince, id string) error {
+func (h *Hub) subscribe(c *Conn, name string, since *wire.Since, id string) error {
 	hc := c.hc
 	if hc == nil || hc.hub != h {
 		return errNotMember
@@ -752,7 +761,7 @@ func (h *Hub) subscribe(c *Conn, name string, since *wireSince, id string) error
 // subscribeOnce carries out subscribe under c's and the topic's locks,
 // and reports whether it added c to the topic's subscribers. pinned is
 // set when subscribe has pinned the topic.
-func (h *Hub) subscribeOnce(c *Conn, name string, since *wireSince, id string, pinned bool) (bool, error) {
+func (h *Hub) subscribeOnce(c *Conn, name string, since *wire.Since, id string, pinned bool) (bool, error) {
 	hc := c.hc
 	hc.mu.Lock()
 	defer hc.mu.Unlock()
@@ -799,9 +808,9 @@ func (h *Hub) subscribeOnce(c *Conn, name string, since *wireSince, id string, p
 	switch {
 	case id == "":
 	case last.Epoch != "":
-		c.enqueue(appendSubAck(nil, id, last))
+		c.enqueue(wire.AppendSubAck(nil, id, last.Epoch, last.Seq))
 	default:
-		c.enqueue(appendAck(nil, id))
+		c.enqueue(wire.AppendAck(nil, id))
 	}
 	if catchUp != nil {
 		c.enqueueAll(catchUp...) // bounded by catchUp: it must not be lost
@@ -844,13 +853,13 @@ func (h *Hub) unpinLocked(t *topic) {
 // maxCoalesced bytes, or a resync when history cannot replay them or they
 // would not fit in c's queue; and the topic's position, where live
 // messages start. The topic must be locked.
-func (h *Hub) catchUp(c *Conn, name string, since *wireSince) ([][]byte, Position, error) {
-	entries, last, ok, err := h.cfg.history.Since(context.Background(), name, Position{Epoch: since.epoch, Seq: since.seq})
+func (h *Hub) catchUp(c *Conn, name string, since *wire.Since) ([][]byte, Position, error) {
+	entries, last, ok, err := h.cfg.history.Since(context.Background(), name, Position{Epoch: since.Epoch, Seq: since.Seq})
 	if err != nil {
 		return nil, last, err
 	}
 	if !ok {
-		return [][]byte{appendResync(nil, name, last.Epoch)}, last, nil
+		return [][]byte{wire.AppendResync(nil, name, last.Epoch)}, last, nil
 	}
 	return replay(c, name, entries, last), last, nil
 }
@@ -858,7 +867,7 @@ func (h *Hub) catchUp(c *Conn, name string, since *wireSince) ([][]byte, Positio
 // replay encodes entries of topic name, which end at last, for c: joined
 // in queue entries of up to maxCoalesced bytes, or as a resync when they
 // would not fit in c's queue.
-func replay(c *Conn, name string, entries []HistoryEntry, last Position) [][]byte {
+func replay(c *Conn, name string, entries []adapter.HistoryEntry, last Position) [][]byte {
 	if len(entries) == 0 {
 		return nil
 	}
@@ -875,10 +884,10 @@ func replay(c *Conn, name string, entries []HistoryEntry, last Position) [][]byt
 			b = append(b, '\n')
 		}
 		n := len(b)
-		b = appendMsg(b, name, last.Epoch, e.Seq, e.Data)
+		b = wire.AppendMsg(b, name, last.Epoch, e.Seq, e.Data)
 		if total += len(b) - n; total > c.cfg.queueBytes/2 {
 			// Too much to queue without crowding out live messages.
-			return [][]byte{appendResync(nil, name, last.Epoch)}
+			return [][]byte{wire.AppendResync(nil, name, last.Epoch)}
 		}
 	}
 	return append(out, b)

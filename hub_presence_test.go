@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 )
 
 // This file checks presence (PROTOCOL.md, presence; DESIGN.md section 5):
@@ -195,8 +196,8 @@ func TestHubPresenceJoin(t *testing.T) {
 	prWantEvents(t, events)
 
 	want := prMembers([]tether.Member{
-		{UserID: "ann", Conns: []tether.MemberConn{{ID: annID, Meta: json.RawMessage(`{"device":"phone"}`)}}},
-		{UserID: "bob", Conns: []tether.MemberConn{
+		{UserID: "ann", Conns: []adapter.MemberConn{{ID: annID, Meta: json.RawMessage(`{"device":"phone"}`)}}},
+		{UserID: "bob", Conns: []adapter.MemberConn{
 			{ID: bobID, Meta: json.RawMessage(`{"device":"laptop"}`)},
 			{ID: bob2ID, Meta: json.RawMessage(`{"device":"tablet"}`)}}},
 	})

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 )
 
 // This file checks resume (PROTOCOL.md section 10: replay or resync, then
@@ -109,7 +110,7 @@ func TestHubResumeReplaysMissed(t *testing.T) {
 // resubscribes; what follows the ack is one contiguous sequence from 11.
 func TestHubResumeWhilePublishing(t *testing.T) {
 	s := newHubServer(t, rsNoPresence,
-		tether.WithHistory(tether.NewMemoryHistory(1<<16, time.Minute)),
+		tether.WithHistory(adapter.NewMemoryHistory(1<<16, time.Minute)),
 		tether.WithSendQueue(1<<16, 32<<20))
 	epoch := rsFirstRun(t, s, "t", 10)
 
@@ -178,7 +179,7 @@ func TestHubResumeWhilePublishing(t *testing.T) {
 // then live messages; within history, the replay; at the last seq, only
 // live messages.
 func TestHubResumeResync(t *testing.T) {
-	s := newHubServer(t, rsNoPresence, tether.WithHistory(tether.NewMemoryHistory(5, time.Minute)))
+	s := newHubServer(t, rsNoPresence, tether.WithHistory(adapter.NewMemoryHistory(5, time.Minute)))
 	epoch := rsFirstRun(t, s, "t", 3)
 	rsPublish(t, s, "t", 4, 23) // a gap of 20; history keeps 19..23
 
@@ -326,9 +327,9 @@ func TestHubOfflineDeliveredOnConnect(t *testing.T) {
 // 20, bounds: a message over the per-user bytes is refused with
 // ErrOfflineFull; past the per-user count the oldest messages go.
 func TestHubOfflineFull(t *testing.T) {
-	s := newHubServer(t, rsAuth, tether.WithOfflineStore(tether.NewMemoryOfflineStore(2, 1<<20, time.Hour, 1<<20)))
+	s := newHubServer(t, rsAuth, tether.WithOfflineStore(adapter.NewMemoryOfflineStore(2, 1<<20, time.Hour, 1<<20)))
 	big := []byte(`"` + strings.Repeat("x", 1<<20) + `"`)
-	if err := s.hub.SendToUser("dave", big); !errors.Is(err, tether.ErrOfflineFull) {
+	if err := s.hub.SendToUser("dave", big); !errors.Is(err, adapter.ErrOfflineFull) {
 		t.Fatalf("SendToUser of %d bytes: %v, want ErrOfflineFull", len(big), err)
 	}
 	for n := 1; n <= 3; n++ {

@@ -155,7 +155,7 @@ func (h *Hub) Stats() Stats {
 	}
 	for _, conn := range h.snapshot() {
 		conn.mu.Lock()
-		n, b := conn.queue.len()
+		n, b := conn.queue.Len()
 		conn.mu.Unlock()
 		s.QueuedMessages += n
 		s.QueuedBytes += b

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tether-ws/tether/adapter"
 	"golang.org/x/time/rate"
 )
 
@@ -70,9 +71,9 @@ type hubConfig struct {
 	rateBurst      int
 	clientPublish  func(*Conn, string) bool
 	subscribeAuth  func(*Conn, string) bool
-	history        History
-	offline        OfflineStore
-	broker         Broker
+	history        adapter.History
+	offline        adapter.OfflineStore
+	broker         adapter.Broker
 	presenceTopics func(string) bool // nil: every topic
 	presenceGrace  time.Duration
 	onConnect      func(*Conn)
@@ -112,10 +113,10 @@ func newHubConfig(opts []HubOption) (*hubConfig, error) {
 	}
 	h.conn.finish()
 	if h.history == nil {
-		h.history = NewMemoryHistory(defaultHistoryLen, defaultHistoryAge)
+		h.history = adapter.NewMemoryHistory(defaultHistoryLen, defaultHistoryAge)
 	}
 	if h.offline == nil {
-		h.offline = NewMemoryOfflineStore(defaultOfflineLen, defaultOfflineBytes, defaultOfflineAge, defaultOfflineTotal)
+		h.offline = adapter.NewMemoryOfflineStore(defaultOfflineLen, defaultOfflineBytes, defaultOfflineAge, defaultOfflineTotal)
 	}
 	return h, nil
 }
@@ -174,14 +175,14 @@ func WithSubscribeAuth(allow func(c *Conn, topic string) bool) HubOption {
 // WithHistory sets where topics keep their recent messages, for clients
 // that resume. The default is [NewMemoryHistory] with 256 messages and 2
 // minutes per topic.
-func WithHistory(hist History) HubOption {
+func WithHistory(hist adapter.History) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.history = hist })
 }
 
 // WithOfflineStore sets where [Hub.SendToUser] keeps messages for users
 // who are not connected. The default is [NewMemoryOfflineStore] with 100
 // messages and 256 KiB per user, kept 24 hours, 64 MiB in all.
-func WithOfflineStore(s OfflineStore) HubOption {
+func WithOfflineStore(s adapter.OfflineStore) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.offline = s })
 }
 
@@ -202,7 +203,7 @@ func WithOfflineStore(s OfflineStore) HubOption {
 // own, numbered by its own history, so that clients resync when the link
 // is back; direct messages to the user's conns here, or to the hub's
 // own offline store.
-func WithBroker(b Broker) HubOption {
+func WithBroker(b adapter.Broker) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.broker = b })
 }
 

@@ -6,6 +6,9 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/tether-ws/tether/adapter"
+	"github.com/tether-ws/tether/internal/wire"
 )
 
 // This file is presence: who is on each topic, keyed by user ID, and who is
@@ -14,18 +17,10 @@ import (
 // arrivals makes one message, and leaves after a grace period, so that a
 // client that reconnects at once never leaves.
 
-// Member is a user present on a topic.
-type Member struct {
-	UserID string
-	// Conns are the user's conns on the topic; empty in a leave.
-	Conns []MemberConn
-}
-
-// MemberConn is one conn of a present user.
-type MemberConn struct {
-	ID   string          // see [Conn.ID]
-	Meta json.RawMessage // see [WithConnMeta]; nil for none
-}
+// Member is a user present on a topic: UserID, and Conns, the user's conns
+// on the topic (empty in a leave), each with its ID ([Conn.ID]) and the
+// metadata [WithConnMeta] gave it.
+type Member = adapter.Member
 
 // PresenceEvent is a change of presence on a topic: users who arrived
 // and users who left.
@@ -50,7 +45,7 @@ type presentUser struct {
 	// With a broker: the user's conns on the topic at other nodes, by
 	// node; whether the broker knows of the user's presence here, and
 	// whether conns changed since it was told.
-	remote  map[string][]MemberConn
+	remote  map[string][]adapter.MemberConn
 	joined  bool
 	changed bool
 }
@@ -60,14 +55,14 @@ func (p *presence) empty() bool { return p == nil || len(p.users) == 0 }
 // snapshot encodes the presence message that opens a subscription: every
 // user whose arrival has been announced, as joins.
 func (p *presence) snapshot(topic string) []byte {
-	var joins []wireMember
+	var joins []wire.Member
 	for id, u := range p.users {
 		if u.announced {
-			joins = append(joins, wireMember{user: id, meta: u.meta()})
+			joins = append(joins, wire.Member{User: id, Meta: u.meta()})
 		}
 	}
-	slices.SortFunc(joins, func(a, b wireMember) int { return strings.Compare(a.user, b.user) })
-	return appendPresence(nil, topic, joins, []wireMember{})
+	slices.SortFunc(joins, func(a, b wire.Member) int { return strings.Compare(a.User, b.User) })
+	return wire.AppendPresence(nil, topic, joins, []wire.Member{})
 }
 
 // meta is what a join shows of the user: its first conn's metadata.
@@ -155,7 +150,7 @@ func (h *Hub) announce(t *topic) {
 	p := t.pres
 	p.timer = nil
 	now := time.Now()
-	var joins, leaves []wireMember
+	var joins, leaves []wire.Member
 	var ev PresenceEvent
 	var next time.Time
 	for id, u := range p.users {
@@ -180,7 +175,7 @@ func (h *Hub) announce(t *topic) {
 		switch {
 		case (local || len(u.remote) > 0) && !u.announced:
 			u.announced = true
-			joins = append(joins, wireMember{user: id, meta: u.meta()})
+			joins = append(joins, wire.Member{User: id, Meta: u.meta()})
 			if h.cfg.onPresence != nil {
 				ev.Joins = append(ev.Joins, u.member(id))
 			}
@@ -189,17 +184,17 @@ func (h *Hub) announce(t *topic) {
 			if !u.announced {
 				continue
 			}
-			leaves = append(leaves, wireMember{user: id})
+			leaves = append(leaves, wire.Member{User: id})
 			if h.cfg.onPresence != nil {
 				ev.Leaves = append(ev.Leaves, Member{UserID: id})
 			}
 		}
 	}
 	if len(joins)+len(leaves) > 0 {
-		byUser := func(a, b wireMember) int { return strings.Compare(a.user, b.user) }
+		byUser := func(a, b wire.Member) int { return strings.Compare(a.User, b.User) }
 		slices.SortFunc(joins, byUser)
 		slices.SortFunc(leaves, byUser)
-		msg := appendPresence(nil, t.name, nonNil(joins), nonNil(leaves))
+		msg := wire.AppendPresence(nil, t.name, nonNil(joins), nonNil(leaves))
 		for _, c := range t.subs {
 			if c.coalesce {
 				c.enqueue(msg)
@@ -216,9 +211,9 @@ func (h *Hub) announce(t *topic) {
 	}
 }
 
-func nonNil(ms []wireMember) []wireMember {
+func nonNil(ms []wire.Member) []wire.Member {
 	if ms == nil {
-		return []wireMember{}
+		return []wire.Member{}
 	}
 	return ms
 }
@@ -233,16 +228,16 @@ func (u *presentUser) member(id string) Member {
 	return m
 }
 
-func (u *presentUser) localConns() []MemberConn {
-	out := make([]MemberConn, len(u.conns))
+func (u *presentUser) localConns() []adapter.MemberConn {
+	out := make([]adapter.MemberConn, len(u.conns))
 	for i, c := range u.conns {
-		out[i] = MemberConn{ID: c.hc.id, Meta: c.hc.meta}
+		out[i] = adapter.MemberConn{ID: c.hc.id, Meta: c.hc.meta}
 	}
 	return out
 }
 
 // remotePresence is Node.Presence.
-func (h *Hub) remotePresence(name string, members []RemoteMember, snapshot bool) {
+func (h *Hub) remotePresence(name string, members []adapter.RemoteMember, snapshot bool) {
 	t := h.lockExisting(name)
 	if t == nil {
 		return
@@ -272,7 +267,7 @@ func (h *Hub) remotePresence(name string, members []RemoteMember, snapshot bool)
 			p.users[m.UserID] = u
 		}
 		if u.remote == nil {
-			u.remote = make(map[string][]MemberConn)
+			u.remote = make(map[string][]adapter.MemberConn)
 		}
 		u.remote[m.Node] = m.Conns
 	}

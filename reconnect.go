@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/tether-ws/tether/internal/wire"
 	"golang.org/x/time/rate"
 )
 
@@ -250,9 +251,9 @@ func (cl *Client) connect(url string) (*Conn, error) {
 		return nil, fmt.Errorf("tether: dial %s: before the welcome: %w", url, err)
 	}
 	line, rest, _ := bytes.Cut(bytes.TrimLeft(data, "\n"), []byte{'\n'})
-	welcome, err := decodeServerFrame(line)
-	if err == nil && welcome.op != opWelcome {
-		err = fmt.Errorf("got %q", welcome.op)
+	welcome, err := wire.DecodeServer(line)
+	if err == nil && welcome.Op != wire.OpWelcome {
+		err = fmt.Errorf("got %q", welcome.Op)
 	}
 	if err != nil {
 		ws.Close(websocket.StatusProtocolError, "welcome expected")
@@ -260,8 +261,8 @@ func (cl *Client) connect(url string) (*Conn, error) {
 	}
 
 	cfg := *cl.cfg.conn
-	if welcome.interval > 0 && welcome.timeout > welcome.interval {
-		cfg.interval, cfg.timeout = welcome.interval, welcome.timeout
+	if welcome.Interval > 0 && welcome.Timeout > welcome.Interval {
+		cfg.interval, cfg.timeout = welcome.Interval, welcome.Timeout
 	}
 	cfg.overflow = DropNewest // Publish reports a full queue; the conn stays
 	cfg.onMessage = cl.onMessage
@@ -276,10 +277,10 @@ func (cl *Client) connect(url string) (*Conn, error) {
 	}
 	cl.conn = c
 	cl.lim = nil
-	if l := welcome.limits; l.perSecond > 0 {
+	if l := welcome.Limits; l.PerSecond > 0 {
 		// 90 % of the rate and the burst: the rest is for what is not
 		// paced, pings and unsubs.
-		cl.lim = rate.NewLimiter(rate.Limit(l.perSecond*0.9), int(max(min(l.burst, math.MaxInt32)*9/10, 1)))
+		cl.lim = rate.NewLimiter(rate.Limit(l.PerSecond*0.9), int(max(min(l.Burst, math.MaxInt32)*9/10, 1)))
 	}
 	cl.mu.Unlock()
 	// What came with the welcome (an offline backlog), before the reader
@@ -382,8 +383,8 @@ func (cl *Client) lost(c *Conn, reason error) {
 	for _, line := range unsent {
 		// The lines are the client's own encoding; only publications and
 		// sends are kept, subscriptions are made afresh.
-		if f, err := decodeFrame(line); err == nil && (f.op == opPub || f.op == opSend) {
-			if req := cl.requests[f.id]; req != nil {
+		if f, err := wire.DecodeClient(line); err == nil && (f.Op == wire.OpPub || f.Op == wire.OpSend) {
+			if req := cl.requests[f.ID]; req != nil {
 				back = append(back, req)
 			}
 		}

@@ -1,5 +1,5 @@
 // Package redisbroker links tether hubs in several processes through a
-// Redis server: it is a [tether.Broker].
+// Redis server: it is a [adapter.Broker].
 //
 //	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:6379"})
 //	hub, err := tether.NewHub(tether.WithBroker(redisbroker.New(rdb)))
@@ -43,20 +43,21 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 )
 
 // ErrUnavailable is returned, wrapped, while the broker has no working
 // link to Redis.
 var ErrUnavailable = errors.New("redisbroker: redis unavailable")
 
-// Broker is a [tether.Broker] over Redis. Create it with [New] and pass
+// Broker is a [adapter.Broker] over Redis. Create it with [New] and pass
 // it to [tether.WithBroker]; it serves one hub.
 type Broker struct {
 	rdb redis.UniversalClient
 	cfg config
 	log *slog.Logger
 
-	node *tether.Node
+	node adapter.Node
 	id   string
 
 	ctx    context.Context // ends with Close
@@ -69,13 +70,13 @@ type Broker struct {
 	gen       uint64          // counts sessions: a Hold waiting on one that ended gives up
 	up        bool            // subscribed and reconciled: calls go to Redis
 	holds     map[string]*hold
-	users     map[string]struct{}                       // users with a conn here
-	present   map[string]map[string][]tether.MemberConn // topic → user → conns here
-	snapshots map[string]*pendingSnapshot               // by marker
-	ops       []op                                      // for the writer, in order
-	held      []string                                  // direct messages received before up, in order
-	run       string                                    // the Redis server's run_id, read at each session
-	directMu  sync.Mutex                                // orders direct deliveries with reconcile's
+	users     map[string]struct{}                        // users with a conn here
+	present   map[string]map[string][]adapter.MemberConn // topic → user → conns here
+	snapshots map[string]*pendingSnapshot                // by marker
+	ops       []op                                       // for the writer, in order
+	held      []string                                   // direct messages received before up, in order
+	run       string                                     // the Redis server's run_id, read at each session
+	directMu  sync.Mutex                                 // orders direct deliveries with reconcile's
 	wake      chan struct{}
 	closing   bool
 
@@ -132,7 +133,7 @@ func New(rdb redis.UniversalClient, opts ...Option) *Broker {
 		log:       log,
 		holds:     make(map[string]*hold),
 		users:     make(map[string]struct{}),
-		present:   make(map[string]map[string][]tether.MemberConn),
+		present:   make(map[string]map[string][]adapter.MemberConn),
 		snapshots: make(map[string]*pendingSnapshot),
 		wake:      make(chan struct{}, 1),
 	}
@@ -142,10 +143,10 @@ func (b *Broker) key(kind, name string) string     { return b.cfg.prefix + ":" +
 func (b *Broker) topicChannel(topic string) string { return b.key("t", topic) }
 func (b *Broker) nodeChannel(id string) string     { return b.key("n", id) }
 
-// Open implements [tether.Broker]: it starts the broker's goroutines. It
+// Open implements [adapter.Broker]: it starts the broker's goroutines. It
 // does not wait for Redis: until the broker is linked, the hub delivers
 // to its own conns only.
-func (b *Broker) Open(node *tether.Node) error {
+func (b *Broker) Open(node adapter.Node) error {
 	if b.node != nil {
 		return errors.New("redisbroker: a broker serves one hub")
 	}
@@ -159,7 +160,7 @@ func (b *Broker) Open(node *tether.Node) error {
 	return nil
 }
 
-// Close implements [tether.Broker]: it withdraws this node's users and
+// Close implements [adapter.Broker]: it withdraws this node's users and
 // presence from Redis, announcing the leaves, and stops the broker.
 func (b *Broker) Close() error {
 	b.mu.Lock()
@@ -440,7 +441,7 @@ func (b *Broker) topicMessage(ctx context.Context, topic, payload string) {
 		b.log.Warn("redisbroker: malformed topic message", "topic", topic, "payload", truncate(payload), "err", err)
 	case ev != nil:
 		if ev.Node != b.id {
-			b.node.Presence(topic, []tether.RemoteMember{ev.member()}, false)
+			b.node.Presence(topic, []adapter.RemoteMember{ev.member()}, false)
 		}
 	default:
 		b.node.Deliver(topic, pos, data)
@@ -474,18 +475,18 @@ func parseTopicPayload(payload string) (tether.Position, []byte, *presenceEvent,
 // presenceEvent is a user's presence change at a node, as published on
 // the topic's channel; Conns is empty for a leave.
 type presenceEvent struct {
-	Node  string              `json:"n"`
-	User  string              `json:"u"`
-	Conns []tether.MemberConn `json:"c,omitempty"`
+	Node  string               `json:"n"`
+	User  string               `json:"u"`
+	Conns []adapter.MemberConn `json:"c,omitempty"`
 }
 
-func (ev presenceEvent) member() tether.RemoteMember {
-	return tether.RemoteMember{Node: ev.Node, Member: tether.Member{UserID: ev.User, Conns: noNullMeta(ev.Conns)}}
+func (ev presenceEvent) member() adapter.RemoteMember {
+	return adapter.RemoteMember{Node: ev.Node, Member: tether.Member{UserID: ev.User, Conns: noNullMeta(ev.Conns)}}
 }
 
 // noNullMeta restores the nil Meta of conns without metadata, which JSON
 // turned into null.
-func noNullMeta(conns []tether.MemberConn) []tether.MemberConn {
+func noNullMeta(conns []adapter.MemberConn) []adapter.MemberConn {
 	for i := range conns {
 		if string(conns[i].Meta) == "null" {
 			conns[i].Meta = nil
@@ -627,7 +628,7 @@ func (b *Broker) rewrite(ctx context.Context, users []string, joins []presenceRe
 
 type presenceRecord struct {
 	topic, user string
-	conns       []tether.MemberConn
+	conns       []adapter.MemberConn
 }
 
 // waitConfirmed waits until t's SUBSCRIBE is in effect, or the session
@@ -848,7 +849,7 @@ func (b *Broker) ttl(age time.Duration) int64 {
 	return max(age, time.Hour).Milliseconds()
 }
 
-// Publish implements [tether.Broker].
+// Publish implements [adapter.Broker].
 func (b *Broker) Publish(ctx context.Context, topic string, data []byte) (tether.Position, error) {
 	ctx, done, err := b.call(ctx)
 	if err != nil {
@@ -872,8 +873,8 @@ func position(res []any) (tether.Position, error) {
 	return tether.Position{Epoch: epoch, Seq: uint64(seq)}, nil
 }
 
-// Since implements [tether.Broker].
-func (b *Broker) Since(ctx context.Context, topic string, pos tether.Position) ([]tether.HistoryEntry, tether.Position, bool, error) {
+// Since implements [adapter.Broker].
+func (b *Broker) Since(ctx context.Context, topic string, pos tether.Position) ([]adapter.HistoryEntry, tether.Position, bool, error) {
 	ctx, done, err := b.callIn(ctx, true)
 	if err != nil {
 		return nil, tether.Position{}, false, err
@@ -891,15 +892,15 @@ func (b *Broker) Since(ctx context.Context, topic string, pos tether.Position) (
 	if ok, _ := res[2].(int64); ok != 1 {
 		return nil, last, false, nil
 	}
-	entries := make([]tether.HistoryEntry, 0, len(res)-3)
+	entries := make([]adapter.HistoryEntry, 0, len(res)-3)
 	for i, d := range res[3:] {
 		s, _ := d.(string)
-		entries = append(entries, tether.HistoryEntry{Seq: pos.Seq + uint64(i) + 1, Data: []byte(s)})
+		entries = append(entries, adapter.HistoryEntry{Seq: pos.Seq + uint64(i) + 1, Data: []byte(s)})
 	}
 	return entries, last, true, nil
 }
 
-// Hold implements [tether.Broker]. The first reference subscribes to the
+// Hold implements [adapter.Broker]. The first reference subscribes to the
 // topic's channel and, once Redis confirms it, hands the node the
 // topic's presence on the other nodes.
 func (b *Broker) Hold(ctx context.Context, topic string) error {
@@ -936,7 +937,7 @@ func (b *Broker) Hold(ctx context.Context, topic string) error {
 	return nil
 }
 
-// Release implements [tether.Broker]: the last reference unsubscribes.
+// Release implements [adapter.Broker]: the last reference unsubscribes.
 func (b *Broker) Release(topic string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -968,7 +969,7 @@ func (b *Broker) Release(topic string) {
 // it happened before the read, what follows, after.
 func (b *Broker) snapshot(ctx context.Context, topic string) error {
 	marker := newEpoch()
-	sn := &pendingSnapshot{members: make(chan []tether.RemoteMember, 1), applied: make(chan struct{})}
+	sn := &pendingSnapshot{members: make(chan []adapter.RemoteMember, 1), applied: make(chan struct{})}
 	b.mu.Lock()
 	b.snapshots[marker] = sn
 	b.mu.Unlock()
@@ -982,7 +983,7 @@ func (b *Broker) snapshot(ctx context.Context, topic string) error {
 		close(sn.members) // the receive loop may be waiting: nothing comes
 		return err
 	}
-	sn.members <- slices.DeleteFunc(all, func(m tether.RemoteMember) bool { return m.Node == b.id })
+	sn.members <- slices.DeleteFunc(all, func(m adapter.RemoteMember) bool { return m.Node == b.id })
 	select {
 	case <-sn.applied:
 		return nil
@@ -994,7 +995,7 @@ func (b *Broker) snapshot(ctx context.Context, topic string) error {
 // pendingSnapshot is a snapshot on its way to the node: read by snapshot,
 // handed to the node by the receive loop.
 type pendingSnapshot struct {
-	members chan []tether.RemoteMember // closed if the read failed
+	members chan []adapter.RemoteMember // closed if the read failed
 	applied chan struct{}
 }
 
@@ -1020,25 +1021,25 @@ func (b *Broker) applySnapshot(ctx context.Context, topic, marker string) {
 
 // members returns the presence on topic at every live node; with a
 // marker, it also publishes it on the topic's channel.
-func (b *Broker) members(ctx context.Context, topic, marker string) ([]tether.RemoteMember, error) {
+func (b *Broker) members(ctx context.Context, topic, marker string) ([]adapter.RemoteMember, error) {
 	res, err := membersScript.Run(ctx, b.rdb, []string{b.key("p", topic), b.cfg.prefix + ":nodes"},
 		b.topicChannel(topic), marker).StringSlice()
 	if err != nil {
 		return nil, err
 	}
-	var out []tether.RemoteMember
+	var out []adapter.RemoteMember
 	for i := 0; i+1 < len(res); i += 2 {
 		node, user, ok := strings.Cut(res[i], ":")
-		var conns []tether.MemberConn
+		var conns []adapter.MemberConn
 		if !ok || json.Unmarshal([]byte(res[i+1]), &conns) != nil || len(conns) == 0 {
 			continue
 		}
-		out = append(out, tether.RemoteMember{Node: node, Member: tether.Member{UserID: user, Conns: noNullMeta(conns)}})
+		out = append(out, adapter.RemoteMember{Node: node, Member: tether.Member{UserID: user, Conns: noNullMeta(conns)}})
 	}
 	return out, nil
 }
 
-// Members implements [tether.Broker].
+// Members implements [adapter.Broker].
 func (b *Broker) Members(ctx context.Context, topic string) ([]tether.Member, error) {
 	ctx, done, err := b.call(ctx)
 	if err != nil {
@@ -1049,7 +1050,7 @@ func (b *Broker) Members(ctx context.Context, topic string) ([]tether.Member, er
 	if err != nil {
 		return nil, err
 	}
-	slices.SortFunc(all, func(a, c tether.RemoteMember) int {
+	slices.SortFunc(all, func(a, c adapter.RemoteMember) int {
 		return cmpOr(strings.Compare(a.UserID, c.UserID), strings.Compare(a.Node, c.Node))
 	})
 	var out []tether.Member
@@ -1070,12 +1071,12 @@ func cmpOr(a, b int) int {
 	return b
 }
 
-// Join implements [tether.Broker].
-func (b *Broker) Join(topic, userID string, conns []tether.MemberConn) {
+// Join implements [adapter.Broker].
+func (b *Broker) Join(topic, userID string, conns []adapter.MemberConn) {
 	b.mu.Lock()
 	m := b.present[topic]
 	if m == nil {
-		m = make(map[string][]tether.MemberConn)
+		m = make(map[string][]adapter.MemberConn)
 		b.present[topic] = m
 	}
 	m[userID] = conns
@@ -1085,7 +1086,7 @@ func (b *Broker) Join(topic, userID string, conns []tether.MemberConn) {
 	}})
 }
 
-// Leave implements [tether.Broker].
+// Leave implements [adapter.Broker].
 func (b *Broker) Leave(topic, userID string) {
 	b.mu.Lock()
 	if m := b.present[topic]; m != nil {
@@ -1100,7 +1101,7 @@ func (b *Broker) Leave(topic, userID string) {
 	}})
 }
 
-func (b *Broker) join(ctx context.Context, topic, user string, conns []tether.MemberConn) error {
+func (b *Broker) join(ctx context.Context, topic, user string, conns []adapter.MemberConn) error {
 	cj, err := json.Marshal(conns)
 	if err != nil {
 		return err
@@ -1131,7 +1132,7 @@ func parsePresenceKey(k string) (topic, user string, ok bool) {
 	return parseSized(k)
 }
 
-// SendToUser implements [tether.Broker].
+// SendToUser implements [adapter.Broker].
 func (b *Broker) SendToUser(ctx context.Context, userID string, data []byte) error {
 	ctx, done, err := b.call(ctx)
 	if err != nil {
@@ -1145,12 +1146,12 @@ func (b *Broker) SendToUser(ctx context.Context, userID string, data []byte) err
 		return err
 	}
 	if n < 0 {
-		return fmt.Errorf("%w: the broker keeps no offline messages", tether.ErrOfflineFull)
+		return fmt.Errorf("%w: the broker keeps no offline messages", adapter.ErrOfflineFull)
 	}
 	return nil
 }
 
-// Connect implements [tether.Broker].
+// Connect implements [adapter.Broker].
 func (b *Broker) Connect(ctx context.Context, userID string) ([][]byte, error) {
 	b.mu.Lock()
 	b.users[userID] = struct{}{}
@@ -1188,7 +1189,7 @@ func (b *Broker) connect(ctx context.Context, user string) ([][]byte, error) {
 	return out, nil
 }
 
-// Disconnect implements [tether.Broker].
+// Disconnect implements [adapter.Broker].
 func (b *Broker) Disconnect(userID string) {
 	b.mu.Lock()
 	delete(b.users, userID)
@@ -1205,7 +1206,7 @@ func (b *Broker) keep(ctx context.Context, user string, data []byte) error {
 	return keepScript.Run(ctx, b.rdb, []string{b.key("o", user)}, data, b.cfg.offlineLen, b.ttl(b.cfg.offlineAge)).Err()
 }
 
-// Online implements [tether.Broker].
+// Online implements [adapter.Broker].
 func (b *Broker) Online(ctx context.Context, userID string) (bool, error) {
 	ctx, done, err := b.call(ctx)
 	if err != nil {

@@ -66,7 +66,7 @@ func WithHistory(messages int, maxAge time.Duration) Option {
 // with no conn on any node, oldest pushed out first, and for how long, by
 // default 100 for 24 hours. With messages <= 0 it keeps none, and
 // SendToUser to such a user returns an error wrapping
-// [tether.ErrOfflineFull].
+// [adapter.ErrOfflineFull].
 func WithOffline(messages int, maxAge time.Duration) Option {
 	return func(c *config) { c.offlineLen, c.offlineAge = max(messages, 0), max(maxAge, 0) }
 }

@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 )
 
 // The payloads on Redis channels and in a node's records are written by
@@ -28,7 +29,7 @@ func TestPayloadRoundTrips(t *testing.T) {
 	if err != nil || ev != nil || pos != (tether.Position{Epoch: "AbC_-x", Seq: 42}) || string(data) != `{"k":"a:b"}` {
 		t.Errorf("message: got %v %q %v %v", pos, data, ev, err)
 	}
-	want := presenceEvent{Node: "n1", User: "bob", Conns: []tether.MemberConn{{ID: "c1", Meta: json.RawMessage(`{"d":1}`)}}}
+	want := presenceEvent{Node: "n1", User: "bob", Conns: []adapter.MemberConn{{ID: "c1", Meta: json.RawMessage(`{"d":1}`)}}}
 	b, _ := json.Marshal(want)
 	_, _, ev, err = parseTopicPayload("p" + string(b))
 	if err != nil || ev == nil || ev.Node != "n1" || ev.User != "bob" || len(ev.Conns) != 1 || string(ev.Conns[0].Meta) != `{"d":1}` {

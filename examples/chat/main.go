@@ -44,6 +44,7 @@ import (
 	"time"
 
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 )
 
 func main() {
@@ -473,15 +474,15 @@ func (rs *rooms) transcript(name string) []message {
 
 // history returns the hub's History: tether's in-memory one, which also
 // records each room's messages in its transcript.
-func (rs *rooms) history() tether.History {
-	return &recordingHistory{History: tether.NewMemoryHistory(256, 2*time.Minute), rooms: rs}
+func (rs *rooms) history() adapter.History {
+	return &recordingHistory{History: adapter.NewMemoryHistory(256, 2*time.Minute), rooms: rs}
 }
 
 // recordingHistory is a History that copies every message appended to a
 // room into the room's transcript. The hub calls Append for a topic one
 // call at a time, in publication order, so the transcript is in order.
 type recordingHistory struct {
-	tether.History
+	adapter.History
 	rooms *rooms
 }
 

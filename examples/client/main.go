@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 )
 
 func main() {
@@ -112,7 +113,7 @@ func run(ctx context.Context, url, topic string, out io.Writer) error {
 // clients see of a deploy. It returns when ctx ends.
 func demo(ctx context.Context, ln net.Listener, topic string, tick, restart time.Duration) error {
 	addr := ln.Addr().String()
-	history := tether.NewMemoryHistory(1000, time.Minute)
+	history := adapter.NewMemoryHistory(1000, time.Minute)
 	n := 0
 	for {
 		hub, err := tether.NewHub(tether.WithHistory(history))

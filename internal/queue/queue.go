@@ -1,13 +1,14 @@
-package tether
+// Package queue holds a connection's send queue.
+package queue
 
 import "sync"
 
-// sendQueue is a FIFO of messages bounded in count and bytes. It is a list
+// Queue is a FIFO of messages bounded in count and bytes. It is a list
 // of fixed-size chunks shared through a pool: an idle conn's queue holds
 // no chunk, and a busy one takes chunks from the pool and gives them back
 // as it drains, so fan-out to many conns allocates nothing per message in
-// the steady state. It is not safe for concurrent use: Conn.mu guards it.
-type sendQueue struct {
+// the steady state. It is not safe for concurrent use: the conn's lock guards it.
+type Queue struct {
 	head, tail *queueChunk
 	hi, ti     int // next read in head, next write in tail
 	n          int
@@ -25,10 +26,10 @@ type queueChunk struct {
 
 var queueChunks = sync.Pool{New: func() any { return new(queueChunk) }}
 
-// push appends msg if it fits within maxMsgs and maxBytes. If it does not
+// Push appends msg if it fits within maxMsgs and maxBytes. If it does not
 // and dropOldest is set, the oldest messages are dropped to make room.
 // It returns how many were dropped and whether msg was queued.
-func (q *sendQueue) push(msg []byte, maxMsgs, maxBytes int, dropOldest bool) (dropped int, ok bool) {
+func (q *Queue) Push(msg []byte, maxMsgs, maxBytes int, dropOldest bool) (dropped int, ok bool) {
 	if len(msg) > maxBytes {
 		return 0, false // could never fit: dropping everything would not help
 	}
@@ -36,7 +37,7 @@ func (q *sendQueue) push(msg []byte, maxMsgs, maxBytes int, dropOldest bool) (dr
 		if !dropOldest {
 			return dropped, false
 		}
-		q.pop()
+		q.Pop()
 		dropped++
 	}
 	if q.tail == nil || q.ti == queueChunkLen {
@@ -55,17 +56,17 @@ func (q *sendQueue) push(msg []byte, maxMsgs, maxBytes int, dropOldest bool) (dr
 	return dropped, true
 }
 
-// peek returns the oldest message without removing it.
-func (q *sendQueue) peek() ([]byte, bool) {
+// Peek returns the oldest message without removing it.
+func (q *Queue) Peek() ([]byte, bool) {
 	if q.n == 0 {
 		return nil, false
 	}
 	return q.head.msgs[q.hi], true
 }
 
-// each calls f with each queued message, oldest first, until f returns
+// Each calls f with Each queued message, oldest first, until f returns
 // false.
-func (q *sendQueue) each(f func([]byte) bool) {
+func (q *Queue) Each(f func([]byte) bool) {
 	c, i := q.head, q.hi
 	for range q.n {
 		if i == queueChunkLen {
@@ -78,7 +79,7 @@ func (q *sendQueue) each(f func([]byte) bool) {
 	}
 }
 
-func (q *sendQueue) pop() ([]byte, bool) {
+func (q *Queue) Pop() ([]byte, bool) {
 	if q.n == 0 {
 		return nil, false
 	}
@@ -89,7 +90,7 @@ func (q *sendQueue) pop() ([]byte, bool) {
 	q.bytes -= len(msg)
 	switch {
 	case q.n == 0:
-		q.reset() // drained: the chunk goes back to the pool
+		q.Reset() // drained: the chunk goes back to the pool
 	case q.hi == queueChunkLen:
 		done := q.head
 		q.head, q.hi = done.next, 0
@@ -99,16 +100,16 @@ func (q *sendQueue) pop() ([]byte, bool) {
 	return msg, true
 }
 
-// len returns the number of queued messages and their bytes.
-func (q *sendQueue) len() (msgs, bytes int) { return q.n, q.bytes }
+// Len returns the number of queued messages and their bytes.
+func (q *Queue) Len() (msgs, bytes int) { return q.n, q.bytes }
 
-// reset drops every message and gives the chunks back to the pool.
-func (q *sendQueue) reset() {
+// Reset drops every message and gives the chunks back to the pool.
+func (q *Queue) Reset() {
 	for c := q.head; c != nil; {
 		next := c.next
 		*c = queueChunk{}
 		queueChunks.Put(c)
 		c = next
 	}
-	*q = sendQueue{}
+	*q = Queue{}
 }

@@ -1,4 +1,4 @@
-package tether_test
+package adapter_test
 
 import (
 	"context"
@@ -10,14 +10,14 @@ import (
 	"testing/synctest"
 	"time"
 
-	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 )
 
 // appendAll appends each of msgs to topic and returns the position of the
 // last one.
-func appendAll(t *testing.T, h tether.History, topic string, msgs ...string) tether.Position {
+func appendAll(t *testing.T, h adapter.History, topic string, msgs ...string) adapter.Position {
 	t.Helper()
-	var pos tether.Position
+	var pos adapter.Position
 	for _, m := range msgs {
 		var err error
 		if pos, err = h.Append(context.Background(), topic, []byte(m)); err != nil {
@@ -29,7 +29,7 @@ func appendAll(t *testing.T, h tether.History, topic string, msgs ...string) tet
 
 // since calls h.Since and returns the entries' data as strings, so that
 // tests compare them in one line.
-func since(t *testing.T, h tether.History, topic string, pos tether.Position) (data []string, last tether.Position, ok bool) {
+func since(t *testing.T, h adapter.History, topic string, pos adapter.Position) (data []string, last adapter.Position, ok bool) {
 	t.Helper()
 	entries, last, ok, err := h.Since(context.Background(), topic, pos)
 	if err != nil {
@@ -50,7 +50,7 @@ func since(t *testing.T, h tether.History, topic string, pos tether.Position) (d
 }
 
 func TestMemoryHistoryAppendSeqs(t *testing.T) {
-	h := tether.NewMemoryHistory(10, time.Minute)
+	h := adapter.NewMemoryHistory(10, time.Minute)
 	ctx := context.Background()
 	var epoch string
 	for i, m := range []string{"a", "b", "c"} {
@@ -72,24 +72,24 @@ func TestMemoryHistoryAppendSeqs(t *testing.T) {
 }
 
 func TestMemoryHistorySince(t *testing.T) {
-	h := tether.NewMemoryHistory(3, time.Minute)
+	h := adapter.NewMemoryHistory(3, time.Minute)
 	appendAll(t, h, "t", "a", "b", "c", "d", "e") // keeps c, d, e
-	_, cur, _ := since(t, h, "t", tether.Position{})
+	_, cur, _ := since(t, h, "t", adapter.Position{})
 
 	tests := []struct {
 		name string
-		pos  tether.Position
+		pos  adapter.Position
 		want []string
 		ok   bool
 	}{
-		{"gap held", tether.Position{Epoch: cur.Epoch, Seq: 3}, []string{"d", "e"}, true},
-		{"gap exactly held", tether.Position{Epoch: cur.Epoch, Seq: 2}, []string{"c", "d", "e"}, true},
-		{"at last", tether.Position{Epoch: cur.Epoch, Seq: 5}, nil, true},
-		{"gap fell out of the ring", tether.Position{Epoch: cur.Epoch, Seq: 1}, nil, false},
-		{"from the start, fell out", tether.Position{Epoch: cur.Epoch, Seq: 0}, nil, false},
-		{"beyond last", tether.Position{Epoch: cur.Epoch, Seq: 6}, nil, false},
-		{"wrong epoch", tether.Position{Epoch: cur.Epoch + "x", Seq: 4}, nil, false},
-		{"no epoch", tether.Position{Seq: 5}, nil, false},
+		{"gap held", adapter.Position{Epoch: cur.Epoch, Seq: 3}, []string{"d", "e"}, true},
+		{"gap exactly held", adapter.Position{Epoch: cur.Epoch, Seq: 2}, []string{"c", "d", "e"}, true},
+		{"at last", adapter.Position{Epoch: cur.Epoch, Seq: 5}, nil, true},
+		{"gap fell out of the ring", adapter.Position{Epoch: cur.Epoch, Seq: 1}, nil, false},
+		{"from the start, fell out", adapter.Position{Epoch: cur.Epoch, Seq: 0}, nil, false},
+		{"beyond last", adapter.Position{Epoch: cur.Epoch, Seq: 6}, nil, false},
+		{"wrong epoch", adapter.Position{Epoch: cur.Epoch + "x", Seq: 4}, nil, false},
+		{"no epoch", adapter.Position{Seq: 5}, nil, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -107,23 +107,23 @@ func TestMemoryHistorySince(t *testing.T) {
 // TestMemoryHistorySinceCopies checks that the caller may modify the
 // entries it gets without changing what is kept.
 func TestMemoryHistorySinceCopies(t *testing.T) {
-	h := tether.NewMemoryHistory(3, 0)
+	h := adapter.NewMemoryHistory(3, 0)
 	pos := appendAll(t, h, "t", "a", "b")
-	entries, _, _, _ := h.Since(context.Background(), "t", tether.Position{Epoch: pos.Epoch})
-	entries[0] = tether.HistoryEntry{Seq: 99, Data: []byte("z")}
-	if got, _, ok := since(t, h, "t", tether.Position{Epoch: pos.Epoch}); !ok || !slices.Equal(got, []string{"a", "b"}) {
+	entries, _, _, _ := h.Since(context.Background(), "t", adapter.Position{Epoch: pos.Epoch})
+	entries[0] = adapter.HistoryEntry{Seq: 99, Data: []byte("z")}
+	if got, _, ok := since(t, h, "t", adapter.Position{Epoch: pos.Epoch}); !ok || !slices.Equal(got, []string{"a", "b"}) {
 		t.Errorf("after modifying a result: %q, ok %v; want [a b]", got, ok)
 	}
 }
 
 func TestMemoryHistoryUnknownTopic(t *testing.T) {
-	h := tether.NewMemoryHistory(10, time.Minute)
-	got, last, ok := since(t, h, "new", tether.Position{Epoch: "stale", Seq: 7})
+	h := adapter.NewMemoryHistory(10, time.Minute)
+	got, last, ok := since(t, h, "new", adapter.Position{Epoch: "stale", Seq: 7})
 	if ok || got != nil || last.Epoch == "" || last.Seq != 0 {
 		t.Fatalf("Since on an unknown topic = %q, %+v, ok %v; want nothing, a fresh epoch at 0, not ok", got, last, ok)
 	}
 	// The epoch the client got stays valid: it resumes from it.
-	if pos := appendAll(t, h, "new", "a"); pos != (tether.Position{Epoch: last.Epoch, Seq: 1}) {
+	if pos := appendAll(t, h, "new", "a"); pos != (adapter.Position{Epoch: last.Epoch, Seq: 1}) {
 		t.Errorf("first Append after Since: %+v, want {%s 1}", pos, last.Epoch)
 	}
 	if got, _, ok := since(t, h, "new", last); !ok || !slices.Equal(got, []string{"a"}) {
@@ -134,7 +134,7 @@ func TestMemoryHistoryUnknownTopic(t *testing.T) {
 func TestMemoryHistoryNoMessages(t *testing.T) {
 	for _, n := range []int{0, -1} {
 		t.Run(strconv.Itoa(n), func(t *testing.T) {
-			h := tether.NewMemoryHistory(n, time.Minute)
+			h := adapter.NewMemoryHistory(n, time.Minute)
 			pos := appendAll(t, h, "t", "a", "b")
 			if pos.Seq != 2 {
 				t.Fatalf("seq %d, want 2: messages are numbered even when none are kept", pos.Seq)
@@ -142,7 +142,7 @@ func TestMemoryHistoryNoMessages(t *testing.T) {
 			if _, _, ok := since(t, h, "t", pos); !ok {
 				t.Error("Since at last: not ok; want ok, nothing was missed")
 			}
-			if _, _, ok := since(t, h, "t", tether.Position{Epoch: pos.Epoch, Seq: 1}); ok {
+			if _, _, ok := since(t, h, "t", adapter.Position{Epoch: pos.Epoch, Seq: 1}); ok {
 				t.Error("Since with a gap: ok; want not ok, nothing is kept")
 			}
 		})
@@ -151,7 +151,7 @@ func TestMemoryHistoryNoMessages(t *testing.T) {
 
 func TestMemoryHistoryExpiry(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		h := tether.NewMemoryHistory(10, time.Minute)
+		h := adapter.NewMemoryHistory(10, time.Minute)
 		appendAll(t, h, "t", "a", "b")
 		time.Sleep(30 * time.Second)
 		pos := appendAll(t, h, "t", "c")
@@ -168,7 +168,7 @@ func TestMemoryHistoryExpiry(t *testing.T) {
 			{3, nil, true},
 		}
 		for _, tt := range tests {
-			got, last, ok := since(t, h, "t", tether.Position{Epoch: pos.Epoch, Seq: tt.from})
+			got, last, ok := since(t, h, "t", adapter.Position{Epoch: pos.Epoch, Seq: tt.from})
 			if ok != tt.ok || !slices.Equal(got, tt.want) || last != pos {
 				t.Errorf("Since(seq %d) = %q, %+v, ok %v; want %q, %+v, ok %v", tt.from, got, last, ok, tt.want, pos, tt.ok)
 			}
@@ -178,10 +178,10 @@ func TestMemoryHistoryExpiry(t *testing.T) {
 
 func TestMemoryHistoryNoAgeLimit(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		h := tether.NewMemoryHistory(10, 0)
+		h := adapter.NewMemoryHistory(10, 0)
 		pos := appendAll(t, h, "t", "a", "b")
 		time.Sleep(1000 * time.Hour)
-		if got, last, ok := since(t, h, "t", tether.Position{Epoch: pos.Epoch}); !ok || !slices.Equal(got, []string{"a", "b"}) || last != pos {
+		if got, last, ok := since(t, h, "t", adapter.Position{Epoch: pos.Epoch}); !ok || !slices.Equal(got, []string{"a", "b"}) || last != pos {
 			t.Errorf("after 1000h: %q, %+v, ok %v; want [a b], %+v, ok", got, last, ok, pos)
 		}
 	})
@@ -192,7 +192,7 @@ func TestMemoryHistoryNoAgeLimit(t *testing.T) {
 // epoch rather than seq 1 again in the old one.
 func TestMemoryHistoryIdleTopicForgotten(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		h := tether.NewMemoryHistory(10, time.Minute)
+		h := adapter.NewMemoryHistory(10, time.Minute)
 		idle := appendAll(t, h, "idle", "a", "b")
 		busy := appendAll(t, h, "busy", "x")
 		for range 125 {
@@ -203,7 +203,7 @@ func TestMemoryHistoryIdleTopicForgotten(t *testing.T) {
 		if ok || last.Epoch == idle.Epoch || last.Seq != 0 {
 			t.Errorf("idle topic: %+v, ok %v; want a new epoch at seq 0, not ok", last, ok)
 		}
-		if pos := appendAll(t, h, "idle", "c"); pos != (tether.Position{Epoch: last.Epoch, Seq: 1}) {
+		if pos := appendAll(t, h, "idle", "c"); pos != (adapter.Position{Epoch: last.Epoch, Seq: 1}) {
 			t.Errorf("idle topic's next Append: %+v, want {%s 1}", pos, last.Epoch)
 		}
 		if _, last, ok := since(t, h, "busy", busy); !ok || last != busy {
@@ -218,7 +218,7 @@ func TestMemoryHistoryIdleTopicForgotten(t *testing.T) {
 // more topics went idle at once than one call sweeps.
 func TestMemoryHistoryManyIdleTopics(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		h := tether.NewMemoryHistory(10, time.Minute)
+		h := adapter.NewMemoryHistory(10, time.Minute)
 		for i := range 300 {
 			appendAll(t, h, "filler"+strconv.Itoa(i), "x")
 		}
@@ -229,7 +229,7 @@ func TestMemoryHistoryManyIdleTopics(t *testing.T) {
 		if got, last, ok := since(t, h, "a", a); !ok || len(got) != 0 || last != a {
 			t.Errorf("Since on quiet a at its last seq: %q, %+v, ok %v; want nothing missed at %+v", got, last, ok, a)
 		}
-		if _, last, ok := since(t, h, "b", tether.Position{Epoch: b.Epoch}); ok || last != b {
+		if _, last, ok := since(t, h, "b", adapter.Position{Epoch: b.Epoch}); ok || last != b {
 			t.Errorf("Since on quiet b from seq 0: %+v, ok %v; want not ok (expired) at %+v", last, ok, b)
 		}
 		time.Sleep(time.Hour) // every topic is idle
@@ -253,7 +253,7 @@ func TestMemoryHistoryConcurrent(t *testing.T) {
 		topics    = 4
 		rounds    = 200
 	)
-	h := tether.NewMemoryHistory(appenders*rounds, 0)
+	h := adapter.NewMemoryHistory(appenders*rounds, 0)
 	ctx := context.Background()
 	var (
 		wg   sync.WaitGroup
@@ -266,7 +266,7 @@ func TestMemoryHistoryConcurrent(t *testing.T) {
 	}
 	for a := range appenders {
 		wg.Go(func() {
-			prev := make(map[string]tether.Position)
+			prev := make(map[string]adapter.Position)
 			for r := range rounds {
 				topic := "t" + strconv.Itoa((a+r)%topics)
 				data := fmt.Sprintf("%d/%d", a, r)
@@ -292,14 +292,14 @@ func TestMemoryHistoryConcurrent(t *testing.T) {
 	for r := range readers {
 		readersWG.Go(func() {
 			topic := "t" + strconv.Itoa(r%topics)
-			_, cur, _, _ := h.Since(ctx, topic, tether.Position{})
+			_, cur, _, _ := h.Since(ctx, topic, adapter.Position{})
 			for {
 				select {
 				case <-stop:
 					return
 				default:
 				}
-				entries, last, ok, err := h.Since(ctx, topic, tether.Position{Epoch: cur.Epoch})
+				entries, last, ok, err := h.Since(ctx, topic, adapter.Position{Epoch: cur.Epoch})
 				if err != nil || !ok || last.Epoch != cur.Epoch || uint64(len(entries)) != last.Seq {
 					t.Errorf("%s: Since from 0 = %d entries, %+v, ok %v, %v; want all %d, ok", topic, len(entries), last, ok, err, last.Seq)
 					return
@@ -320,7 +320,7 @@ func TestMemoryHistoryConcurrent(t *testing.T) {
 	total := 0
 	for topic, bySeq := range sent {
 		total += len(bySeq)
-		entries, last, ok, err := h.Since(ctx, topic, tether.Position{Epoch: mustEpoch(t, h, topic)})
+		entries, last, ok, err := h.Since(ctx, topic, adapter.Position{Epoch: mustEpoch(t, h, topic)})
 		if err != nil || !ok || last.Seq != uint64(len(bySeq)) || len(entries) != len(bySeq) {
 			t.Fatalf("%s: %d entries, last %+v, ok %v, %v; want %d", topic, len(entries), last, ok, err, len(bySeq))
 		}
@@ -335,9 +335,9 @@ func TestMemoryHistoryConcurrent(t *testing.T) {
 	}
 }
 
-func mustEpoch(t *testing.T, h tether.History, topic string) string {
+func mustEpoch(t *testing.T, h adapter.History, topic string) string {
 	t.Helper()
-	_, last, _, err := h.Since(context.Background(), topic, tether.Position{})
+	_, last, _, err := h.Since(context.Background(), topic, adapter.Position{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -347,7 +347,7 @@ func mustEpoch(t *testing.T, h tether.History, topic string) string {
 func BenchmarkMemoryHistoryAppend(b *testing.B) {
 	for _, topics := range []int{1, 1024} {
 		b.Run("topics="+strconv.Itoa(topics), func(b *testing.B) {
-			h := tether.NewMemoryHistory(100, time.Minute)
+			h := adapter.NewMemoryHistory(100, time.Minute)
 			names := make([]string, topics)
 			for i := range names {
 				names[i] = "topic-" + strconv.Itoa(i)
@@ -368,7 +368,7 @@ func BenchmarkMemoryHistoryAppend(b *testing.B) {
 
 func ExampleNewMemoryHistory() {
 	ctx := context.Background()
-	h := tether.NewMemoryHistory(100, 5*time.Minute)
+	h := adapter.NewMemoryHistory(100, 5*time.Minute)
 	h.Append(ctx, "room", []byte("hello"))
 	pos, _ := h.Append(ctx, "room", []byte("world"))
 	h.Append(ctx, "room", []byte("again"))
@@ -382,7 +382,7 @@ func ExampleNewMemoryHistory() {
 
 	// One whose position is from another epoch (say, before a restart)
 	// must reload instead.
-	_, _, ok, _ = h.Since(ctx, "room", tether.Position{Epoch: "old", Seq: 2})
+	_, _, ok, _ = h.Since(ctx, "room", adapter.Position{Epoch: "old", Seq: 2})
 	fmt.Println(ok)
 	// Output:
 	// 3 again

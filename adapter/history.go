@@ -1,4 +1,4 @@
-package tether
+package adapter
 
 import (
 	"context"
@@ -7,48 +7,6 @@ import (
 	"sync"
 	"time"
 )
-
-// Position is a place in a topic's history: its epoch and the seq of a
-// message, 0 meaning before the first message. It is what a client sends
-// as `since` to resume (PROTOCOL.md section 10).
-type Position struct {
-	// Epoch names the topic's current run of seqs. Compare it only for
-	// equality: it changes when the history loses continuity.
-	Epoch string
-	// Seq is the seq of a message in Epoch; the first message is 1.
-	Seq uint64
-}
-
-// HistoryEntry is one message a [History] keeps.
-type HistoryEntry struct {
-	Seq  uint64
-	Data []byte
-}
-
-// History keeps the recent messages of each topic, so that a client that
-// reconnects can resume where it left off instead of reloading.
-//
-// Implementations must be safe for concurrent use by multiple goroutines.
-// The hub calls Append for a given topic one call at a time, in publish
-// order, and never modifies data after passing it, so an implementation
-// may keep data without copying it.
-//
-// [NewMemoryHistory] keeps history in the process; an adapter over shared
-// storage lets several processes serve one topic.
-type History interface {
-	// Append records data as the next message of topic and returns its
-	// position.
-	Append(ctx context.Context, topic string, data []byte) (Position, error)
-
-	// Since returns, in order, the messages of topic after pos, and the
-	// topic's current position: its epoch and last seq.
-	//
-	// ok is false when it cannot replay them all: pos.Epoch is not the
-	// current epoch, some message after pos.Seq is no longer kept, or
-	// pos.Seq is beyond the last seq. The client must then resync, and
-	// last is where it resumes from.
-	Since(ctx context.Context, topic string, pos Position) (entries []HistoryEntry, last Position, ok bool, err error)
-}
 
 // maxSeq bounds seqs below 2^53 so that JavaScript clients, whose numbers
 // are float64, read them exactly.

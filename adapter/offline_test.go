@@ -1,4 +1,4 @@
-package tether_test
+package adapter_test
 
 import (
 	"context"
@@ -12,11 +12,11 @@ import (
 	"testing/synctest"
 	"time"
 
-	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 )
 
 // store stores each of msgs for user and fails the test on an error.
-func store(t *testing.T, s tether.OfflineStore, user string, msgs ...string) {
+func store(t *testing.T, s adapter.OfflineStore, user string, msgs ...string) {
 	t.Helper()
 	for _, m := range msgs {
 		if err := s.Store(context.Background(), user, []byte(m)); err != nil {
@@ -26,7 +26,7 @@ func store(t *testing.T, s tether.OfflineStore, user string, msgs ...string) {
 }
 
 // take takes user's messages as strings.
-func take(t *testing.T, s tether.OfflineStore, user string) []string {
+func take(t *testing.T, s adapter.OfflineStore, user string) []string {
 	t.Helper()
 	msgs, err := s.Take(context.Background(), user)
 	if err != nil {
@@ -58,7 +58,7 @@ func TestMemoryOfflineStoreBounds(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s := tether.NewMemoryOfflineStore(tt.messages, tt.bytes, time.Minute, 1<<20)
+			s := adapter.NewMemoryOfflineStore(tt.messages, tt.bytes, time.Minute, 1<<20)
 			store(t, s, "u", tt.store...)
 			store(t, s, "other", "o") // users are independent
 			if got := take(t, s, "u"); !slices.Equal(got, tt.want) {
@@ -75,7 +75,7 @@ func TestMemoryOfflineStoreBounds(t *testing.T) {
 }
 
 func TestMemoryOfflineStoreTakeUnknown(t *testing.T) {
-	s := tether.NewMemoryOfflineStore(10, 100, time.Minute, 1<<20)
+	s := adapter.NewMemoryOfflineStore(10, 100, time.Minute, 1<<20)
 	msgs, err := s.Take(context.Background(), "nobody")
 	if msgs != nil || err != nil {
 		t.Errorf("Take on an unknown user = %q, %v; want nil, nil", msgs, err)
@@ -93,10 +93,10 @@ func TestMemoryOfflineStoreOversize(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s := tether.NewMemoryOfflineStore(10, tt.bytes, time.Minute, tt.totalBytes)
+			s := adapter.NewMemoryOfflineStore(10, tt.bytes, time.Minute, tt.totalBytes)
 			store(t, s, "u", "a")
 			err := s.Store(context.Background(), "u", []byte(tt.data))
-			if !errors.Is(err, tether.ErrOfflineFull) || err.Error() == tether.ErrOfflineFull.Error() {
+			if !errors.Is(err, adapter.ErrOfflineFull) || err.Error() == adapter.ErrOfflineFull.Error() {
 				t.Errorf("Store of %d bytes: %v; want ErrOfflineFull with a reason", len(tt.data), err)
 			}
 			if got := take(t, s, "u"); !slices.Equal(got, []string{"a"}) {
@@ -113,11 +113,11 @@ func TestMemoryOfflineStoreOversize(t *testing.T) {
 func TestMemoryOfflineStoreTotal(t *testing.T) {
 	ctx := context.Background()
 	msg := strings.Repeat("x", 1000)
-	s := tether.NewMemoryOfflineStore(10, 1500, time.Minute, 2500)
+	s := adapter.NewMemoryOfflineStore(10, 1500, time.Minute, 2500)
 	store(t, s, "u1", msg)
 	store(t, s, "u2", msg)
 	err := s.Store(ctx, "u3", []byte(msg))
-	if !errors.Is(err, tether.ErrOfflineFull) {
+	if !errors.Is(err, adapter.ErrOfflineFull) {
 		t.Fatalf("Store over the total bound: %v, want ErrOfflineFull", err)
 	}
 	// u2 replacing its own message fits: the oldest goes first.
@@ -138,8 +138,8 @@ func TestMemoryOfflineStoreTotal(t *testing.T) {
 func TestMemoryOfflineStoreKeepsNothing(t *testing.T) {
 	for _, b := range [][3]int{{0, 100, 1000}, {10, 0, 1000}, {10, 100, 0}, {-1, 100, 1000}} {
 		t.Run(fmt.Sprint(b), func(t *testing.T) {
-			s := tether.NewMemoryOfflineStore(b[0], b[1], time.Minute, b[2])
-			if err := s.Store(context.Background(), "u", []byte("a")); !errors.Is(err, tether.ErrOfflineFull) {
+			s := adapter.NewMemoryOfflineStore(b[0], b[1], time.Minute, b[2])
+			if err := s.Store(context.Background(), "u", []byte("a")); !errors.Is(err, adapter.ErrOfflineFull) {
 				t.Errorf("Store: %v, want ErrOfflineFull", err)
 			}
 			if got := take(t, s, "u"); got != nil {
@@ -151,7 +151,7 @@ func TestMemoryOfflineStoreKeepsNothing(t *testing.T) {
 
 func TestMemoryOfflineStoreExpiry(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		s := tether.NewMemoryOfflineStore(10, 100, time.Minute, 1<<20)
+		s := adapter.NewMemoryOfflineStore(10, 100, time.Minute, 1<<20)
 		store(t, s, "u", "a")
 		store(t, s, "gone", "g")
 		time.Sleep(30 * time.Second)
@@ -172,11 +172,11 @@ func TestMemoryOfflineStoreExpiryMakesRoom(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		ctx := context.Background()
 		msg := strings.Repeat("x", 1000)
-		s := tether.NewMemoryOfflineStore(2, 1500, time.Minute, 3000)
+		s := adapter.NewMemoryOfflineStore(2, 1500, time.Minute, 3000)
 		store(t, s, "u1", msg)
 		store(t, s, "u2", msg)
 		store(t, s, "u4", "a", "b")
-		if err := s.Store(ctx, "u3", []byte(msg)); !errors.Is(err, tether.ErrOfflineFull) {
+		if err := s.Store(ctx, "u3", []byte(msg)); !errors.Is(err, adapter.ErrOfflineFull) {
 			t.Fatalf("Store over the total bound: %v, want ErrOfflineFull", err)
 		}
 		time.Sleep(time.Minute + time.Second)
@@ -198,7 +198,7 @@ func TestMemoryOfflineStoreExpiryMakesRoom(t *testing.T) {
 // call sweeps.
 func TestMemoryOfflineStoreManyExpired(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		s := tether.NewMemoryOfflineStore(3, 100, time.Minute, 1<<20)
+		s := adapter.NewMemoryOfflineStore(3, 100, time.Minute, 1<<20)
 		for i := range 300 {
 			store(t, s, "filler"+strconv.Itoa(i), "x")
 		}
@@ -230,7 +230,7 @@ func TestMemoryOfflineStoreManyExpired(t *testing.T) {
 func TestMemoryOfflineStoreRoomRecovered(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		ctx := context.Background()
-		s := tether.NewMemoryOfflineStore(3, 250, time.Minute, 4000)
+		s := adapter.NewMemoryOfflineStore(3, 250, time.Minute, 4000)
 		msg := []byte(strings.Repeat("x", 100))
 		fill := func() (n int) {
 			for ; s.Store(ctx, "fill"+strconv.Itoa(n), msg) == nil; n++ {
@@ -264,7 +264,7 @@ func TestMemoryOfflineStoreRoomRecovered(t *testing.T) {
 
 func TestMemoryOfflineStoreNoAgeLimit(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		s := tether.NewMemoryOfflineStore(10, 100, 0, 1<<20)
+		s := adapter.NewMemoryOfflineStore(10, 100, 0, 1<<20)
 		store(t, s, "u", "a")
 		time.Sleep(1000 * time.Hour)
 		if got := take(t, s, "u"); !slices.Equal(got, []string{"a"}) {
@@ -282,7 +282,7 @@ func TestMemoryOfflineStoreConcurrent(t *testing.T) {
 		writers = 8
 		rounds  = 200
 	)
-	s := tether.NewMemoryOfflineStore(writers*rounds, 1<<20, 0, 1<<30)
+	s := adapter.NewMemoryOfflineStore(writers*rounds, 1<<20, 0, 1<<30)
 	ctx := context.Background()
 	var (
 		wg     sync.WaitGroup
@@ -351,7 +351,7 @@ func TestMemoryOfflineStoreConcurrent(t *testing.T) {
 
 func ExampleNewMemoryOfflineStore() {
 	ctx := context.Background()
-	s := tether.NewMemoryOfflineStore(2, 1<<10, time.Hour, 1<<20)
+	s := adapter.NewMemoryOfflineStore(2, 1<<10, time.Hour, 1<<20)
 	s.Store(ctx, "ann", []byte("one"))
 	s.Store(ctx, "ann", []byte("two"))
 	s.Store(ctx, "ann", []byte("three")) // pushes out "one"
@@ -364,7 +364,7 @@ func ExampleNewMemoryOfflineStore() {
 	fmt.Println(msgs == nil)
 
 	err := s.Store(ctx, "bob", make([]byte, 2<<10))
-	fmt.Println(errors.Is(err, tether.ErrOfflineFull))
+	fmt.Println(errors.Is(err, adapter.ErrOfflineFull))
 	// Output:
 	// two
 	// three

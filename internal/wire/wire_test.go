@@ -1,4 +1,4 @@
-package tether
+package wire
 
 import (
 	"bufio"
@@ -16,53 +16,53 @@ import (
 )
 
 // protoCase is one line for a decoder and what it must give: want, or a
-// *ProtocolError with code and id.
+// *Error with code and id.
 type protoCase struct {
 	name string
 	line string
-	want frame
-	code ErrorCode
+	want Frame
+	code Code
 	id   string
 }
 
 // clientCases drive TestDecodeFrame and seed FuzzDecode.
 var clientCases = []protoCase{
 	// Every op, with and without its optional fields.
-	{name: "ping", line: `{"op":"ping","ts":1700000000000}`, want: frame{op: opPing, ts: 1700000000000}},
-	{name: "ping without ts", line: `{"op":"ping"}`, want: frame{op: opPing}},
-	{name: "ping negative ts", line: `{"op":"ping","ts":-9223372036854775808}`, want: frame{op: opPing, ts: math.MinInt64}},
-	{name: "pong", line: `{"op":"pong","ts":42}`, want: frame{op: opPong, ts: 42}},
-	{name: "sub", line: `{"op":"sub","topic":"room:42"}`, want: frame{op: opSub, topic: "room:42"}},
+	{name: "ping", line: `{"op":"ping","ts":1700000000000}`, want: Frame{Op: OpPing, TS: 1700000000000}},
+	{name: "ping without ts", line: `{"op":"ping"}`, want: Frame{Op: OpPing}},
+	{name: "ping negative ts", line: `{"op":"ping","ts":-9223372036854775808}`, want: Frame{Op: OpPing, TS: math.MinInt64}},
+	{name: "pong", line: `{"op":"pong","ts":42}`, want: Frame{Op: OpPong, TS: 42}},
+	{name: "sub", line: `{"op":"sub","topic":"room:42"}`, want: Frame{Op: OpSub, Topic: "room:42"}},
 	{name: "sub with id and since", line: `{"op":"sub","topic":"room:42","since":{"epoch":"e1","seq":17},"id":"s1"}`,
-		want: frame{op: opSub, topic: "room:42", id: "s1", since: &wireSince{epoch: "e1", seq: 17}}},
+		want: Frame{Op: OpSub, Topic: "room:42", ID: "s1", Since: &Since{Epoch: "e1", Seq: 17}}},
 	{name: "sub since max seq", line: `{"op":"sub","topic":"t","since":{"epoch":"","seq":18446744073709551615}}`,
-		want: frame{op: opSub, topic: "t", since: &wireSince{seq: math.MaxUint64}}},
-	{name: "sub null since", line: `{"op":"sub","topic":"t","since":null,"id":null}`, want: frame{op: opSub, topic: "t"}},
-	{name: "unsub", line: `{"op":"unsub","topic":"room:42","id":"u1"}`, want: frame{op: opUnsub, topic: "room:42", id: "u1"}},
+		want: Frame{Op: OpSub, Topic: "t", Since: &Since{Seq: math.MaxUint64}}},
+	{name: "sub null since", line: `{"op":"sub","topic":"t","since":null,"id":null}`, want: Frame{Op: OpSub, Topic: "t"}},
+	{name: "unsub", line: `{"op":"unsub","topic":"room:42","id":"u1"}`, want: Frame{Op: OpUnsub, Topic: "room:42", ID: "u1"}},
 	{name: "pub", line: `{"op":"pub","topic":"chat","data":{"text":"hi","n":[1,2.5,null]},"id":"p1"}`,
-		want: frame{op: opPub, topic: "chat", id: "p1", data: json.RawMessage(`{"text":"hi","n":[1,2.5,null]}`)}},
-	{name: "pub null data", line: `{"op":"pub","topic":"chat","data":null}`, want: frame{op: opPub, topic: "chat", data: json.RawMessage(`null`)}},
-	{name: "pub string data", line: `{"op":"pub","topic":"chat","data":"a\"}b"}`, want: frame{op: opPub, topic: "chat", data: json.RawMessage(`"a\"}b"`)}},
-	{name: "send", line: `{"op":"send","data":[true,false]}`, want: frame{op: opSend, data: json.RawMessage(`[true,false]`)}},
-	{name: "send with id", line: `{"op":"send","data":7,"id":"x"}`, want: frame{op: opSend, id: "x", data: json.RawMessage(`7`)}},
+		want: Frame{Op: OpPub, Topic: "chat", ID: "p1", Data: json.RawMessage(`{"text":"hi","n":[1,2.5,null]}`)}},
+	{name: "pub null data", line: `{"op":"pub","topic":"chat","data":null}`, want: Frame{Op: OpPub, Topic: "chat", Data: json.RawMessage(`null`)}},
+	{name: "pub string data", line: `{"op":"pub","topic":"chat","data":"a\"}b"}`, want: Frame{Op: OpPub, Topic: "chat", Data: json.RawMessage(`"a\"}b"`)}},
+	{name: "send", line: `{"op":"send","data":[true,false]}`, want: Frame{Op: OpSend, Data: json.RawMessage(`[true,false]`)}},
+	{name: "send with id", line: `{"op":"send","data":7,"id":"x"}`, want: Frame{Op: OpSend, ID: "x", Data: json.RawMessage(`7`)}},
 
 	// Liberal in what is accepted.
-	{name: "op not first", line: `{"topic":"t","op":"sub"}`, want: frame{op: opSub, topic: "t"}},
+	{name: "op not first", line: `{"topic":"t","op":"sub"}`, want: Frame{Op: OpSub, Topic: "t"}},
 	{name: "whitespace everywhere", line: " \t{ \"op\" : \"pub\" , \"topic\" : \"t\" , \"data\" : { \"a\" : 1 } }\r",
-		want: frame{op: opPub, topic: "t", data: json.RawMessage(`{ "a" : 1 }`)}},
+		want: Frame{Op: OpPub, Topic: "t", Data: json.RawMessage(`{ "a" : 1 }`)}},
 	{name: "unknown fields ignored", line: `{"op":"sub","topic":"t","v":2,"extra":{"op":"pub","topic":[]},"Topic":1}`,
-		want: frame{op: opSub, topic: "t"}},
-	{name: "fields of other ops ignored", line: `{"op":"ping","ts":1,"topic":5,"data":{},"id":7}`, want: frame{op: opPing, ts: 1}},
-	{name: "escaped keys", line: `{"o\u0070":"unsub","\u0074opic":"a"}`, want: frame{op: opUnsub, topic: "a"}},
+		want: Frame{Op: OpSub, Topic: "t"}},
+	{name: "fields of other ops ignored", line: `{"op":"ping","ts":1,"topic":5,"data":{},"id":7}`, want: Frame{Op: OpPing, TS: 1}},
+	{name: "escaped keys", line: `{"o\u0070":"unsub","\u0074opic":"a"}`, want: Frame{Op: OpUnsub, Topic: "a"}},
 	{name: "last duplicate wins in since", line: `{"op":"sub","topic":"t","since":{"epoch":1,"seq":"x","epoch":"e","seq":2}}`,
-		want: frame{op: opSub, topic: "t", since: &wireSince{epoch: "e", seq: 2}}},
+		want: Frame{Op: OpSub, Topic: "t", Since: &Since{Epoch: "e", Seq: 2}}},
 	{name: "last duplicate wins", line: `{"op":"send","data":1,"op":"pub","topic":"t","data":[2]}`,
-		want: frame{op: opPub, topic: "t", data: json.RawMessage(`[2]`)}},
-	{name: "topic escapes", line: `{"op":"sub","topic":"a\"b\\c\/d\u00e9\u2028😀<>&"}`, want: frame{op: opSub, topic: "a\"b\\c/dé\u2028😀<>&"}},
-	{name: "lone surrogate becomes U+FFFD", line: `{"op":"sub","topic":"x\ud800"}`, want: frame{op: opSub, topic: "x\ufffd"}},
-	{name: "topic 256 bytes", line: `{"op":"sub","topic":"` + strings.Repeat("é", 128) + `"}`, want: frame{op: opSub, topic: strings.Repeat("é", 128)}},
-	{name: "id 64 bytes", line: `{"op":"unsub","topic":"t","id":"` + strings.Repeat("i", 64) + `"}`, want: frame{op: opUnsub, topic: "t", id: strings.Repeat("i", 64)}},
-	{name: "empty id", line: `{"op":"unsub","topic":"t","id":""}`, want: frame{op: opUnsub, topic: "t"}},
+		want: Frame{Op: OpPub, Topic: "t", Data: json.RawMessage(`[2]`)}},
+	{name: "topic escapes", line: `{"op":"sub","topic":"a\"b\\c\/d\u00e9\u2028😀<>&"}`, want: Frame{Op: OpSub, Topic: "a\"b\\c/dé\u2028😀<>&"}},
+	{name: "lone surrogate becomes U+FFFD", line: `{"op":"sub","topic":"x\ud800"}`, want: Frame{Op: OpSub, Topic: "x\ufffd"}},
+	{name: "topic 256 bytes", line: `{"op":"sub","topic":"` + strings.Repeat("é", 128) + `"}`, want: Frame{Op: OpSub, Topic: strings.Repeat("é", 128)}},
+	{name: "id 64 bytes", line: `{"op":"unsub","topic":"t","id":"` + strings.Repeat("i", 64) + `"}`, want: Frame{Op: OpUnsub, Topic: "t", ID: strings.Repeat("i", 64)}},
+	{name: "empty id", line: `{"op":"unsub","topic":"t","id":""}`, want: Frame{Op: OpUnsub, Topic: "t"}},
 
 	// Not a JSON object.
 	{name: "empty", line: ``, code: CodeBadRequest},
@@ -130,26 +130,26 @@ var clientCases = []protoCase{
 // serverCases drive TestDecodeServerFrame and seed FuzzDecodeServer.
 var serverCases = []protoCase{
 	{name: "welcome", line: `{"op":"welcome","session":"s-1","heartbeat":{"interval_ms":15000,"timeout_ms":30000}}`,
-		want: frame{op: opWelcome, session: "s-1", interval: 15 * time.Second, timeout: 30 * time.Second}},
+		want: Frame{Op: OpWelcome, Session: "s-1", Interval: 15 * time.Second, Timeout: 30 * time.Second}},
 	{name: "welcome with resume", line: `{"op":"welcome","session":"s","heartbeat":{"interval_ms":1,"timeout_ms":2},"resume":[{"topic":"a","epoch":"e","seq":3,"status":"ok"},{"topic":"b","epoch":"f","seq":0,"status":"resync"}]}`,
-		want: frame{op: opWelcome, session: "s", interval: time.Millisecond, timeout: 2 * time.Millisecond,
-			resume: []wireResume{{"a", "e", 3, resumeOK}, {"b", "f", 0, resumeResync}}}},
+		want: Frame{Op: OpWelcome, Session: "s", Interval: time.Millisecond, Timeout: 2 * time.Millisecond,
+			Resume: []Resume{{"a", "e", 3, ResumeOK}, {"b", "f", 0, ResumeResync}}}},
 	{name: "welcome empty resume", line: `{"op":"welcome","session":"s","heartbeat":{"interval_ms":1,"timeout_ms":2},"resume":[]}`,
-		want: frame{op: opWelcome, session: "s", interval: time.Millisecond, timeout: 2 * time.Millisecond}},
-	{name: "ping", line: `{"op":"ping","ts":5}`, want: frame{op: opPing, ts: 5}},
-	{name: "pong", line: `{"op":"pong","ts":5}`, want: frame{op: opPong, ts: 5}},
+		want: Frame{Op: OpWelcome, Session: "s", Interval: time.Millisecond, Timeout: 2 * time.Millisecond}},
+	{name: "ping", line: `{"op":"ping","ts":5}`, want: Frame{Op: OpPing, TS: 5}},
+	{name: "pong", line: `{"op":"pong","ts":5}`, want: Frame{Op: OpPong, TS: 5}},
 	{name: "topic msg", line: `{"op":"msg","topic":"room:42","epoch":"e1","seq":18,"data":{"text":"hi"}}`,
-		want: frame{op: opMsg, topic: "room:42", epoch: "e1", seq: 18, data: json.RawMessage(`{"text":"hi"}`)}},
-	{name: "direct msg", line: `{"op":"msg","data":"hello"}`, want: frame{op: opMsg, data: json.RawMessage(`"hello"`)}},
+		want: Frame{Op: OpMsg, Topic: "room:42", Epoch: "e1", Seq: 18, Data: json.RawMessage(`{"text":"hi"}`)}},
+	{name: "direct msg", line: `{"op":"msg","data":"hello"}`, want: Frame{Op: OpMsg, Data: json.RawMessage(`"hello"`)}},
 	{name: "presence", line: `{"op":"presence","topic":"t","joins":[{"user":"ann","meta":{"device":"phone"}}],"leaves":[{"user":"bob"}]}`,
-		want: frame{op: opPresence, topic: "t", joins: []wireMember{{"ann", json.RawMessage(`{"device":"phone"}`)}}, leaves: []wireMember{{user: "bob"}}}},
-	{name: "presence without lists", line: `{"op":"presence","topic":"t"}`, want: frame{op: opPresence, topic: "t"}},
-	{name: "resync", line: `{"op":"resync","topic":"t","epoch":"e2"}`, want: frame{op: opResync, topic: "t", epoch: "e2"}},
-	{name: "ack", line: `{"op":"ack","id":"s1"}`, want: frame{op: opAck, id: "s1"}},
+		want: Frame{Op: OpPresence, Topic: "t", Joins: []Member{{"ann", json.RawMessage(`{"device":"phone"}`)}}, Leaves: []Member{{User: "bob"}}}},
+	{name: "presence without lists", line: `{"op":"presence","topic":"t"}`, want: Frame{Op: OpPresence, Topic: "t"}},
+	{name: "resync", line: `{"op":"resync","topic":"t","epoch":"e2"}`, want: Frame{Op: OpResync, Topic: "t", Epoch: "e2"}},
+	{name: "ack", line: `{"op":"ack","id":"s1"}`, want: Frame{Op: OpAck, ID: "s1"}},
 	{name: "error", line: `{"op":"error","code":"forbidden","reason":"no","id":"p1"}`,
-		want: frame{op: opError, code: CodeForbidden, reason: "no", id: "p1"}},
-	{name: "error with a future code", line: `{"op":"error","code":"teapot"}`, want: frame{op: opError, code: "teapot"}},
-	{name: "unknown fields ignored", line: `{"op":"ack","id":"a","v":[1]}`, want: frame{op: opAck, id: "a"}},
+		want: Frame{Op: OpError, Code: CodeForbidden, Reason: "no", ID: "p1"}},
+	{name: "error with a future code", line: `{"op":"error","code":"teapot"}`, want: Frame{Op: OpError, Code: "teapot"}},
+	{name: "unknown fields ignored", line: `{"op":"ack","id":"a","v":[1]}`, want: Frame{Op: OpAck, ID: "a"}},
 
 	{name: "sub from server", line: `{"op":"sub","topic":"t"}`, code: CodeUnknownOp},
 	{name: "unknown op", line: `{"op":"hello","id":"h"}`, code: CodeUnknownOp, id: "h"},
@@ -173,7 +173,7 @@ var serverCases = []protoCase{
 	{name: "error without code", line: `{"op":"error","reason":"r","id":"e"}`, code: CodeBadRequest, id: "e"},
 }
 
-func runProtoCases(t *testing.T, cases []protoCase, decode func([]byte) (frame, error)) {
+func runProtoCases(t *testing.T, cases []protoCase, decode func([]byte) (Frame, error)) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := decode([]byte(tc.line))
@@ -186,34 +186,34 @@ func runProtoCases(t *testing.T, cases []protoCase, decode func([]byte) (frame, 
 				}
 				return
 			}
-			var pe *ProtocolError
+			var pe *Error
 			if !errors.As(err, &pe) {
-				t.Fatalf("decode(%s) = %+v, %v; want a *ProtocolError", tc.line, got, err)
+				t.Fatalf("decode(%s) = %+v, %v; want a *Error", tc.line, got, err)
 			}
 			if pe.Code != tc.code || pe.ID != tc.id {
 				t.Fatalf("decode(%s): code %q id %q (%v); want code %q id %q", tc.line, pe.Code, pe.ID, err, tc.code, tc.id)
 			}
-			if !reflect.DeepEqual(got, frame{}) {
+			if !reflect.DeepEqual(got, Frame{}) {
 				t.Errorf("decode(%s) failed but returned %+v", tc.line, got)
 			}
 		})
 	}
 }
 
-func TestDecodeFrame(t *testing.T) { runProtoCases(t, clientCases, decodeFrame) }
+func TestDecodeFrame(t *testing.T) { runProtoCases(t, clientCases, DecodeClient) }
 
-func TestDecodeServerFrame(t *testing.T) { runProtoCases(t, serverCases, decodeServerFrame) }
+func TestDecodeServerFrame(t *testing.T) { runProtoCases(t, serverCases, DecodeServer) }
 
 // TestDecodeOwnsMemory checks that a decoded frame does not alias its
 // line: the caller may reuse the buffer it read the line into.
 func TestDecodeOwnsMemory(t *testing.T) {
 	line := []byte(`{"op":"pub","topic":"chat","data":{"text":"hi"},"id":"p1"}`)
-	f, err := decodeFrame(line)
+	f, err := DecodeClient(line)
 	if err != nil {
 		t.Fatal(err)
 	}
 	server := []byte(`{"op":"presence","topic":"t","joins":[{"user":"ann","meta":{"d":1}}]}`)
-	g, err := decodeServerFrame(server)
+	g, err := DecodeServer(server)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -222,25 +222,25 @@ func TestDecodeOwnsMemory(t *testing.T) {
 			buf[i] = 'x'
 		}
 	}
-	if string(f.data) != `{"text":"hi"}` || f.topic != "chat" || f.id != "p1" {
+	if string(f.Data) != `{"text":"hi"}` || f.Topic != "chat" || f.ID != "p1" {
 		t.Errorf("pub changed with its line: %+v", f)
 	}
-	if string(g.joins[0].meta) != `{"d":1}` || g.joins[0].user != "ann" {
+	if string(g.Joins[0].Meta) != `{"d":1}` || g.Joins[0].User != "ann" {
 		t.Errorf("presence changed with its line: %+v", g)
 	}
 }
 
 func TestProtocolErrorMessage(t *testing.T) {
-	_, err := decodeFrame([]byte(`{"op":"sub","topic":"","id":"s7"}`))
+	_, err := DecodeClient([]byte(`{"op":"sub","topic":"","id":"s7"}`))
 	if got, want := err.Error(), "tether: protocol: bad_request: topic is empty"; got != want {
 		t.Errorf("Error() = %q, want %q", got, want)
 	}
-	var pe *ProtocolError
+	var pe *Error
 	if !errors.As(err, &pe) || pe.ID != "s7" {
 		t.Errorf("errors.As(%v) = %v, id %q", err, pe, pe.ID)
 	}
 	// An op echoed in a reason is bounded.
-	_, err = decodeFrame([]byte(`{"op":"` + strings.Repeat("x", 1000) + `"}`))
+	_, err = DecodeClient([]byte(`{"op":"` + strings.Repeat("x", 1000) + `"}`))
 	if len(err.Error()) > 100 {
 		t.Errorf("reason not bounded: %d bytes", len(err.Error()))
 	}
@@ -257,36 +257,36 @@ func TestEncodeRoundTrip(t *testing.T) {
 	data := json.RawMessage(`{"text":"hi \"there\"","list":[1,2,{"x":null}]}`)
 	var cases []struct {
 		line []byte
-		want frame
+		want Frame
 	}
-	add := func(line []byte, want frame) {
+	add := func(line []byte, want Frame) {
 		cases = append(cases, struct {
 			line []byte
-			want frame
+			want Frame
 		}{line, want})
 	}
 	for _, topic := range protoTopics {
-		add(appendMsg(nil, topic, "e-"+topic, 18, data), frame{op: opMsg, topic: topic, epoch: "e-" + topic, seq: 18, data: data})
-		add(appendPresence(nil, topic, []wireMember{{topic, nil}, {"ann", json.RawMessage(`{"d":1}`)}}, nil),
-			frame{op: opPresence, topic: topic, joins: []wireMember{{topic, nil}, {"ann", json.RawMessage(`{"d":1}`)}}})
-		add(appendResync(nil, topic, topic), frame{op: opResync, topic: topic, epoch: topic})
-		add(appendAck(nil, topic), frame{op: opAck, id: topic})
-		add(appendSubAck(nil, topic, Position{Epoch: topic, Seq: 17}), frame{op: opAck, id: topic, epoch: topic, seq: 17})
-		add(appendError(nil, CodeForbidden, topic, topic), frame{op: opError, code: CodeForbidden, reason: topic, id: topic})
-		add(appendWelcome(nil, topic, 15*time.Second, 30*time.Second, wireLimits{100, 200}, []wireResume{{topic, topic, 7, resumeOK}, {"b", "", 0, resumeResync}}),
-			frame{op: opWelcome, session: topic, interval: 15 * time.Second, timeout: 30 * time.Second, limits: wireLimits{100, 200},
-				resume: []wireResume{{topic, topic, 7, resumeOK}, {"b", "", 0, resumeResync}}})
+		add(AppendMsg(nil, topic, "e-"+topic, 18, data), Frame{Op: OpMsg, Topic: topic, Epoch: "e-" + topic, Seq: 18, Data: data})
+		add(AppendPresence(nil, topic, []Member{{topic, nil}, {"ann", json.RawMessage(`{"d":1}`)}}, nil),
+			Frame{Op: OpPresence, Topic: topic, Joins: []Member{{topic, nil}, {"ann", json.RawMessage(`{"d":1}`)}}})
+		add(AppendResync(nil, topic, topic), Frame{Op: OpResync, Topic: topic, Epoch: topic})
+		add(AppendAck(nil, topic), Frame{Op: OpAck, ID: topic})
+		add(AppendSubAck(nil, topic, topic, 17), Frame{Op: OpAck, ID: topic, Epoch: topic, Seq: 17})
+		add(AppendError(nil, CodeForbidden, topic, topic), Frame{Op: OpError, Code: CodeForbidden, Reason: topic, ID: topic})
+		add(AppendWelcome(nil, topic, 15*time.Second, 30*time.Second, Limits{100, 200}, []Resume{{topic, topic, 7, ResumeOK}, {"b", "", 0, ResumeResync}}),
+			Frame{Op: OpWelcome, Session: topic, Interval: 15 * time.Second, Timeout: 30 * time.Second, Limits: Limits{100, 200},
+				Resume: []Resume{{topic, topic, 7, ResumeOK}, {"b", "", 0, ResumeResync}}})
 	}
-	add(appendMsg(nil, "", "", 0, json.RawMessage(`"direct"`)), frame{op: opMsg, data: json.RawMessage(`"direct"`)})
-	add(appendMsg(nil, "t", "e", math.MaxUint64, nil), frame{op: opMsg, topic: "t", epoch: "e", seq: math.MaxUint64, data: json.RawMessage(`null`)})
-	add(appendPresence(nil, "t", nil, []wireMember{{"bob", json.RawMessage(`null`)}}),
-		frame{op: opPresence, topic: "t", leaves: []wireMember{{"bob", json.RawMessage(`null`)}}})
-	add(appendError(nil, CodeInternal, "", ""), frame{op: opError, code: CodeInternal})
-	add(appendWelcome(nil, "", 1500*time.Microsecond, time.Hour, wireLimits{}, nil), frame{op: opWelcome, interval: time.Millisecond, timeout: time.Hour})
-	add(appendPing(nil, math.MinInt64), frame{op: opPing, ts: math.MinInt64})
-	add(appendPong(nil, math.MaxInt64), frame{op: opPong, ts: math.MaxInt64})
+	add(AppendMsg(nil, "", "", 0, json.RawMessage(`"direct"`)), Frame{Op: OpMsg, Data: json.RawMessage(`"direct"`)})
+	add(AppendMsg(nil, "t", "e", math.MaxUint64, nil), Frame{Op: OpMsg, Topic: "t", Epoch: "e", Seq: math.MaxUint64, Data: json.RawMessage(`null`)})
+	add(AppendPresence(nil, "t", nil, []Member{{"bob", json.RawMessage(`null`)}}),
+		Frame{Op: OpPresence, Topic: "t", Leaves: []Member{{"bob", json.RawMessage(`null`)}}})
+	add(AppendError(nil, CodeInternal, "", ""), Frame{Op: OpError, Code: CodeInternal})
+	add(AppendWelcome(nil, "", 1500*time.Microsecond, time.Hour, Limits{}, nil), Frame{Op: OpWelcome, Interval: time.Millisecond, Timeout: time.Hour})
+	add(AppendPing(nil, math.MinInt64), Frame{Op: OpPing, TS: math.MinInt64})
+	add(AppendPong(nil, math.MaxInt64), Frame{Op: OpPong, TS: math.MaxInt64})
 	for _, tc := range cases {
-		got, err := decodeServerFrame(tc.line)
+		got, err := DecodeServer(tc.line)
 		if err != nil {
 			t.Errorf("decodeServerFrame(%s): %v", tc.line, err)
 			continue
@@ -297,7 +297,7 @@ func TestEncodeRoundTrip(t *testing.T) {
 		if bytes.IndexByte(tc.line, '\n') >= 0 || !json.Valid(tc.line) {
 			t.Errorf("encoded %q: not one line of valid JSON", tc.line)
 		}
-		if !bytes.HasPrefix(tc.line, []byte(`{"op":"`+got.op+`"`)) {
+		if !bytes.HasPrefix(tc.line, []byte(`{"op":"`+got.Op+`"`)) {
 			t.Errorf("encoded %s: op is not first", tc.line)
 		}
 	}
@@ -305,17 +305,17 @@ func TestEncodeRoundTrip(t *testing.T) {
 
 func TestEncodeClientRoundTrip(t *testing.T) {
 	for _, topic := range protoTopics {
-		for _, f := range []frame{
-			{op: opSub, topic: topic},
-			{op: opSub, topic: topic, id: "s1", since: &wireSince{epoch: topic, seq: 99}},
-			{op: opUnsub, topic: topic, id: strings.Repeat("i", 64)},
-			{op: opPub, topic: topic, data: json.RawMessage(`[1,"two"]`), id: topic[:min(len(topic), 64)]},
-			{op: opSend, data: json.RawMessage(`{}`)},
-			{op: opPing, ts: 1},
-			{op: opPong, ts: -1},
+		for _, f := range []Frame{
+			{Op: OpSub, Topic: topic},
+			{Op: OpSub, Topic: topic, ID: "s1", Since: &Since{Epoch: topic, Seq: 99}},
+			{Op: OpUnsub, Topic: topic, ID: strings.Repeat("i", 64)},
+			{Op: OpPub, Topic: topic, Data: json.RawMessage(`[1,"two"]`), ID: topic[:min(len(topic), 64)]},
+			{Op: OpSend, Data: json.RawMessage(`{}`)},
+			{Op: OpPing, TS: 1},
+			{Op: OpPong, TS: -1},
 		} {
 			line := protoEncode(f)
-			got, err := decodeFrame(line)
+			got, err := DecodeClient(line)
 			if err != nil {
 				t.Errorf("decodeFrame(%s): %v", line, err)
 			} else if !reflect.DeepEqual(got, f) {
@@ -329,24 +329,24 @@ func TestEncodeClientRoundTrip(t *testing.T) {
 // languages match on them, and PROTOCOL.md shows them.
 func TestEncodeGolden(t *testing.T) {
 	for _, tc := range []struct{ got, want string }{
-		{string(appendMsg(nil, "room:42", "e1", 18, json.RawMessage(`{"text":"hi"}`))), `{"op":"msg","topic":"room:42","epoch":"e1","seq":18,"data":{"text":"hi"}}`},
-		{string(appendMsg(nil, "", "", 0, json.RawMessage(`{"text":"hi"}`))), `{"op":"msg","data":{"text":"hi"}}`},
-		{string(appendWelcome(nil, "c9f1", 15*time.Second, 30*time.Second, wireLimits{}, []wireResume{{"room:42", "e1", 20, resumeOK}})),
+		{string(AppendMsg(nil, "room:42", "e1", 18, json.RawMessage(`{"text":"hi"}`))), `{"op":"msg","topic":"room:42","epoch":"e1","seq":18,"data":{"text":"hi"}}`},
+		{string(AppendMsg(nil, "", "", 0, json.RawMessage(`{"text":"hi"}`))), `{"op":"msg","data":{"text":"hi"}}`},
+		{string(AppendWelcome(nil, "c9f1", 15*time.Second, 30*time.Second, Limits{}, []Resume{{"room:42", "e1", 20, ResumeOK}})),
 			`{"op":"welcome","session":"c9f1","heartbeat":{"interval_ms":15000,"timeout_ms":30000},"resume":[{"topic":"room:42","epoch":"e1","seq":20,"status":"ok"}]}`},
-		{string(appendWelcome(nil, "c9f1", 15*time.Second, 30*time.Second, wireLimits{0.5, 20}, nil)),
+		{string(AppendWelcome(nil, "c9f1", 15*time.Second, 30*time.Second, Limits{0.5, 20}, nil)),
 			`{"op":"welcome","session":"c9f1","heartbeat":{"interval_ms":15000,"timeout_ms":30000},"limits":{"msgs_per_s":0.5,"burst":20}}`},
-		{string(appendPing(nil, 1700000000000)), `{"op":"ping","ts":1700000000000}`},
-		{string(appendPong(nil, 1700000000000)), `{"op":"pong","ts":1700000000000}`},
-		{string(appendAck(nil, "s1")), `{"op":"ack","id":"s1"}`},
-		{string(appendSubAck(nil, "2", Position{Epoch: "e1", Seq: 17})), `{"op":"ack","id":"2","epoch":"e1","seq":17}`},
-		{string(appendError(nil, CodeForbidden, "not allowed", "p1")), `{"op":"error","code":"forbidden","reason":"not allowed","id":"p1"}`},
-		{string(appendPresence(nil, "room:42", []wireMember{{"ann", json.RawMessage(`{"device":"phone"}`)}}, nil)),
+		{string(AppendPing(nil, 1700000000000)), `{"op":"ping","ts":1700000000000}`},
+		{string(AppendPong(nil, 1700000000000)), `{"op":"pong","ts":1700000000000}`},
+		{string(AppendAck(nil, "s1")), `{"op":"ack","id":"s1"}`},
+		{string(AppendSubAck(nil, "2", "e1", 17)), `{"op":"ack","id":"2","epoch":"e1","seq":17}`},
+		{string(AppendError(nil, CodeForbidden, "not allowed", "p1")), `{"op":"error","code":"forbidden","reason":"not allowed","id":"p1"}`},
+		{string(AppendPresence(nil, "room:42", []Member{{"ann", json.RawMessage(`{"device":"phone"}`)}}, nil)),
 			`{"op":"presence","topic":"room:42","joins":[{"user":"ann","meta":{"device":"phone"}}],"leaves":[]}`},
-		{string(appendResync(nil, "room:42", "e2")), `{"op":"resync","topic":"room:42","epoch":"e2"}`},
-		{string(appendSub(nil, "room:42", &wireSince{"e1", 17}, "s1")), `{"op":"sub","topic":"room:42","since":{"epoch":"e1","seq":17},"id":"s1"}`},
-		{string(appendUnsub(nil, "room:42", "")), `{"op":"unsub","topic":"room:42"}`},
-		{string(appendPub(nil, "room:42", json.RawMessage(`{"text":"hi"}`), "p1")), `{"op":"pub","topic":"room:42","data":{"text":"hi"},"id":"p1"}`},
-		{string(appendSend(nil, json.RawMessage(`{"cmd":"typing"}`), "")), `{"op":"send","data":{"cmd":"typing"}}`},
+		{string(AppendResync(nil, "room:42", "e2")), `{"op":"resync","topic":"room:42","epoch":"e2"}`},
+		{string(AppendSub(nil, "room:42", &Since{"e1", 17}, "s1")), `{"op":"sub","topic":"room:42","since":{"epoch":"e1","seq":17},"id":"s1"}`},
+		{string(AppendUnsub(nil, "room:42", "")), `{"op":"unsub","topic":"room:42"}`},
+		{string(AppendPub(nil, "room:42", json.RawMessage(`{"text":"hi"}`), "p1")), `{"op":"pub","topic":"room:42","data":{"text":"hi"},"id":"p1"}`},
+		{string(AppendSend(nil, json.RawMessage(`{"cmd":"typing"}`), "")), `{"op":"send","data":{"cmd":"typing"}}`},
 	} {
 		if tc.got != tc.want {
 			t.Errorf("got  %s\nwant %s", tc.got, tc.want)
@@ -415,7 +415,7 @@ func TestEncodeMsgAllocs(t *testing.T) {
 		allocs := math.Inf(1)
 		for range 3 {
 			allocs = min(allocs, testing.AllocsPerRun(100, func() {
-				buf = appendMsg(buf[:0], tc.topic, "e1", 123456, data)
+				buf = AppendMsg(buf[:0], tc.topic, "e1", 123456, data)
 			}))
 		}
 		if allocs > tc.max {
@@ -428,9 +428,9 @@ func BenchmarkEncodeMsg(b *testing.B) {
 	data := json.RawMessage(`{"text":"hello, world","user":"ann","at":1700000000000}`)
 	buf := make([]byte, 0, 256)
 	b.ReportAllocs()
-	b.SetBytes(int64(len(appendMsg(nil, "room:42", "e1", 123456, data))))
+	b.SetBytes(int64(len(AppendMsg(nil, "room:42", "e1", 123456, data))))
 	for b.Loop() {
-		buf = appendMsg(buf[:0], "room:42", "e1", 123456, data)
+		buf = AppendMsg(buf[:0], "room:42", "e1", 123456, data)
 	}
 }
 
@@ -439,7 +439,7 @@ func BenchmarkEncodeMsgEscaped(b *testing.B) {
 	buf := make([]byte, 0, 256)
 	b.ReportAllocs()
 	for b.Loop() {
-		buf = appendMsg(buf[:0], "salle:42/été", "e1", 123456, data)
+		buf = AppendMsg(buf[:0], "salle:42/été", "e1", 123456, data)
 	}
 }
 
@@ -448,7 +448,7 @@ func BenchmarkDecodeFrame(b *testing.B) {
 	b.ReportAllocs()
 	b.SetBytes(int64(len(line)))
 	for b.Loop() {
-		if _, err := decodeFrame(line); err != nil {
+		if _, err := DecodeClient(line); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -469,7 +469,7 @@ func TestSplitFrames(t *testing.T) {
 		{"a\n   \nb", []string{"a", "   ", "b"}},
 	} {
 		var got []string
-		for line := range splitFrames([]byte(tc.payload)) {
+		for line := range SplitFrames([]byte(tc.payload)) {
 			got = append(got, string(line))
 		}
 		if !reflect.DeepEqual(got, tc.want) {
@@ -481,12 +481,12 @@ func TestSplitFrames(t *testing.T) {
 	// spaces is refused, not skipped.
 	payload := []byte(`{"op":"sub","topic":"a","id":"1"}` + "\n" + `{"op":"pub","topic":"a","data":[1]}` + "\n   \n" + `{"op":"ping","ts":3}` + "\n")
 	var ops []string
-	for line := range splitFrames(payload) {
-		f, err := decodeFrame(line)
-		var pe *ProtocolError
+	for line := range SplitFrames(payload) {
+		f, err := DecodeClient(line)
+		var pe *Error
 		switch {
 		case err == nil:
-			ops = append(ops, f.op)
+			ops = append(ops, f.Op)
 		case errors.As(err, &pe) && pe.Code == CodeBadRequest:
 			ops = append(ops, "bad_request")
 		default:
@@ -499,7 +499,7 @@ func TestSplitFrames(t *testing.T) {
 
 	// Stopping early stops.
 	n := 0
-	for range splitFrames([]byte("a\nb\nc")) {
+	for range SplitFrames([]byte("a\nb\nc")) {
 		n++
 		break
 	}
@@ -510,13 +510,13 @@ func TestSplitFrames(t *testing.T) {
 
 func TestProtocolCheckTopic(t *testing.T) {
 	for _, s := range protoTopics {
-		if err := checkTopic(s); err != nil {
+		if err := CheckTopic(s); err != nil {
 			t.Errorf("checkTopic(%q): %v", s, err)
 		}
 	}
 	for _, s := range []string{"", strings.Repeat("a", 257), "a\xff", "a\x00", "a\nb", "\u0085", "a\u007f"} {
-		var pe *ProtocolError
-		if err := checkTopic(s); !errors.As(err, &pe) || pe.Code != CodeBadRequest {
+		var pe *Error
+		if err := CheckTopic(s); !errors.As(err, &pe) || pe.Code != CodeBadRequest {
 			t.Errorf("checkTopic(%q) = %v, want bad_request", s, err)
 		}
 	}
@@ -524,15 +524,15 @@ func TestProtocolCheckTopic(t *testing.T) {
 
 func TestProtocolCompactData(t *testing.T) {
 	in := []byte(`{"a": 1}`)
-	if got, err := compactData(in); err != nil || &got[0] != &in[0] {
+	if got, err := CompactData(in); err != nil || &got[0] != &in[0] {
 		t.Errorf("compactData(%s) = %s, %v; want the same bytes", in, got, err)
 	}
-	got, err := compactData([]byte("{\n  \"a\": [\n    1,\n    \"x\\ny\"\n  ]\n}\n"))
+	got, err := CompactData([]byte("{\n  \"a\": [\n    1,\n    \"x\\ny\"\n  ]\n}\n"))
 	if err != nil || string(got) != `{"a":[1,"x\ny"]}` {
 		t.Errorf("compactData(indented) = %s, %v", got, err)
 	}
 	for _, bad := range []string{"", "{", `{"a":1} x`, "\"\xff\""} {
-		if _, err := compactData([]byte(bad)); err == nil {
+		if _, err := CompactData([]byte(bad)); err == nil {
 			t.Errorf("compactData(%q) succeeded", bad)
 		}
 	}
@@ -543,21 +543,21 @@ func TestProtocolCompactData(t *testing.T) {
 // server-to-client one decodeServerFrame, so the spec cannot drift from
 // the code. Blocks are marked c2s or s2c in their info string.
 func TestProtocolDocExamples(t *testing.T) {
-	doc, err := os.Open("PROTOCOL.md")
+	doc, err := os.Open("../../PROTOCOL.md")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer doc.Close()
 	sc := bufio.NewScanner(doc)
-	var decode func([]byte) (frame, error)
+	var decode func([]byte) (Frame, error)
 	n := 0
 	for lineNo := 1; sc.Scan(); lineNo++ {
 		line := sc.Text()
 		switch {
 		case strings.HasPrefix(line, "```json c2s"):
-			decode = decodeFrame
+			decode = DecodeClient
 		case strings.HasPrefix(line, "```json s2c"):
-			decode = decodeServerFrame
+			decode = DecodeServer
 		case strings.HasPrefix(line, "```"):
 			decode = nil
 		case decode != nil && strings.TrimSpace(line) != "":
@@ -573,54 +573,54 @@ func TestProtocolDocExamples(t *testing.T) {
 }
 
 // protoEncode encodes f with the encoder of its op, as a peer would send it.
-func protoEncode(f frame) []byte {
-	switch f.op {
-	case opPing:
-		return appendPing(nil, f.ts)
-	case opPong:
-		return appendPong(nil, f.ts)
-	case opSub:
-		return appendSub(nil, f.topic, f.since, f.id)
-	case opUnsub:
-		return appendUnsub(nil, f.topic, f.id)
-	case opPub:
-		return appendPub(nil, f.topic, f.data, f.id)
-	case opSend:
-		return appendSend(nil, f.data, f.id)
-	case opWelcome:
-		return appendWelcome(nil, f.session, f.interval, f.timeout, f.limits, f.resume)
-	case opMsg:
-		return appendMsg(nil, f.topic, f.epoch, f.seq, f.data)
-	case opPresence:
-		return appendPresence(nil, f.topic, f.joins, f.leaves)
-	case opResync:
-		return appendResync(nil, f.topic, f.epoch)
-	case opAck:
-		if f.epoch != "" {
-			return appendSubAck(nil, f.id, Position{Epoch: f.epoch, Seq: f.seq})
+func protoEncode(f Frame) []byte {
+	switch f.Op {
+	case OpPing:
+		return AppendPing(nil, f.TS)
+	case OpPong:
+		return AppendPong(nil, f.TS)
+	case OpSub:
+		return AppendSub(nil, f.Topic, f.Since, f.ID)
+	case OpUnsub:
+		return AppendUnsub(nil, f.Topic, f.ID)
+	case OpPub:
+		return AppendPub(nil, f.Topic, f.Data, f.ID)
+	case OpSend:
+		return AppendSend(nil, f.Data, f.ID)
+	case OpWelcome:
+		return AppendWelcome(nil, f.Session, f.Interval, f.Timeout, f.Limits, f.Resume)
+	case OpMsg:
+		return AppendMsg(nil, f.Topic, f.Epoch, f.Seq, f.Data)
+	case OpPresence:
+		return AppendPresence(nil, f.Topic, f.Joins, f.Leaves)
+	case OpResync:
+		return AppendResync(nil, f.Topic, f.Epoch)
+	case OpAck:
+		if f.Epoch != "" {
+			return AppendSubAck(nil, f.ID, f.Epoch, f.Seq)
 		}
-		return appendAck(nil, f.id)
-	case opError:
-		return appendError(nil, f.code, f.reason, f.id)
+		return AppendAck(nil, f.ID)
+	case OpError:
+		return AppendError(nil, f.Code, f.Reason, f.ID)
 	}
-	panic("no encoder for op " + f.op)
+	panic("no encoder for op " + f.Op)
 }
 
-var knownCodes = map[ErrorCode]bool{
+var knownCodes = map[Code]bool{
 	CodeBadRequest: true, CodeUnknownOp: true, CodeForbidden: true,
 	CodeRateLimited: true, CodeTooBig: true, CodeInternal: true,
 }
 
 // fuzzDecode is the property both decoders must have: no panic; on
 // success, the frame survives encoding and decoding again, and agrees
-// with encoding/json on the op and topic; on failure, a *ProtocolError
+// with encoding/json on the op and topic; on failure, a *Error
 // with a known code and a bounded id.
-func fuzzDecode(t *testing.T, line []byte, decode func([]byte) (frame, error)) {
+func fuzzDecode(t *testing.T, line []byte, decode func([]byte) (Frame, error)) {
 	f, err := decode(line)
 	if err != nil {
-		var pe *ProtocolError
+		var pe *Error
 		if !errors.As(err, &pe) {
-			t.Fatalf("error %v (%T) is not a *ProtocolError", err, err)
+			t.Fatalf("error %v (%T) is not a *Error", err, err)
 		}
 		if !knownCodes[pe.Code] || pe.Reason == "" || len(pe.ID) > maxIDBytes {
 			t.Fatalf("bad error %+v", pe)
@@ -635,14 +635,14 @@ func fuzzDecode(t *testing.T, line []byte, decode func([]byte) (frame, error)) {
 		t.Fatalf("encoding/json: %v", err)
 	}
 	var op, topic string
-	if json.Unmarshal(m["op"], &op) != nil || op != f.op {
-		t.Fatalf("op %q, encoding/json says %s", f.op, m["op"])
+	if json.Unmarshal(m["op"], &op) != nil || op != f.Op {
+		t.Fatalf("op %q, encoding/json says %s", f.Op, m["op"])
 	}
-	if f.topic != "" && (json.Unmarshal(m["topic"], &topic) != nil || topic != f.topic) {
-		t.Fatalf("topic %q, encoding/json says %s", f.topic, m["topic"])
+	if f.Topic != "" && (json.Unmarshal(m["topic"], &topic) != nil || topic != f.Topic) {
+		t.Fatalf("topic %q, encoding/json says %s", f.Topic, m["topic"])
 	}
-	if f.data != nil && !bytes.Equal(f.data, m["data"]) {
-		t.Fatalf("data %s, encoding/json says %s", f.data, m["data"])
+	if f.Data != nil && !bytes.Equal(f.Data, m["data"]) {
+		t.Fatalf("data %s, encoding/json says %s", f.Data, m["data"])
 	}
 	again := protoEncode(f)
 	g, err := decode(again)
@@ -659,15 +659,15 @@ func FuzzDecode(f *testing.F) {
 		f.Add([]byte(tc.line))
 	}
 	f.Fuzz(func(t *testing.T, line []byte) {
-		fuzzDecode(t, line, decodeFrame)
-		if fr, err := decodeFrame(line); err == nil {
-			if fr.op == opSub || fr.op == opUnsub || fr.op == opPub {
-				if err := checkTopic(fr.topic); err != nil {
-					t.Fatalf("accepted topic %q: %v", fr.topic, err)
+		fuzzDecode(t, line, DecodeClient)
+		if fr, err := DecodeClient(line); err == nil {
+			if fr.Op == OpSub || fr.Op == OpUnsub || fr.Op == OpPub {
+				if err := CheckTopic(fr.Topic); err != nil {
+					t.Fatalf("accepted topic %q: %v", fr.Topic, err)
 				}
 			}
-			if len(fr.id) > maxIDBytes {
-				t.Fatalf("accepted id of %d bytes", len(fr.id))
+			if len(fr.ID) > maxIDBytes {
+				t.Fatalf("accepted id of %d bytes", len(fr.ID))
 			}
 		}
 	})
@@ -678,7 +678,7 @@ func FuzzDecodeServer(f *testing.F) {
 		f.Add([]byte(tc.line))
 	}
 	f.Fuzz(func(t *testing.T, line []byte) {
-		fuzzDecode(t, line, decodeServerFrame)
+		fuzzDecode(t, line, DecodeServer)
 	})
 }
 
@@ -691,14 +691,14 @@ func FuzzEncodeJSONString(f *testing.F) {
 	f.Add("\xff\xe2\x80\xa8\xed\xa0\x80<\x00")
 	f.Fuzz(func(t *testing.T, s string) {
 		checkJSONString(t, s)
-		line := appendMsg(nil, s, s, 1, json.RawMessage(`1`))
-		fr, err := decodeServerFrame(line)
+		line := AppendMsg(nil, s, s, 1, json.RawMessage(`1`))
+		fr, err := DecodeServer(line)
 		if err != nil {
 			t.Fatalf("decodeServerFrame(%s): %v", line, err)
 		}
 		var want string
-		if err := json.Unmarshal(appendJSONString(nil, s), &want); err != nil || fr.topic != want {
-			t.Fatalf("topic %q, want %q (%v)", fr.topic, want, err)
+		if err := json.Unmarshal(appendJSONString(nil, s), &want); err != nil || fr.Topic != want {
+			t.Fatalf("topic %q, want %q (%v)", fr.Topic, want, err)
 		}
 	})
 }

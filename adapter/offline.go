@@ -1,39 +1,13 @@
-package tether
+package adapter
 
 import (
 	"container/heap"
 	"context"
-	"errors"
 	"fmt"
 	"math"
 	"sync"
 	"time"
 )
-
-// ErrOfflineFull reports that an [OfflineStore] refused a message because
-// keeping it would exceed the store's bounds. Test for it with [errors.Is]:
-// the error returned wraps it with the reason.
-var ErrOfflineFull = errors.New("tether: offline store full")
-
-// OfflineStore keeps direct messages for users who have no live
-// connection, until they connect, so that a short absence loses nothing.
-//
-// Implementations must be safe for concurrent use by multiple goroutines.
-// The hub never modifies data after passing it to Store, so an
-// implementation may keep data without copying it.
-//
-// [NewMemoryOfflineStore] keeps messages in the process; an adapter over
-// shared storage lets a user connect to any process.
-type OfflineStore interface {
-	// Store keeps data for userID. It may push out the user's oldest
-	// messages to respect its bounds; it returns an error wrapping
-	// [ErrOfflineFull] when data cannot be kept at all.
-	Store(ctx context.Context, userID string, data []byte) error
-
-	// Take removes and returns userID's messages, oldest first; nil when
-	// there are none.
-	Take(ctx context.Context, userID string) ([][]byte, error)
-}
 
 // What a message and a user with messages count against the total bound
 // beyond the data: about what keeping them costs (a ring slot with its

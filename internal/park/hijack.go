@@ -1,4 +1,4 @@
-package tether
+package park
 
 import (
 	"bufio"
@@ -18,23 +18,27 @@ const (
 	writeBufferSize = 1024
 )
 
-// hijackWriter intercepts the Hijack that websocket.Accept performs, to
-// keep the net.Conn (closing it is the one way to abort every pending
-// operation of a conn at once) and to give coder/websocket small buffers.
-type hijackWriter struct {
+// Hijacker intercepts the Hijack that websocket.Accept performs, to keep
+// the net.Conn (closing it is the one way to abort every pending operation
+// of a conn at once) and to give coder/websocket small buffers.
+type Hijacker struct {
 	http.ResponseWriter
-	nc   net.Conn
-	park *parkConn // nil when the socket cannot park: see park.go
+	// NetConn is the hijacked socket (under TLS, the TCP conn beneath),
+	// once websocket.Accept has hijacked it.
+	NetConn net.Conn
+	// Park is the socket wrapped for parking, or nil when it cannot park
+	// (TLS, not TCP, not Linux).
+	Park *Conn
 }
 
-// wrapForHijack returns w wrapped in a hijackWriter, or w itself when no
-// Hijacker is reachable through Unwrap: coder/websocket must then see that
-// and answer 501 before it writes the 101.
-func wrapForHijack(w http.ResponseWriter) (http.ResponseWriter, *hijackWriter) {
+// WrapForHijack returns w wrapped in a Hijacker, or w itself and nil when
+// no http.Hijacker is reachable through Unwrap: coder/websocket must then
+// see that and answer 501 before it writes the 101.
+func WrapForHijack(w http.ResponseWriter) (http.ResponseWriter, *Hijacker) {
 	for u := w; ; {
 		switch t := u.(type) {
 		case http.Hijacker:
-			hw := &hijackWriter{ResponseWriter: w}
+			hw := &Hijacker{ResponseWriter: w}
 			return hw, hw
 		case interface{ Unwrap() http.ResponseWriter }:
 			u = t.Unwrap()
@@ -45,26 +49,26 @@ func wrapForHijack(w http.ResponseWriter) (http.ResponseWriter, *hijackWriter) {
 }
 
 // Unwrap lets http.ResponseController reach the writer underneath.
-func (h *hijackWriter) Unwrap() http.ResponseWriter { return h.ResponseWriter }
+func (h *Hijacker) Unwrap() http.ResponseWriter { return h.ResponseWriter }
 
 // WriteHeaderNow forwards to writers that defer WriteHeader until told
 // (gin's); coder/websocket calls it before hijacking.
-func (h *hijackWriter) WriteHeaderNow() {
+func (h *Hijacker) WriteHeaderNow() {
 	if w, ok := h.ResponseWriter.(interface{ WriteHeaderNow() }); ok {
 		w.WriteHeaderNow()
 	}
 }
 
-func (h *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+func (h *Hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	nc, brw, err := http.NewResponseController(h.ResponseWriter).Hijack()
 	if err != nil {
 		return nil, nil, err
 	}
-	h.nc = nc
+	h.NetConn = nc
 	if tc, ok := nc.(*tls.Conn); ok {
 		// Closing a tls.Conn writes close_notify, which can block for 5 s on
 		// a peer that does not read; aborting must not. Close the socket.
-		h.nc = tc.NetConn()
+		h.NetConn = tc.NetConn()
 	}
 	var prefix []byte
 	if n := brw.Reader.Buffered(); n > 0 {
@@ -73,13 +77,13 @@ func (h *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		prefix = bytes.Clone(b)
 	}
 	var conn net.Conn = nc
-	if h.park = newParkConn(nc, prefix); h.park != nil {
-		conn = h.park
+	if h.Park = newConn(nc, prefix); h.Park != nil {
+		conn = h.Park
 	} else if prefix != nil {
 		conn = &prefixConn{Conn: nc, prefix: prefix}
 	}
 	rsize, wsize := readBufferSize, writeBufferSize
-	if h.park != nil {
+	if h.Park != nil {
 		rsize, wsize = parkBufSize, parkBufSize
 	}
 	return conn, bufio.NewReadWriter(

@@ -1,4 +1,9 @@
-package tether
+// Package park lets an idle accepted WebSocket conn give its reader
+// goroutine up: it sits between coder/websocket's buffers and the socket,
+// parks the reader in one epoll poller shared by every conn, settles the
+// pongs of the heartbeat's raw pings on the poller, and writes those pings
+// between two frames of the conn. On other systems nothing parks.
+package park
 
 import (
 	"encoding/binary"
@@ -6,7 +11,6 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
-	"time"
 )
 
 // An idle accepted conn gives its reader goroutine up. Most of what a
@@ -25,9 +29,32 @@ import (
 // own), and only on a read the reader itself asked for, not on the one
 // coder/websocket's Close makes to wait for the close handshake.
 
-// errParked ends a read that found nothing to read at a frame boundary. It
-// never leaves the package: the reader parks on it.
-var errParked = errors.New("tether: reader parked")
+// ErrParked ends a read that found nothing to read at a frame boundary:
+// the reader then calls [Conn.Park] instead of reporting an error.
+var ErrParked = errors.New("tether: reader parked")
+
+// Owner is the conn a parking socket belongs to: what the socket needs of
+// it. Its methods are called on the poller, on the heartbeat scheduler or
+// on the conn's own reader, and must not block.
+type Owner interface {
+	// Ending reports whether the conn is ending. An ending conn's reads
+	// never park: its close handshake reads too.
+	Ending() bool
+	// Resume starts a reader goroutine: bytes came for a parked reader, or
+	// it must meet the end of its conn.
+	Resume()
+	// Pong is the payload of a pong frame the poller read, which proves the
+	// peer alive. It reports whether that was the pong of the raw ping in
+	// flight (see [Conn.Ping]) and so is settled; if not, the frame goes
+	// to a reader.
+	Pong(payload []byte) bool
+	// GoWrite runs write on a goroutine the conn owns, bounded by its
+	// write timeout: a ping that finds the socket taken waits there.
+	GoWrite(write func())
+	// ParkFailed reports that the poller refused the socket: the conn
+	// reads with a goroutine from now on.
+	ParkFailed(err error)
+}
 
 // Reader states of a parking conn.
 const (
@@ -35,12 +62,12 @@ const (
 	readerParked
 )
 
-// parkConn sits between coder/websocket's buffers and the socket. Those
+// Conn sits between coder/websocket's buffers and the socket. Those
 // buffers are tiny for a parking conn (parkBufSize), as they live as long as
 // the conn: reads go through a pooled read-ahead buffer held only while
 // there is something to read, and a frame coder/websocket writes in two
 // pieces (its buffer, then the rest of the payload) goes out in one writev.
-type parkConn struct {
+type Conn struct {
 	net.Conn
 	prefix []byte // bytes the client sent right behind its handshake
 
@@ -82,8 +109,8 @@ type parkConn struct {
 	// leaves the bytes to a reader if it is taken.
 	rmu sync.Mutex
 
-	c   *Conn // set by the conn before its first read
-	reg pollReg
+	owner Owner // set by Bind before the first read
+	reg   pollReg
 }
 
 // parkBufSize is the size of coder/websocket's own read and write buffers
@@ -96,7 +123,7 @@ const readAhead = 4 << 10
 
 var readAheadBufs = sync.Pool{New: func() any { b := make([]byte, readAhead); return &b }}
 
-func (pc *parkConn) Read(b []byte) (int, error) {
+func (pc *Conn) Read(b []byte) (int, error) {
 	if len(b) == 0 {
 		return 0, nil
 	}
@@ -110,7 +137,7 @@ func (pc *parkConn) Read(b []byte) (int, error) {
 	}
 	if pc.ar == pc.aw {
 		// An ending conn's reads wait: the close handshake reads too.
-		park := pc.mayPark.Load() && pc.frames.atBoundary() && pc.c.hb.state.Load() != int32(Closed)
+		park := pc.mayPark.Load() && pc.frames.atBoundary() && !pc.owner.Ending()
 		if len(b) >= readAhead {
 			// A large payload: straight into it.
 			n, err := pc.fill(b, park)
@@ -138,9 +165,9 @@ func (pc *parkConn) Read(b []byte) (int, error) {
 
 // fill reads from the socket into b; without waiting if park, when an
 // empty socket means errParked.
-func (pc *parkConn) fill(b []byte, park bool) (int, error) {
+func (pc *Conn) fill(b []byte, park bool) (int, error) {
 	if park && pc.drained && !pc.pending.Load() {
-		return 0, errParked
+		return 0, ErrParked
 	}
 	pc.pending.Store(false)
 	var n int
@@ -149,7 +176,7 @@ func (pc *parkConn) fill(b []byte, park bool) (int, error) {
 		n, err = pc.readNow(b)
 		if errors.Is(err, errWouldBlock) {
 			pc.drained = true
-			return 0, errParked
+			return 0, ErrParked
 		}
 	} else {
 		n, err = pc.Conn.Read(b)
@@ -160,20 +187,20 @@ func (pc *parkConn) fill(b []byte, park bool) (int, error) {
 }
 
 // drop gives the drained read-ahead buffer back.
-func (pc *parkConn) drop() {
+func (pc *Conn) drop() {
 	if pc.ahead != nil {
 		readAheadBufs.Put(pc.ahead)
 		pc.ahead, pc.ar, pc.aw = nil, 0, 0
 	}
 }
 
-func (pc *parkConn) Write(b []byte) (int, error) {
+func (pc *Conn) Write(b []byte) (int, error) {
 	pc.wmu.Lock()
 	defer pc.wmu.Unlock()
 	return pc.writeLocked(b)
 }
 
-func (pc *parkConn) writeLocked(b []byte) (int, error) {
+func (pc *Conn) writeLocked(b []byte) (int, error) {
 	pc.out.feed(b)
 	if !pc.out.frameDone() && len(pc.held) == 0 && len(pc.rest) == 0 && len(b) <= len(pc.hold) {
 		// The start of a frame: wait for the rest.
@@ -202,24 +229,24 @@ func (pc *parkConn) writeLocked(b []byte) (int, error) {
 // pingFrameLen: FIN + ping opcode, an unmasked 8-byte length, 8 bytes.
 const pingFrameLen = 10
 
-// ping sends a ping frame carrying payload between two of coder/websocket's
+// Ping sends a ping frame carrying payload between two of coder/websocket's
 // frames. It runs on the heartbeat scheduler and must not wait: when a
 // writer holds the socket, a goroutine of the conn's sends the ping once
 // the writer lets go.
-func (pc *parkConn) ping(payload uint64) {
+func (pc *Conn) Ping(payload uint64) {
 	if pc.wmu.TryLock() {
 		pc.pingLocked(payload)
 		pc.wmu.Unlock()
 		return
 	}
-	pc.c.goWrite(func() {
+	pc.owner.GoWrite(func() {
 		pc.wmu.Lock()
 		defer pc.wmu.Unlock()
 		pc.pingLocked(payload)
 	})
 }
 
-func (pc *parkConn) pingLocked(payload uint64) {
+func (pc *Conn) pingLocked(payload uint64) {
 	pc.pingFrame = [pingFrameLen]byte{0x89, 8}
 	binary.BigEndian.PutUint64(pc.pingFrame[2:], payload)
 	if !pc.out.frameDone() || len(pc.held) > 0 || len(pc.rest) > 0 {
@@ -232,7 +259,7 @@ func (pc *parkConn) pingLocked(payload uint64) {
 	}
 	pc.rest = pc.restBuf[:copy(pc.restBuf[:], pc.pingFrame[n:])]
 	// The socket is full and no write may come to carry the rest.
-	pc.c.goWrite(func() {
+	pc.owner.GoWrite(func() {
 		pc.wmu.Lock()
 		defer pc.wmu.Unlock()
 		if len(pc.rest) > 0 {
@@ -245,107 +272,54 @@ func (pc *parkConn) pingLocked(payload uint64) {
 // closed socket raises no epoll event: a parked reader is woken here, to
 // meet the end and report it (coder/websocket closes the socket itself
 // when a write's context expires).
-func (pc *parkConn) Close() error {
+func (pc *Conn) Close() error {
 	err := pc.Conn.Close()
 	pc.reg.release()
-	if pc.c != nil {
-		pc.c.unpark()
+	if pc.owner != nil {
+		pc.Unpark()
 	}
 	return err
 }
 
-// frameTracker follows WebSocket frame boundaries in the bytes read from a
-// client, from the lengths in the headers alone, so that the reader knows
-// when parking loses nothing. It never judges a frame: coder/websocket does.
-type frameTracker struct {
-	hdr  [14]byte // the header being collected
-	hn   int      // its bytes so far
-	left int64    // payload bytes of the current frame still to come
-	// inMessage: a data frame without FIN has been seen and its final
-	// continuation has not; the message reader must not be interrupted.
-	inMessage bool
-}
+// Bind gives the conn its owner, before its first read.
+func (pc *Conn) Bind(o Owner) { pc.owner = o }
 
-// atBoundary: between messages, nothing of a frame pending.
-func (t *frameTracker) atBoundary() bool {
-	return t.frameDone() && !t.inMessage
-}
-
-// frameDone: between frames.
-func (t *frameTracker) frameDone() bool { return t.hn == 0 && t.left == 0 }
-
-func (t *frameTracker) feed(b []byte) {
-	for len(b) > 0 {
-		if t.left > 0 {
-			k := min(int64(len(b)), t.left)
-			t.left -= k
-			b = b[k:]
-			continue
-		}
-		t.hdr[t.hn] = b[0]
-		t.hn++
-		b = b[1:]
-		if t.hn < 2 || t.hn < t.headerLen() {
-			continue
-		}
-		t.left = t.payloadLen()
-		if op := t.hdr[0] & 0x0f; op < 0x8 { // data or continuation, not control
-			t.inMessage = t.hdr[0]&0x80 == 0
-		}
-		t.hn = 0
+// BeginRead is called by the reader before each read, and reports whether
+// the read may park (then returning ErrParked when the socket is empty at a
+// message boundary): not once parking has failed, nor for an ending conn.
+// A read that may park must be followed by EndRead.
+func (pc *Conn) BeginRead() bool {
+	if pc.off.Load() || pc.owner.Ending() {
+		return false
 	}
+	pc.mayPark.Store(true)
+	return true
 }
 
-// headerLen is the header's full length, once its first two bytes are in.
-func (t *frameTracker) headerLen() int {
-	n := 2
-	switch t.hdr[1] & 0x7f {
-	case 126:
-		n += 2
-	case 127:
-		n += 8
-	}
-	if t.hdr[1]&0x80 != 0 {
-		n += 4 // masking key
-	}
-	return n
-}
+// EndRead ends what BeginRead began.
+func (pc *Conn) EndRead() { pc.mayPark.Store(false) }
 
-func (t *frameTracker) payloadLen() int64 {
-	switch l := t.hdr[1] & 0x7f; l {
-	case 126:
-		return int64(t.hdr[2])<<8 | int64(t.hdr[3])
-	case 127:
-		var v uint64
-		for _, b := range t.hdr[2:10] {
-			v = v<<8 | uint64(b)
-		}
-		// RFC 6455 keeps the top bit clear; coder/websocket rejects such a
-		// frame and ends the conn. Until then, nothing here is a boundary.
-		return int64(min(v, 1<<62))
-	default:
-		return int64(l)
-	}
-}
+// Parked reports whether the conn's reader is parked.
+func (pc *Conn) Parked() bool { return pc.state.Load() == readerParked }
 
-// parkReader is called by the reader after a read returned errParked, and
-// by the poller after takePongs. It registers the socket with the poller
-// and reports whether the caller must stop reading: true when the conn
-// parked, or when another reader has already taken over; false when the
-// caller must read on (the conn is ending, the poller refused the socket,
-// or bytes came meanwhile).
-func (c *Conn) parkReader() bool {
-	pc := c.park
+// Park is called by the reader after a read returned ErrParked, and by the
+// poller after takePongs. It registers the socket with the poller and
+// reports whether the caller must stop reading: true when the conn parked,
+// or when another reader has already taken over; false when the caller
+// must read on (the conn is ending, the poller refused the socket, or
+// bytes came meanwhile).
+func (pc *Conn) Park() bool {
 	pc.state.Store(readerParked)
-	// end sets Closed before it unparks, and the poller sets pending before
-	// it does: in each pair, one of the two sees the other.
-	if c.hb.state.Load() != int32(Closed) {
+	// The owner's end marks it ending before it calls Unpark, and the
+	// poller sets pending before it wakes the conn: in each pair, one of
+	// the two sees the other.
+	if !pc.owner.Ending() {
 		err := pc.reg.arm(pc)
 		if err == nil && !pc.pending.Load() {
 			return true
 		}
 		if err != nil && !errors.Is(err, net.ErrClosed) {
-			c.cfg.logger.Debug("tether: reading without parking", "remote", c.remote, "err", err)
+			pc.owner.ParkFailed(err)
 			pc.off.Store(true)
 		}
 	}
@@ -354,51 +328,41 @@ func (c *Conn) parkReader() bool {
 	return !pc.state.CompareAndSwap(readerParked, readerRunning)
 }
 
-// goWrite runs a write of the heartbeat's in a goroutine the conn owns,
-// bounded by the write timeout like any write: a peer that does not read
-// is dropped with ErrWriteTimeout, not waited for.
-func (c *Conn) goWrite(write func()) {
-	c.mu.Lock()
-	if c.err != nil {
-		c.mu.Unlock()
-		return
+// Unpark starts a reader (Owner.Resume) for a parked conn; it does nothing
+// for a conn whose reader runs.
+func (pc *Conn) Unpark() {
+	if pc.state.CompareAndSwap(readerParked, readerRunning) {
+		pc.owner.Resume()
 	}
-	c.wg.Add(1)
-	c.mu.Unlock()
-	go func() {
-		defer c.wg.Done()
-		timer := time.AfterFunc(c.cfg.writeTimeout, c.writeTimedOut)
-		write()
-		timer.Stop()
-	}()
 }
+
+// Release takes the conn out of the poller for good, once it has ended.
+func (pc *Conn) Release() { pc.reg.release() }
 
 // wake runs on the poller when bytes reached a parked conn's socket. Most
 // often they are the pong of the heartbeat's last ping: settled here, with
 // no reader started and nothing for coder/websocket to do. Anything else
 // goes to a reader, which coder/websocket reads it through.
-func (c *Conn) wake() {
-	pc := c.park
+func (pc *Conn) wake() {
 	if !pc.state.CompareAndSwap(readerParked, readerRunning) {
 		return // a reader runs, and sees pending
 	}
-	if !c.takePongs() {
-		go c.readLoop()
+	if !pc.takePongs() {
+		pc.owner.Resume()
 	}
 }
 
-// takePongs reads the socket while all it holds is pongs to this conn's raw
-// pings, then parks the conn again and reports true. It reports false when
-// a reader must take over, with whatever it read in the read-ahead buffer.
+// takePongs reads the socket while all it holds is pongs to the raw pings,
+// then parks the conn again and reports true. It reports false when a
+// reader must take over, with whatever it read in the read-ahead buffer.
 // The caller owns the read side (it won the conn from readerParked).
-func (c *Conn) takePongs() bool {
-	pc := c.park
+func (pc *Conn) takePongs() bool {
 	if !pc.rmu.TryLock() {
 		return false // Close's handshake reads: a reader waits behind it
 	}
 	defer pc.rmu.Unlock()
 	for {
-		if c.hb.state.Load() == int32(Closed) || pc.off.Load() || len(pc.prefix) > 0 ||
+		if pc.owner.Ending() || pc.off.Load() || len(pc.prefix) > 0 ||
 			pc.ar != pc.aw || !pc.frames.atBoundary() {
 			return false
 		}
@@ -416,7 +380,7 @@ func (c *Conn) takePongs() bool {
 		default:
 			pc.drained = n < len(buf)
 			rest := buf[:n]
-			for len(rest) >= pongFrameLen && c.takePong(rest[:pongFrameLen]) {
+			for len(rest) >= pongFrameLen && pc.takePong(rest[:pongFrameLen]) {
 				rest = rest[pongFrameLen:]
 			}
 			if len(rest) > 0 {
@@ -428,7 +392,7 @@ func (c *Conn) takePongs() bool {
 				continue
 			}
 		}
-		if c.parkReader() {
+		if pc.Park() {
 			return true
 		}
 	}
@@ -439,8 +403,8 @@ const pongFrameLen = 2 + 4 + 8
 
 // takePong settles the raw ping whose pong is frame, if it is one: FIN and
 // the pong opcode, masked, 8 bytes, and the payload of the ping in flight.
-// Any other frame, a pong to [Conn.Ping] included, is coder/websocket's.
-func (c *Conn) takePong(frame []byte) bool {
+// Any other frame, a pong to an explicit ping included, is coder/websocket's.
+func (pc *Conn) takePong(frame []byte) bool {
 	if frame[0] != 0x8a || frame[1] != 0x80|8 {
 		return false
 	}
@@ -448,14 +412,5 @@ func (c *Conn) takePong(frame []byte) bool {
 	for i := range payload {
 		payload[i] = frame[6+i] ^ frame[2+i%4]
 	}
-	c.hb.touch()
-	return c.rawPong(payload[:])
-}
-
-// unpark starts a reader for a parked conn; it does nothing for a conn
-// whose reader runs.
-func (c *Conn) unpark() {
-	if pc := c.park; pc != nil && pc.state.CompareAndSwap(readerParked, readerRunning) {
-		go c.readLoop()
-	}
+	return pc.owner.Pong(payload[:])
 }

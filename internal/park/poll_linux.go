@@ -1,4 +1,4 @@
-package tether
+package park
 
 import (
 	"errors"
@@ -15,8 +15,8 @@ import (
 // errWouldBlock: the socket has nothing to read right now.
 var errWouldBlock = errors.New("would block")
 
-// newParkConn returns nc wrapped for parking, or nil if nc cannot park.
-func newParkConn(nc net.Conn, prefix []byte) *parkConn {
+// newConn returns nc wrapped for parking, or nil if nc cannot park.
+func newConn(nc net.Conn, prefix []byte) *Conn {
 	tc, ok := nc.(*net.TCPConn)
 	if !ok {
 		return nil
@@ -25,13 +25,13 @@ func newParkConn(nc net.Conn, prefix []byte) *parkConn {
 	if err != nil {
 		return nil
 	}
-	return &parkConn{Conn: nc, prefix: prefix, reg: pollReg{rc: rc}}
+	return &Conn{Conn: nc, prefix: prefix, reg: pollReg{rc: rc}}
 }
 
 // readNow reads what the socket holds without waiting: errWouldBlock when
 // it holds nothing. The fd stays referenced (and cannot be reused by
 // another socket) for the duration of the call.
-func (pc *parkConn) readNow(b []byte) (int, error) {
+func (pc *Conn) readNow(b []byte) (int, error) {
 	var n int
 	var rerr error
 	err := pc.reg.rc.Read(func(fd uintptr) bool {
@@ -56,7 +56,7 @@ func (pc *parkConn) readNow(b []byte) (int, error) {
 }
 
 // writeNow writes what the socket takes without waiting.
-func (pc *parkConn) writeNow(b []byte) (int, error) {
+func (pc *Conn) writeNow(b []byte) (int, error) {
 	var n int
 	var werr error
 	err := pc.reg.rc.Write(func(fd uintptr) bool {
@@ -91,7 +91,7 @@ type pollReg struct {
 // arm makes sure the poller watches pc's socket. The first call registers
 // it, edge-triggered, for the conn's life: the poller then marks pc
 // pending whenever bytes arrive, and wakes the conn if it is parked.
-func (r *pollReg) arm(pc *parkConn) error {
+func (r *pollReg) arm(pc *Conn) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.released {
@@ -150,7 +150,7 @@ type poller struct {
 
 	nextID atomic.Uint64
 	mu     sync.Mutex
-	conns  map[uint64]*parkConn
+	conns  map[uint64]*Conn
 }
 
 var pollers struct {
@@ -177,6 +177,14 @@ func acquirePoller() (*poller, error) {
 	return pollers.p, nil
 }
 
+// Running reports whether the poller's goroutine runs: while any conn is
+// registered with it. For tests that check it stops.
+func Running() bool {
+	pollers.mu.Lock()
+	defer pollers.mu.Unlock()
+	return pollers.p != nil
+}
+
 func releasePoller() {
 	pollers.mu.Lock()
 	defer pollers.mu.Unlock()
@@ -195,7 +203,7 @@ func newPoller() (*poller, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tether: epoll_create1: %w", err)
 	}
-	p := &poller{epfd: epfd, done: make(chan struct{}), conns: make(map[uint64]*parkConn)}
+	p := &poller{epfd: epfd, done: make(chan struct{}), conns: make(map[uint64]*Conn)}
 	if err := syscall.Pipe2(p.pipe[:], syscall.O_CLOEXEC|syscall.O_NONBLOCK); err != nil {
 		syscall.Close(epfd)
 		return nil, fmt.Errorf("tether: pipe2: %w", err)
@@ -214,7 +222,7 @@ func (p *poller) closeFDs() {
 	syscall.Close(p.epfd)
 }
 
-func (p *poller) add(pc *parkConn) uint64 {
+func (p *poller) add(pc *Conn) uint64 {
 	id := p.nextID.Add(1)
 	p.mu.Lock()
 	p.conns[id] = pc
@@ -253,7 +261,7 @@ func (p *poller) run() {
 			p.mu.Unlock()
 			if pc != nil {
 				pc.pending.Store(true)
-				pc.c.wake()
+				pc.wake()
 			}
 		}
 	}
