@@ -17,7 +17,6 @@ import (
 	"unicode/utf8"
 )
 
-
 // Code says why a protocol message was refused. It travels as the
 // code field of an error message, and as [Error].Code. Clients
 // must accept codes they do not know: later versions may add some.
@@ -100,7 +99,7 @@ type Frame struct {
 	Op    string
 	ID    string          // sub, unsub, pub, send, ack, error; "" for none
 	Topic string          // sub, unsub, pub, msg, presence, resync; "" in a direct msg
-	Since *Since      // sub: where to resume; nil for live messages only
+	Since *Since          // sub: where to resume; nil for live messages only
 	Data  json.RawMessage // pub, send, msg: any JSON value, never re-encoded
 	Epoch string          // msg, resync, ack of a sub
 	Seq   uint64          // msg, ack of a sub; 0 in a direct msg
@@ -108,13 +107,13 @@ type Frame struct {
 
 	Session           string        // welcome
 	Interval, Timeout time.Duration // welcome: the server's heartbeat, in whole ms
-	Resume            []Resume  // welcome; nil for none
-	Limits            Limits    // welcome; zero for none
+	Resume            []Resume      // welcome; nil for none
+	Limits            Limits        // welcome; zero for none
 
 	Joins, Leaves []Member // presence; nil for none
 
-	Code   Code // error
-	Reason string    // error
+	Code   Code   // error
+	Reason string // error
 }
 
 // Since is a client's position in a topic's history: the last message
