@@ -47,24 +47,6 @@ func (s ClientState) String() string {
 	return fmt.Sprintf("ClientState(%d)", int(s))
 }
 
-// Errors of the [Client].
-var (
-	// ErrBufferFull: the client is offline and its offline buffer (see
-	// [WithOfflineBuffer]) is full; the message was not kept.
-	ErrBufferFull = errors.New("tether: offline buffer full")
-	// ErrOffline: a volatile message found the client not Connected and
-	// was dropped.
-	ErrOffline = errors.New("tether: offline")
-	// ErrForbidden: the server refused the client with HTTP 403 or close
-	// code 4403 ([StatusForbidden]). The client does not retry.
-	ErrForbidden = errors.New("tether: forbidden")
-	// ErrRejected: the server refused the handshake with an HTTP status
-	// that retrying will not change (400, 404 and the other 4xx but 408,
-	// 425 and 429), or does not speak protocol v1. The client does not
-	// retry.
-	ErrRejected = errors.New("tether: handshake rejected")
-)
-
 // TopicMessage is a message of a topic, as a [Client] receives it.
 type TopicMessage struct {
 	Topic string
@@ -336,7 +318,7 @@ func (cl *Client) Topics() []string {
 // conn, after the subscriptions are back in place. ctx is only checked on
 // entry.
 //
-// Publish returns [ErrNotJSON] for data that is not JSON, [ErrBufferFull]
+// Publish returns [ErrNotJSON] for data that is not JSON, [ErrQueueFull]
 // when not Connected with a full buffer, [ErrRateLimited] past the rate
 // limit the server advertised, and [ErrQueueFull] when the send queue is
 // full (the link is slower than the publisher). A refusal by the server
@@ -416,7 +398,7 @@ func (cl *Client) request(ctx context.Context, op, topic string, data []byte, vo
 		return fmt.Errorf("tether: %s: %w", op, ErrOffline)
 	}
 	if len(cl.buffer) >= cl.cfg.bufMessages || cl.bufBytes+len(req.line) > cl.cfg.bufBytes {
-		return fmt.Errorf("tether: %s: %w", op, ErrBufferFull)
+		return fmt.Errorf("tether: %s: %w", op, ErrQueueFull)
 	}
 	cl.buffer = append(cl.buffer, req)
 	cl.bufBytes += len(req.line)

@@ -2,7 +2,6 @@ package tether
 
 import (
 	"errors"
-	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
@@ -28,7 +27,7 @@ func TestCloseHint(t *testing.T) {
 		{"retry_ms=9223372036854775807", time.Hour}, // capped: no server silences its clients for days
 		{"retry_ms=86400000", time.Hour},
 	} {
-		err := fmt.Errorf("tether: peer closed: %w", websocket.CloseError{Code: websocket.StatusGoingAway, Reason: tc.reason})
+		err := &CloseError{Code: websocket.StatusGoingAway, Reason: tc.reason}
 		if got := closeHint(err); got != tc.want {
 			t.Errorf("closeHint(%q) = %v, want %v", tc.reason, got, tc.want)
 		}
@@ -45,7 +44,7 @@ func FuzzCloseHint(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, reason string) {
-		got := closeHint(websocket.CloseError{Code: websocket.StatusGoingAway, Reason: reason})
+		got := closeHint(&CloseError{Code: websocket.StatusGoingAway, Reason: reason})
 		if got < 0 {
 			t.Fatalf("closeHint(%q) = %v", reason, got)
 		}

@@ -496,8 +496,8 @@ func TestClientOfflineBuffer(t *testing.T) {
 	if err := cl.Send(ctx, numbered(6)); err != nil {
 		t.Fatalf("offline Send: %v", err)
 	}
-	if err := cl.Publish(ctx, "chat", numbered(7)); !errors.Is(err, tether.ErrBufferFull) {
-		t.Errorf("Publish past the bound: %v, want ErrBufferFull", err)
+	if err := cl.Publish(ctx, "chat", numbered(7)); !errors.Is(err, tether.ErrQueueFull) {
+		t.Errorf("Publish past the bound: %v, want ErrQueueFull", err)
 	}
 	if err := cl.PublishVolatile(ctx, "chat", numbered(8)); !errors.Is(err, tether.ErrOffline) {
 		t.Errorf("offline PublishVolatile: %v, want ErrOffline", err)
@@ -545,8 +545,8 @@ func TestClientOfflineBufferBytes(t *testing.T) {
 	if err := cl.Send(context.Background(), big); err != nil {
 		t.Fatal(err)
 	}
-	if err := cl.Send(context.Background(), big); !errors.Is(err, tether.ErrBufferFull) {
-		t.Errorf("second 100-byte Send with a 200-byte buffer: %v, want ErrBufferFull", err)
+	if err := cl.Send(context.Background(), big); !errors.Is(err, tether.ErrQueueFull) {
+		t.Errorf("second 100-byte Send with a 200-byte buffer: %v, want ErrQueueFull", err)
 	}
 }
 

@@ -250,8 +250,7 @@ func (c *Conn) Close(code websocket.StatusCode, reason string) error {
 	if !validCloseCode(code) || len(reason) > maxCloseReason {
 		return fmt.Errorf("tether: close: invalid code %d or reason of %d bytes", code, len(reason))
 	}
-	ce := websocket.CloseError{Code: code, Reason: reason}
-	if !c.end(fmt.Errorf("tether: closed: %w: %w", net.ErrClosed, ce), endGraceful, code, reason) {
+	if !c.end(&CloseError{Code: code, Reason: reason, Local: true}, endGraceful, code, reason) {
 		return fmt.Errorf("tether: close: %w", net.ErrClosed)
 	}
 	return nil

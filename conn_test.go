@@ -81,7 +81,7 @@ func TestSendDelivers(t *testing.T) {
 	}
 }
 
-// A peer that floods pings is closed with 1008 and ErrPingFlood; another
+// A peer that floods pings is closed with 1008 and ErrProtocolViolation; another
 // conn of the same server is unaffected.
 func TestPingFloodClosed(t *testing.T) {
 	srv := newServer(t)
@@ -104,8 +104,8 @@ func TestPingFloodClosed(t *testing.T) {
 	})
 
 	waitDone(t, cFlood, 5*time.Second)
-	if !errors.Is(cFlood.Err(), tether.ErrPingFlood) {
-		t.Fatalf("flooder's Err = %v, want ErrPingFlood", cFlood.Err())
+	if !errors.Is(cFlood.Err(), tether.ErrProtocolViolation) {
+		t.Fatalf("flooder's Err = %v, want ErrProtocolViolation", cFlood.Err())
 	}
 	if err := flood.readErr(t, 5*time.Second); websocket.CloseStatus(err) != websocket.StatusPolicyViolation {
 		t.Fatalf("flooder's read error %v, want close status 1008", err)

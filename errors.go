@@ -2,42 +2,41 @@ package tether
 
 import (
 	"errors"
+	"net"
+	"strconv"
+	"strings"
 
 	"github.com/coder/websocket"
+	"github.com/tether-ws/tether/internal/wire"
 )
 
-// Reasons a connection ends, as returned by [Conn.Err] and passed to
-// [Observer].Disconnect. Test for them with [errors.Is].
-//
-// When the peer closed the connection with a close frame, the reason wraps
-// a [websocket.CloseError]: read the peer's code with [websocket.CloseStatus].
-// When this side closed it with [Conn.Close], the reason wraps both
-// [net.ErrClosed] and the [websocket.CloseError] that was sent.
+// The conditions tether reports. Test for them with [errors.Is]: the
+// errors returned wrap them with what happened. Why a conn ended ([Conn.Err],
+// [Observer].Disconnect) is one of the first seven, or a [*CloseError]
+// when a close frame ended it.
 var (
 	// ErrHeartbeatTimeout: the peer sent nothing at all (no data, ping or
 	// pong) for the heartbeat timeout. The conn was dropped without a close
 	// handshake, since a dead peer cannot answer one.
 	ErrHeartbeatTimeout = errors.New("tether: heartbeat timeout")
 
-	// ErrQueueFull: the send queue was full. With the Disconnect overflow
-	// policy the conn is closed with [StatusSlowConsumer]; [Conn.Send]
-	// returns it too, for a message that was not queued.
-	ErrQueueFull = errors.New("tether: send queue full")
-
 	// ErrWriteTimeout: a write did not complete within the write timeout;
 	// the peer is not reading. The conn was dropped.
 	ErrWriteTimeout = errors.New("tether: write timeout")
 
+	// ErrConnLost: the transport failed (EOF, reset) without a close frame.
+	ErrConnLost = errors.New("tether: connection lost")
+
+	// ErrQueueFull: a message found no room. A conn's send queue was full
+	// (see [Limits]): with the Disconnect overflow policy the conn was
+	// closed with [StatusSlowConsumer]; [Conn.Send] returns it too, for a
+	// message it did not queue. A [Client]'s offline buffer was full (see
+	// [WithOfflineBuffer]): the message was not kept.
+	ErrQueueFull = errors.New("tether: queue full")
+
 	// ErrMessageTooBig: the peer sent a message over the size limit. The
 	// conn was closed with [websocket.StatusMessageTooBig] (1009).
 	ErrMessageTooBig = errors.New("tether: message too big")
-
-	// ErrPingFlood: the peer sent ping frames faster than the inbound ping
-	// limit. The conn was closed with [websocket.StatusPolicyViolation] (1008).
-	ErrPingFlood = errors.New("tether: ping flood")
-
-	// ErrConnLost: the transport failed (EOF, reset) without a close frame.
-	ErrConnLost = errors.New("tether: connection lost")
 
 	// ErrRateLimited: a hub conn kept sending past its rate limit (see
 	// [WithRateLimit]). It was closed with [StatusRateLimited] and a
@@ -45,17 +44,33 @@ var (
 	// limit the server advertised, without sending.
 	ErrRateLimited = errors.New("tether: rate limited")
 
-	// ErrProtocolViolation: a hub conn kept sending messages the hub could
-	// not read (more than 10 in a burst, or one a second sustained), and
-	// was closed with [websocket.StatusPolicyViolation] (1008); or a raw
-	// peer sent a text message in invalid UTF-8, and was closed with
+	// ErrProtocolViolation: the peer broke the rules. It sent ping frames
+	// faster than 10 a second sustained, or, on a hub, kept sending
+	// messages the hub could not read (more than 10 in a burst, or one a
+	// second sustained), and was closed with
+	// [websocket.StatusPolicyViolation] (1008); or a raw peer sent a text
+	// message in invalid UTF-8, and was closed with
 	// [websocket.StatusInvalidFramePayloadData] (1007).
 	ErrProtocolViolation = errors.New("tether: protocol violation")
-)
 
-// Errors of the [Hub]'s API and handshakes. [Hub.Serve] returns the
-// handshake refusals, after answering the request.
-var (
+	// ErrUnauthorized: [WithAuth] refused a handshake, and [Hub.Serve]
+	// answered 401; the error wraps the one WithAuth returned. A [Client]
+	// returns it when the server refused it with HTTP 401 or close code
+	// [StatusUnauthorized], and does not retry.
+	ErrUnauthorized = errors.New("tether: unauthorized")
+
+	// ErrForbidden: a cross-origin handshake that [WithOriginPatterns]
+	// does not allow, which Serve answered with 403. A [Client] returns it
+	// when the server refused it with HTTP 403 or close code
+	// [StatusForbidden], and does not retry.
+	ErrForbidden = errors.New("tether: forbidden")
+
+	// ErrRejected: the server refused a [Client]'s handshake with an HTTP
+	// status that retrying will not change (400, 404 and the other 4xx but
+	// 408, 425 and 429), or does not speak protocol v1. The client does
+	// not retry.
+	ErrRejected = errors.New("tether: handshake rejected")
+
 	// ErrHubClosed: the hub is shutting down or closed. Serve answers 503.
 	ErrHubClosed = errors.New("tether: hub closed")
 
@@ -63,17 +78,13 @@ var (
 	// Serve answers 503.
 	ErrHubFull = errors.New("tether: hub full")
 
-	// ErrUnauthorized: [WithAuth] refused the handshake; the error wraps
-	// the one it returned. Serve answers 401.
-	ErrUnauthorized = errors.New("tether: unauthorized")
-
-	// ErrOriginNotAllowed: a cross-origin handshake that
-	// [WithOriginPatterns] does not allow. Serve answers 403.
-	ErrOriginNotAllowed = errors.New("tether: origin not allowed")
-
 	// ErrNotJSON: data for a protocol v1 peer must be a JSON value, since
 	// it travels inside a protocol message.
 	ErrNotJSON = errors.New("tether: data is not a JSON value")
+
+	// ErrOffline: a volatile message found the [Client] not Connected and
+	// was dropped.
+	ErrOffline = errors.New("tether: offline")
 )
 
 // Close codes tether uses beyond RFC 6455's. Codes 4000-4999 are private
@@ -89,3 +100,164 @@ const (
 	// StatusRateLimited (4429): too many messages; retry later.
 	StatusRateLimited websocket.StatusCode = 4429
 )
+
+// CloseError is a close frame that ended a conn: the one the peer sent,
+// or, with Local set, the one this side sent with [Conn.Close]. Find it in
+// [Conn.Err] with [errors.As]. It unwraps to the [websocket.CloseError]
+// with the same code and reason, so [websocket.CloseStatus] reads it too;
+// a local one also wraps [net.ErrClosed].
+type CloseError struct {
+	Code   websocket.StatusCode
+	Reason string
+	// Local is true when this side sent the close frame.
+	Local bool
+	peer  string // who sent it, for the message: "server", "client" or "peer"
+}
+
+// Error says who closed the conn, with what code and why, such as
+// "tether: server closed the connection: going away (1001), retry in 531 ms".
+func (e *CloseError) Error() string {
+	var b strings.Builder
+	b.WriteString("tether: ")
+	switch {
+	case e.Local:
+		b.WriteString("closed the connection")
+	case e.peer != "":
+		b.WriteString(e.peer + " closed the connection")
+	default:
+		b.WriteString("peer closed the connection")
+	}
+	b.WriteString(": ")
+	b.WriteString(statusText(e.Code))
+	b.WriteString(" (" + strconv.Itoa(int(e.Code)) + ")")
+	if ms, ok := strings.CutPrefix(e.Reason, "retry_ms="); ok && ms != "" && strings.Trim(ms, "0123456789") == "" {
+		b.WriteString(", retry in " + ms + " ms")
+	} else if e.Reason != "" {
+		b.WriteString(": " + e.Reason)
+	}
+	return b.String()
+}
+
+// Unwrap returns the [websocket.CloseError], and for a local close
+// [net.ErrClosed].
+func (e *CloseError) Unwrap() []error {
+	ws := websocket.CloseError{Code: e.Code, Reason: e.Reason}
+	if e.Local {
+		return []error{ws, net.ErrClosed}
+	}
+	return []error{ws}
+}
+
+// statusText names a close code for people.
+func statusText(code websocket.StatusCode) string {
+	switch code {
+	case websocket.StatusNormalClosure:
+		return "normal closure"
+	case websocket.StatusGoingAway:
+		return "going away"
+	case websocket.StatusProtocolError:
+		return "protocol error"
+	case websocket.StatusUnsupportedData:
+		return "unsupported data"
+	case websocket.StatusNoStatusRcvd:
+		return "no status"
+	case websocket.StatusInvalidFramePayloadData:
+		return "invalid data"
+	case websocket.StatusPolicyViolation:
+		return "policy violation"
+	case websocket.StatusMessageTooBig:
+		return "message too big"
+	case websocket.StatusMandatoryExtension:
+		return "extension required"
+	case websocket.StatusInternalError:
+		return "internal error"
+	case websocket.StatusServiceRestart:
+		return "service restart"
+	case websocket.StatusTryAgainLater:
+		return "try again later"
+	case websocket.StatusBadGateway:
+		return "bad gateway"
+	case StatusSlowConsumer:
+		return "slow consumer"
+	case StatusUnauthorized:
+		return "unauthorized"
+	case StatusForbidden:
+		return "forbidden"
+	case StatusRateLimited:
+		return "rate limited"
+	}
+	return "status"
+}
+
+// causeError is an error with a message of its own, for people, that
+// still wraps what caused it, for errors.Is and errors.As.
+type causeError struct {
+	msg  string
+	errs []error
+}
+
+func (e *causeError) Error() string   { return e.msg }
+func (e *causeError) Unwrap() []error { return e.errs }
+
+// because returns an error that reads "<what>: <the root cause of err>"
+// and wraps cond and err. The transport's errors nest its internal steps
+// ("failed to get reader: failed to read frame header: EOF"); a person
+// needs the last of them.
+func because(cond error, what string, err error) error {
+	return &causeError{msg: what + ": " + rootCause(err), errs: []error{cond, err}}
+}
+
+// rootCause returns the message of the innermost error that err wraps.
+func rootCause(err error) string {
+	for {
+		var next error
+		switch e := err.(type) {
+		case interface{ Unwrap() error }:
+			next = e.Unwrap()
+		case interface{ Unwrap() []error }:
+			if errs := e.Unwrap(); len(errs) > 0 {
+				next = errs[0]
+			}
+		}
+		if next == nil {
+			return err.Error()
+		}
+		err = next
+	}
+}
+
+// ErrorCode says why a protocol message was refused. It travels as the
+// code field of an error message, and as [ProtocolError].Code. Clients
+// must accept codes they do not know: later versions may add some.
+type ErrorCode = wire.Code
+
+// The error codes of protocol v1.
+const (
+	// CodeBadRequest: the message is not one JSON object in valid UTF-8,
+	// or a field is missing, of the wrong type or out of bounds (a topic
+	// over 256 bytes, an id over 64). Sending it again fails again.
+	CodeBadRequest ErrorCode = wire.CodeBadRequest
+	// CodeUnknownOp: the op is unknown, or is one the other side sends.
+	CodeUnknownOp ErrorCode = wire.CodeUnknownOp
+	// CodeForbidden: the application refused this subscription or
+	// publication. The connection stays open.
+	CodeForbidden ErrorCode = wire.CodeForbidden
+	// CodeRateLimited: the message exceeded a rate limit and was dropped.
+	// Sending it later may succeed.
+	CodeRateLimited ErrorCode = wire.CodeRateLimited
+	// CodeTooBig: a payload is over a limit the server sets on it, below
+	// the message size limit (over that one the connection is closed with
+	// 1009 instead).
+	CodeTooBig ErrorCode = wire.CodeTooBig
+	// CodeInternal: the server failed to carry out a valid request.
+	// Sending it again later may succeed.
+	CodeInternal ErrorCode = wire.CodeInternal
+)
+
+// ProtocolError is a protocol message that was refused, or the error
+// message that says so: the server sends it to the client as an error
+// message with the same code, reason and id. Its fields: Code ([ErrorCode])
+// says why, for programs; Reason says why, for people; ID is the id of the
+// refused request, or "" if it had none or its id could not be read.
+// Error returns "tether: protocol: <code>: <reason>".
+type ProtocolError = wire.Error

@@ -26,6 +26,11 @@ import (
 	"golang.org/x/time/rate"
 )
 
+// Subprotocol is the WebSocket subprotocol of tether's wire protocol v1
+// (see PROTOCOL.md). A peer that does not ask for it during the handshake
+// is a plain WebSocket peer: its messages pass through untouched.
+const Subprotocol = "tether.v1"
+
 // Position is a place in a topic's history: its Epoch, which names the
 // topic's current run of seqs (compare it only for equality: it changes
 // when the history loses continuity), and the Seq of a message in it, 0
@@ -225,7 +230,7 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 //
 //   - 503 and [ErrHubClosed] once [Hub.Shutdown] or [Hub.Close] has begun;
 //   - 503 and [ErrHubFull] past [WithMaxConns];
-//   - 403 and [ErrOriginNotAllowed] for a cross-origin request that
+//   - 403 and [ErrForbidden] for a cross-origin request that
 //     [WithOriginPatterns] does not allow;
 //   - 401 and [ErrUnauthorized] when [WithAuth] refuses it;
 //   - whatever coder/websocket answers to a request that is not a valid
@@ -315,7 +320,7 @@ func checkOrigin(r *http.Request, patterns []string) error {
 	}
 	u, err := url.Parse(origin)
 	if err != nil {
-		return fmt.Errorf("%w: %q is not a URL", ErrOriginNotAllowed, origin)
+		return fmt.Errorf("%w: %q is not a URL", ErrForbidden, origin)
 	}
 	if strings.EqualFold(u.Host, r.Host) {
 		return nil
@@ -329,7 +334,7 @@ func checkOrigin(r *http.Request, patterns []string) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("%w: %q on host %q", ErrOriginNotAllowed, origin, r.Host)
+	return fmt.Errorf("%w: %q on host %q", ErrForbidden, origin, r.Host)
 }
 
 func newConnID() string {

@@ -141,15 +141,15 @@ func TestHubAdmissionAuth(t *testing.T) {
 }
 
 // TestHubAdmissionOrigin refuses a cross-origin handshake with 403 and
-// ErrOriginNotAllowed, and accepts same-origin ones, ones without Origin,
+// ErrForbidden, and accepts same-origin ones, ones without Origin,
 // and those that WithOriginPatterns allows.
 func TestHubAdmissionOrigin(t *testing.T) {
 	t.Run("default", func(t *testing.T) {
 		s := newAdmServer(t)
 		s.refused(t, s.url(), clientOpts{header: http.Header{"Origin": {"https://evil.example"}}},
-			http.StatusForbidden, tether.ErrOriginNotAllowed)
+			http.StatusForbidden, tether.ErrForbidden)
 		s.refused(t, s.url(), clientOpts{raw: true, header: http.Header{"Origin": {"http://evil.example"}}},
-			http.StatusForbidden, tether.ErrOriginNotAllowed)
+			http.StatusForbidden, tether.ErrForbidden)
 		// Same origin: the page was served by this host.
 		s.accepted(t, s.url(), clientOpts{header: http.Header{"Origin": {s.URL}}})
 		// No Origin: not a browser.
@@ -163,9 +163,9 @@ func TestHubAdmissionOrigin(t *testing.T) {
 		s.accepted(t, s.url(), clientOpts{header: http.Header{"Origin": {"https://allowed.example"}}})
 		s.accepted(t, s.url(), clientOpts{header: http.Header{"Origin": {s.URL}}})
 		s.refused(t, s.url(), clientOpts{header: http.Header{"Origin": {"https://evil.example"}}},
-			http.StatusForbidden, tether.ErrOriginNotAllowed)
+			http.StatusForbidden, tether.ErrForbidden)
 		s.refused(t, s.url(), clientOpts{header: http.Header{"Origin": {"https://sub.allowed.example"}}},
-			http.StatusForbidden, tether.ErrOriginNotAllowed)
+			http.StatusForbidden, tether.ErrForbidden)
 	})
 }
 

@@ -596,7 +596,7 @@ func WithHTTPClient(c *http.Client) DialOption {
 
 // WithOfflineBuffer bounds the messages [Client.Publish] and [Client.Send]
 // keep while no conn is up, by count and by total encoded bytes; beyond
-// either they return [ErrBufferFull]. 0 messages disables the buffer.
+// either they return [ErrQueueFull]. 0 messages disables the buffer.
 // Default 256 messages, 1 MiB.
 func WithOfflineBuffer(messages, bytes int) DialOption {
 	return dialOptionFunc(func(d *dialConfig) { d.bufMessages, d.bufBytes = messages, bytes })

@@ -38,7 +38,7 @@ func (c *Conn) readLoop() {
 				}
 				continue
 			}
-			c.end(readError(err), endForced, 0, "")
+			c.end(c.readError(err), endForced, 0, "")
 			break
 		}
 		c.hb.touch()
@@ -79,14 +79,32 @@ func (c *Conn) readLoop() {
 }
 
 // readError turns the error that ended the reader into a reason.
-func readError(err error) error {
+func (c *Conn) readError(err error) error {
+	peer := "peer"
+	switch {
+	case c.pings != nil:
+		peer = "server"
+	case c.hc != nil:
+		peer = "client"
+	}
+	return readError(err, peer, c.cfg.maxMessageSize)
+}
+
+// readError turns the error a read returned into a reason, in tether's
+// words rather than the transport's: peer names who sent a close frame,
+// limit is the read limit.
+func readError(err error, peer string, limit int64) error {
+	var ce websocket.CloseError
 	switch {
 	case errors.Is(err, websocket.ErrMessageTooBig):
-		return fmt.Errorf("%w: %w", ErrMessageTooBig, err)
-	case websocket.CloseStatus(err) != -1:
-		return fmt.Errorf("tether: peer closed: %w", err)
+		return &causeError{
+			msg:  fmt.Sprintf("tether: message too big: over the limit of %d bytes", limit),
+			errs: []error{ErrMessageTooBig, err},
+		}
+	case errors.As(err, &ce):
+		return &CloseError{Code: ce.Code, Reason: ce.Reason, peer: peer}
 	default:
-		return fmt.Errorf("%w: %w", ErrConnLost, err)
+		return because(ErrConnLost, "tether: connection lost", err)
 	}
 }
 
@@ -97,7 +115,7 @@ func (c *Conn) onPing(context.Context, []byte) bool {
 		c.pingLimiter = rate.NewLimiter(pingRateLimit, pingBurst)
 	}
 	if !c.pingLimiter.Allow() {
-		c.end(ErrPingFlood, endPolicy, websocket.StatusPolicyViolation, "ping flood")
+		c.end(fmt.Errorf("%w: ping flood", ErrProtocolViolation), endPolicy, websocket.StatusPolicyViolation, "ping flood")
 		return false
 	}
 	return true

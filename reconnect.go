@@ -241,7 +241,7 @@ func (cl *Client) connect(url string) (*Conn, error) {
 	_, data, err := ws.Read(ctx)
 	if err != nil {
 		ws.CloseNow()
-		err = readError(err)
+		err = readError(err, "server", cl.cfg.conn.maxMessageSize)
 		switch websocket.CloseStatus(err) {
 		case StatusUnauthorized:
 			err = fmt.Errorf("%w: %w", ErrUnauthorized, err)
@@ -423,7 +423,7 @@ func terminal(err error) bool {
 // that retrying will not change, with the Retry-After of a 429 or 503.
 func handshakeError(url string, resp *http.Response, err error) error {
 	if resp == nil {
-		return fmt.Errorf("tether: dial %s: %w", url, err)
+		return &causeError{msg: "tether: dial " + url + ": " + rootCause(err), errs: []error{err}}
 	}
 	code := resp.StatusCode
 	switch {
@@ -435,7 +435,10 @@ func handshakeError(url string, resp *http.Response, err error) error {
 		code != http.StatusTooEarly && code != http.StatusTooManyRequests:
 		return fmt.Errorf("tether: dial %s: HTTP %d: %w", url, code, ErrRejected)
 	}
-	e := &retryError{err: fmt.Errorf("tether: dial %s: HTTP %d: %w", url, code, err)}
+	e := &retryError{err: &causeError{
+		msg:  fmt.Sprintf("tether: dial %s: HTTP %d %s", url, code, http.StatusText(code)),
+		errs: []error{err},
+	}}
 	if s, perr := strconv.Atoi(resp.Header.Get("Retry-After")); perr == nil && s > 0 {
 		e.after = min(time.Duration(min(s, 1<<30))*time.Second, maxRetryHint)
 	}
@@ -475,7 +478,7 @@ func retryAfter(err error) time.Duration {
 
 // closeHint returns the retry_ms hint of the close reason in err, or 0.
 func closeHint(err error) time.Duration {
-	var ce websocket.CloseError
+	var ce *CloseError
 	if !errors.As(err, &ce) {
 		return 0
 	}

@@ -59,7 +59,7 @@ func closeCode(t testing.TB, p *gorillaPeer) *websocket.CloseError {
 // of answering the hub's (PROTOCOL.md, section 9): a gorilla client that
 // never answers a ping but pings every 100 ms (the limit is 10/s) stays,
 // and gets a pong for each. Pinging faster than the limit closes the conn
-// with 1008 and ErrPingFlood.
+// with 1008 and ErrProtocolViolation.
 func TestGorillaOwnPings(t *testing.T) {
 	s := newServer(t)
 	p := dialGorilla(t, s.url("pinger"), true)
@@ -78,8 +78,8 @@ func TestGorillaOwnPings(t *testing.T) {
 	_, stopFlood := pingEvery(flood, 5*time.Millisecond)
 	defer stopFlood()
 	rec := s.ended("flood", 1, 3*time.Second)
-	if !errors.Is(rec.reason, tether.ErrPingFlood) {
-		t.Errorf("ping flood: the conn ended with %v, want ErrPingFlood", rec.reason)
+	if !errors.Is(rec.reason, tether.ErrProtocolViolation) {
+		t.Errorf("ping flood: the conn ended with %v, want ErrProtocolViolation", rec.reason)
 	}
 	if ce := closeCode(t, flood); ce.Code != websocket.ClosePolicyViolation {
 		t.Errorf("ping flood: close %d %q, want 1008", ce.Code, ce.Text)

@@ -51,7 +51,7 @@ const (
 	ReasonQueueFull         = "queue_full"         // [tether.ErrQueueFull]
 	ReasonWriteTimeout      = "write_timeout"      // [tether.ErrWriteTimeout]
 	ReasonMessageTooBig     = "message_too_big"    // [tether.ErrMessageTooBig]
-	ReasonPingFlood         = "ping_flood"         // [tether.ErrPingFlood]
+	ReasonPingFlood         = "ping_flood"         // [tether.ErrProtocolViolation]
 	ReasonConnLost          = "conn_lost"          // [tether.ErrConnLost]
 	ReasonRateLimited       = "rate_limited"       // [tether.ErrRateLimited]
 	ReasonProtocolViolation = "protocol_violation" // [tether.ErrProtocolViolation]
@@ -70,7 +70,7 @@ var reasons = [...]struct {
 	{ReasonQueueFull, tether.ErrQueueFull},
 	{ReasonWriteTimeout, tether.ErrWriteTimeout},
 	{ReasonMessageTooBig, tether.ErrMessageTooBig},
-	{ReasonPingFlood, tether.ErrPingFlood},
+	{ReasonPingFlood, tether.ErrProtocolViolation},
 	{ReasonConnLost, tether.ErrConnLost},
 	{ReasonRateLimited, tether.ErrRateLimited},
 	{ReasonProtocolViolation, tether.ErrProtocolViolation},

@@ -454,7 +454,7 @@ func TestReason(t *testing.T) {
 		{wrap(tether.ErrQueueFull), "queue_full"},
 		{wrap(tether.ErrWriteTimeout), "write_timeout"},
 		{wrap(tether.ErrMessageTooBig), "message_too_big"},
-		{wrap(tether.ErrPingFlood), "ping_flood"},
+		{wrap(tether.ErrProtocolViolation), "ping_flood"},
 		{fmt.Errorf("%w: %w", tether.ErrConnLost, net.ErrClosed), "conn_lost"},
 		{wrap(tether.ErrRateLimited), "rate_limited"},
 		{wrap(tether.ErrProtocolViolation), "protocol_violation"},
