@@ -16,37 +16,6 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// ClientState is where a [Client] is in its life.
-type ClientState int32
-
-const (
-	// Connecting: Dial is making the first conn.
-	Connecting ClientState = iota
-	// Connected: a conn is up, the subscriptions are back in place and the
-	// offline buffer has been sent.
-	Connected
-	// Reconnecting: the conn was lost and the client is making another,
-	// waiting between attempts as its [Backoff] says.
-	Reconnecting
-	// ClientClosed: [Client.Close] was called, the server refused the
-	// client for good, or the client gave up; [Client.Err] says why.
-	ClientClosed
-)
-
-func (s ClientState) String() string {
-	switch s {
-	case Connecting:
-		return "connecting"
-	case Connected:
-		return "connected"
-	case Reconnecting:
-		return "reconnecting"
-	case ClientClosed:
-		return "closed"
-	}
-	return fmt.Sprintf("ClientState(%d)", int(s))
-}
-
 // TopicMessage is a message of a topic, as a [Client] receives it.
 type TopicMessage struct {
 	Topic string
@@ -83,7 +52,7 @@ type Client struct {
 	ids    atomic.Uint64
 
 	mu       sync.Mutex // guards what follows
-	state    ClientState
+	state    State
 	err      error
 	closed   bool
 	conn     *Conn                    // the current conn; nil while none is up
@@ -162,7 +131,7 @@ func Dial(ctx context.Context, url string, opts ...DialOption) (*Client, error) 
 }
 
 // State returns the client's state.
-func (cl *Client) State() ClientState {
+func (cl *Client) State() State {
 	cl.mu.Lock()
 	defer cl.mu.Unlock()
 	return cl.state
@@ -505,8 +474,8 @@ func (cl *Client) deliver(f wire.Frame) {
 	gap := sub.known && (f.Epoch == sub.pos.Epoch && f.Seq > sub.pos.Seq+1 || f.Epoch != sub.pos.Epoch && f.Seq != 1)
 	sub.pos, sub.known = Position{Epoch: f.Epoch, Seq: f.Seq}, true
 	cl.mu.Unlock()
-	if gap && cl.cfg.onResync != nil {
-		cl.cfg.onResync(f.Topic)
+	if gap && cl.cfg.conn.observer.Resync != nil {
+		cl.cfg.conn.observer.Resync(f.Topic)
 	}
 	sub.handler(TopicMessage{Topic: f.Topic, Position: Position{Epoch: f.Epoch, Seq: f.Seq}, Data: f.Data})
 }
@@ -522,8 +491,8 @@ func (cl *Client) resync(topic string) {
 	}
 	sub.known = false
 	cl.mu.Unlock()
-	if cl.cfg.onResync != nil {
-		cl.cfg.onResync(topic)
+	if cl.cfg.conn.observer.Resync != nil {
+		cl.cfg.conn.observer.Resync(topic)
 	}
 }
 
@@ -595,13 +564,13 @@ func (cl *Client) answer(f wire.Frame, err *ProtocolError) {
 	if report != nil {
 		cl.report(report)
 	}
-	if stale && cl.cfg.onResync != nil {
-		cl.cfg.onResync(topic)
+	if stale && cl.cfg.conn.observer.Resync != nil {
+		cl.cfg.conn.observer.Resync(topic)
 	}
 }
 
 func (cl *Client) report(err error) {
-	if f := cl.cfg.onError; f != nil {
+	if f := cl.cfg.conn.observer.Error; f != nil {
 		f(err)
 		return
 	}

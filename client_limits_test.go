@@ -26,7 +26,7 @@ func TestClientFlushesBufferWithinRateLimit(t *testing.T) {
 	)
 	var refused atomic.Int32
 	st := newStates()
-	cl := dial(t, s.url(), fastBackoff, st.option(), tether.OnError(func(error) { refused.Add(1) }))
+	cl := dial(t, s.url(), fastBackoff, st.option(), tether.WithObserver(tether.Observer{Error: func(error) { refused.Add(1) }}))
 	box := newInbox()
 	ctx := context.Background()
 	if err := cl.Subscribe(ctx, "chat", box.handler); err != nil {
@@ -56,7 +56,7 @@ func TestClientManySubscriptionsResume(t *testing.T) {
 	s := newSite(t)
 	st := newStates()
 	var refused atomic.Int32
-	cl := dial(t, s.url(), fastBackoff, st.option(), tether.OnError(func(error) { refused.Add(1) }))
+	cl := dial(t, s.url(), fastBackoff, st.option(), tether.WithObserver(tether.Observer{Error: func(error) { refused.Add(1) }}))
 	const n = 250
 	box := newInbox()
 	for i := range n {
@@ -124,7 +124,7 @@ func TestClientRetriesTransientResubscribeRefusal(t *testing.T) {
 	s := newSite(t, tether.WithHistory(hist))
 	errs := make(chan error, 10)
 	st := newStates()
-	cl := dial(t, s.url(), fastBackoff, st.option(), tether.OnError(func(err error) { errs <- err }))
+	cl := dial(t, s.url(), fastBackoff, st.option(), tether.WithObserver(tether.Observer{Error: func(err error) { errs <- err }}))
 	box := newInbox()
 	if err := cl.Subscribe(context.Background(), "chat", box.handler); err != nil {
 		t.Fatal(err)

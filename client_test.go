@@ -152,7 +152,7 @@ func TestClientSubscribePublishSend(t *testing.T) {
 	if err := cl.Publish(ctx, "room", numbered(6)); !errors.Is(err, net.ErrClosed) {
 		t.Errorf("Publish after Close: %v, want net.ErrClosed", err)
 	}
-	if cl.State() != tether.ClientClosed || cl.Err() != nil {
+	if cl.State() != tether.Closed || cl.Err() != nil {
 		t.Errorf("after Close: state %v err %v", cl.State(), cl.Err())
 	}
 }
@@ -215,7 +215,7 @@ func TestClientResyncWhenHistoryIsShort(t *testing.T) {
 	s := newSite(t, tether.WithHistory(hist))
 	st := newStates()
 	resyncs := make(chan string, 10)
-	cl := dial(t, s.url(), fastBackoff, st.option(), tether.OnResync(func(topic string) { resyncs <- topic }))
+	cl := dial(t, s.url(), fastBackoff, st.option(), tether.WithObserver(tether.Observer{Resync: func(topic string) { resyncs <- topic }}))
 	box := newInbox()
 	if err := cl.Subscribe(context.Background(), "feed", box.handler); err != nil {
 		t.Fatal(err)
@@ -252,7 +252,7 @@ func TestClientResumesQuietTopic(t *testing.T) {
 	s.Hub().Publish("quiet", numbered(0)) // before the subscription: not wanted
 	st := newStates()
 	resyncs := make(chan string, 10)
-	cl := dial(t, s.url(), fastBackoff, st.option(), tether.OnResync(func(topic string) { resyncs <- topic }))
+	cl := dial(t, s.url(), fastBackoff, st.option(), tether.WithObserver(tether.Observer{Resync: func(topic string) { resyncs <- topic }}))
 	box := newInbox()
 	if err := cl.Subscribe(context.Background(), "quiet", box.handler); err != nil {
 		t.Fatal(err)
@@ -344,15 +344,15 @@ func TestClientRetriesUnavailable(t *testing.T) {
 }
 
 func TestClientClosedForGoodBy4401(t *testing.T) {
-	s := newSite(t, tether.OnConnect(func(c *tether.Conn) {
+	s := newSite(t, tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 		go func() {
 			time.Sleep(50 * time.Millisecond)
 			c.Close(tether.StatusUnauthorized, "token expired")
 		}()
-	}))
+	}}))
 	st := newStates()
 	cl := dial(t, s.url(), fastBackoff, st.option())
-	closed := st.await(t, tether.ClientClosed)
+	closed := st.await(t, tether.Closed)
 	if !errors.Is(closed.err, tether.ErrUnauthorized) || !errors.Is(cl.Err(), tether.ErrUnauthorized) {
 		t.Errorf("closed with %v (Err %v), want ErrUnauthorized", closed.err, cl.Err())
 	}
@@ -555,7 +555,7 @@ func TestClientSubscribeRefused(t *testing.T) {
 	srv := newHubServer(t,
 		tether.WithSubscribeAuth(func(_ *tether.Conn, topic string) bool { return topic != "secret" }),
 	)
-	cl := dial(t, srv.url(), tether.OnError(func(err error) { errs <- err }))
+	cl := dial(t, srv.url(), tether.WithObserver(tether.Observer{Error: func(err error) { errs <- err }}))
 	err := cl.Subscribe(context.Background(), "secret", func(tether.TopicMessage) {})
 	var pe *tether.ProtocolError
 	if !errors.As(err, &pe) || pe.Code != tether.CodeForbidden {
@@ -717,7 +717,7 @@ func TestClientBadServerFrames(t *testing.T) {
 	var errs []error
 	direct := make(chan string, 10)
 	cl := dial(t, srv.URL,
-		tether.OnError(func(err error) { mu.Lock(); errs = append(errs, err); mu.Unlock() }),
+		tether.WithObserver(tether.Observer{Error: func(err error) { mu.Lock(); errs = append(errs, err); mu.Unlock() }}),
 		tether.OnMessage(func(_ *tether.Conn, m tether.Message) { direct <- string(m.Data) }),
 	)
 	for _, want := range []string{`{"ok":1}`, `{"ok":2}`} {

@@ -41,11 +41,11 @@ func newSite(t testing.TB, opts ...tether.HubOption) *site {
 	}
 	s := &site{t: t, addr: ln.Addr().String()}
 	// Recorded for kick; an OnConnect in opts replaces this one.
-	s.opts = append([]tether.HubOption{tether.OnConnect(func(c *tether.Conn) {
+	s.opts = append([]tether.HubOption{tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 		s.mu.Lock()
 		s.conns = append(s.conns, c)
 		s.mu.Unlock()
-	})}, opts...)
+	}})}, opts...)
 	s.serve(ln)
 	t.Cleanup(s.stop)
 	return s
@@ -180,7 +180,7 @@ type states struct {
 }
 
 type stateChange struct {
-	state tether.ClientState
+	state tether.State
 	err   error
 	at    time.Time
 }
@@ -188,7 +188,7 @@ type stateChange struct {
 func newStates() *states { return &states{ch: make(chan stateChange, 1000)} }
 
 func (s *states) option() tether.DialOption {
-	return tether.OnStateChange(func(st tether.ClientState, err error) {
+	return tether.WithObserver(tether.Observer{State: func(st tether.State, err error) {
 		c := stateChange{st, err, time.Now()}
 		s.mu.Lock()
 		s.log = append(s.log, c)
@@ -197,11 +197,11 @@ func (s *states) option() tether.DialOption {
 		case s.ch <- c:
 		default:
 		}
-	})
+	}})
 }
 
 // await waits for the client to enter state, and returns that change.
-func (s *states) await(t testing.TB, want tether.ClientState) stateChange {
+func (s *states) await(t testing.TB, want tether.State) stateChange {
 	t.Helper()
 	timeout := time.After(10 * time.Second)
 	for {
@@ -216,10 +216,10 @@ func (s *states) await(t testing.TB, want tether.ClientState) stateChange {
 	}
 }
 
-func (s *states) all() []tether.ClientState {
+func (s *states) all() []tether.State {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	out := make([]tether.ClientState, len(s.log))
+	out := make([]tether.State, len(s.log))
 	for i, c := range s.log {
 		out[i] = c.state
 	}

@@ -164,7 +164,12 @@ func (c *Conn) start() {
 	first := c.hb.born.Add(c.hb.pingAfter)
 	c.hb.mu.Unlock()
 	c.sched.wheel.Add(&c.hb.timer, c.check, first)
-	go c.readLoop()
+	// The reader owns the conn's end (and a hub's unregistration): it
+	// starts even if Connect panics.
+	defer func() { go c.readLoop() }()
+	if f := c.cfg.observer.Connect; f != nil {
+		f(c)
+	}
 }
 
 // Subprotocol returns the negotiated subprotocol, or "" for none.

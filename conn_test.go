@@ -40,7 +40,7 @@ func TestHealthyPeerStaysConnected(t *testing.T) {
 	if rtt <= 0 || rtt > timeout {
 		t.Fatalf("RTT %v not plausible for loopback", rtt)
 	}
-	if c.State() != tether.Healthy {
+	if c.State() != tether.Connected {
 		t.Fatalf("state %v, want healthy", c.State())
 	}
 }

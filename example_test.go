@@ -207,7 +207,7 @@ func ExampleDial() {
 
 	ctx := context.Background()
 	client, err := tether.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"),
-		tether.OnStateChange(func(s tether.ClientState, err error) { fmt.Println("state:", s) }),
+		tether.WithObserver(tether.Observer{State: func(s tether.State, err error) { fmt.Println("state:", s) }}),
 	)
 	if err != nil {
 		log.Fatal(err)

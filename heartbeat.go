@@ -14,30 +14,44 @@ import (
 	"github.com/tether-ws/tether/internal/wire"
 )
 
-// State is a connection's liveness.
+// State is where a [Conn] or a [Client] is in its life. A conn is
+// Connected, Suspect or Closed; a client is Connecting, Connected,
+// Reconnecting or Closed.
 type State int32
 
 const (
-	// Healthy: the peer has shown life within the heartbeat interval, or
-	// answered its last ping on time.
-	Healthy State = iota
-	// Suspect: a ping has gone unanswered for longer than the RTT estimate
-	// allows. Any inbound frame makes the conn Healthy again.
+	// Connecting: Dial is making a client's first conn.
+	Connecting State = iota
+	// Connected: a conn's peer has shown life within the heartbeat
+	// interval, or answered its last ping on time. A client has a conn
+	// up, its subscriptions back in place and its offline buffer sent.
+	Connected
+	// Suspect: a conn's ping has gone unanswered for longer than the RTT
+	// estimate allows. Any inbound frame makes it Connected again.
 	Suspect
-	// Closed: the conn has ended; [Conn.Err] says why.
+	// Reconnecting: a client lost its conn and is making another,
+	// waiting between attempts as its [Backoff] says.
+	Reconnecting
+	// Closed: the conn or client has ended for good; its Err says why. A
+	// client closes on [Client.Close], when the server refuses it for
+	// good, or when it gives up.
 	Closed
 )
 
 func (s State) String() string {
 	switch s {
-	case Healthy:
-		return "healthy"
+	case Connecting:
+		return "connecting"
+	case Connected:
+		return "connected"
 	case Suspect:
 		return "suspect"
+	case Reconnecting:
+		return "reconnecting"
 	case Closed:
 		return "closed"
 	}
-	return "unknown"
+	return fmt.Sprintf("State(%d)", int(s))
 }
 
 const (
@@ -106,6 +120,7 @@ type heartbeat struct {
 
 func (h *heartbeat) init(cfg *config) {
 	h.born = time.Now()
+	h.state.Store(int32(Connected))
 	h.base, h.baseTO, h.max = cfg.interval, cfg.timeout, cfg.adaptiveMax
 	h.interval, h.timeout = cfg.interval, cfg.timeout
 	// Conns that connect together (after a restart) must not ping together:
@@ -120,7 +135,7 @@ func (h *heartbeat) since(t time.Time) time.Duration { return t.Sub(h.born) }
 func (h *heartbeat) touch() {
 	h.lastSeen.Store(int64(time.Since(h.born)))
 	if h.state.Load() == int32(Suspect) {
-		h.state.CompareAndSwap(int32(Suspect), int32(Healthy))
+		h.state.CompareAndSwap(int32(Suspect), int32(Connected))
 	}
 }
 
@@ -240,7 +255,7 @@ func (c *Conn) check(now time.Time) time.Time {
 	case h.pingSent != 0:
 		deadline := h.pingSent + h.suspectAfter()
 		if h.since(now) >= deadline {
-			suspect = h.state.CompareAndSwap(int32(Healthy), int32(Suspect))
+			suspect = h.state.CompareAndSwap(int32(Connected), int32(Suspect))
 		} else {
 			next = earliest(next, h.born.Add(deadline))
 		}

@@ -247,7 +247,7 @@ func TestAdaptiveHeartbeatStretchesAndSnapsBack(t *testing.T) {
 }
 
 // A pong later than the RTT estimate allows makes the peer Suspect for the
-// time it is late; the pong makes it Healthy again and the conn lives on.
+// time it is late; the pong makes it Connected again and the conn lives on.
 func TestLatePongMakesPeerSuspect(t *testing.T) {
 	// suspect threshold: min(max(srtt+4·rttvar, 200 ms), (1000-20)/2 ms) =
 	// 200 ms on loopback; death 1 s after the last frame, so a pong 350 ms
@@ -296,7 +296,7 @@ func TestLatePongMakesPeerSuspect(t *testing.T) {
 	if len(suspects) != 0 {
 		t.Fatal("prompt peer was suspect")
 	}
-	if s := c.State(); s != tether.Healthy {
+	if s := c.State(); s != tether.Connected {
 		t.Fatalf("state %v with prompt pongs, want healthy", s)
 	}
 
@@ -331,12 +331,12 @@ func TestLatePongMakesPeerSuspect(t *testing.T) {
 			break
 		}
 	}
-	if s := c.State(); s != tether.Healthy {
+	if s := c.State(); s != tether.Connected {
 		t.Fatalf("state %v after the late pong, want healthy", s)
 	}
 	time.Sleep(5 * interval)
 	assertOpen(t, c, "after the late pong")
-	if s := c.State(); s != tether.Healthy {
+	if s := c.State(); s != tether.Connected {
 		t.Fatalf("state %v with prompt pongs again, want healthy", s)
 	}
 	if n := len(suspects); n != 0 {

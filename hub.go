@@ -189,9 +189,6 @@ func NewHub(opts ...HubOption) (*Hub, error) {
 	}
 	cc.observer.Suspect = func(c *Conn) {
 		h.count.suspects.Add(1)
-		if cfg.onSuspect != nil {
-			cfg.onSuspect(c)
-		}
 		if user.Suspect != nil {
 			user.Suspect(c)
 		}
@@ -276,12 +273,7 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request) error {
 	c.hc, c.coalesce = hc, hc.v1
 	registered = true
 	h.register(c)
-	// The reader owns the conn's end and its unregistration: it starts
-	// even if OnConnect panics.
-	defer c.start()
-	if f := h.cfg.onConnect; f != nil {
-		f(c)
-	}
+	c.start() // Observer.Connect, then the reader
 	return nil
 }
 
@@ -497,9 +489,6 @@ func (h *Hub) unregister(c *Conn, reason error) {
 		h.count.evictions.Add(1)
 	case errors.Is(reason, ErrHeartbeatTimeout):
 		h.count.deadPeers.Add(1)
-	}
-	if f := h.cfg.onDisconnect; f != nil {
-		f(c, reason)
 	}
 }
 

@@ -53,11 +53,11 @@ func BenchmarkPublish(b *testing.B) {
 
 // OnConnectSubscribe subscribes every new conn of *hub to topic.
 func OnConnectSubscribe(hub **tether.Hub, topic string) tether.HubOption {
-	return tether.OnConnect(func(c *tether.Conn) {
+	return tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 		if err := (*hub).Subscribe(c, topic); err != nil {
 			panic(err)
 		}
-	})
+	}})
 }
 
 // dialDiscard opens a protocol v1 WebSocket on a raw TCP conn and reads

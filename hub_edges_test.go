@@ -73,7 +73,7 @@ func TestHubReplayFitsReadLimit(t *testing.T) {
 // recovers, leaves no conn behind: the conn runs and ends as usual, and
 // Close returns.
 func TestHubOnConnectPanics(t *testing.T) {
-	hub, err := tether.NewHub(tether.OnConnect(func(*tether.Conn) { panic("app bug") }))
+	hub, err := tether.NewHub(tether.WithObserver(tether.Observer{Connect: func(*tether.Conn) { panic("app bug") }}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,7 +110,7 @@ func TestHubSendToUserEndedConn(t *testing.T) {
 	s := newHubServer(t,
 		tether.WithAuth(func(r *http.Request) (string, error) { return "zoe", nil }),
 		tether.WithWriteTimeout(5*time.Second),
-		tether.OnConnect(func(c *tether.Conn) { conns <- c }),
+		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) { conns <- c }}),
 	)
 	stuck := dialClient(t, s.url(), clientOpts{readGate: make(chan struct{})}) // never reads
 	c := <-conns

@@ -484,13 +484,13 @@ func TestHubFanoutRawPeers(t *testing.T) {
 	connected := make(chan connectEvent, 10)
 	received := make(chan rawInbound, 10)
 	s := newHubServer(t,
-		tether.OnConnect(func(c *tether.Conn) {
+		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 			var err error
 			if c.Subprotocol() == "" {
 				err = hub.Load().Subscribe(c, "news")
 			}
 			connected <- connectEvent{c, err}
-		}),
+		}}),
 		tether.OnMessage(func(c *tether.Conn, m tether.Message) {
 			received <- rawInbound{c, m}
 		}))
@@ -575,9 +575,9 @@ func TestHubFanoutRawPeerMultilineUntouched(t *testing.T) {
 	connected := make(chan connectEvent, 10)
 	s := newHubServer(t,
 		tether.WithAuth(func(r *http.Request) (string, error) { return r.Header.Get("X-User"), nil }),
-		tether.OnConnect(func(c *tether.Conn) {
+		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 			connected <- connectEvent{c, hub.Load().Subscribe(c, "news")}
-		}))
+		}}))
 	hub.Store(s.hub)
 	raw := dialClient(t, s.url(), clientOpts{raw: true, header: http.Header{"X-User": {"ann"}}})
 	nextConn(t, connected)
@@ -853,12 +853,12 @@ func TestHubFanoutSlowConsumerEvicted(t *testing.T) {
 	s := newHubServer(t,
 		tether.WithSendQueue(32, 64<<10),
 		tether.WithWriteTimeout(500*time.Millisecond),
-		tether.OnDisconnect(func(c *tether.Conn, err error) {
+		tether.WithObserver(tether.Observer{Disconnect: func(c *tether.Conn, err error) {
 			select {
 			case ended <- hubDisconnect{c.ID(), err, time.Now()}:
 			default:
 			}
-		}))
+		}}))
 	never := make(chan struct{}) // the stalled client's gate: never opened
 	stalled, err := dialFan(s.url(), fanOpts{topics: []string{"feed"}, gate: never})
 	if err != nil {
@@ -1000,9 +1000,9 @@ func testDropPolicy(t *testing.T, policy tether.OverflowPolicy) {
 			dropCalls.Add(1)
 			drops.Add(int64(n))
 		}}),
-		tether.OnDisconnect(func(c *tether.Conn, err error) {
+		tether.WithObserver(tether.Observer{Disconnect: func(c *tether.Conn, err error) {
 			ended <- hubDisconnect{c.ID(), err, time.Now()}
-		}))
+		}}))
 
 	var (
 		mu       sync.Mutex

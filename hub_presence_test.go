@@ -32,7 +32,7 @@ func prHub(t *testing.T, track func(string) bool, grace time.Duration, opts ...t
 			return nil
 		}),
 		tether.WithPresence(track, grace),
-		tether.OnPresence(func(e tether.PresenceEvent) { events <- e }),
+		tether.WithObserver(tether.Observer{Presence: func(e tether.PresenceEvent) { events <- e }}),
 	}, opts...)
 	return newHubServer(t, opts...), events
 }

@@ -29,7 +29,7 @@ type hpEnd struct {
 // the returned channel.
 func hpEnds() (tether.HubOption, chan hpEnd) {
 	ch := make(chan hpEnd, 100)
-	return tether.OnDisconnect(func(c *tether.Conn, reason error) { ch <- hpEnd{c, reason} }), ch
+	return tether.WithObserver(tether.Observer{Disconnect: func(c *tether.Conn, reason error) { ch <- hpEnd{c, reason} }}), ch
 }
 
 // hpWaitEnd returns the OnDisconnect reason of the conn with this session.
@@ -270,7 +270,7 @@ func TestHubProtoRawInvalidUTF8Closes1007(t *testing.T) {
 	conns := make(chan *tether.Conn, 10)
 	s := newHubServer(t, ends,
 		tether.OnMessage(func(_ *tether.Conn, m tether.Message) { got <- m }),
-		tether.OnConnect(func(c *tether.Conn) { conns <- c }))
+		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) { conns <- c }}))
 	by := hpNewBystander(t, s, "calm")
 	<-conns
 
@@ -663,7 +663,7 @@ func TestHubProtoAppPing(t *testing.T) {
 func TestHubProtoWelcomeFirst(t *testing.T) {
 	conns := make(chan *tether.Conn, 10)
 	s := newHubServer(t, tether.WithHeartbeat(2*time.Second, 7*time.Second),
-		tether.OnConnect(func(c *tether.Conn) { conns <- c }))
+		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) { conns <- c }}))
 	sessions := map[string]bool{}
 	for range 3 {
 		c := dialClient(t, s.url(), clientOpts{})

@@ -374,7 +374,7 @@ func TestHubOfflineRawPeer(t *testing.T) {
 // peers"), pretty-printed JSON included.
 func TestHubRawPeerGetsDataUntouched(t *testing.T) {
 	conns := make(chan *tether.Conn, 10)
-	s := newHubServer(t, rsAuth, tether.OnConnect(func(c *tether.Conn) { conns <- c }))
+	s := newHubServer(t, rsAuth, tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) { conns <- c }}))
 	pretty := "{\n  \"n\": 1,\n  \"list\": [\n    2,\n    3\n  ]\n}"
 	if err := s.hub.SendToUser("carol", []byte(pretty)); err != nil {
 		t.Fatal(err)

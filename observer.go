@@ -6,28 +6,105 @@ import (
 	"time"
 )
 
-// Observer holds optional hooks for connection events, for metrics and
-// logs. Nil fields are skipped. A hook runs on the goroutine that saw the
-// event (the conn's reader, the heartbeat scheduler, a ping goroutine, the
-// poller that wakes idle conns, or the caller of Send or Ping): it must return quickly and must not block.
+// Observer holds the hooks tether calls on events, for the application,
+// metrics and logs: it is the one place to set each. Nil fields are
+// skipped. Each field says which endpoints call it; on the others it is
+// never called. A hook runs on the goroutine that saw the event (the
+// conn's reader, the heartbeat scheduler, a ping goroutine, the poller
+// that wakes idle conns, a timer of the hub's, the client's own goroutine,
+// or the caller of Send or Ping): it must return quickly and must not
+// block.
 type Observer struct {
-	// Disconnect reports a connection that ended, and why (see [Conn.Err]).
+	// Connect reports a new conn, before its first message is read: for a
+	// hub's conn, after it is registered, on the goroutine of [Hub.Serve],
+	// which makes it the place to [Hub.Subscribe] the conn to the topics
+	// the server picks for it; for [Accept] and [Wrap], before they
+	// return; for a [Client], each conn it makes, once the server's
+	// welcome has come.
+	Connect func(c *Conn)
+	// Disconnect reports a conn that ended, and why (see [Conn.Err]): for a
+	// hub's conn, after it has left the registry, its topics and presence.
+	// It runs on the conn's reader.
 	Disconnect func(c *Conn, reason error)
-	// Suspect reports a peer whose pong is late. It may recover.
+	// Suspect reports a peer whose pong is late (see [Suspect]). It may
+	// recover. It runs on the heartbeat scheduler.
 	Suspect func(c *Conn)
 	// Pong reports the round trip of a heartbeat or [Conn.Ping].
 	Pong func(c *Conn, rtt time.Duration)
 	// Drop reports messages discarded by the overflow policy. It runs
 	// inside the call that queued the message, which in a hub holds the
-	// locks of the topic or registry it is delivering to: it must not call
-	// methods of the Hub or the Conn.
+	// locks of the topic or registry it is delivering to, and in a client
+	// the client's lock: it must not call methods of the Hub, the Client
+	// or the Conn.
 	Drop func(c *Conn, messages int)
+
+	// Presence reports a hub's change of presence on a topic, the same
+	// changes its subscribers receive. It runs on a timer goroutine of the
+	// hub.
+	Presence func(e PresenceEvent)
 	// Broker reports a hub's broker (see [WithBroker]) linking up, with
 	// nil (first soon after NewHub), losing its link, with the error, and
-	// regaining it, with nil again. It runs on the broker's
-	// goroutine, which Hub.Shutdown waits for: start a shutdown from it
-	// in a goroutine of its own.
+	// regaining it, with nil again. It runs on the broker's goroutine,
+	// which Hub.Shutdown waits for: start a shutdown from it in a
+	// goroutine of its own.
 	Broker func(err error)
+
+	// State reports each new state of a [Client] and the error that caused
+	// it: the end of the previous conn when Reconnecting, why the client
+	// closed when Closed (nil after [Client.Close]), nil otherwise. Calls
+	// come one at a time, in order, from the client's own goroutine: they
+	// must not block for long, nor call Client.Close.
+	State func(state State, err error)
+	// Resync reports that a [Client] cannot resume a topic: the server's
+	// history no longer holds what was missed (PROTOCOL.md, section 10).
+	// The application must reload the topic's state (over HTTP, say); the
+	// handler then receives live messages. It runs on the conn's reader,
+	// before the topic's next message.
+	Resync func(topic string)
+	// Error reports what goes wrong for a [Client] away from any call: the
+	// server refused a publication, a message or a re-subscription (a
+	// [*ProtocolError], with the topic in the message), or sent something
+	// the client cannot read. The client goes on. Without it, these are
+	// logged at warning level with the [WithLogger] logger. It runs on
+	// the conn's reader, like the handlers (see [Client]): it must not
+	// call [Client.Close].
+	Error func(err error)
+}
+
+// add makes o call p's hooks after its own.
+func (o *Observer) add(p Observer) {
+	o.Connect = join1(o.Connect, p.Connect)
+	o.Disconnect = join2(o.Disconnect, p.Disconnect)
+	o.Suspect = join1(o.Suspect, p.Suspect)
+	o.Pong = join2(o.Pong, p.Pong)
+	o.Drop = join2(o.Drop, p.Drop)
+	o.Presence = join1(o.Presence, p.Presence)
+	o.Broker = join1(o.Broker, p.Broker)
+	o.State = join2(o.State, p.State)
+	o.Resync = join1(o.Resync, p.Resync)
+	o.Error = join1(o.Error, p.Error)
+}
+
+// join1 returns a hook that calls a then b, either of which may be nil.
+func join1[T any](a, b func(T)) func(T) {
+	switch {
+	case a == nil:
+		return b
+	case b == nil:
+		return a
+	}
+	return func(x T) { a(x); b(x) }
+}
+
+// join2 is join1 for hooks of two arguments.
+func join2[T, U any](a, b func(T, U)) func(T, U) {
+	switch {
+	case a == nil:
+		return b
+	case b == nil:
+		return a
+	}
+	return func(x T, y U) { a(x, y); b(x, y) }
 }
 
 // Stats is a snapshot of a hub's counters, from [Hub.Stats]. Counters

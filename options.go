@@ -76,10 +76,6 @@ type hubConfig struct {
 	broker         adapter.Broker
 	presenceTopics func(string) bool // nil: every topic
 	presenceGrace  time.Duration
-	onConnect      func(*Conn)
-	onDisconnect   func(*Conn, error)
-	onSuspect      func(*Conn)
-	onPresence     func(PresenceEvent)
 }
 
 func newHubConfig(opts []HubOption) (*hubConfig, error) {
@@ -214,35 +210,6 @@ func WithBroker(b adapter.Broker) HubOption {
 // a grace of 5 s.
 func WithPresence(topics func(topic string) bool, grace time.Duration) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.presenceTopics, h.presenceGrace = topics, grace })
-}
-
-// OnConnect sets the function called with each new conn, after it is
-// registered and before its first message is read: the place to
-// [Hub.Subscribe] a conn to the topics the server picks for it. It runs
-// on the goroutine of [Hub.Serve].
-func OnConnect(f func(c *Conn)) HubOption {
-	return hubOptionFunc(func(h *hubConfig) { h.onConnect = f })
-}
-
-// OnDisconnect sets the function called once for each conn that ended,
-// after it has left the registry, its topics and presence, with the
-// reason (see [Conn.Err]). It runs on the conn's reader goroutine.
-func OnDisconnect(f func(c *Conn, reason error)) HubOption {
-	return hubOptionFunc(func(h *hubConfig) { h.onDisconnect = f })
-}
-
-// OnSuspect sets the function called when a conn's pong is late (see
-// [Suspect]); the conn may recover. It runs on the heartbeat scheduler
-// and must not block.
-func OnSuspect(f func(c *Conn)) HubOption {
-	return hubOptionFunc(func(h *hubConfig) { h.onSuspect = f })
-}
-
-// OnPresence sets the function called with each change of presence on a
-// topic, the same changes subscribers receive. It runs on a timer
-// goroutine of the hub and must not block.
-func OnPresence(f func(e PresenceEvent)) HubOption {
-	return hubOptionFunc(func(h *hubConfig) { h.onPresence = f })
 }
 
 // Defaults, documented on the options that change them.
@@ -450,9 +417,12 @@ func WithLogger(l *slog.Logger) Option {
 	return optionFunc(func(c *config) { c.logger = l })
 }
 
-// WithObserver sets the hooks that report connection events.
+// WithObserver adds hooks for events (see [Observer]). Unlike other
+// options it adds rather than replaces: given more than once, every
+// observer's hooks are called, in the order given, so that metrics (such
+// as tether/prommetrics) and the application each pass their own.
 func WithObserver(o Observer) Option {
-	return optionFunc(func(c *config) { c.observer = o })
+	return optionFunc(func(c *config) { c.observer.add(o) })
 }
 
 // OnMessage sets the function that receives inbound messages.
@@ -510,11 +480,8 @@ type dialConfig struct {
 	backoff      Backoff
 	bufMessages  int
 	bufBytes     int
-	onState      func(ClientState, error)
 	offlineAfter time.Duration
 	onOffline    func()
-	onResync     func(topic string)
-	onError      func(error)
 }
 
 func newDialConfig(url string, opts []DialOption) (*dialConfig, error) {
@@ -602,16 +569,6 @@ func WithOfflineBuffer(messages, bytes int) DialOption {
 	return dialOptionFunc(func(d *dialConfig) { d.bufMessages, d.bufBytes = messages, bytes })
 }
 
-// OnStateChange sets a function called with each new state of the client
-// and the error that caused it: the end of the previous conn when
-// Reconnecting, why the client closed when ClientClosed (nil after
-// [Client.Close]), nil otherwise. Calls come one at a time, in order, from
-// the client's own goroutine: they must not block for long, nor call
-// [Client.Close].
-func OnStateChange(f func(state ClientState, err error)) DialOption {
-	return dialOptionFunc(func(d *dialConfig) { d.onState = f })
-}
-
 // OnOffline sets a function called once the client has not been
 // Connected for after, once per outage: to show "offline" in a UI without
 // flickering at every brief reconnect. The outage runs from Dial, or from
@@ -621,23 +578,4 @@ func OnStateChange(f func(state ClientState, err error)) DialOption {
 // an outage, f must call Close in a new goroutine: go client.Close().
 func OnOffline(after time.Duration, f func()) DialOption {
 	return dialOptionFunc(func(d *dialConfig) { d.offlineAfter, d.onOffline = after, f })
-}
-
-// OnResync sets a function called when the client cannot resume a topic:
-// the server's history no longer holds what was missed (see PROTOCOL.md,
-// section 10). The application must reload the topic's state (over HTTP,
-// say); the handler then receives live messages. It runs on the conn's
-// reader, before the topic's next message.
-func OnResync(f func(topic string)) DialOption {
-	return dialOptionFunc(func(d *dialConfig) { d.onResync = f })
-}
-
-// OnError sets a function called with what goes wrong away from any call:
-// the server refused a publication, a message or a re-subscription (a
-// [*ProtocolError], with the topic in the message), or sent something the
-// client cannot read. The client goes on. By default these are logged at
-// warning level with the [WithLogger] logger. f runs on the conn's reader,
-// like the handlers (see [Client]): it must not call [Client.Close].
-func OnError(f func(err error)) DialOption {
-	return dialOptionFunc(func(d *dialConfig) { d.onError = f })
 }

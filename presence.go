@@ -176,7 +176,7 @@ func (h *Hub) announce(t *topic) {
 		case (local || len(u.remote) > 0) && !u.announced:
 			u.announced = true
 			joins = append(joins, wire.Member{User: id, Meta: u.meta()})
-			if h.cfg.onPresence != nil {
+			if h.connCfg.observer.Presence != nil {
 				ev.Joins = append(ev.Joins, u.member(id))
 			}
 		case !local && !grace && len(u.remote) == 0:
@@ -185,7 +185,7 @@ func (h *Hub) announce(t *topic) {
 				continue
 			}
 			leaves = append(leaves, wire.Member{User: id})
-			if h.cfg.onPresence != nil {
+			if h.connCfg.observer.Presence != nil {
 				ev.Leaves = append(ev.Leaves, Member{UserID: id})
 			}
 		}
@@ -207,7 +207,7 @@ func (h *Hub) announce(t *topic) {
 	h.unlockTopic(t)
 	if len(ev.Joins)+len(ev.Leaves) > 0 {
 		ev.Topic = t.name
-		h.cfg.onPresence(ev)
+		h.connCfg.observer.Presence(ev)
 	}
 }
 

@@ -132,7 +132,7 @@ func (cl *Client) finish(reason error, first chan<- error) {
 	}
 	clear(cl.subs)
 	cl.mu.Unlock()
-	cl.setState(ClientClosed, reason)
+	cl.setState(Closed, reason)
 	cl.cancel()
 	cl.wg.Wait()
 	if first != nil {
@@ -143,13 +143,13 @@ func (cl *Client) finish(reason error, first chan<- error) {
 	}
 }
 
-func (cl *Client) setState(s ClientState, err error) {
+func (cl *Client) setState(s State, err error) {
 	cl.mu.Lock()
 	changed := cl.state != s
 	cl.state = s
 	cl.mu.Unlock()
-	if changed && cl.cfg.onState != nil {
-		cl.cfg.onState(s, err)
+	if f := cl.cfg.conn.observer.State; changed && f != nil {
+		f(s, err)
 	}
 }
 

@@ -98,7 +98,7 @@ func (s *server) newHub() *tether.Hub {
 		tether.WithAuth(func(r *http.Request) (string, error) {
 			return r.URL.Query().Get("peer"), nil
 		}),
-		tether.OnConnect(func(c *tether.Conn) {
+		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 			s.mu.Lock()
 			rec := &connRecord{name: c.UserID(), conn: c, arrived: s.arrived[c.UserID()], connected: time.Now()}
 			s.conns = append(s.conns, rec)
@@ -108,15 +108,15 @@ func (s *server) newHub() *tether.Hub {
 			if f != nil {
 				f(c)
 			}
-		}),
-		tether.OnDisconnect(func(c *tether.Conn, reason error) {
+		}}),
+		tether.WithObserver(tether.Observer{Disconnect: func(c *tether.Conn, reason error) {
 			s.mu.Lock()
 			defer s.mu.Unlock()
 			if rec := s.recordLocked(c); rec != nil {
 				rec.ended, rec.reason = time.Now(), reason
 			}
 			s.changedLocked()
-		}),
+		}}),
 		tether.OnMessage(func(c *tether.Conn, m tether.Message) {
 			s.mu.Lock()
 			defer s.mu.Unlock()

@@ -61,19 +61,19 @@ func Example() {
 	// tether_topics GAUGE
 }
 
-// Hooks of the application's own next to the metrics': WithObserver keeps
-// only the last observer it is given, so chain them.
-func ExampleChain() {
+// Hooks of the application's own next to the metrics': each observer is
+// passed with a WithObserver of its own, and both are called.
+func ExampleMetrics_Observer() {
 	m, err := prommetrics.New(prometheus.NewRegistry())
 	if err != nil {
 		log.Fatal(err)
 	}
-	hub, err := tether.NewHub(tether.WithObserver(prommetrics.Chain(
-		m.Observer(),
-		tether.Observer{Disconnect: func(c *tether.Conn, reason error) {
+	hub, err := tether.NewHub(
+		tether.WithObserver(m.Observer()),
+		tether.WithObserver(tether.Observer{Disconnect: func(c *tether.Conn, reason error) {
 			log.Printf("%s gone: %s", c.RemoteAddr(), prommetrics.Reason(reason))
-		}},
-	)))
+		}}),
+	)
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -25,8 +25,8 @@
 //     local-only deliveries) is read from [tether.Hub.Stats] of the
 //     watched hubs when Prometheus scrapes, and summed over them.
 //
-// [tether.WithObserver] replaces any observer set before it: to keep hooks
-// of your own, combine them with [Chain].
+// [tether.WithObserver] adds to the observers given before it: pass the
+// metrics' and your own hooks each with one.
 package prommetrics
 
 import (
@@ -51,7 +51,6 @@ const (
 	ReasonQueueFull         = "queue_full"         // [tether.ErrQueueFull]
 	ReasonWriteTimeout      = "write_timeout"      // [tether.ErrWriteTimeout]
 	ReasonMessageTooBig     = "message_too_big"    // [tether.ErrMessageTooBig]
-	ReasonPingFlood         = "ping_flood"         // [tether.ErrProtocolViolation]
 	ReasonConnLost          = "conn_lost"          // [tether.ErrConnLost]
 	ReasonRateLimited       = "rate_limited"       // [tether.ErrRateLimited]
 	ReasonProtocolViolation = "protocol_violation" // [tether.ErrProtocolViolation]
@@ -70,7 +69,6 @@ var reasons = [...]struct {
 	{ReasonQueueFull, tether.ErrQueueFull},
 	{ReasonWriteTimeout, tether.ErrWriteTimeout},
 	{ReasonMessageTooBig, tether.ErrMessageTooBig},
-	{ReasonPingFlood, tether.ErrProtocolViolation},
 	{ReasonConnLost, tether.ErrConnLost},
 	{ReasonRateLimited, tether.ErrRateLimited},
 	{ReasonProtocolViolation, tether.ErrProtocolViolation},
@@ -261,9 +259,9 @@ func New(reg prometheus.Registerer, opts ...Option) (*Metrics, error) {
 // Observer returns the hooks that feed the event metrics: pass them to
 // [tether.NewHub] with [tether.WithObserver]. They count every conn they
 // observe, so give them to the hubs you [Metrics.Watch], and to no
-// [tether.Client]. To add hooks of your own, use [Chain]:
+// [tether.Client]. Hooks of your own go in an observer of their own:
 //
-//	tether.WithObserver(prommetrics.Chain(m.Observer(), mine))
+//	tether.NewHub(tether.WithObserver(m.Observer()), tether.WithObserver(mine))
 func (m *Metrics) Observer() tether.Observer {
 	return tether.Observer{
 		Disconnect: func(_ *tether.Conn, reason error) {
@@ -379,75 +377,4 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	for _, s := range m.counters {
 		ch <- prometheus.MustNewConstMetric(s.desc, prometheus.CounterValue, s.get(&sum))
 	}
-}
-
-// Chain returns an Observer that calls the hooks of each of obs in turn,
-// skipping nil ones; a hook none of them sets stays nil. Use it to keep
-// hooks of your own next to [Metrics.Observer], since
-// [tether.WithObserver] keeps only the last observer it is given.
-func Chain(obs ...tether.Observer) tether.Observer {
-	var out tether.Observer
-	var (
-		disconnect []func(*tether.Conn, error)
-		suspect    []func(*tether.Conn)
-		pong       []func(*tether.Conn, time.Duration)
-		drop       []func(*tether.Conn, int)
-		broker     []func(error)
-	)
-	for _, o := range obs {
-		if o.Disconnect != nil {
-			disconnect = append(disconnect, o.Disconnect)
-		}
-		if o.Suspect != nil {
-			suspect = append(suspect, o.Suspect)
-		}
-		if o.Pong != nil {
-			pong = append(pong, o.Pong)
-		}
-		if o.Drop != nil {
-			drop = append(drop, o.Drop)
-		}
-		if o.Broker != nil {
-			broker = append(broker, o.Broker)
-		}
-	}
-	out.Disconnect = either(disconnect, func(c *tether.Conn, reason error) {
-		for _, f := range disconnect {
-			f(c, reason)
-		}
-	})
-	out.Suspect = either(suspect, func(c *tether.Conn) {
-		for _, f := range suspect {
-			f(c)
-		}
-	})
-	out.Pong = either(pong, func(c *tether.Conn, rtt time.Duration) {
-		for _, f := range pong {
-			f(c, rtt)
-		}
-	})
-	out.Drop = either(drop, func(c *tether.Conn, n int) {
-		for _, f := range drop {
-			f(c, n)
-		}
-	})
-	out.Broker = either(broker, func(err error) {
-		for _, f := range broker {
-			f(err)
-		}
-	})
-	return out
-}
-
-// either returns nil for no hooks, the hook itself for one, and all, which
-// calls them in turn, for more: a single hook is not wrapped.
-func either[F any](hooks []F, all F) F {
-	switch len(hooks) {
-	case 0:
-		var none F
-		return none
-	case 1:
-		return hooks[0]
-	}
-	return all
 }

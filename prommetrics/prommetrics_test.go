@@ -342,11 +342,11 @@ func TestHeartbeatRTT(t *testing.T) {
 // Publications are counted, and a subscribed topic is a topic.
 func TestPublished(t *testing.T) {
 	var hub atomic.Pointer[tether.Hub]
-	e := newEnv(t, tether.OnConnect(func(c *tether.Conn) {
+	e := newEnv(t, tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 		if err := hub.Load().Subscribe(c, "room"); err != nil {
 			t.Errorf("Subscribe: %v", err)
 		}
-	}))
+	}}))
 	hub.Store(e.hub)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -380,9 +380,9 @@ func TestPublished(t *testing.T) {
 // A conn closed by the server is "closed"; at hub shutdown the gauges
 // drop to zero.
 func TestServerClose(t *testing.T) {
-	e := newEnv(t, tether.OnConnect(func(c *tether.Conn) {
+	e := newEnv(t, tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 		go func() { _ = c.Close(websocket.StatusNormalClosure, "go away") }()
-	}))
+	}}))
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	raw := dialRaw(t, e.wsURL)
@@ -454,7 +454,6 @@ func TestReason(t *testing.T) {
 		{wrap(tether.ErrQueueFull), "queue_full"},
 		{wrap(tether.ErrWriteTimeout), "write_timeout"},
 		{wrap(tether.ErrMessageTooBig), "message_too_big"},
-		{wrap(tether.ErrProtocolViolation), "ping_flood"},
 		{fmt.Errorf("%w: %w", tether.ErrConnLost, net.ErrClosed), "conn_lost"},
 		{wrap(tether.ErrRateLimited), "rate_limited"},
 		{wrap(tether.ErrProtocolViolation), "protocol_violation"},
@@ -490,43 +489,17 @@ func TestObserverAllocs(t *testing.T) {
 	}
 }
 
-func TestChain(t *testing.T) {
-	var calls []string
-	a := tether.Observer{
-		Disconnect: func(*tether.Conn, error) { calls = append(calls, "a.disconnect") },
-		Pong:       func(*tether.Conn, time.Duration) { calls = append(calls, "a.pong") },
-	}
-	b := tether.Observer{
-		Disconnect: func(*tether.Conn, error) { calls = append(calls, "b.disconnect") },
-		Drop:       func(*tether.Conn, int) { calls = append(calls, "b.drop") },
-	}
-	o := prommetrics.Chain(a, tether.Observer{}, b)
-	if o.Suspect != nil || o.Broker != nil {
-		t.Fatal("hooks nobody set are not nil")
-	}
-	o.Disconnect(nil, nil)
-	o.Pong(nil, 0)
-	o.Drop(nil, 1)
-	got := strings.Join(calls, " ")
-	if want := "a.disconnect b.disconnect a.pong b.drop"; got != want {
-		t.Fatalf("calls %q, want %q", got, want)
-	}
-	if o := prommetrics.Chain(); o.Disconnect != nil || o.Pong != nil {
-		t.Fatal("Chain() has hooks")
-	}
-}
-
-// Chained with hooks of the application, the metrics still count.
-func TestChainWithHub(t *testing.T) {
+// Beside hooks of the application's own, the metrics still count.
+func TestObserverBesideApplication(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m, err := prommetrics.New(reg, prommetrics.WithNamespace("app"), prommetrics.WithConstLabels(prometheus.Labels{"hub": "chat"}))
 	if err != nil {
 		t.Fatal(err)
 	}
 	gone := make(chan error, 1)
-	hub, err := tether.NewHub(tether.WithObserver(prommetrics.Chain(m.Observer(), tether.Observer{
+	hub, err := tether.NewHub(tether.WithObserver(m.Observer()), tether.WithObserver(tether.Observer{
 		Disconnect: func(_ *tether.Conn, reason error) { gone <- reason },
-	})))
+	}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -560,7 +533,6 @@ app_disconnects_total{hub="chat",reason="heartbeat_timeout"} 0
 app_disconnects_total{hub="chat",reason="message_too_big"} 0
 app_disconnects_total{hub="chat",reason="other"} 0
 app_disconnects_total{hub="chat",reason="peer_closed"} 1
-app_disconnects_total{hub="chat",reason="ping_flood"} 0
 app_disconnects_total{hub="chat",reason="protocol_violation"} 0
 app_disconnects_total{hub="chat",reason="queue_full"} 0
 app_disconnects_total{hub="chat",reason="rate_limited"} 0

@@ -55,7 +55,7 @@ func startHub(t testing.TB, name, redisAddr string, extra ...tether.HubOption) *
 	logger := slog.New(slog.NewTextHandler(n.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	n.rdb = newRedisClient(redisAddr)
 	opts := append(nodeOptions(n.rdb, logger),
-		tether.OnPresence(n.events.add),
+		tether.WithObserver(tether.Observer{Presence: n.events.add}),
 		tether.WithObserver(tether.Observer{Broker: n.health.add}),
 	)
 	hub, err := tether.NewHub(append(opts, extra...)...)
@@ -213,7 +213,7 @@ type recorder struct {
 	times   []time.Time
 	direct  []string
 	resyncs int
-	states  []tether.ClientState
+	states  []tether.State
 }
 
 // dialRecorded dials url with a recorder; the client is closed when the
@@ -223,21 +223,21 @@ func dialRecorded(t testing.TB, url string, opts ...tether.DialOption) (*tether.
 	r := &recorder{}
 	all := append([]tether.DialOption{
 		tether.WithBackoff(clientBackoff),
-		tether.OnResync(func(string) {
+		tether.WithObserver(tether.Observer{Resync: func(string) {
 			r.mu.Lock()
 			r.resyncs++
 			r.mu.Unlock()
-		}),
+		}}),
 		tether.OnMessage(func(_ *tether.Conn, m tether.Message) {
 			r.mu.Lock()
 			r.direct = append(r.direct, string(m.Data))
 			r.mu.Unlock()
 		}),
-		tether.OnStateChange(func(s tether.ClientState, _ error) {
+		tether.WithObserver(tether.Observer{State: func(s tether.State, _ error) {
 			r.mu.Lock()
 			r.states = append(r.states, s)
 			r.mu.Unlock()
-		}),
+		}}),
 	}, opts...)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -190,15 +190,15 @@ func newServer(cfg config, js string, log *slog.Logger) (*server, error) {
 		// The hub's history, resumes use it, and the room's transcript,
 		// which a page reloads when it cannot resume.
 		tether.WithHistory(s.rooms.history()),
-		tether.OnPresence(func(e tether.PresenceEvent) {
+		tether.WithObserver(tether.Observer{Presence: func(e tether.PresenceEvent) {
 			log.Info("presence", "topic", e.Topic, "joins", userIDs(e.Joins), "leaves", userIDs(e.Leaves))
-		}),
-		tether.OnConnect(func(c *tether.Conn) {
+		}}),
+		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 			log.Info("connect", "user", c.UserID(), "remote", c.RemoteAddr())
-		}),
-		tether.OnDisconnect(func(c *tether.Conn, reason error) {
+		}}),
+		tether.WithObserver(tether.Observer{Disconnect: func(c *tether.Conn, reason error) {
 			log.Info("disconnect", "user", c.UserID(), "reason", reason, "rtt", c.RTT())
-		}),
+		}}),
 		tether.WithLogger(log),
 		// METRICS: the Prometheus metrics (prommetrics) will be wired in
 		// here, their observer among these options and their handler on

@@ -273,11 +273,11 @@ func TestRules(t *testing.T) {
 	var mu sync.Mutex
 	var refusals []error
 	c, err := tether.Dial(ctx, "ws"+strings.TrimPrefix(base, "http")+"/ws?user=eve",
-		tether.OnError(func(err error) {
+		tether.WithObserver(tether.Observer{Error: func(err error) {
 			mu.Lock()
 			defer mu.Unlock()
 			refusals = append(refusals, err)
-		}))
+		}}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -339,15 +339,15 @@ func TestShutdown(t *testing.T) {
 		cancel()
 		t.Fatalf("not listening:\n%s", out.String())
 	}
-	states := make(chan tether.ClientState, 16)
+	states := make(chan tether.State, 16)
 	dialCtx, dialCancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer dialCancel()
-	c, err := tether.Dial(dialCtx, "ws://"+addr+"/ws?user=ann", tether.OnStateChange(func(s tether.ClientState, _ error) {
+	c, err := tether.Dial(dialCtx, "ws://"+addr+"/ws?user=ann", tether.WithObserver(tether.Observer{State: func(s tether.State, _ error) {
 		select {
 		case states <- s:
 		default:
 		}
-	}))
+	}}))
 	if err != nil {
 		cancel()
 		t.Fatal(err)

@@ -75,16 +75,16 @@ func run(ctx context.Context, url, topic string, out io.Writer) error {
 		fmt.Fprintf(out, format, args...)
 	}
 	c, err := tether.Dial(ctx, url,
-		tether.OnStateChange(func(s tether.ClientState, err error) {
+		tether.WithObserver(tether.Observer{State: func(s tether.State, err error) {
 			if err != nil {
 				printf("state: %v (%v)\n", s, err)
 				return
 			}
 			printf("state: %v\n", s)
-		}),
-		tether.OnResync(func(topic string) {
+		}}),
+		tether.WithObserver(tether.Observer{Resync: func(topic string) {
 			printf("resync: %s missed more than the server keeps; reload it\n", topic)
-		}),
+		}}),
 		tether.OnMessage(func(_ *tether.Conn, m tether.Message) { printf("direct: %s\n", m.Data) }),
 	)
 	if err != nil {

@@ -51,6 +51,7 @@ import (
 	"time"
 
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 )
 
 type server struct {
@@ -121,8 +122,8 @@ func (s *server) newHub() error {
 		tether.WithClientPublish(func(_ *tether.Conn, topic string) bool { return !strings.HasPrefix(topic, "readonly:") }),
 		tether.WithSubscribeAuth(func(_ *tether.Conn, topic string) bool { return !strings.HasPrefix(topic, "forbidden:") }),
 		tether.WithPresence(nil, s.grace),
-		tether.WithHistory(tether.NewMemoryHistory(s.history, 2*time.Minute)),
-		tether.OnConnect(func(c *tether.Conn) {
+		tether.WithHistory(adapter.NewMemoryHistory(s.history, 2*time.Minute)),
+		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 			s.mu.Lock()
 			defer s.mu.Unlock()
 			u := c.UserID()
@@ -130,12 +131,12 @@ func (s *server) newHub() error {
 				s.conns[u] = map[*tether.Conn]bool{}
 			}
 			s.conns[u][c] = true
-		}),
-		tether.OnDisconnect(func(c *tether.Conn, _ error) {
+		}}),
+		tether.WithObserver(tether.Observer{Disconnect: func(c *tether.Conn, _ error) {
 			s.mu.Lock()
 			defer s.mu.Unlock()
 			delete(s.conns[c.UserID()], c)
-		}),
+		}}),
 		tether.OnMessage(func(c *tether.Conn, m tether.Message) {
 			if u := c.UserID(); u != "" {
 				s.current().SendToUser(u, m.Data)

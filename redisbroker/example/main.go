@@ -163,15 +163,15 @@ func startNode(ctx context.Context, cfg config, ln net.Listener, log *slog.Logge
 		tether.WithSubscribeAuth(func(_ *tether.Conn, topic string) bool { return roomTopic(topic) }),
 		tether.WithClientPublish(func(_ *tether.Conn, topic string) bool { return roomTopic(topic) }),
 		tether.WithPresence(nil, cfg.grace),
-		tether.OnConnect(func(c *tether.Conn) {
+		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 			log.Info("connect", "user", c.UserID(), "remote", c.RemoteAddr())
-		}),
-		tether.OnDisconnect(func(c *tether.Conn, reason error) {
+		}}),
+		tether.WithObserver(tether.Observer{Disconnect: func(c *tether.Conn, reason error) {
 			log.Info("disconnect", "user", c.UserID(), "reason", reason)
-		}),
-		tether.OnPresence(func(e tether.PresenceEvent) {
+		}}),
+		tether.WithObserver(tether.Observer{Presence: func(e tether.PresenceEvent) {
 			log.Info("presence", "topic", e.Topic, "joins", users(e.Joins), "leaves", users(e.Leaves))
-		}),
+		}}),
 		tether.WithLogger(log), // the hub logs the Redis link lost and back
 	)
 	if err != nil {

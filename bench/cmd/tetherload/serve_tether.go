@@ -61,7 +61,7 @@ func newTetherServer(cfg serveConfig, log *serveLog, stderr io.Writer) (serveImp
 		// Load clients subscribe in a burst: no inbound limit.
 		tether.WithRateLimit(rate.Inf, 0),
 		obs,
-		tether.OnConnect(func(c *tether.Conn) { s.register(c, false) }),
+		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) { s.register(c, false) }}),
 	)
 	if err != nil {
 		return nil, err
