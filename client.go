@@ -2,7 +2,6 @@ package tether
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -15,16 +14,6 @@ import (
 	"github.com/tether-ws/tether/internal/wire"
 	"golang.org/x/time/rate"
 )
-
-// TopicMessage is a message of a topic, as a [Client] receives it.
-type TopicMessage struct {
-	Topic string
-	// Position is where the message sits in the topic's history; the
-	// client resumes from the last one it delivered.
-	Position Position
-	// Data is the JSON value that was published, owned by the receiver.
-	Data json.RawMessage
-}
 
 // Client is a protocol v1 client that keeps itself connected: when its
 // conn is lost it reconnects with backoff and jitter, trying the fallback
@@ -71,7 +60,7 @@ type Client struct {
 // conns: each new conn subscribes again from pos.
 type subscription struct {
 	topic   string
-	handler func(TopicMessage)
+	handler func(Message)
 	pos     Position    // of the last message delivered
 	known   bool        // pos holds one; else subscribe without since
 	acked   bool        // the server has accepted it once
@@ -195,7 +184,7 @@ func (cl *Client) Close() error {
 // ctx.Err(). Subscribing twice to a topic is an error. Do not call
 // Subscribe from a handler: it waits for the server, whose answer the
 // handler holds up.
-func (cl *Client) Subscribe(ctx context.Context, topic string, handler func(TopicMessage)) error {
+func (cl *Client) Subscribe(ctx context.Context, topic string, handler func(Message)) error {
 	if err := wire.CheckTopic(topic); err != nil {
 		return fmt.Errorf("tether: subscribe: %w", err)
 	}
@@ -477,7 +466,7 @@ func (cl *Client) deliver(f wire.Frame) {
 	if gap && cl.cfg.conn.observer.Resync != nil {
 		cl.cfg.conn.observer.Resync(f.Topic)
 	}
-	sub.handler(TopicMessage{Topic: f.Topic, Position: Position{Epoch: f.Epoch, Seq: f.Seq}, Data: f.Data})
+	sub.handler(Message{Topic: f.Topic, Position: Position{Epoch: f.Epoch, Seq: f.Seq}, Data: f.Data})
 }
 
 // resync marks topic stale: its position is unknown until the next

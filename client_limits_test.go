@@ -160,7 +160,7 @@ func TestClientUnsubscribeAnswersPendingSubscribe(t *testing.T) {
 	s.stop()
 	st.await(t, tether.Reconnecting)
 	done := make(chan error, 1)
-	go func() { done <- cl.Subscribe(context.Background(), "x", func(tether.TopicMessage) {}) }()
+	go func() { done <- cl.Subscribe(context.Background(), "x", func(tether.Message) {}) }()
 	for len(cl.Topics()) == 0 {
 		time.Sleep(time.Millisecond)
 	}
@@ -202,7 +202,7 @@ func TestClientOnOfflineWhileFlapping(t *testing.T) {
 	cl := dial(t, "ws"+strings.TrimPrefix(srv.URL, "http"), fastBackoff, st.option(),
 		tether.OnOffline(500*time.Millisecond, func() { offline <- struct{}{} }))
 	// The subscription is never answered: no conn gets Connected again.
-	go cl.Subscribe(context.Background(), "x", func(tether.TopicMessage) {})
+	go cl.Subscribe(context.Background(), "x", func(tether.Message) {})
 	cl.Conn().CloseNow()
 	select {
 	case <-offline:

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
 	"strconv"
 	"strings"
 	"sync"
@@ -34,7 +35,7 @@ func numOf(t testing.TB, data []byte) int {
 func numbered(n int) []byte { return []byte(`{"n":` + strconv.Itoa(n) + `}`) }
 
 // checkRun fails unless msgs carry exactly from..to, in order, once each.
-func checkRun(t testing.TB, msgs []tether.TopicMessage, from, to int) {
+func checkRun(t testing.TB, msgs []tether.Message, from, to int) {
 	t.Helper()
 	if len(msgs) != to-from+1 {
 		t.Errorf("got %d messages, want %d (%d..%d)", len(msgs), to-from+1, from, to)
@@ -556,7 +557,7 @@ func TestClientSubscribeRefused(t *testing.T) {
 		tether.WithSubscribeAuth(func(_ *tether.Conn, topic string) bool { return topic != "secret" }),
 	)
 	cl := dial(t, srv.url(), tether.WithObserver(tether.Observer{Error: func(err error) { errs <- err }}))
-	err := cl.Subscribe(context.Background(), "secret", func(tether.TopicMessage) {})
+	err := cl.Subscribe(context.Background(), "secret", func(tether.Message) {})
 	var pe *tether.ProtocolError
 	if !errors.As(err, &pe) || pe.Code != tether.CodeForbidden {
 		t.Fatalf("Subscribe to a refused topic: %v, want a forbidden ProtocolError", err)
@@ -665,10 +666,35 @@ func TestClientMaxRetries(t *testing.T) {
 	}
 }
 
+// Options are typed by where they apply: the compiler refuses a server's
+// option on Dial, and a hub's on Accept.
+func TestOptionsTypedByWhereTheyApply(t *testing.T) {
+	dial := reflect.TypeFor[tether.DialOption]()
+	server := reflect.TypeFor[tether.ServerOption]()
+	for name, opt := range map[string]any{
+		"WithOriginPatterns": tether.WithOriginPatterns("x"),
+		"WithSubprotocols":   tether.WithSubprotocols("x"),
+		"WithAuth":           tether.WithAuth(nil),
+		"WithMaxConns":       tether.WithMaxConns(1),
+	} {
+		if reflect.TypeOf(opt).Implements(dial) {
+			t.Errorf("%s is a DialOption", name)
+		}
+	}
+	for name, opt := range map[string]any{"WithAuth": tether.WithAuth(nil), "WithBackoff": tether.WithBackoff(tether.Backoff{})} {
+		if reflect.TypeOf(opt).Implements(server) {
+			t.Errorf("%s is a ServerOption", name)
+		}
+	}
+	for name, opt := range map[string]any{"WithHeartbeat": tether.HeartbeatLAN, "WithLimits": tether.WithLimits(tether.Limits{})} {
+		if !reflect.TypeOf(opt).Implements(dial) || !reflect.TypeOf(opt).Implements(server) {
+			t.Errorf("%s does not apply everywhere", name)
+		}
+	}
+}
+
 func TestDialOptionValidation(t *testing.T) {
 	for name, opt := range map[string]tether.DialOption{
-		"origin patterns": tether.WithOriginPatterns("x"),
-		"subprotocols":    tether.WithSubprotocols("x"),
 		"bad backoff":     tether.WithBackoff(tether.Backoff{Factor: 0.5}),
 		"bad heartbeat":   tether.WithHeartbeat(time.Second, time.Second),
 		"negative buffer": tether.WithOfflineBuffer(-1, 0),
@@ -766,7 +792,7 @@ func TestClientKeepsUnwrittenMessages(t *testing.T) {
 	)
 	p := newProxy(t, s.addr)
 	st := newStates()
-	cl := dial(t, p.url(), fastBackoff, st.option(), tether.WithSendQueue(n, 64<<20), tether.WithOfflineBuffer(n, 64<<20))
+	cl := dial(t, p.url(), fastBackoff, st.option(), tether.WithLimits(tether.Limits{SendQueue: n, SendQueueBytes: 64 << 20}), tether.WithOfflineBuffer(n, 64<<20))
 	p.freeze()
 	pad := strings.Repeat("x", 30<<10)
 	for i := 1; i <= n; i++ {

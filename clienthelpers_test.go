@@ -229,13 +229,13 @@ func (s *states) all() []tether.State {
 // inbox collects what a subscription handler receives.
 type inbox struct {
 	mu   sync.Mutex
-	msgs []tether.TopicMessage
+	msgs []tether.Message
 	ch   chan struct{}
 }
 
 func newInbox() *inbox { return &inbox{ch: make(chan struct{}, 1)} }
 
-func (b *inbox) handler(m tether.TopicMessage) {
+func (b *inbox) handler(m tether.Message) {
 	b.mu.Lock()
 	b.msgs = append(b.msgs, m)
 	b.mu.Unlock()
@@ -251,14 +251,14 @@ func (b *inbox) len() int {
 	return len(b.msgs)
 }
 
-func (b *inbox) all() []tether.TopicMessage {
+func (b *inbox) all() []tether.Message {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return append([]tether.TopicMessage(nil), b.msgs...)
+	return append([]tether.Message(nil), b.msgs...)
 }
 
 // await waits until the inbox holds n messages.
-func (b *inbox) await(t testing.TB, n int) []tether.TopicMessage {
+func (b *inbox) await(t testing.TB, n int) []tether.Message {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for b.len() < n {

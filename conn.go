@@ -15,9 +15,18 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// Message is one inbound application message.
+// Message is one message as it reaches the application: what a conn read
+// ([OnMessage]), or a message of a topic a [Client] subscribed to
+// ([Client.Subscribe]).
 type Message struct {
-	// Data is the message's payload, owned by the receiver.
+	// Topic is the topic of a Client's subscription; "" for a message a
+	// conn read, and for a direct message.
+	Topic string
+	// Position is where a topic's message sits in the topic's history;
+	// the client resumes from the last one it delivered. Zero elsewhere.
+	Position Position
+	// Data is the payload, owned by the receiver. Between a hub and a
+	// protocol v1 peer it is a JSON value.
 	Data []byte
 	// Binary is true for a binary frame, false for a text frame.
 	Binary bool
@@ -84,8 +93,14 @@ type Conn struct {
 //
 // Cross-origin requests are refused with 403 unless allowed by
 // [WithOriginPatterns].
-func Accept(w http.ResponseWriter, r *http.Request, opts ...Option) (*Conn, error) {
-	cfg, err := newConfig(opts)
+func Accept(w http.ResponseWriter, r *http.Request, opts ...ServerOption) (*Conn, error) {
+	cfg, err := newConfig(func(c *config) {
+		for _, o := range opts {
+			if o != nil {
+				o.applyServer(c)
+			}
+		}
+	})
 	if err != nil {
 		http.Error(w, http.StatusText(http.StatusInternalServerError), http.StatusInternalServerError)
 		return nil, err
@@ -135,7 +150,13 @@ func Wrap(ws *websocket.Conn, opts ...Option) (*Conn, error) {
 	if ws == nil {
 		return nil, errors.New("tether: Wrap of a nil *websocket.Conn")
 	}
-	cfg, err := newConfig(opts)
+	cfg, err := newConfig(func(c *config) {
+		for _, o := range opts {
+			if o != nil {
+				o.applyConn(c)
+			}
+		}
+	})
 	if err != nil {
 		return nil, err
 	}

@@ -124,7 +124,7 @@ func TestPingFloodClosed(t *testing.T) {
 func TestMessageTooBig(t *testing.T) {
 	const limit = 1024
 	echo := tether.OnMessage(func(c *tether.Conn, m tether.Message) { c.Send(context.Background(), m.Data) })
-	srv := newServer(t, tether.WithMaxMessageSize(limit), echo)
+	srv := newServer(t, tether.WithLimits(tether.Limits{MaxMessageSize: limit}), echo)
 	good := dialPeer(t, srv.url(), peerOpts{})
 	cGood := srv.next(t)
 	big := dialPeer(t, srv.url(), peerOpts{})
@@ -206,7 +206,7 @@ func TestSendQueueOverflow(t *testing.T) {
 	const size, queue, maxSends = 64 << 10, 8, 20000
 
 	t.Run("Disconnect", func(t *testing.T) {
-		srv := newServer(t, tether.WithSendQueue(queue, 1<<30), tether.WithWriteTimeout(300*time.Millisecond))
+		srv := newServer(t, tether.WithLimits(tether.Limits{SendQueue: queue, SendQueueBytes: 1 << 30}), tether.WithLimits(tether.Limits{WriteTimeout: 300 * time.Millisecond}))
 		dialPeer(t, srv.url(), peerOpts{noRead: true})
 		c := srv.next(t)
 		msg := make([]byte, size)
@@ -236,7 +236,7 @@ func TestSendQueueOverflow(t *testing.T) {
 
 	t.Run("DisconnectSlowReader", func(t *testing.T) {
 		gate := make(chan struct{})
-		srv := newServer(t, tether.WithSendQueue(queue, 1<<30), tether.WithWriteTimeout(5*time.Second))
+		srv := newServer(t, tether.WithLimits(tether.Limits{SendQueue: queue, SendQueueBytes: 1 << 30}), tether.WithLimits(tether.Limits{WriteTimeout: 5 * time.Second}))
 		p := dialPeer(t, srv.url(), peerOpts{readGate: gate})
 		c := srv.next(t)
 		sent := 0
@@ -279,7 +279,7 @@ func TestSendQueueOverflow(t *testing.T) {
 		var dropped atomic.Int64
 		obs := tether.Observer{Drop: func(_ *tether.Conn, n int) { dropped.Add(int64(n)) }}
 		gate := make(chan struct{})
-		srv := newServer(t, tether.WithSendQueue(queue, 1<<30), tether.WithOverflow(tether.DropNewest), tether.WithObserver(obs))
+		srv := newServer(t, tether.WithLimits(tether.Limits{SendQueue: queue, SendQueueBytes: 1 << 30}), tether.WithLimits(tether.Limits{Overflow: tether.DropNewest}), tether.WithObserver(obs))
 		p := dialPeer(t, srv.url(), peerOpts{readGate: gate})
 		c := srv.next(t)
 		refused := map[int]bool{}
@@ -330,7 +330,7 @@ func TestSendQueueOverflow(t *testing.T) {
 		var dropped atomic.Int64
 		obs := tether.Observer{Drop: func(_ *tether.Conn, n int) { dropped.Add(int64(n)) }}
 		gate := make(chan struct{})
-		srv := newServer(t, tether.WithSendQueue(queue, 1<<30), tether.WithOverflow(tether.DropOldest), tether.WithObserver(obs))
+		srv := newServer(t, tether.WithLimits(tether.Limits{SendQueue: queue, SendQueueBytes: 1 << 30}), tether.WithLimits(tether.Limits{Overflow: tether.DropOldest}), tether.WithObserver(obs))
 		p := dialPeer(t, srv.url(), peerOpts{readGate: gate})
 		c := srv.next(t)
 		sent := 0
@@ -376,7 +376,7 @@ func TestWriteTimeoutEvictsStalledReader(t *testing.T) {
 	// one would stand out even on a loaded machine.
 	const writeTimeout = time.Second
 	obs, disconnects := disconnectObserver()
-	srv := newServer(t, tether.WithWriteTimeout(writeTimeout), tether.WithSendQueue(128, 1<<30), tether.WithObserver(obs))
+	srv := newServer(t, tether.WithLimits(tether.Limits{WriteTimeout: writeTimeout}), tether.WithLimits(tether.Limits{SendQueue: 128, SendQueueBytes: 1 << 30}), tether.WithObserver(obs))
 	dialPeer(t, srv.url(), peerOpts{noRead: true})
 	cStalled := srv.next(t)
 	healthy := dialPeer(t, srv.url(), peerOpts{})
@@ -587,12 +587,12 @@ func TestInvalidOptions(t *testing.T) {
 	}{
 		{"TimeoutNotAboveInterval", []tether.Option{tether.WithHeartbeat(time.Second, time.Second)}, []string{"timeout", "interval", "1s"}},
 		{"ZeroInterval", []tether.Option{tether.WithHeartbeat(0, time.Second)}, []string{"interval", "positive"}},
-		{"NegativeMaxMessageSize", []tether.Option{tether.WithMaxMessageSize(-1)}, []string{"message size", "-1"}},
-		{"NegativeQueueMessages", []tether.Option{tether.WithSendQueue(-1, 1<<20)}, []string{"send queue", "-1"}},
-		{"NegativeQueueBytes", []tether.Option{tether.WithSendQueue(16, -5)}, []string{"send queue", "-5"}},
-		{"ZeroWriteTimeout", []tether.Option{tether.WithWriteTimeout(0)}, []string{"write timeout", "positive"}},
+		{"NegativeMaxMessageSize", []tether.Option{tether.WithLimits(tether.Limits{MaxMessageSize: -1})}, []string{"message size", "-1"}},
+		{"NegativeQueueMessages", []tether.Option{tether.WithLimits(tether.Limits{SendQueue: -1, SendQueueBytes: 1 << 20})}, []string{"send queue", "-1"}},
+		{"NegativeQueueBytes", []tether.Option{tether.WithLimits(tether.Limits{SendQueue: 16, SendQueueBytes: -5})}, []string{"send queue", "-5"}},
+		{"NegativeWriteTimeout", []tether.Option{tether.WithLimits(tether.Limits{WriteTimeout: -time.Second})}, []string{"write timeout", "positive"}},
 		{"AdaptiveMaxBelowInterval", []tether.Option{tether.WithHeartbeat(time.Second, 2*time.Second), tether.WithAdaptiveHeartbeat(500 * time.Millisecond)}, []string{"adaptive", "500ms", "1s"}},
-		{"UnknownOverflow", []tether.Option{tether.WithOverflow(tether.OverflowPolicy(7))}, []string{"overflow"}},
+		{"UnknownOverflow", []tether.Option{tether.WithLimits(tether.Limits{Overflow: tether.OverflowPolicy(7)})}, []string{"overflow"}},
 	}
 	check := func(t *testing.T, err error, want []string) {
 		t.Helper()
@@ -644,7 +644,7 @@ func TestInvalidOptions(t *testing.T) {
 	t.Run("Valid", func(t *testing.T) {
 		opts := []tether.Option{
 			tether.WithHeartbeat(time.Second, 2*time.Second), tether.WithAdaptiveHeartbeat(time.Second),
-			tether.WithMaxMessageSize(1), tether.WithSendQueue(1, 1), tether.WithWriteTimeout(time.Millisecond),
+			tether.WithLimits(tether.Limits{MaxMessageSize: 1}), tether.WithLimits(tether.Limits{SendQueue: 1, SendQueueBytes: 1}), tether.WithLimits(tether.Limits{WriteTimeout: time.Millisecond}),
 			nil,
 		}
 		srv := newServer(t, opts...)
@@ -784,7 +784,7 @@ func (l smallBufListener) Accept() (net.Conn, error) {
 func TestSlowConsumerGets4008(t *testing.T) {
 	conns := make(chan *tether.Conn, 1)
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		c, err := tether.Accept(w, r, tether.WithSendQueue(64, 1<<20), tether.WithWriteTimeout(500*time.Millisecond))
+		c, err := tether.Accept(w, r, tether.WithLimits(tether.Limits{SendQueue: 64, SendQueueBytes: 1 << 20}), tether.WithLimits(tether.Limits{WriteTimeout: 500 * time.Millisecond}))
 		if err != nil {
 			t.Error(err)
 			return
@@ -866,7 +866,7 @@ func TestCloseRejectsInvalidCodeAndReason(t *testing.T) {
 func TestSendOversizedMessageKeepsConn(t *testing.T) {
 	for _, policy := range []tether.OverflowPolicy{tether.Disconnect, tether.DropOldest, tether.DropNewest} {
 		t.Run(policy.String(), func(t *testing.T) {
-			srv := newServer(t, tether.WithSendQueue(8, 1024), tether.WithOverflow(policy))
+			srv := newServer(t, tether.WithLimits(tether.Limits{SendQueue: 8, SendQueueBytes: 1024}), tether.WithLimits(tether.Limits{Overflow: policy}))
 			p := dialPeer(t, srv.url(), peerOpts{})
 			c := srv.next(t)
 			if err := c.Send(context.Background(), make([]byte, 1025)); !errors.Is(err, tether.ErrQueueFull) {

@@ -212,8 +212,8 @@ func ExampleDial() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	got := make(chan tether.TopicMessage, 1)
-	if err := client.Subscribe(ctx, "news", func(m tether.TopicMessage) { got <- m }); err != nil {
+	got := make(chan tether.Message, 1)
+	if err := client.Subscribe(ctx, "news", func(m tether.Message) { got <- m }); err != nil {
 		log.Fatal(err)
 	}
 	hub.Publish("news", []byte(`{"headline":"tether ships"}`))

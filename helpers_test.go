@@ -28,8 +28,12 @@ type server struct {
 
 func newServer(t *testing.T, opts ...tether.Option) *server {
 	t.Helper()
+	sopts := make([]tether.ServerOption, len(opts))
+	for i, o := range opts {
+		sopts[i] = o
+	}
 	return newServerFunc(t, func(w http.ResponseWriter, r *http.Request) (*tether.Conn, error) {
-		return tether.Accept(w, r, opts...)
+		return tether.Accept(w, r, sopts...)
 	})
 }
 

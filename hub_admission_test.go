@@ -293,7 +293,7 @@ func TestHubAdmissionShutdown(t *testing.T) {
 // not read, so its close handshake cannot finish: Shutdown gives up when
 // its context ends, drops the conn and returns the context's error.
 func TestHubAdmissionShutdownDeadline(t *testing.T) {
-	s := newAdmServer(t, tether.WithWriteTimeout(10*time.Second))
+	s := newAdmServer(t, tether.WithLimits(tether.Limits{WriteTimeout: 10 * time.Second}))
 	reader, err := dialFan(s.url(), fanOpts{topics: []string{"t"}})
 	if err != nil {
 		t.Fatal(err)

@@ -25,7 +25,7 @@ func BenchmarkPublish(b *testing.B) {
 		b.Run(fmt.Sprintf("subscribers=%d", n), func(b *testing.B) {
 			var hub *tether.Hub
 			s := newHubServer(b,
-				tether.WithSendQueue(1<<16, 64<<20),
+				tether.WithLimits(tether.Limits{SendQueue: 1 << 16, SendQueueBytes: 64 << 20}),
 				OnConnectSubscribe(&hub, "bench"),
 			)
 			hub = s.hub

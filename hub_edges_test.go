@@ -109,7 +109,7 @@ func TestHubSendToUserEndedConn(t *testing.T) {
 	var conns = make(chan *tether.Conn, 2)
 	s := newHubServer(t,
 		tether.WithAuth(func(r *http.Request) (string, error) { return "zoe", nil }),
-		tether.WithWriteTimeout(5*time.Second),
+		tether.WithLimits(tether.Limits{WriteTimeout: 5 * time.Second}),
 		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) { conns <- c }}),
 	)
 	stuck := dialClient(t, s.url(), clientOpts{readGate: make(chan struct{})}) // never reads

@@ -351,7 +351,7 @@ func TestHubFanoutThousandConns(t *testing.T) {
 	)
 	// The queue holds all a conn gets (4 × 101 messages at most): this
 	// test is about fan-out, not overflow.
-	s := newHubServer(t, tether.WithSendQueue(1024, 1<<20))
+	s := newHubServer(t, tether.WithLimits(tether.Limits{SendQueue: 1024, SendQueueBytes: 1 << 20}))
 	var topics []string
 	for i := range nTopics {
 		topics = append(topics, "fan:"+strconv.Itoa(i))
@@ -851,8 +851,8 @@ func TestHubFanoutSlowConsumerEvicted(t *testing.T) {
 	)
 	ended := make(chan hubDisconnect, 100)
 	s := newHubServer(t,
-		tether.WithSendQueue(32, 64<<10),
-		tether.WithWriteTimeout(500*time.Millisecond),
+		tether.WithLimits(tether.Limits{SendQueue: 32, SendQueueBytes: 64 << 10}),
+		tether.WithLimits(tether.Limits{WriteTimeout: 500 * time.Millisecond}),
 		tether.WithObserver(tether.Observer{Disconnect: func(c *tether.Conn, err error) {
 			select {
 			case ended <- hubDisconnect{c.ID(), err, time.Now()}:
@@ -990,10 +990,10 @@ func testDropPolicy(t *testing.T, policy tether.OverflowPolicy) {
 	var dropConn sync.Map // IDs of the conns that dropped
 	ended := make(chan hubDisconnect, 10)
 	s := newHubServer(t,
-		tether.WithSendQueue(queueMsgs, 1<<20),
-		tether.WithOverflow(policy),
+		tether.WithLimits(tether.Limits{SendQueue: queueMsgs, SendQueueBytes: 1 << 20}),
+		tether.WithLimits(tether.Limits{Overflow: policy}),
 		// Long enough never to evict the stalled client during the test.
-		tether.WithWriteTimeout(time.Minute),
+		tether.WithLimits(tether.Limits{WriteTimeout: time.Minute}),
 		tether.WithPresence(func(string) bool { return false }, time.Second),
 		tether.WithObserver(tether.Observer{Drop: func(c *tether.Conn, n int) {
 			dropConn.Store(c.ID(), true)

@@ -129,7 +129,7 @@ func hpKeys(t *testing.T, line string) map[string]json.RawMessage {
 // ErrMessageTooBig; the others carry on.
 func TestHubProtoOversizedMessageCloses1009(t *testing.T) {
 	ends, endCh := hpEnds()
-	s := newHubServer(t, tether.WithMaxMessageSize(1024), ends)
+	s := newHubServer(t, tether.WithLimits(tether.Limits{MaxMessageSize: 1024}), ends)
 	by := hpNewBystander(t, s, "calm")
 
 	bad := dialClient(t, s.url(), clientOpts{})

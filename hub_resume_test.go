@@ -111,7 +111,7 @@ func TestHubResumeReplaysMissed(t *testing.T) {
 func TestHubResumeWhilePublishing(t *testing.T) {
 	s := newHubServer(t, rsNoPresence,
 		tether.WithHistory(adapter.NewMemoryHistory(1<<16, time.Minute)),
-		tether.WithSendQueue(1<<16, 32<<20))
+		tether.WithLimits(tether.Limits{SendQueue: 1 << 16, SendQueueBytes: 32 << 20}))
 	epoch := rsFirstRun(t, s, "t", 10)
 
 	const most = 40000
@@ -418,7 +418,7 @@ func TestHubOfflineBacklogBeyondSendQueue(t *testing.T) {
 	for _, raw := range []bool{false, true} {
 		t.Run(map[bool]string{false: "v1", true: "raw"}[raw], func(t *testing.T) {
 			ends, endCh := hpEnds()
-			s := newHubServer(t, rsAuth, ends, tether.WithSendQueue(8, 4096))
+			s := newHubServer(t, rsAuth, ends, tether.WithLimits(tether.Limits{SendQueue: 8, SendQueueBytes: 4096}))
 			pad := strings.Repeat("p", 300)
 			const n = 20 // 20 messages of ~320 bytes: over 8 messages and 4 KiB
 			var want []string

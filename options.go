@@ -1,6 +1,7 @@
 package tether
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -14,32 +15,51 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// Option configures a connection made by [Accept] or [Wrap]. Later options
-// override earlier ones; nil options are ignored. Options are validated once,
-// by the constructor, which returns an error for a nonsensical set.
+// Options are typed by where they apply, so that the compiler refuses one
+// where it means nothing:
 //
-// Every Option is also a [HubOption], for the conns of a [Hub], and a
-// [DialOption], for the conns of a [Client].
+//   - an [Option] configures a conn wherever it is made: by [Wrap], by
+//     [Accept], by a [Hub] (each of its conns) and by a [Client] (each of
+//     its conns);
+//   - a [ServerOption] configures the handshakes of [Accept] and of a Hub;
+//   - a [HubOption] configures a Hub, and a [DialOption] a Client.
+//
+// Every Option is a ServerOption, a HubOption and a DialOption, and every
+// ServerOption a HubOption. Later options override earlier ones (but
+// [WithObserver], which adds); nil options are ignored. Options are
+// validated once, by the constructor, which returns an error for a
+// nonsensical set.
+
+// Option configures a conn wherever it is made; see [ServerOption] for how
+// options are typed.
 type Option interface {
-	HubOption
+	ServerOption
 	DialOption
-	apply(*config)
+	applyConn(*config)
 }
 
 type optionFunc func(*config)
 
-func (f optionFunc) apply(c *config) { f(c) }
-
-// An Option is also a HubOption: it then applies to every conn of the hub.
-func (f optionFunc) applyHub(h *hubConfig) { f(h.conn) }
-
-// An Option is also a DialOption: it then applies to every conn of the
-// client.
+func (f optionFunc) applyConn(c *config)     { f(c) }
+func (f optionFunc) applyServer(c *config)   { f(c) }
+func (f optionFunc) applyHub(h *hubConfig)   { f(h.conn) }
 func (f optionFunc) applyDial(d *dialConfig) { f(d.conn) }
 
-// HubOption configures a [Hub] made by [NewHub]. Every [Option] is a
-// HubOption too, applying to each of the hub's conns. Later options
-// override earlier ones; nil options are ignored.
+// ServerOption configures the handshakes of [Accept] and of a [Hub]'s
+// conns: which origins and subprotocols they accept. Every [Option] is a
+// ServerOption too.
+type ServerOption interface {
+	HubOption
+	applyServer(*config)
+}
+
+type serverOptionFunc func(*config)
+
+func (f serverOptionFunc) applyServer(c *config) { f(c) }
+func (f serverOptionFunc) applyHub(h *hubConfig) { f(h.conn) }
+
+// HubOption configures a [Hub] made by [NewHub]. Every [ServerOption] and
+// [Option] is a HubOption too, applying to each of the hub's conns.
 type HubOption interface {
 	applyHub(*hubConfig)
 }
@@ -293,13 +313,11 @@ func defaultConfig() *config {
 	}
 }
 
-func newConfig(opts []Option) (*config, error) {
+// newConfig makes the config of a conn of [Accept] or [Wrap]: apply sets
+// the options.
+func newConfig(apply func(*config)) (*config, error) {
 	c := defaultConfig()
-	for _, o := range opts {
-		if o != nil {
-			o.apply(c)
-		}
-	}
+	apply(c)
 	if err := c.validate(); err != nil {
 		return nil, err
 	}
@@ -369,45 +387,54 @@ func WithAdaptiveHeartbeat(max time.Duration) Option {
 	return optionFunc(func(c *config) { c.adaptiveMax = max })
 }
 
-// WithMaxMessageSize limits inbound messages to n bytes; a bigger one closes
-// the conn with 1009 and [ErrMessageTooBig]. The default is 64 KiB.
-func WithMaxMessageSize(n int64) Option {
-	return optionFunc(func(c *config) { c.maxMessageSize = n })
+// Limits bounds what one conn may cost: the size of what it reads, what it
+// may have queued to send, and how long a write may take. Pass it with
+// [WithLimits]; zero fields leave a limit as it was (the default, or what
+// an earlier WithLimits set).
+type Limits struct {
+	// MaxMessageSize bounds inbound messages, in bytes; a larger one closes
+	// the conn with 1009 and [ErrMessageTooBig]. Default 64 KiB, and 1 MiB
+	// for a [Client]'s conns, since a server's messages are as large as its
+	// application makes them.
+	MaxMessageSize int64
+	// SendQueue and SendQueueBytes bound the send queue, in messages and in
+	// bytes; Overflow says what happens past either. Default 256 messages
+	// and 1 MiB. An idle conn's queue costs nothing.
+	SendQueue, SendQueueBytes int
+	// Overflow is what happens when a message does not fit in the send
+	// queue. Default [Disconnect].
+	Overflow OverflowPolicy
+	// WriteTimeout bounds each write, and a graceful close handshake. A
+	// peer that does not take a message within it is dropped with
+	// [ErrWriteTimeout], so one stalled reader never holds up anyone
+	// else. Default 10 s.
+	WriteTimeout time.Duration
 }
 
-// WithSendQueue bounds a conn's send queue to the given number of messages
-// and bytes; what happens past either bound is set by [WithOverflow].
-// The default is 256 messages and 1 MiB. An idle conn's queue costs nothing.
-func WithSendQueue(messages, bytes int) Option {
-	return optionFunc(func(c *config) { c.queueMessages, c.queueBytes = messages, bytes })
-}
-
-// WithOverflow sets what happens when the send queue is full. The default
-// is [Disconnect].
-func WithOverflow(p OverflowPolicy) Option {
-	return optionFunc(func(c *config) { c.overflow = p })
-}
-
-// WithWriteTimeout bounds each write, and a graceful close handshake. A
-// peer that does not take a message within d is dropped with
-// [ErrWriteTimeout], so one stalled reader never holds up anyone else.
-// The default is 10 s.
-func WithWriteTimeout(d time.Duration) Option {
-	return optionFunc(func(c *config) { c.writeTimeout = d })
+// WithLimits sets the limits of each conn; see [Limits] for the defaults.
+func WithLimits(l Limits) Option {
+	return optionFunc(func(c *config) {
+		c.maxMessageSize = cmp.Or(l.MaxMessageSize, c.maxMessageSize)
+		c.queueMessages = cmp.Or(l.SendQueue, c.queueMessages)
+		c.queueBytes = cmp.Or(l.SendQueueBytes, c.queueBytes)
+		c.overflow = cmp.Or(l.Overflow, c.overflow)
+		c.writeTimeout = cmp.Or(l.WriteTimeout, c.writeTimeout)
+	})
 }
 
 // WithOriginPatterns authorises cross-origin handshakes from these host
 // patterns (see [websocket.AcceptOptions].OriginPatterns). By default only
 // same-origin requests, and requests without an Origin header (non-browser
-// clients), are accepted; others get 403.
-func WithOriginPatterns(patterns ...string) Option {
-	return optionFunc(func(c *config) { c.originPatterns = append([]string(nil), patterns...) })
+// clients), are accepted; others get 403 and [ErrForbidden].
+func WithOriginPatterns(patterns ...string) ServerOption {
+	return serverOptionFunc(func(c *config) { c.originPatterns = append([]string(nil), patterns...) })
 }
 
 // WithSubprotocols lists the subprotocols [Accept] may negotiate, in order
-// of preference; read the result with [Conn.Subprotocol].
-func WithSubprotocols(protocols ...string) Option {
-	return optionFunc(func(c *config) { c.subprotocols = append([]string(nil), protocols...) })
+// of preference; read the result with [Conn.Subprotocol]. A [Hub]
+// negotiates [Subprotocol] first, then these.
+func WithSubprotocols(protocols ...string) ServerOption {
+	return serverOptionFunc(func(c *config) { c.subprotocols = append([]string(nil), protocols...) })
 }
 
 // WithLogger sets where tether logs routine events (suspect peers,
@@ -448,14 +475,12 @@ func OnMessage(f func(c *Conn, m Message)) Option {
 //     [WithAdaptiveHeartbeat] does not apply: the server's timeout rules.
 //   - [OnMessage] receives the server application's direct messages (see
 //     [Hub.SendToUser]); [Message].Data is the JSON value that was sent.
-//   - [WithMaxMessageSize] defaults to 1 MiB, since a server's messages
-//     are as large as its application makes them.
+//   - [Limits].MaxMessageSize defaults to 1 MiB.
 //   - When the send queue is full, [Client.Publish] and [Client.Send]
-//     return [ErrQueueFull] and the conn stays, whatever [WithOverflow] says.
+//     return [ErrQueueFull] and the conn stays, whatever
+//     [Limits].Overflow says.
 //   - [Observer].Drop may be called with the client's lock held: it must
 //     not call the Client's methods.
-//   - [WithOriginPatterns] and [WithSubprotocols] are server options:
-//     [Dial] refuses them.
 type DialOption interface {
 	applyDial(*dialConfig)
 }
@@ -500,9 +525,6 @@ func newDialConfig(url string, opts []DialOption) (*dialConfig, error) {
 	errs := []error{d.conn.validate(), d.backoff.validate()}
 	bad := func(format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%w: "+format, append([]any{errInvalidOption}, args...)...))
-	}
-	if d.conn.originPatterns != nil || d.conn.subprotocols != nil {
-		bad("WithOriginPatterns and WithSubprotocols are server options")
 	}
 	if d.bufMessages < 0 || d.bufBytes < 0 {
 		bad("offline buffer bounds (%d messages, %d bytes) must not be negative", d.bufMessages, d.bufBytes)

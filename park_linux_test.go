@@ -23,10 +23,10 @@ type parkServer struct {
 	msgs  chan Message
 }
 
-func newParkServer(t *testing.T, opts ...Option) *parkServer {
+func newParkServer(t *testing.T, opts ...ServerOption) *parkServer {
 	t.Helper()
 	s := &parkServer{conns: make(chan *Conn, 64), msgs: make(chan Message, 1024)}
-	opts = append([]Option{OnMessage(func(_ *Conn, m Message) {
+	opts = append([]ServerOption{OnMessage(func(_ *Conn, m Message) {
 		m.Data = bytes.Clone(m.Data)
 		s.msgs <- m
 	})}, opts...)
@@ -94,7 +94,7 @@ func (s *parkServer) recv(t *testing.T) Message {
 // of every length encoding, fragmented or with control frames in between,
 // arrives whole and in order, and the conn parks again after each burst.
 func TestParkedReaderLosesNothing(t *testing.T) {
-	s := newParkServer(t, WithMaxMessageSize(1<<20))
+	s := newParkServer(t, WithLimits(Limits{MaxMessageSize: 1 << 20}))
 	ws, c := s.dial(t, nil)
 	defer ws.CloseNow()
 	// The client must read for its pings to be answered; it reads nothing else.
@@ -310,7 +310,7 @@ func TestParkedConnsHoldNoGoroutine(t *testing.T) {
 // What a parking conn writes through its tiny buffer arrives whole, for
 // every payload length around the buffer's size and the length encodings.
 func TestParkedConnWrites(t *testing.T) {
-	s := newParkServer(t, WithMaxMessageSize(1<<20))
+	s := newParkServer(t, WithLimits(Limits{MaxMessageSize: 1 << 20}))
 	ws, c := s.dial(t, nil)
 	defer ws.CloseNow()
 	sizes := []int{0, 1, 12, 13, 14, 15, 16, 17, 31, 32, 33, 100, 125, 126, 127, 4095, 4096, 65535, 65536, 200_000}
@@ -348,7 +348,7 @@ func TestParkedConnWrites(t *testing.T) {
 // altogether still is.
 func TestBusyReceiverNotDeclaredDead(t *testing.T) {
 	const timeout = 500 * time.Millisecond
-	s := newParkServer(t, WithHeartbeat(300*time.Millisecond, timeout), WithSendQueue(8192, 64<<20))
+	s := newParkServer(t, WithHeartbeat(300*time.Millisecond, timeout), WithLimits(Limits{SendQueue: 8192, SendQueueBytes: 64 << 20}))
 	ws, c := s.dial(t, nil)
 	defer ws.CloseNow()
 	msg := bytes.Repeat([]byte("x"), 1024)

@@ -66,7 +66,7 @@ type bubbleServer struct {
 	t     *testing.T
 }
 
-func newBubbleServer(t *testing.T, opts ...tether.Option) *bubbleServer {
+func newBubbleServer(t *testing.T, opts ...tether.ServerOption) *bubbleServer {
 	s := &bubbleServer{ln: newPipeListener(), conns: make(chan *tether.Conn, 100), t: t}
 	s.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		c, err := tether.Accept(w, r, opts...)

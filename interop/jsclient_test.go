@@ -164,8 +164,8 @@ func TestJSClientProtocol(t *testing.T) {
 		t.Fatalf("tether.Dial: %v", err)
 	}
 	defer gopher.Close()
-	gotGo := make(chan tether.TopicMessage, 16)
-	if err := gopher.Subscribe(ctx, "open:room", func(m tether.TopicMessage) { gotGo <- m }); err != nil {
+	gotGo := make(chan tether.Message, 16)
+	if err := gopher.Subscribe(ctx, "open:room", func(m tether.Message) { gotGo <- m }); err != nil {
 		t.Fatalf("Go client Subscribe: %v", err)
 	}
 	js.waitFor(0, 2*time.Second, "presence join of gopher", func(e event) bool {
@@ -324,7 +324,7 @@ func hasMember(ms []member, user, meta string) bool {
 }
 
 // checkGo checks the next message the Go client got.
-func checkGo(t testing.TB, ch <-chan tether.TopicMessage, data, epoch string, seq uint64) {
+func checkGo(t testing.TB, ch <-chan tether.Message, data, epoch string, seq uint64) {
 	t.Helper()
 	select {
 	case m := <-ch:

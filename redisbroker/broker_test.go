@@ -89,7 +89,7 @@ func TestPublishReachesEveryNodeOnce(t *testing.T) {
 		t.FailNow()
 	}
 
-	var ref []tether.TopicMessage
+	var ref []tether.Message
 	for _, s := range subs {
 		s.rec.awaitCount(t, total, 10*time.Second, s.name)
 	}

@@ -63,7 +63,7 @@ func ExampleNew() {
 		return
 	}
 	defer client.Close()
-	client.Subscribe(ctx, "news", func(m tether.TopicMessage) { got <- string(m.Data) })
+	client.Subscribe(ctx, "news", func(m tether.Message) { got <- string(m.Data) })
 
 	hubs[0].Publish("news", []byte(`"from the other node"`))
 	fmt.Println(<-got)

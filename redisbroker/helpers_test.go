@@ -209,7 +209,7 @@ func present(ms []tether.Member, user string) bool {
 // topic it subscribes to, direct messages, resyncs and state changes.
 type recorder struct {
 	mu      sync.Mutex
-	msgs    []tether.TopicMessage
+	msgs    []tether.Message
 	times   []time.Time
 	direct  []string
 	resyncs int
@@ -259,14 +259,14 @@ func subscribe(t testing.TB, cl *tether.Client, topic string, r *recorder) {
 	}
 }
 
-func (r *recorder) handle(m tether.TopicMessage) {
+func (r *recorder) handle(m tether.Message) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.msgs = append(r.msgs, m)
 	r.times = append(r.times, time.Now())
 }
 
-func (r *recorder) messages() []tether.TopicMessage {
+func (r *recorder) messages() []tether.Message {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return slices.Clone(r.msgs)
@@ -305,7 +305,7 @@ func (r *recorder) receivedBetween(from, to time.Time) int {
 
 // firstMatch returns when the first message that satisfies match
 // arrived.
-func (r *recorder) firstMatch(match func(tether.TopicMessage) bool) (time.Time, bool) {
+func (r *recorder) firstMatch(match func(tether.Message) bool) (time.Time, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for i, m := range r.msgs {
@@ -330,7 +330,7 @@ func (r *recorder) awaitCount(t testing.TB, n int, limit time.Duration, who stri
 
 // checkContiguous fails the test unless msgs are in one epoch with seqs
 // that follow each other, no gap, no repeat.
-func checkContiguous(t testing.TB, who string, msgs []tether.TopicMessage) {
+func checkContiguous(t testing.TB, who string, msgs []tether.Message) {
 	t.Helper()
 	for i := 1; i < len(msgs); i++ {
 		prev, cur := msgs[i-1].Position, msgs[i].Position
@@ -343,7 +343,7 @@ func checkContiguous(t testing.TB, who string, msgs []tether.TopicMessage) {
 
 // checkNoRepeat fails the test if a position or a payload comes twice,
 // or if seqs go backwards within an epoch.
-func checkNoRepeat(t testing.TB, who string, msgs []tether.TopicMessage) {
+func checkNoRepeat(t testing.TB, who string, msgs []tether.Message) {
 	t.Helper()
 	seenPos := make(map[tether.Position]int)
 	seenData := make(map[string]int)
@@ -362,7 +362,7 @@ func checkNoRepeat(t testing.TB, who string, msgs []tether.TopicMessage) {
 }
 
 // summary renders messages briefly, for failure messages.
-func summary(msgs []tether.TopicMessage) string {
+func summary(msgs []tether.Message) string {
 	var b strings.Builder
 	for i, m := range msgs {
 		if i == 40 && len(msgs) > 60 {

@@ -79,7 +79,7 @@ func (p *steadyPublisher) stop() int {
 }
 
 // index returns i of a payload "p<i>".
-func index(t testing.TB, m tether.TopicMessage) int {
+func index(t testing.TB, m tether.Message) int {
 	var s string
 	if err := json.Unmarshal(m.Data, &s); err != nil || !strings.HasPrefix(s, "p") {
 		t.Fatalf("unexpected payload %s", m.Data)
@@ -93,7 +93,7 @@ func index(t testing.TB, m tether.TopicMessage) int {
 
 // checkIncreasing fails the test unless the publisher's indices only go
 // up: one publisher's messages in the order it published them.
-func checkIncreasing(t testing.TB, who string, msgs []tether.TopicMessage) {
+func checkIncreasing(t testing.TB, who string, msgs []tether.Message) {
 	t.Helper()
 	for i := 1; i < len(msgs); i++ {
 		if index(t, msgs[i]) <= index(t, msgs[i-1]) {
@@ -230,10 +230,10 @@ func TestRedisRestart(t *testing.T) {
 		}
 	}
 	waitUntil(t, 10*time.Second, "s2 to get a publication of n1 made after the restart", func() bool {
-		_, ok := s2.firstMatch(func(m tether.TopicMessage) bool { return index(t, m) >= atRestart })
+		_, ok := s2.firstMatch(func(m tether.Message) bool { return index(t, m) >= atRestart })
 		return ok
 	})
-	at, _ := s2.firstMatch(func(m tether.TopicMessage) bool { return index(t, m) >= atRestart })
+	at, _ := s2.firstMatch(func(m tether.Message) bool { return index(t, m) >= atRestart })
 	t.Logf("cross-node delivery back %v after Redis", at.Sub(restarted))
 	if d := at.Sub(restarted); d > bound {
 		t.Errorf("cross-node delivery back %v after Redis restarted, want within %v", d, bound)
@@ -270,7 +270,7 @@ func TestRedisRestart(t *testing.T) {
 		checkIncreasing(t, c.name, msgs)
 		// Once both links are back, one epoch, contiguous.
 		lastEpoch := msgs[len(msgs)-1].Position.Epoch
-		tail := msgs[slices.IndexFunc(msgs, func(m tether.TopicMessage) bool { return m.Position.Epoch == lastEpoch }):]
+		tail := msgs[slices.IndexFunc(msgs, func(m tether.Message) bool { return m.Position.Epoch == lastEpoch }):]
 		checkContiguous(t, c.name+" after the recovery", tail)
 		t.Logf("%s: %d messages of %d published, %d resyncs", c.name, len(msgs), total, c.r.resyncCount())
 	}

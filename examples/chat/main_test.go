@@ -185,12 +185,12 @@ func TestRoom(t *testing.T) {
 
 	const topic = "room:test"
 	ann := dial(t, ctx, base, "ann")
-	got := make(chan tether.TopicMessage, 16)
-	if err := ann.Subscribe(ctx, topic, func(m tether.TopicMessage) { got <- m }); err != nil {
+	got := make(chan tether.Message, 16)
+	if err := ann.Subscribe(ctx, topic, func(m tether.Message) { got <- m }); err != nil {
 		t.Fatal(err)
 	}
 	bob := dial(t, ctx, base, "bob")
-	if err := bob.Subscribe(ctx, topic, func(tether.TopicMessage) {}); err != nil {
+	if err := bob.Subscribe(ctx, topic, func(tether.Message) {}); err != nil {
 		t.Fatal(err)
 	}
 	data := `{"id":"m1","user":"bob","text":"hello ann","ts":1700000000000}`
@@ -218,7 +218,7 @@ func TestRoom(t *testing.T) {
 		t.Fatalf("transcript %+v, want bob's message at seq 1", transcript.Messages)
 	}
 	// A room nobody spoke in, visited or not.
-	if err := ann.Subscribe(ctx, "room:quiet", func(tether.TopicMessage) {}); err != nil {
+	if err := ann.Subscribe(ctx, "room:quiet", func(tether.Message) {}); err != nil {
 		t.Fatal(err)
 	}
 	for _, room := range []string{"quiet", "empty"} {
@@ -284,7 +284,7 @@ func TestRules(t *testing.T) {
 	defer c.Close()
 	for _, topic := range []string{"news", "room:", "room:a b", "room:" + strings.Repeat("x", 33)} {
 		var pe *tether.ProtocolError
-		if err := c.Subscribe(ctx, topic, func(tether.TopicMessage) {}); !errors.As(err, &pe) || pe.Code != tether.CodeForbidden {
+		if err := c.Subscribe(ctx, topic, func(tether.Message) {}); !errors.As(err, &pe) || pe.Code != tether.CodeForbidden {
 			t.Errorf("subscribe %q: %v, want forbidden", topic, err)
 		}
 	}

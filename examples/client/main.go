@@ -93,7 +93,7 @@ func run(ctx context.Context, url, topic string, out io.Writer) error {
 	defer c.Close()
 
 	var last tether.Position
-	err = c.Subscribe(ctx, topic, func(m tether.TopicMessage) {
+	err = c.Subscribe(ctx, topic, func(m tether.Message) {
 		note := ""
 		if last.Epoch == m.Position.Epoch && m.Position.Seq != last.Seq+1 {
 			note = fmt.Sprintf(" (gap: the last was %d)", last.Seq)

@@ -55,7 +55,7 @@ func main() {
 // with 1001 (going away) and returns.
 func serve(ctx context.Context, ln net.Listener, interval, timeout time.Duration, log *slog.Logger) error {
 	var conns sync.Map // *tether.Conn -> struct{}, for a graceful shutdown
-	opts := []tether.Option{
+	opts := []tether.ServerOption{
 		tether.WithHeartbeat(interval, timeout),
 		tether.OnMessage(func(c *tether.Conn, m tether.Message) {
 			if err := c.Send(context.Background(), m.Data); err != nil {

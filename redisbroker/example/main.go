@@ -246,8 +246,8 @@ func demo(ctx context.Context, cfg config, out io.Writer) (err error) {
 	fmt.Fprintf(out, "node 1 on %s, node 2 on %s, linked by Redis at %s\n", nodes[0].url, nodes[1].url, cfg.redis)
 
 	const topic = "room:demo"
-	got := make(chan tether.TopicMessage, 16)
-	bob, err := dialSubscribed(ctx, nodes[1].wsURL("bob"), topic, func(m tether.TopicMessage) {
+	got := make(chan tether.Message, 16)
+	bob, err := dialSubscribed(ctx, nodes[1].wsURL("bob"), topic, func(m tether.Message) {
 		select {
 		case got <- m:
 		default:
@@ -257,7 +257,7 @@ func demo(ctx context.Context, cfg config, out io.Writer) (err error) {
 		return fmt.Errorf("bob on node 2: %w", err)
 	}
 	defer bob.Close()
-	ann, err := dialSubscribed(ctx, nodes[0].wsURL("ann"), topic, func(tether.TopicMessage) {})
+	ann, err := dialSubscribed(ctx, nodes[0].wsURL("ann"), topic, func(tether.Message) {})
 	if err != nil {
 		return fmt.Errorf("ann on node 1: %w", err)
 	}
@@ -302,7 +302,7 @@ func demo(ctx context.Context, cfg config, out io.Writer) (err error) {
 }
 
 // dialSubscribed connects a Go client to url and subscribes it to topic.
-func dialSubscribed(ctx context.Context, url, topic string, handler func(tether.TopicMessage)) (*tether.Client, error) {
+func dialSubscribed(ctx context.Context, url, topic string, handler func(tether.Message)) (*tether.Client, error) {
 	c, err := tether.Dial(ctx, url)
 	if err != nil {
 		return nil, err

@@ -222,8 +222,8 @@ func TestTwoNodes(t *testing.T) {
 	const topic = "room:test"
 	// On node 2: bob with the Go client, carol as the chat page does.
 	var bobGot atomic.Int32
-	bobFirst := make(chan tether.TopicMessage, 1)
-	bob, err := dialSubscribed(ctx, ws(node2, "bob"), topic, func(m tether.TopicMessage) {
+	bobFirst := make(chan tether.Message, 1)
+	bob, err := dialSubscribed(ctx, ws(node2, "bob"), topic, func(m tether.Message) {
 		if bobGot.Add(1) == 1 {
 			bobFirst <- m
 		}
@@ -240,7 +240,7 @@ func TestTwoNodes(t *testing.T) {
 
 	// ann on node 1 joins the room: node 2's subscribers see her arrive,
 	// with node 1 as her node.
-	ann, err := dialSubscribed(ctx, ws(node1, "ann"), topic, func(tether.TopicMessage) {})
+	ann, err := dialSubscribed(ctx, ws(node1, "ann"), topic, func(tether.Message) {})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -334,7 +334,7 @@ func (a *tetherAdapter) dialReconnecting(ctx context.Context, src *source, url s
 	if err != nil {
 		return nil, err
 	}
-	if err := cl.Subscribe(ctx, "bench", func(tether.TopicMessage) {}); err != nil {
+	if err := cl.Subscribe(ctx, "bench", func(tether.Message) {}); err != nil {
 		cl.Close()
 		return nil, err
 	}

@@ -26,7 +26,7 @@ import (
 type tetherServer struct {
 	log    *serveLog
 	stderr io.Writer
-	opts   []tether.Option
+	opts   []tether.ServerOption
 	hub    *tether.Hub
 
 	mu    sync.Mutex
@@ -53,10 +53,10 @@ func newTetherServer(cfg serveConfig, log *serveLog, stderr io.Writer) (serveImp
 		Disconnect: s.disconnected,
 		Pong:       s.ponged,
 	})
-	s.opts = []tether.Option{tether.WithHeartbeat(cfg.interval, cfg.timeout), obs}
+	s.opts = []tether.ServerOption{tether.WithHeartbeat(cfg.interval, cfg.timeout), obs}
 	hub, err := tether.NewHub(
 		tether.WithHeartbeat(cfg.interval, cfg.timeout),
-		tether.WithSendQueue(cfg.queue, 1<<20),
+		tether.WithLimits(tether.Limits{SendQueue: cfg.queue, SendQueueBytes: 1 << 20}),
 		tether.WithPresence(func(string) bool { return false }, 0),
 		// Load clients subscribe in a burst: no inbound limit.
 		tether.WithRateLimit(rate.Inf, 0),
