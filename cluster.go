@@ -160,10 +160,10 @@ func (h *Hub) resyncLocked(t *topic, epoch string) {
 	}
 }
 
-// catchUpShared is catchUp with a broker, t locked: it returns what c
+// catchUpSharedLocked is catchUp with a broker, t locked: it returns what c
 // resuming at since (nil: not resuming) must receive before live
 // messages, and t's cursor, where they start.
-func (h *Hub) catchUpShared(c *Conn, t *topic, since *wire.Since, id string) ([][]byte, Position, error) {
+func (h *Hub) catchUpSharedLocked(c *Conn, t *topic, since *wire.Since, id string) ([][]byte, Position, error) {
 	if t.pos.Epoch == "" {
 		ctx, cancel := brokerContext()
 		_, last, _, err := h.broker.Since(ctx, t.name, Position{})

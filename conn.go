@@ -38,13 +38,39 @@ type Message struct {
 // goroutines.
 //
 // An idle conn from [Accept] on Linux holds no goroutine: its reader parks
-// in a poller shared by all conns between messages (see park.go). Elsewhere,
-// and for a wrapped conn, an idle conn costs one goroutine, its reader. A
-// writer goroutine exists only while the send queue holds messages, and
-// heartbeats are driven by a scheduler shared with other conns.
+// in a poller shared by all conns between messages (internal/park).
+// Elsewhere, and for a wrapped conn, an idle conn costs one goroutine, its
+// reader. A writer goroutine exists only while the send queue holds
+// messages, and heartbeats are driven by a scheduler shared with other
+// conns.
 //
 // Receive messages with the [OnMessage] option. Wait for the end with
 // [Conn.Done], then read the reason with [Conn.Err].
+//
+// # Concurrency
+//
+// Goroutines. The reader is started by Accept, Wrap or the hub once the
+// conn is set up; a parked conn's reader returns, and the poller (or the
+// conn's end) starts a new one when the peer sends. The writer is started
+// by whatever queues onto an empty queue, or by a close that needs a close
+// frame sent, and returns when the queue is drained. A ping goroutine is
+// started by the heartbeat for a conn that cannot park, and a raw ping
+// that finds the socket taken waits in one. Writer and ping goroutines are
+// counted in a WaitGroup; the last reader waits for them, then unregisters
+// the conn, calls [Observer].Disconnect and closes Done. So after Done no
+// goroutine of the conn's is left.
+//
+// Locks, taken in this order, never the reverse: the parking socket's read
+// lock, held by whoever reads the socket (the reader, coder/websocket's
+// close handshake, or the poller settling pongs); the heartbeat's lock
+// (hb.mu: RTT estimate, ping in flight, stretched interval); the conn's
+// lock (mu: send queue, writer flag, end reason, close to send); the
+// parking socket's write lock (between coder/websocket's writes and the
+// heartbeat's raw pings); and the scheduler's lock, held briefly to re-arm
+// the conn's timer. A hub may hold its own locks (topic, user shard) while
+// it queues onto a conn, so those come before mu. Hooks and handlers are
+// called with none of the conn's locks held. A function named ...Locked
+// is called with the lock it names held, and keeps it.
 type Conn struct {
 	ws     *websocket.Conn
 	nc     net.Conn // the socket, for an accepted conn; nil for a wrapped one

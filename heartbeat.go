@@ -347,12 +347,13 @@ func (c *Conn) heartbeatPing(timeout time.Duration) {
 	}
 	heldUp := c.hb.handled.Load() != handled || c.hb.busy.Load()
 	c.hb.mu.Lock()
-	c.settlePingLocked(rtt, heldUp)
+	c.settlePingAndUnlock(rtt, heldUp)
 }
 
-// settlePingLocked settles the ping in flight with its round trip (< 0: no
-// pong), releases hb.mu, re-arms the conn's timer and reports the pong.
-func (c *Conn) settlePingLocked(rtt time.Duration, heldUp bool) {
+// settlePingAndUnlock is called with hb.mu held and releases it: it
+// settles the ping in flight with its round trip (< 0: no pong), then,
+// unlocked, re-arms the conn's timer and reports the pong.
+func (c *Conn) settlePingAndUnlock(rtt time.Duration, heldUp bool) {
 	h := &c.hb
 	h.pongLocked(rtt, heldUp)
 	// The timer waits for the suspect deadline; with the pong in, the next
@@ -381,7 +382,7 @@ func (c *Conn) rawPong(payload []byte) bool {
 		return false
 	}
 	// A message handled between ping and pong held the pong up.
-	c.settlePingLocked(max(h.since(time.Now())-sent, 0), h.handled.Load() != h.pingHandled)
+	c.settlePingAndUnlock(max(h.since(time.Now())-sent, 0), h.handled.Load() != h.pingHandled)
 	return true
 }
 

@@ -51,6 +51,25 @@ type Position = adapter.Position
 // A Hub runs no goroutine of its own while idle: each conn has its reader,
 // a writer while it has something to send, and presence changes are
 // announced from short-lived timers. [Hub.Shutdown] ends them all.
+//
+// # Concurrency
+//
+// Goroutines. [Hub.Serve] runs on the HTTP server's goroutine and returns
+// once the conn is registered and its reader started; each conn's
+// goroutines are its own (see [Conn]). Presence timers are armed under a
+// topic's lock, counted, and stopped or waited for by Shutdown. A broker's
+// goroutines belong to the broker, which Shutdown closes last.
+//
+// Locks, taken in this order, never the reverse: a conn's hub state lock
+// (its topics, and whether it is gone); a topic shard's lock, held only to
+// find or drop a topic; a topic's lock, which orders its publications,
+// subscriptions and presence, or a user shard's lock, which orders a
+// user's direct messages (never both at once); then the locks of the conns
+// being queued onto (see [Conn]). The registry shards' locks and the hub's own (closing state and
+// the count of live conns) are taken alone. Calls to the broker that take
+// a context are made with no lock held, but for Broker.Since, which runs
+// under the topic's lock to keep its stream in order. Hooks are called
+// with no hub lock held, but for [Observer].Drop (see there).
 type Hub struct {
 	cfg       *hubConfig
 	connCfg   *config // shared by every conn of the hub
@@ -787,7 +806,7 @@ func (h *Hub) subscribeOnce(c *Conn, name string, since *wire.Since, id string, 
 	switch {
 	case already:
 	case h.broker != nil:
-		catchUp, last, err = h.catchUpShared(c, t, since, id)
+		catchUp, last, err = h.catchUpSharedLocked(c, t, since, id)
 	case since != nil:
 		catchUp, last, err = h.catchUp(c, name, since)
 	case id != "" && c.coalesce:
@@ -824,7 +843,7 @@ func (h *Hub) subscribeOnce(c *Conn, name string, since *wire.Since, id string, 
 				c.enqueue(t.pres.snapshot(name))
 			}
 			if hc.user != "" {
-				h.presenceJoin(t, c)
+				h.presenceJoinLocked(t, c)
 			}
 		}
 	}
@@ -973,7 +992,7 @@ func (h *Hub) leave(c *Conn, name string) {
 		}
 	}
 	if t.pres != nil && c.hc.user != "" {
-		h.presenceLeave(t, c)
+		h.presenceLeaveLocked(t, c)
 	}
 	if h.broker != nil && len(t.subs) == 0 && t.pending == 0 {
 		// The broker stops delivering the topic here: the cursor would go

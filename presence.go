@@ -78,9 +78,9 @@ func (u *presentUser) meta() json.RawMessage {
 	return nil
 }
 
-// presenceJoin records that c, whose user is set, is on topic t, which is
+// presenceJoinLocked records that c, whose user is set, is on topic t, which is
 // locked and tracks presence.
-func (h *Hub) presenceJoin(t *topic, c *Conn) {
+func (h *Hub) presenceJoinLocked(t *topic, c *Conn) {
 	user := c.hc.user
 	u := t.pres.users[user]
 	if u == nil {
@@ -91,13 +91,13 @@ func (h *Hub) presenceJoin(t *topic, c *Conn) {
 	u.goneAt = time.Time{}
 	u.changed = true
 	if !u.announced || h.broker != nil {
-		h.armPresence(t, time.Now().Add(defaultPresenceSettle))
+		h.armPresenceLocked(t, time.Now().Add(defaultPresenceSettle))
 	}
 }
 
-// presenceLeave records that c has left t, which is locked and tracks
+// presenceLeaveLocked records that c has left t, which is locked and tracks
 // presence.
-func (h *Hub) presenceLeave(t *topic, c *Conn) {
+func (h *Hub) presenceLeaveLocked(t *topic, c *Conn) {
 	user := c.hc.user
 	u := t.pres.users[user]
 	if u == nil {
@@ -109,7 +109,7 @@ func (h *Hub) presenceLeave(t *topic, c *Conn) {
 	u.changed = true
 	if len(u.conns) > 0 {
 		if u.joined {
-			h.armPresence(t, time.Now().Add(defaultPresenceSettle))
+			h.armPresenceLocked(t, time.Now().Add(defaultPresenceSettle))
 		}
 		return
 	}
@@ -118,11 +118,11 @@ func (h *Hub) presenceLeave(t *topic, c *Conn) {
 		return
 	}
 	u.goneAt = time.Now()
-	h.armPresence(t, u.goneAt.Add(h.cfg.presenceGrace))
+	h.armPresenceLocked(t, u.goneAt.Add(h.cfg.presenceGrace))
 }
 
-// armPresence makes sure t's changes are announced no later than at.
-func (h *Hub) armPresence(t *topic, at time.Time) {
+// armPresenceLocked makes sure t's changes are announced no later than at.
+func (h *Hub) armPresenceLocked(t *topic, at time.Time) {
 	p := t.pres
 	if p.timer != nil {
 		if !at.Before(p.due) {
@@ -202,7 +202,7 @@ func (h *Hub) announce(t *topic) {
 		}
 	}
 	if !next.IsZero() {
-		h.armPresence(t, next)
+		h.armPresenceLocked(t, next)
 	}
 	h.unlockTopic(t)
 	if len(ev.Joins)+len(ev.Leaves) > 0 {
@@ -271,7 +271,7 @@ func (h *Hub) remotePresence(name string, members []adapter.RemoteMember, snapsh
 		}
 		u.remote[m.Node] = m.Conns
 	}
-	h.armPresence(t, time.Now())
+	h.armPresenceLocked(t, time.Now())
 	h.unlockTopic(t)
 }
 
