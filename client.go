@@ -21,7 +21,7 @@ import (
 // nothing is missed or repeated, and then sends what was buffered while
 // offline. It is safe for use by multiple goroutines.
 //
-// Handlers ([Client.Subscribe], [OnMessage], [OnResync], [OnError]) run
+// Handlers ([Client.Subscribe], [OnMessage], [Observer].Resync and Error) run
 // one at a time on the conn's reader, in the order the server sent; while
 // one runs, nothing else is read. They may publish and send, but must not
 // wait for the server: not call Subscribe, nor Close (Close waits for the
@@ -86,8 +86,8 @@ type request struct {
 // another 4xx but 408, 425 and 429; close code 4401 or 4403): the error
 // wraps [ErrUnauthorized], [ErrForbidden] or [ErrRejected]. Other failures
 // are retried with backoff until ctx ends, or until [Backoff].MaxRetries
-// attempts in a row have failed. Dial returns an error that wraps
-// [errInvalidOption] for options that make no sense.
+// attempts in a row have failed. Dial returns an error that starts
+// "tether: invalid option" for options that make no sense.
 //
 // After Dial, the client stays connected in the background until
 // [Client.Close], or until the server refuses it for good.
@@ -174,7 +174,7 @@ func (cl *Client) Close() error {
 // has acknowledged it: handler then receives the topic's messages,
 // published from that moment on. After a reconnect the client subscribes
 // again from the last message handler received, so that it gets exactly
-// the messages it missed; when the server no longer has them, [OnResync]
+// the messages it missed; when the server no longer has them, [Observer].Resync
 // is called instead.
 //
 // While the client is offline, Subscribe waits for the next conn. If the
@@ -280,7 +280,7 @@ func (cl *Client) Topics() []string {
 // when not Connected with a full buffer, [ErrRateLimited] past the rate
 // limit the server advertised, and [ErrQueueFull] when the send queue is
 // full (the link is slower than the publisher). A refusal by the server
-// arrives later, at [OnError].
+// arrives later, at [Observer].Error.
 //
 // A message that was handed to a conn that then broke is sent again on
 // the next conn only if it had not been written yet: the buffer never

@@ -21,31 +21,31 @@
 // # Sending and receiving
 //
 // [Conn.Send] queues without blocking onto a queue bounded in messages and
-// bytes ([WithSendQueue], [WithOverflow]); a writer goroutine exists only
-// while the queue holds messages, and each write has a timeout
-// ([WithWriteTimeout]) so a stalled reader is dropped rather than holding
-// anyone up. Inbound messages go to the [OnMessage] function.
+// bytes ([Limits]); a writer goroutine exists only while the queue holds
+// messages, and each write has a timeout so a stalled reader is dropped
+// rather than holding anyone up. Inbound messages go to the [OnMessage]
+// function.
 //
 // # Hub
 //
 // A [Hub] serves many conns from an existing http.Handler ([Hub.Serve], or
 // the hub itself as a handler) and delivers to them: [Hub.Publish] to a
 // topic's subscribers, [Hub.SendToUser] to every device of a user (or,
-// when none is connected, to an [OfflineStore] until the next connect),
+// when none is connected, to an offline store until the next connect),
 // [Hub.Broadcast] to all. A message is encoded once, whatever the number
 // of receivers, and queued without blocking; queued messages leave in one
 // frame, newline-joined, so a busy conn costs one write for many messages.
 //
 // Peers that ask for the subprotocol [Subprotocol] speak wire protocol v1
 // (PROTOCOL.md in the repository): they subscribe by themselves, resume a
-// topic after a reconnect from its [History] without loss or duplicates
+// topic after a reconnect from its history without loss or duplicates
 // (or are told to resync), see who is present on a topic
 // ([Hub.Presence]), and keep the server alive with app-level pings.
 // Other peers are raw: plain WebSocket, whose topics the application
 // picks with [Hub.Subscribe].
 //
 // Admission ([WithAuth], [WithOriginPatterns], [WithMaxConns]), limits
-// ([WithRateLimit], [WithMaxMessageSize]) and [Hub.Shutdown] answer bad
+// ([WithRateLimit], [Limits]) and [Hub.Shutdown] answer bad
 // input and overload with documented close codes and error values, and
 // never let one conn slow down another.
 //
@@ -61,16 +61,28 @@
 //
 // # Several nodes
 //
-// [WithBroker] links hubs in several processes through a [Broker] (the
+// [WithBroker] links hubs in several processes through a broker (the
 // module tether/redisbroker is one over Redis): publications reach every
 // node's subscribers in one order, direct messages reach the user on any
 // node, and history, offline messages and presence are shared, so a
 // client resumes on whichever node it reaches. While the broker is down a
-// hub goes on serving its own conns.
+// hub goes on serving its own conns. What a broker, a history or an
+// offline store implements is in package tether/adapter, with the
+// in-memory defaults.
+//
+// # Options and hooks
+//
+// Options are typed by where they apply: an [Option] everywhere, a
+// [ServerOption] on [Accept] and [NewHub], a [HubOption] on NewHub only, a
+// [DialOption] on [Dial] only, so the compiler refuses one where it means
+// nothing. Every event hook, for the application as for metrics, is a
+// field of [Observer]; [WithObserver] may be given more than once.
 //
 // # Errors and close codes
 //
 // [Conn.Err] says why a conn ended, as one of the Err* values (test with
-// [errors.Is]) or a wrapped [websocket.CloseError]. tether's own close codes
+// [errors.Is]) or a [*CloseError] carrying the close frame's code and
+// reason (find it with [errors.As]); the messages are tether's, readable
+// as they are ("tether: connection lost: EOF"). tether's own close codes
 // are the Status* constants.
 package tether

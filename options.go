@@ -155,7 +155,7 @@ func WithConnMeta(f func(r *http.Request) json.RawMessage) HubOption {
 }
 
 // WithMaxConns caps the hub's conns, counting handshakes in progress and
-// conns whose [OnDisconnect] function has not returned yet; requests past
+// conns whose [Observer].Disconnect hooks have not returned yet; requests past
 // the cap are refused with 503 and [ErrHubFull]. 0, the default, means no
 // cap.
 func WithMaxConns(n int) HubOption {
@@ -596,7 +596,7 @@ func WithOfflineBuffer(messages, bytes int) DialOption {
 // flickering at every brief reconnect. The outage runs from Dial, or from
 // leaving Connected, until Connected again, however many conns come and
 // go in between. f runs on a goroutine of its own and may overlap
-// [OnStateChange] calls. [Client.Close] waits for it, so to give up after
+// [Observer].State calls. [Client.Close] waits for it, so to give up after
 // an outage, f must call Close in a new goroutine: go client.Close().
 func OnOffline(after time.Duration, f func()) DialOption {
 	return dialOptionFunc(func(d *dialConfig) { d.offlineAfter, d.onOffline = after, f })

@@ -13,7 +13,7 @@ import (
 
 // This file is presence: who is on each topic, keyed by user ID, and who is
 // online at all. Changes are announced to the topic's v1 subscribers and to
-// OnPresence, joins after a short settling delay, so that a burst of
+// Observer.Presence, joins after a short settling delay, so that a burst of
 // arrivals makes one message, and leaves after a grace period, so that a
 // client that reconnects at once never leaves.
 

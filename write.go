@@ -19,7 +19,7 @@ import (
 // Send queues a text message and returns at once; a writer goroutine sends
 // it within the write timeout. Send keeps no reference to data.
 //
-// When the queue is full (see [WithSendQueue]), the overflow policy decides:
+// When the queue is full (see [Limits]), the overflow policy decides:
 // with Disconnect, Send returns [ErrQueueFull] and the conn closes with
 // [StatusSlowConsumer], the close frame going out right after the write in
 // flight; with DropNewest it returns [ErrQueueFull] and the conn stays; with

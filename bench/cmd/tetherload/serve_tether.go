@@ -19,7 +19,7 @@ import (
 // its old name /hub) for everything that subscribes.
 //
 // Heartbeat: WithHeartbeat(interval, timeout), tether's own semantics.
-// Queue: WithSendQueue(queue, 1 MiB), overflow policy Disconnect (the
+// Queue: Limits{SendQueue: queue, SendQueueBytes: 1 MiB}, overflow policy Disconnect (the
 // default): hub_evictions is the hub's Evictions, conns dropped for a full
 // queue or a write timeout. Publish: Hub.Publish(topic). Pongs and heartbeat
 // deaths come from the Observer, for /ws and hub conns alike.
