@@ -18,6 +18,7 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/internal/testpeer"
 )
 
 func TestHealthyPeerStaysConnected(t *testing.T) {
@@ -26,14 +27,14 @@ func TestHealthyPeerStaysConnected(t *testing.T) {
 	const interval, timeout = 20 * time.Millisecond, time.Second
 	const period = 45 * interval
 	srv := newServer(t, tether.WithHeartbeat(interval, timeout))
-	p := dialPeer(t, srv.url(), peerOpts{})
+	p := testpeer.New(t, srv.url(), testpeer.Options{})
 	c := srv.next(t)
 
 	time.Sleep(period) // many intervals of silence
 	if err := c.Err(); err != nil {
 		t.Fatalf("healthy idle peer dropped: %v", err)
 	}
-	if n := p.pingCount(); n < 5 {
+	if n := p.PingCount(); n < 5 {
 		t.Fatalf("peer got %d pings in %v, want several", n, period)
 	}
 	rtt := c.RTT()
@@ -48,7 +49,7 @@ func TestHealthyPeerStaysConnected(t *testing.T) {
 func TestZombieDetected(t *testing.T) {
 	const interval, timeout = 20 * time.Millisecond, 60 * time.Millisecond
 	srv := newServer(t, tether.WithHeartbeat(interval, timeout))
-	dialPeer(t, srv.url(), peerOpts{noPong: true})
+	testpeer.New(t, srv.url(), testpeer.Options{NoPong: true})
 	c := srv.next(t)
 	waitDone(t, c, 5*time.Second)
 	if !errors.Is(c.Err(), tether.ErrHeartbeatTimeout) {
@@ -62,7 +63,7 @@ func TestZombieDetected(t *testing.T) {
 
 func TestSendDelivers(t *testing.T) {
 	srv := newServer(t)
-	p := dialPeer(t, srv.url(), peerOpts{})
+	p := testpeer.New(t, srv.url(), testpeer.Options{})
 	c := srv.next(t)
 	for i := range 100 {
 		if err := c.Send(context.Background(), []byte{byte(i)}); err != nil {
@@ -71,7 +72,7 @@ func TestSendDelivers(t *testing.T) {
 	}
 	for i := range 100 {
 		select {
-		case m := <-p.msgs:
+		case m := <-p.Messages():
 			if m[0] != byte(i) {
 				t.Fatalf("message %d arrived as %d", i, m[0])
 			}
@@ -85,9 +86,9 @@ func TestSendDelivers(t *testing.T) {
 // conn of the same server is unaffected.
 func TestPingFloodClosed(t *testing.T) {
 	srv := newServer(t)
-	good := dialPeer(t, srv.url(), peerOpts{})
+	good := testpeer.New(t, srv.url(), testpeer.Options{})
 	cGood := srv.next(t)
-	flood := dialPeer(t, srv.url(), peerOpts{})
+	flood := testpeer.New(t, srv.url(), testpeer.Options{})
 	cFlood := srv.next(t)
 
 	ctx, stop := context.WithCancel(context.Background())
@@ -95,7 +96,7 @@ func TestPingFloodClosed(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		for flood.ws.Ping(ctx) == nil {
+		for flood.Conn().Ping(ctx) == nil {
 		}
 	}()
 	t.Cleanup(func() {
@@ -107,7 +108,7 @@ func TestPingFloodClosed(t *testing.T) {
 	if !errors.Is(cFlood.Err(), tether.ErrProtocolViolation) {
 		t.Fatalf("flooder's Err = %v, want ErrProtocolViolation", cFlood.Err())
 	}
-	if err := flood.readErr(t, 5*time.Second); websocket.CloseStatus(err) != websocket.StatusPolicyViolation {
+	if err := flood.ReadErr(t, 5*time.Second); websocket.CloseStatus(err) != websocket.StatusPolicyViolation {
 		t.Fatalf("flooder's read error %v, want close status 1008", err)
 	}
 
@@ -125,36 +126,36 @@ func TestMessageTooBig(t *testing.T) {
 	const limit = 1024
 	echo := tether.OnMessage(func(c *tether.Conn, m tether.Message) { c.Send(context.Background(), m.Data) })
 	srv := newServer(t, tether.WithLimits(tether.Limits{MaxMessageSize: limit}), echo)
-	good := dialPeer(t, srv.url(), peerOpts{})
+	good := testpeer.New(t, srv.url(), testpeer.Options{})
 	cGood := srv.next(t)
-	big := dialPeer(t, srv.url(), peerOpts{})
+	big := testpeer.New(t, srv.url(), testpeer.Options{})
 	cBig := srv.next(t)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := big.ws.Write(ctx, websocket.MessageBinary, make([]byte, 2*limit)); err != nil {
+	if err := big.Conn().Write(ctx, websocket.MessageBinary, make([]byte, 2*limit)); err != nil {
 		t.Logf("write of the big message: %v", err) // the server may close first
 	}
 	waitDone(t, cBig, 5*time.Second)
 	if !errors.Is(cBig.Err(), tether.ErrMessageTooBig) {
 		t.Fatalf("Err = %v, want ErrMessageTooBig", cBig.Err())
 	}
-	if err := big.readErr(t, 5*time.Second); websocket.CloseStatus(err) != websocket.StatusMessageTooBig {
+	if err := big.ReadErr(t, 5*time.Second); websocket.CloseStatus(err) != websocket.StatusMessageTooBig {
 		t.Fatalf("peer's read error %v, want close status 1009", err)
 	}
 
 	// Both ways on the other conn, with a message exactly at the limit.
 	at := bytes.Repeat([]byte("x"), limit)
-	if err := good.ws.Write(ctx, websocket.MessageText, at); err != nil {
+	if err := good.Conn().Write(ctx, websocket.MessageText, at); err != nil {
 		t.Fatalf("write: %v", err)
 	}
-	if got := good.recv(t, 5*time.Second); !bytes.Equal(got, at) {
+	if got := good.Next(t, 5*time.Second); !bytes.Equal(got, at) {
 		t.Fatalf("echo of a %d-byte message came back with %d bytes", len(at), len(got))
 	}
-	if err := good.ws.Write(ctx, websocket.MessageText, []byte("hello")); err != nil {
+	if err := good.Conn().Write(ctx, websocket.MessageText, []byte("hello")); err != nil {
 		t.Fatalf("write: %v", err)
 	}
-	if got := good.recv(t, 5*time.Second); string(got) != "hello" {
+	if got := good.Next(t, 5*time.Second); string(got) != "hello" {
 		t.Fatalf("echo %q, want hello", got)
 	}
 	assertOpen(t, cGood, "other conn")
@@ -178,21 +179,21 @@ func seqOf(t *testing.T, m []byte) int {
 
 // drain reads messages from p until its reader ends or until stopAt
 // returns true, and returns them with the reader's error.
-func drain(t *testing.T, p *peer, stopAt func([]byte) bool) (msgs [][]byte, err error) {
+func drain(t *testing.T, p *testpeer.Peer, stopAt func([]byte) bool) (msgs [][]byte, err error) {
 	t.Helper()
 	timeout := time.After(10 * time.Second)
 	for {
 		select {
-		case m := <-p.msgs:
+		case m := <-p.Messages():
 			msgs = append(msgs, m)
 			if stopAt != nil && stopAt(m) {
 				return msgs, nil
 			}
-		case <-p.done:
-			for len(p.msgs) > 0 {
-				msgs = append(msgs, <-p.msgs)
+		case <-p.Done():
+			for len(p.Messages()) > 0 {
+				msgs = append(msgs, <-p.Messages())
 			}
-			return msgs, p.result()
+			return msgs, p.Err()
 		case <-timeout:
 			t.Fatalf("peer still reading after 10 s and %d messages", len(msgs))
 		}
@@ -207,7 +208,7 @@ func TestSendQueueOverflow(t *testing.T) {
 
 	t.Run("Disconnect", func(t *testing.T) {
 		srv := newServer(t, tether.WithLimits(tether.Limits{SendQueue: queue, SendQueueBytes: 1 << 30}), tether.WithLimits(tether.Limits{WriteTimeout: 300 * time.Millisecond}))
-		dialPeer(t, srv.url(), peerOpts{noRead: true})
+		testpeer.New(t, srv.url(), testpeer.Options{Gate: make(chan struct{})}) // never reads
 		c := srv.next(t)
 		msg := make([]byte, size)
 		var err error
@@ -237,7 +238,7 @@ func TestSendQueueOverflow(t *testing.T) {
 	t.Run("DisconnectSlowReader", func(t *testing.T) {
 		gate := make(chan struct{})
 		srv := newServer(t, tether.WithLimits(tether.Limits{SendQueue: queue, SendQueueBytes: 1 << 30}), tether.WithLimits(tether.Limits{WriteTimeout: 5 * time.Second}))
-		p := dialPeer(t, srv.url(), peerOpts{readGate: gate})
+		p := testpeer.New(t, srv.url(), testpeer.Options{Gate: gate})
 		c := srv.next(t)
 		sent := 0
 		for {
@@ -280,7 +281,7 @@ func TestSendQueueOverflow(t *testing.T) {
 		obs := tether.Observer{Drop: func(_ *tether.Conn, n int) { dropped.Add(int64(n)) }}
 		gate := make(chan struct{})
 		srv := newServer(t, tether.WithLimits(tether.Limits{SendQueue: queue, SendQueueBytes: 1 << 30}), tether.WithLimits(tether.Limits{Overflow: tether.DropNewest}), tether.WithObserver(obs))
-		p := dialPeer(t, srv.url(), peerOpts{readGate: gate})
+		p := testpeer.New(t, srv.url(), testpeer.Options{Gate: gate})
 		c := srv.next(t)
 		refused := map[int]bool{}
 		for i := 0; len(refused) < 3; i++ {
@@ -331,7 +332,7 @@ func TestSendQueueOverflow(t *testing.T) {
 		obs := tether.Observer{Drop: func(_ *tether.Conn, n int) { dropped.Add(int64(n)) }}
 		gate := make(chan struct{})
 		srv := newServer(t, tether.WithLimits(tether.Limits{SendQueue: queue, SendQueueBytes: 1 << 30}), tether.WithLimits(tether.Limits{Overflow: tether.DropOldest}), tether.WithObserver(obs))
-		p := dialPeer(t, srv.url(), peerOpts{readGate: gate})
+		p := testpeer.New(t, srv.url(), testpeer.Options{Gate: gate})
 		c := srv.next(t)
 		sent := 0
 		for dropped.Load() < 3 {
@@ -377,9 +378,9 @@ func TestWriteTimeoutEvictsStalledReader(t *testing.T) {
 	const writeTimeout = time.Second
 	obs, disconnects := disconnectObserver()
 	srv := newServer(t, tether.WithLimits(tether.Limits{WriteTimeout: writeTimeout}), tether.WithLimits(tether.Limits{SendQueue: 128, SendQueueBytes: 1 << 30}), tether.WithObserver(obs))
-	dialPeer(t, srv.url(), peerOpts{noRead: true})
+	testpeer.New(t, srv.url(), testpeer.Options{Gate: make(chan struct{})}) // never reads
 	cStalled := srv.next(t)
-	healthy := dialPeer(t, srv.url(), peerOpts{})
+	healthy := testpeer.New(t, srv.url(), testpeer.Options{})
 	cHealthy := srv.next(t)
 
 	start := time.Now()
@@ -450,7 +451,7 @@ func TestClose(t *testing.T) {
 	t.Run("QueuedThenCloseFrame", func(t *testing.T) {
 		obs, disconnects := disconnectObserver()
 		srv := newServer(t, tether.WithObserver(obs))
-		p := dialPeer(t, srv.url(), peerOpts{})
+		p := testpeer.New(t, srv.url(), testpeer.Options{})
 		c := srv.next(t)
 		for i := range 50 {
 			if err := c.Send(context.Background(), seqMsg(i, 100)); err != nil {
@@ -495,7 +496,7 @@ func TestClose(t *testing.T) {
 
 	t.Run("CloseNow", func(t *testing.T) {
 		srv := newServer(t)
-		p := dialPeer(t, srv.url(), peerOpts{})
+		p := testpeer.New(t, srv.url(), testpeer.Options{})
 		c := srv.next(t)
 		if err := c.CloseNow(); err != nil {
 			t.Fatalf("CloseNow: %v", err)
@@ -504,7 +505,7 @@ func TestClose(t *testing.T) {
 		if !errors.Is(c.Err(), net.ErrClosed) {
 			t.Fatalf("Err = %v, want net.ErrClosed", c.Err())
 		}
-		if err := p.readErr(t, 5*time.Second); websocket.CloseStatus(err) != -1 {
+		if err := p.ReadErr(t, 5*time.Second); websocket.CloseStatus(err) != -1 {
 			t.Fatalf("peer's read error %v, want no close frame", err)
 		}
 		if err := c.CloseNow(); !errors.Is(err, net.ErrClosed) {
@@ -517,9 +518,9 @@ func TestClose(t *testing.T) {
 
 	t.Run("PeerGoingAway", func(t *testing.T) {
 		srv := newServer(t)
-		p := dialPeer(t, srv.url(), peerOpts{})
+		p := testpeer.New(t, srv.url(), testpeer.Options{})
 		c := srv.next(t)
-		if err := p.ws.Close(websocket.StatusGoingAway, "moving"); err != nil {
+		if err := p.Conn().Close(websocket.StatusGoingAway, "moving"); err != nil {
 			t.Fatalf("peer's Close: %v", err)
 		}
 		waitDone(t, c, 5*time.Second)
@@ -533,9 +534,9 @@ func TestClose(t *testing.T) {
 
 	t.Run("PeerVanishes", func(t *testing.T) {
 		srv := newServer(t)
-		p := dialPeer(t, srv.url(), peerOpts{})
+		p := testpeer.New(t, srv.url(), testpeer.Options{})
 		c := srv.next(t)
-		p.ws.CloseNow() // TCP close, no close frame
+		p.Conn().CloseNow() // TCP close, no close frame
 		waitDone(t, c, 5*time.Second)
 		if !errors.Is(c.Err(), tether.ErrConnLost) {
 			t.Fatalf("Err = %v, want ErrConnLost", c.Err())
@@ -558,9 +559,9 @@ func TestClose(t *testing.T) {
 		srv := newServer(t, tether.OnMessage(func(c *tether.Conn, m tether.Message) {
 			closeErrs <- c.Close(websocket.StatusNormalClosure, "from handler")
 		}))
-		p := dialPeer(t, srv.url(), peerOpts{})
+		p := testpeer.New(t, srv.url(), testpeer.Options{})
 		c := srv.next(t)
-		if err := p.ws.Write(context.Background(), websocket.MessageText, []byte("close me")); err != nil {
+		if err := p.Conn().Write(context.Background(), websocket.MessageText, []byte("close me")); err != nil {
 			t.Fatalf("write: %v", err)
 		}
 		waitDone(t, c, 5*time.Second)
@@ -568,7 +569,7 @@ func TestClose(t *testing.T) {
 			t.Fatalf("Close in OnMessage: %v", err)
 		}
 		var ce websocket.CloseError
-		if err := p.readErr(t, 5*time.Second); !errors.As(err, &ce) || ce.Code != websocket.StatusNormalClosure || ce.Reason != "from handler" {
+		if err := p.ReadErr(t, 5*time.Second); !errors.As(err, &ce) || ce.Code != websocket.StatusNormalClosure || ce.Reason != "from handler" {
 			t.Fatalf("peer's read error %v, want close 1000 \"from handler\"", err)
 		}
 		if !errors.Is(c.Err(), net.ErrClosed) {
@@ -626,10 +627,10 @@ func TestInvalidOptions(t *testing.T) {
 		})
 		t.Run(tc.name+"/Wrap", func(t *testing.T) {
 			srv := newWrapServer(t, tc.opts...)
-			p := dialPeer(t, srv.url(), peerOpts{})
+			p := testpeer.New(t, srv.url(), testpeer.Options{})
 			check(t, srv.nextErr(t), tc.want)
 			// The handler dropped the conn it could not wrap.
-			if err := p.readErr(t, 5*time.Second); err == nil {
+			if err := p.ReadErr(t, 5*time.Second); err == nil {
 				t.Fatal("peer's conn still open")
 			}
 		})
@@ -648,10 +649,10 @@ func TestInvalidOptions(t *testing.T) {
 			nil,
 		}
 		srv := newServer(t, opts...)
-		dialPeer(t, srv.url(), peerOpts{})
+		testpeer.New(t, srv.url(), testpeer.Options{})
 		assertOpen(t, srv.next(t), "valid options")
 		wsrv := newWrapServer(t, opts...)
-		dialPeer(t, wsrv.url(), peerOpts{})
+		testpeer.New(t, wsrv.url(), testpeer.Options{})
 		assertOpen(t, wsrv.next(t), "valid options")
 	})
 }
@@ -750,14 +751,14 @@ func TestAcceptThroughDeferredHeaderWriter(t *testing.T) {
 		conns <- c
 	}))
 	defer srv.Close()
-	p := dialPeer(t, "ws"+strings.TrimPrefix(srv.URL, "http"), peerOpts{})
+	p := testpeer.New(t, "ws"+strings.TrimPrefix(srv.URL, "http"), testpeer.Options{})
 	c := <-conns
 	defer func() { c.CloseNow(); <-c.Done() }()
 	if err := c.Send(context.Background(), []byte("through gin")); err != nil {
 		t.Fatal(err)
 	}
 	select {
-	case m := <-p.msgs:
+	case m := <-p.Messages():
 		if string(m) != "through gin" {
 			t.Fatalf("got %q", m)
 		}
@@ -841,7 +842,7 @@ func TestSlowConsumerGets4008(t *testing.T) {
 // in a close frame, and leaves the conn open.
 func TestCloseRejectsInvalidCodeAndReason(t *testing.T) {
 	srv := newServer(t)
-	dialPeer(t, srv.url(), peerOpts{})
+	testpeer.New(t, srv.url(), testpeer.Options{})
 	c := srv.next(t)
 	for _, tc := range []struct {
 		code   websocket.StatusCode
@@ -867,7 +868,7 @@ func TestSendOversizedMessageKeepsConn(t *testing.T) {
 	for _, policy := range []tether.OverflowPolicy{tether.Disconnect, tether.DropOldest, tether.DropNewest} {
 		t.Run(policy.String(), func(t *testing.T) {
 			srv := newServer(t, tether.WithLimits(tether.Limits{SendQueue: 8, SendQueueBytes: 1024}), tether.WithLimits(tether.Limits{Overflow: policy}))
-			p := dialPeer(t, srv.url(), peerOpts{})
+			p := testpeer.New(t, srv.url(), testpeer.Options{})
 			c := srv.next(t)
 			if err := c.Send(context.Background(), make([]byte, 1025)); !errors.Is(err, tether.ErrQueueFull) {
 				t.Fatalf("Send of 1025 bytes into a 1024-byte queue = %v, want ErrQueueFull", err)

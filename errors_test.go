@@ -55,9 +55,9 @@ func TestCloseErrorMessage(t *testing.T) {
 	}
 }
 
-// acceptOne serves one tether conn over loopback and returns the server and
-// a channel that yields the accepted conn.
-func acceptOne(t *testing.T, opts ...tether.ServerOption) (string, <-chan *tether.Conn) {
+// acceptOne serves one tether conn over loopback, dials it with a plain
+// coder/websocket peer and returns both ends.
+func acceptOne(t *testing.T, opts ...tether.ServerOption) (*websocket.Conn, *tether.Conn) {
 	t.Helper()
 	conns := make(chan *tether.Conn, 1)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -69,7 +69,14 @@ func acceptOne(t *testing.T, opts ...tether.ServerOption) (string, <-chan *tethe
 		conns <- c
 	}))
 	t.Cleanup(srv.Close)
-	return "ws" + strings.TrimPrefix(srv.URL, "http"), conns
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ws.CloseNow() })
+	return ws, <-conns
 }
 
 func endOf(t *testing.T, c *tether.Conn) error {
@@ -90,14 +97,9 @@ func TestReasonsReadable(t *testing.T) {
 	defer cancel()
 
 	t.Run("peer vanishes", func(t *testing.T) {
-		url, conns := acceptOne(t)
-		ws, _, err := websocket.Dial(ctx, url, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c := <-conns
+		ws, c := acceptOne(t)
 		ws.CloseNow() // TCP closes with no close frame
-		err = endOf(t, c)
+		err := endOf(t, c)
 		assertReadable(t, err, "tether: connection lost: EOF")
 		if !errors.Is(err, tether.ErrConnLost) || !errors.Is(err, io.EOF) {
 			t.Errorf("%v: not ErrConnLost and io.EOF", err)
@@ -105,14 +107,9 @@ func TestReasonsReadable(t *testing.T) {
 	})
 
 	t.Run("peer closes", func(t *testing.T) {
-		url, conns := acceptOne(t)
-		ws, _, err := websocket.Dial(ctx, url, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c := <-conns
+		ws, c := acceptOne(t)
 		go ws.Close(4003, "bye")
-		err = endOf(t, c)
+		err := endOf(t, c)
 		assertReadable(t, err, "tether: peer closed the connection: status (4003): bye")
 		var ce *tether.CloseError
 		if !errors.As(err, &ce) || ce.Code != 4003 || ce.Reason != "bye" || ce.Local {
@@ -121,12 +118,7 @@ func TestReasonsReadable(t *testing.T) {
 	})
 
 	t.Run("closed here", func(t *testing.T) {
-		url, conns := acceptOne(t)
-		ws, _, err := websocket.Dial(ctx, url, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ws.CloseNow()
+		ws, c := acceptOne(t)
 		go func() {
 			for {
 				if _, _, err := ws.Read(ctx); err != nil {
@@ -134,11 +126,10 @@ func TestReasonsReadable(t *testing.T) {
 				}
 			}
 		}()
-		c := <-conns
 		if err := c.Close(websocket.StatusNormalClosure, "done"); err != nil {
 			t.Fatal(err)
 		}
-		err = endOf(t, c)
+		err := endOf(t, c)
 		assertReadable(t, err, "tether: closed the connection: normal closure (1000): done")
 		if !errors.Is(err, net.ErrClosed) {
 			t.Errorf("%v: not net.ErrClosed", err)
@@ -146,15 +137,9 @@ func TestReasonsReadable(t *testing.T) {
 	})
 
 	t.Run("message too big", func(t *testing.T) {
-		url, conns := acceptOne(t, tether.WithLimits(tether.Limits{MaxMessageSize: 16}))
-		ws, _, err := websocket.Dial(ctx, url, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ws.CloseNow()
-		c := <-conns
+		ws, c := acceptOne(t, tether.WithLimits(tether.Limits{MaxMessageSize: 16}))
 		_ = ws.Write(ctx, websocket.MessageText, []byte(strings.Repeat("x", 17)))
-		err = endOf(t, c)
+		err := endOf(t, c)
 		assertReadable(t, err, "tether: message too big: over the limit of 16 bytes")
 		if !errors.Is(err, tether.ErrMessageTooBig) {
 			t.Errorf("%v: not ErrMessageTooBig", err)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/internal/testpeer"
 )
 
 // A client that completes the upgrade by hand and then never reads or
@@ -61,7 +62,7 @@ func TestBusyPeerIsNotPinged(t *testing.T) {
 	const period = 20 * interval
 	srv := newServer(t, tether.WithHeartbeat(interval, timeout))
 
-	busy := dialPeer(t, srv.url(), peerOpts{})
+	busy := testpeer.New(t, srv.url(), testpeer.Options{})
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -70,7 +71,7 @@ func TestBusyPeerIsNotPinged(t *testing.T) {
 		tick := time.NewTicker(interval / 2)
 		defer tick.Stop()
 		for {
-			if err := busy.ws.Write(context.Background(), websocket.MessageText, []byte("data")); err != nil {
+			if err := busy.Conn().Write(context.Background(), websocket.MessageText, []byte("data")); err != nil {
 				return
 			}
 			select {
@@ -86,14 +87,14 @@ func TestBusyPeerIsNotPinged(t *testing.T) {
 	})
 	cBusy := srv.next(t)
 
-	idle := dialPeer(t, srv.url(), peerOpts{})
+	idle := testpeer.New(t, srv.url(), testpeer.Options{})
 	cIdle := srv.next(t)
 
 	time.Sleep(period)
-	if n := busy.pingCount(); n != 0 {
+	if n := busy.PingCount(); n != 0 {
 		t.Errorf("busy peer got %d pings in %v, want none", n, period)
 	}
-	if n := idle.pingCount(); n < 5 {
+	if n := idle.PingCount(); n < 5 {
 		t.Errorf("idle peer got %d pings in %v, want about %d", n, period, int(period/interval))
 	}
 	assertOpen(t, cBusy, "busy peer")
@@ -107,12 +108,12 @@ func TestBusyPeerIsNotPinged(t *testing.T) {
 func TestIdlePeerPingedEveryInterval(t *testing.T) {
 	const interval, timeout = 20 * time.Millisecond, time.Second
 	srv := newServer(t, tether.WithHeartbeat(interval, timeout))
-	p := dialPeer(t, srv.url(), peerOpts{})
+	p := testpeer.New(t, srv.url(), testpeer.Options{})
 	c := srv.next(t)
 	time.Sleep(50 * interval)
 	assertOpen(t, c, "idle peer")
 
-	pings := p.pingTimes()
+	pings := p.Pings()
 	if len(pings) < 3 {
 		t.Fatalf("%d pings in %v at a %v interval", len(pings), 50*interval, interval)
 	}
@@ -153,7 +154,7 @@ func TestAdaptiveHeartbeatStretchesAndSnapsBack(t *testing.T) {
 	}}
 	srv := newServer(t, tether.WithHeartbeat(interval, timeout), tether.WithAdaptiveHeartbeat(maxInterval), tether.WithObserver(obs))
 	var delayNext atomic.Bool
-	p := dialPeer(t, srv.url(), peerOpts{pongDelay: func() time.Duration {
+	p := testpeer.New(t, srv.url(), testpeer.Options{PongDelay: func() time.Duration {
 		if delayNext.CompareAndSwap(true, false) {
 			return pongDelay
 		}
@@ -192,7 +193,7 @@ func TestAdaptiveHeartbeatStretchesAndSnapsBack(t *testing.T) {
 	// before, since the pong in between was the peer's last frame.
 	var pings []time.Time
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		pings = p.pingTimes()
+		pings = p.Pings()
 		i := slices.IndexFunc(pings, func(at time.Time) bool { return at.After(reached) })
 		if i > 0 && len(pings)-i >= 3 {
 			break
@@ -274,7 +275,7 @@ func TestLatePongMakesPeerSuspect(t *testing.T) {
 	srv := newServer(t, tether.WithHeartbeat(interval, timeout), tether.WithObserver(obs))
 	var delayNext, delayOver atomic.Bool
 	var delayedPing atomic.Int64 // unix ns when the delayed ping arrived
-	p := dialPeer(t, srv.url(), peerOpts{pongDelay: func() time.Duration {
+	p := testpeer.New(t, srv.url(), testpeer.Options{PongDelay: func() time.Duration {
 		if !delayNext.CompareAndSwap(true, false) {
 			return 0
 		}
@@ -305,7 +306,7 @@ func TestLatePongMakesPeerSuspect(t *testing.T) {
 	select {
 	case ev = <-suspects:
 	case <-time.After(5 * time.Second):
-		t.Fatalf("no Suspect within 5 s of a pong delayed by %v (peer got %d pings, err %v)", pongDelay, p.pingCount(), c.Err())
+		t.Fatalf("no Suspect within 5 s of a pong delayed by %v (peer got %d pings, err %v)", pongDelay, p.PingCount(), c.Err())
 	}
 	state := c.State()
 	over := delayOver.Load()
@@ -352,7 +353,7 @@ func TestWrapHeartbeat(t *testing.T) {
 	t.Run("zombie", func(t *testing.T) {
 		obs, disconnects := disconnectObserver()
 		srv := newWrapServer(t, tether.WithHeartbeat(interval, timeout), tether.WithObserver(obs))
-		p := dialPeer(t, srv.url(), peerOpts{noPong: true})
+		p := testpeer.New(t, srv.url(), testpeer.Options{NoPong: true})
 		c := srv.next(t)
 		waitDone(t, c, timeout+5*time.Second)
 		if !errors.Is(c.Err(), tether.ErrHeartbeatTimeout) {
@@ -362,7 +363,7 @@ func TestWrapHeartbeat(t *testing.T) {
 		if silence := d.at.Sub(c.LastSeen()); silence < timeout {
 			t.Fatalf("dropped after %v of silence, before the timeout %v", silence, timeout)
 		}
-		if p.pingCount() == 0 {
+		if p.PingCount() == 0 {
 			t.Fatal("zombie was never pinged")
 		}
 	})
@@ -370,14 +371,14 @@ func TestWrapHeartbeat(t *testing.T) {
 	t.Run("healthy", func(t *testing.T) {
 		const timeout = 200 * time.Millisecond // room for a loaded machine
 		srv := newWrapServer(t, tether.WithHeartbeat(interval, timeout))
-		p := dialPeer(t, srv.url(), peerOpts{})
+		p := testpeer.New(t, srv.url(), testpeer.Options{})
 		c := srv.next(t)
 		time.Sleep(10 * interval)
 		assertOpen(t, c, "healthy wrapped peer")
 		if rtt := c.RTT(); rtt <= 0 || rtt > timeout {
 			t.Fatalf("RTT %v after %v, want a loopback round trip", rtt, 10*interval)
 		}
-		if p.pingCount() == 0 {
+		if p.PingCount() == 0 {
 			t.Fatal("peer was never pinged")
 		}
 		if c.RemoteAddr() != "" {
@@ -392,7 +393,7 @@ func TestConnPing(t *testing.T) {
 	t.Run("healthy", func(t *testing.T) {
 		pongs := make(chan time.Duration, 10)
 		srv := newServer(t, tether.WithObserver(tether.Observer{Pong: func(_ *tether.Conn, rtt time.Duration) { pongs <- rtt }}))
-		dialPeer(t, srv.url(), peerOpts{})
+		testpeer.New(t, srv.url(), testpeer.Options{})
 		c := srv.next(t)
 		if c.RTT() != 0 {
 			t.Fatalf("RTT %v before any pong, want 0", c.RTT())
@@ -423,7 +424,7 @@ func TestConnPing(t *testing.T) {
 		const wait = 100 * time.Millisecond
 		pongs := make(chan time.Duration, 10)
 		srv := newServer(t, tether.WithObserver(tether.Observer{Pong: func(_ *tether.Conn, rtt time.Duration) { pongs <- rtt }}))
-		dialPeer(t, srv.url(), peerOpts{noPong: true})
+		testpeer.New(t, srv.url(), testpeer.Options{NoPong: true})
 		c := srv.next(t)
 		ctx, cancel := context.WithTimeout(context.Background(), wait)
 		defer cancel()
@@ -456,7 +457,7 @@ func TestCloseWhileHeartbeatDue(t *testing.T) {
 	// ends these healthy conns, even on a loaded machine.
 	srv := newServer(t, tether.WithHeartbeat(time.Millisecond, 2*time.Second))
 	for i := range 300 {
-		p := dialPeer(t, srv.url(), peerOpts{})
+		p := testpeer.New(t, srv.url(), testpeer.Options{})
 		c := srv.next(t)
 		time.Sleep(time.Duration(i%7) * 300 * time.Microsecond)
 		c.CloseNow()
@@ -464,6 +465,6 @@ func TestCloseWhileHeartbeatDue(t *testing.T) {
 		if !errors.Is(c.Err(), net.ErrClosed) {
 			t.Fatalf("conn %d: Err = %v, want net.ErrClosed", i, c.Err())
 		}
-		p.ws.CloseNow()
+		p.Conn().CloseNow()
 	}
 }

@@ -11,12 +11,12 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/coder/websocket"
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/internal/testpeer"
 )
 
 // server is a real HTTP server on loopback that accepts tether conns.
@@ -108,138 +108,14 @@ func (s *server) nextErr(t *testing.T) error {
 	return nil
 }
 
-// peer is a coder/websocket client that reads in the background, as a
-// well-behaved peer does, and counts the pings it receives.
-type peer struct {
-	ws    *websocket.Conn
-	mu    sync.Mutex
-	pings []time.Time
-	msgs  chan []byte
-	quit  chan struct{} // closed at cleanup: unblocks the reader
-	done  chan struct{} // closed when the reader has returned
-	err   error         // why the reader returned; set before done is closed
-}
-
-type peerOpts struct {
-	noPong    bool // OnPingReceived returns false: a zombie
-	pongDelay func() time.Duration
-	noRead    bool // never reads: no pongs, no close handshake
-	// readGate, if set, holds the reader back until it is closed: until
-	// then the peer behaves as with noRead.
-	readGate chan struct{}
-}
-
-func dialPeer(t *testing.T, url string, o peerOpts) *peer {
-	t.Helper()
-	p := &peer{msgs: make(chan []byte, 1000), quit: make(chan struct{}), done: make(chan struct{})}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	ws, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{
-		OnPingReceived: func(ctx context.Context, _ []byte) bool {
-			p.mu.Lock()
-			p.pings = append(p.pings, time.Now())
-			p.mu.Unlock()
-			if o.pongDelay != nil {
-				if d := o.pongDelay(); d > 0 {
-					time.Sleep(d)
-				}
-			}
-			return !o.noPong
-		},
-	})
-	if err != nil {
-		t.Fatalf("dial: %v", err)
-	}
-	ws.SetReadLimit(-1) // tests send messages of any size
-	p.ws = ws
-	if o.noRead {
-		close(p.done)
-	} else {
-		go p.read(o.readGate)
-	}
-	t.Cleanup(func() {
-		close(p.quit)
-		ws.CloseNow()
-		<-p.done
-	})
-	return p
-}
-
-func (p *peer) read(gate chan struct{}) {
-	defer close(p.done)
-	if gate != nil {
-		select {
-		case <-gate:
-		case <-p.quit:
-			return
-		}
-	}
-	for {
-		_, data, err := p.ws.Read(context.Background())
-		if err != nil {
-			p.mu.Lock()
-			p.err = err
-			p.mu.Unlock()
-			return
-		}
-		select {
-		case p.msgs <- data:
-		case <-p.quit:
-			return
-		}
-	}
-}
-
-func (p *peer) pingCount() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return len(p.pings)
-}
-
-func (p *peer) pingTimes() []time.Time {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return append([]time.Time(nil), p.pings...)
-}
-
-// readErr waits for the peer's reader to end and returns why.
-func (p *peer) readErr(t *testing.T, limit time.Duration) error {
-	t.Helper()
-	select {
-	case <-p.done:
-	case <-time.After(limit):
-		t.Fatalf("peer still reading after %v", limit)
-	}
-	return p.result()
-}
-
-// result returns why the peer's reader ended, once done is closed.
-func (p *peer) result() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.err
-}
-
-// recv returns the next message the peer read.
-func (p *peer) recv(t *testing.T, limit time.Duration) []byte {
-	t.Helper()
-	select {
-	case m := <-p.msgs:
-		return m
-	case <-time.After(limit):
-		t.Fatalf("peer received no message within %v", limit)
-	}
-	return nil
-}
-
 // roundTrip sends msg on c and returns how long the peer took to get it.
-func roundTrip(t *testing.T, c *tether.Conn, p *peer, msg string) time.Duration {
+func roundTrip(t *testing.T, c *tether.Conn, p *testpeer.Peer, msg string) time.Duration {
 	t.Helper()
 	start := time.Now()
 	if err := c.Send(context.Background(), []byte(msg)); err != nil {
 		t.Fatalf("send: %v", err)
 	}
-	if got := string(p.recv(t, 5*time.Second)); got != msg {
+	if got := string(p.Next(t, 5*time.Second)); got != msg {
 		t.Fatalf("peer got %q, want %q", got, msg)
 	}
 	return time.Since(start)

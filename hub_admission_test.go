@@ -181,7 +181,7 @@ func TestHubAdmissionMaxConns(t *testing.T) {
 	s.refused(t, s.url(), clientOpts{}, http.StatusServiceUnavailable, tether.ErrHubFull)
 	s.refused(t, s.url(), clientOpts{raw: true}, http.StatusServiceUnavailable, tether.ErrHubFull)
 
-	cs[0].close()
+	cs[0].Close()
 	waitFor(t, 5*time.Second, "Len() == 2 after a close", func() bool { return s.hub.Len() == 2 })
 	// The slot is given back at the very end of the conn's teardown, just
 	// after Len drops: allow a moment's lag, not a lasting refusal.
@@ -252,7 +252,7 @@ func TestHubAdmissionShutdown(t *testing.T) {
 	hints := map[int]bool{}
 	lo, hi := 1<<30, 0
 	for i, c := range cs {
-		err := c.readErr(t, 5*time.Second)
+		err := c.ReadErr(t, 5*time.Second)
 		if code := websocket.CloseStatus(err); code != websocket.StatusGoingAway {
 			t.Fatalf("client %d ended with %v (code %d), want 1001", i, err, code)
 		}
@@ -298,12 +298,12 @@ func TestHubAdmissionShutdownDeadline(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(reader.close)
+	t.Cleanup(reader.Close)
 	stalled, err := dialFan(s.url(), fanOpts{topics: []string{"t"}, gate: make(chan struct{})})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(stalled.close)
+	t.Cleanup(stalled.Close)
 	for range 2 {
 		if err := s.served(t); err != nil {
 			t.Fatal(err)
@@ -332,7 +332,7 @@ func TestHubAdmissionShutdownDeadline(t *testing.T) {
 		t.Fatalf("Len() = %d after Shutdown, want 0", n)
 	}
 	// The reading client had its 1001 before the deadline.
-	if err := reader.readErr(t, 5*time.Second); websocket.CloseStatus(err) != websocket.StatusGoingAway {
+	if err := reader.ReadErr(t, 5*time.Second); websocket.CloseStatus(err) != websocket.StatusGoingAway {
 		t.Fatalf("reading client ended with %v, want 1001", err)
 	}
 	s.refused(t, s.url(), clientOpts{}, http.StatusServiceUnavailable, tether.ErrHubClosed)
@@ -362,7 +362,7 @@ func TestHubAdmissionClose(t *testing.T) {
 		t.Fatalf("Len() = %d after Close, want 0", n)
 	}
 	for i, c := range cs {
-		err := c.readErr(t, 5*time.Second)
+		err := c.ReadErr(t, 5*time.Second)
 		if err == nil || websocket.CloseStatus(err) != -1 {
 			t.Fatalf("client %d ended with %v (code %d), want a dropped conn without close frame", i, err, websocket.CloseStatus(err))
 		}
@@ -393,7 +393,7 @@ func TestHubAdmissionServeHTTP(t *testing.T) {
 	if _, resp, err := tryDial(t, s.url(), clientOpts{}); err == nil || resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
 		t.Fatalf("second dial past WithMaxConns(1): %v, want HTTP 503", err)
 	}
-	c.close()
+	c.Close()
 	waitFor(t, 5*time.Second, "Len() == 0", func() bool { return s.hub.Len() == 0 })
 
 	// A plain GET is not a handshake: ServeHTTP answers it with 426, and

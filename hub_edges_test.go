@@ -33,7 +33,7 @@ func TestHubReplayFitsReadLimit(t *testing.T) {
 			c.send(`{"op":"sub","topic":"big","since":{"epoch":"x","seq":0},"id":"1"}`)
 			c.expect("ack")
 			epoch = c.expect("resync").Epoch
-			c.close()
+			c.Close()
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -120,7 +120,7 @@ func TestHubSendToUserEndedConn(t *testing.T) {
 	if err := s.hub.SendToUser("zoe", []byte(`{"n":1}`)); err != nil {
 		t.Fatal(err)
 	}
-	stuck.close()
+	stuck.Close()
 	waitFor(t, 10*time.Second, "old conn unregistered", func() bool { return s.hub.Len() == 0 })
 	again := dialClient(t, s.url(), clientOpts{})
 	again.welcome()

@@ -17,24 +17,17 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/internal/testpeer"
 )
 
 // fanClient is a light protocol v1 client for tests with many conns or many
-// messages: its reader hands every line to a callback instead of buffering
-// it, so a thousand of them cost little memory, and a callback can time a
-// message the moment it is read.
+// messages: a testpeer.Peer that queues nothing and hands every line to a
+// callback instead, so a thousand of them cost little memory, and a
+// callback can time a message the moment it is read. The peer counts the
+// frames and lines it reads.
 type fanClient struct {
-	ws      *websocket.Conn
+	*testpeer.Peer
 	session string
-	quit    chan struct{}
-	done    chan struct{}
-
-	frames   atomic.Int64 // frames read in the background
-	lines    atomic.Int64 // protocol messages in them
-	maxLines atomic.Int64 // most protocol messages in one frame
-
-	mu  sync.Mutex
-	err error // why the reader ended
 }
 
 type fanOpts struct {
@@ -63,38 +56,48 @@ type fanLine struct {
 func dialFan(url string, o fanOpts) (*fanClient, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	ws, resp, err := websocket.Dial(ctx, url, &websocket.DialOptions{
-		HTTPHeader:   o.header,
+	c := &fanClient{}
+	var hsErr error // the handshake's
+	po := testpeer.Options{
+		Header:       o.header,
 		Subprotocols: []string{tether.Subprotocol},
-	})
-	if err != nil {
-		if resp != nil {
-			return nil, fmt.Errorf("dial: %w (HTTP %d)", err, resp.StatusCode)
-		}
+		Handshake: func(ctx context.Context, ws *websocket.Conn) error {
+			c.session, hsErr = fanHandshake(ctx, ws, o.topics)
+			return hsErr
+		},
+		Gate:   o.gate,
+		Lines:  true,
+		Buffer: -1,
+	}
+	if o.onLine != nil {
+		po.OnLine = func(line []byte) error { o.onLine(line); return nil }
+	}
+	p, resp, err := testpeer.Dial(ctx, url, po)
+	switch {
+	case hsErr != nil:
+		return nil, hsErr
+	case err != nil && resp != nil:
+		return nil, fmt.Errorf("dial: %w (HTTP %d)", err, resp.StatusCode)
+	case err != nil:
 		return nil, fmt.Errorf("dial: %w", err)
 	}
-	ws.SetReadLimit(-1)
-	c := &fanClient{ws: ws, quit: make(chan struct{}), done: make(chan struct{})}
-	if err := c.handshake(ctx, o.topics); err != nil {
-		ws.CloseNow()
-		return nil, err
-	}
-	go c.read(o.gate, o.onLine)
+	c.Peer = p
 	return c, nil
 }
 
-func (c *fanClient) handshake(ctx context.Context, topics []string) error {
-	_, data, err := c.ws.Read(ctx)
+// fanHandshake reads the welcome, subscribes to topics and waits for the
+// acks; it returns the session.
+func fanHandshake(ctx context.Context, ws *websocket.Conn, topics []string) (string, error) {
+	_, data, err := ws.Read(ctx)
 	if err != nil {
-		return fmt.Errorf("read welcome: %w", err)
+		return "", fmt.Errorf("read welcome: %w", err)
 	}
 	var w fanLine
 	if err := json.Unmarshal(data, &w); err != nil || w.Op != "welcome" || w.Session == "" {
-		return fmt.Errorf("first frame %q, want a welcome", data)
+		return "", fmt.Errorf("first frame %q, want a welcome", data)
 	}
-	c.session = w.Session
 	if len(topics) == 0 {
-		return nil
+		return w.Session, nil
 	}
 	// Several requests in one frame, as PROTOCOL.md section 2 allows.
 	var req []byte
@@ -104,14 +107,14 @@ func (c *fanClient) handshake(ctx context.Context, topics []string) error {
 		}
 		req = fmt.Appendf(req, `{"op":"sub","topic":%s,"id":"%d"}`, quote(topic), i)
 	}
-	if err := c.ws.Write(ctx, websocket.MessageText, req); err != nil {
-		return fmt.Errorf("write subs: %w", err)
+	if err := ws.Write(ctx, websocket.MessageText, req); err != nil {
+		return "", fmt.Errorf("write subs: %w", err)
 	}
 	acked := 0
 	for acked < len(topics) {
-		_, data, err := c.ws.Read(ctx)
+		_, data, err := ws.Read(ctx)
 		if err != nil {
-			return fmt.Errorf("read acks: %w", err)
+			return "", fmt.Errorf("read acks: %w", err)
 		}
 		for line := range bytes.SplitSeq(data, []byte("\n")) {
 			if len(line) == 0 {
@@ -119,83 +122,21 @@ func (c *fanClient) handshake(ctx context.Context, topics []string) error {
 			}
 			var m fanLine
 			if err := json.Unmarshal(line, &m); err != nil {
-				return fmt.Errorf("line %q: %w", line, err)
+				return "", fmt.Errorf("line %q: %w", line, err)
 			}
 			switch m.Op {
 			case "presence":
 			case "ack":
 				if m.ID != strconv.Itoa(acked) {
-					return fmt.Errorf("ack %q, want %d", m.ID, acked)
+					return "", fmt.Errorf("ack %q, want %d", m.ID, acked)
 				}
 				acked++
 			default:
-				return fmt.Errorf("got %s while waiting for acks", line)
+				return "", fmt.Errorf("got %s while waiting for acks", line)
 			}
 		}
 	}
-	return nil
-}
-
-func (c *fanClient) read(gate chan struct{}, onLine func([]byte)) {
-	defer close(c.done)
-	if gate != nil {
-		select {
-		case <-gate:
-		case <-c.quit:
-			return
-		}
-	}
-	for {
-		_, data, err := c.ws.Read(context.Background())
-		if err != nil {
-			c.mu.Lock()
-			c.err = err
-			c.mu.Unlock()
-			return
-		}
-		n := int64(0)
-		for line := range bytes.SplitSeq(data, []byte("\n")) {
-			if len(line) == 0 {
-				continue
-			}
-			n++
-			if onLine != nil {
-				onLine(line)
-			}
-		}
-		c.frames.Add(1)
-		c.lines.Add(n)
-		for {
-			m := c.maxLines.Load()
-			if n <= m || c.maxLines.CompareAndSwap(m, n) {
-				break
-			}
-		}
-	}
-}
-
-// close drops the conn and waits for the reader. It may be called twice.
-func (c *fanClient) close() {
-	select {
-	case <-c.quit:
-	default:
-		close(c.quit)
-	}
-	c.ws.CloseNow()
-	<-c.done
-}
-
-// readErr waits for the reader to end and returns why.
-func (c *fanClient) readErr(t testing.TB, limit time.Duration) error {
-	t.Helper()
-	select {
-	case <-c.done:
-	case <-time.After(limit):
-		t.Fatalf("client %s still reading after %v", c.session, limit)
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.err
+	return w.Session, nil
 }
 
 // dialFans dials n clients concurrently, with at most workers dials in
@@ -206,7 +147,7 @@ func dialFans(t testing.TB, url string, n, workers int, opts func(i int) fanOpts
 	t.Cleanup(func() {
 		for _, c := range clients {
 			if c != nil {
-				c.close()
+				c.Close()
 			}
 		}
 	})
@@ -455,9 +396,9 @@ func TestHubFanoutThousandConns(t *testing.T) {
 
 	var frames, lines, most int64
 	for _, c := range clients {
-		frames += c.frames.Load()
-		lines += c.lines.Load()
-		most = max(most, c.maxLines.Load())
+		frames += c.Frames()
+		lines += c.Lines()
+		most = max(most, c.MaxLines())
 	}
 	t.Logf("%d deliveries in %v (publishing took %v): %.0f/s; %d lines in %d frames (%.2f per frame, at most %d)",
 		deliveries, elapsed.Round(time.Millisecond), published.Round(time.Millisecond),
@@ -546,10 +487,10 @@ func TestHubFanoutRawPeers(t *testing.T) {
 	bin := []byte{0, 0xff, 0xfe, '\n', 'x', 0x80}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := raw.ws.Write(ctx, websocket.MessageText, []byte(text)); err != nil {
+	if err := raw.Conn().Write(ctx, websocket.MessageText, []byte(text)); err != nil {
 		t.Fatal(err)
 	}
-	if err := raw.ws.Write(ctx, websocket.MessageBinary, bin); err != nil {
+	if err := raw.Conn().Write(ctx, websocket.MessageBinary, bin); err != nil {
 		t.Fatal(err)
 	}
 	for _, want := range []tether.Message{{Data: []byte(text)}, {Data: bin, Binary: true}} {
@@ -720,7 +661,7 @@ func TestHubFanoutDirect(t *testing.T) {
 	}
 
 	// Len follows conns as they leave.
-	laptop.close()
+	laptop.Close()
 	waitFor(t, 5*time.Second, "Len() == 3 after a close", func() bool { return s.hub.Len() == 3 })
 	if s.hub.Conn(sessions[laptop]) != nil {
 		t.Fatal("Conn of a closed conn is not nil")
@@ -734,9 +675,9 @@ func TestHubFanoutDirect(t *testing.T) {
 	if m := phone.expect("msg"); string(m.Data) != `2` {
 		t.Fatalf("alice's phone got %s", m.line)
 	}
-	phone.close()
-	bob.close()
-	raw.close()
+	phone.Close()
+	bob.Close()
+	raw.Close()
 	waitFor(t, 5*time.Second, "Len() == 0 after every close", func() bool { return s.hub.Len() == 0 })
 	if s.hub.Online("alice") {
 		t.Fatal("alice online with no conn")
@@ -864,7 +805,7 @@ func TestHubFanoutSlowConsumerEvicted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(stalled.close)
+	t.Cleanup(stalled.Close)
 	notify := make(chan struct{}, 1)
 	readers := make([]*healthyReader, healthyN)
 	for i := range readers {
@@ -1031,7 +972,7 @@ func testDropPolicy(t *testing.T, policy tether.OverflowPolicy) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(c.close)
+	t.Cleanup(c.Close)
 	conn := s.hub.Conn(c.session)
 	if conn == nil {
 		t.Fatal("the client's conn is not registered")
@@ -1238,7 +1179,7 @@ func TestHubFanoutStats(t *testing.T) {
 	}
 
 	for _, c := range b {
-		c.close()
+		c.Close()
 	}
 	waitFor(t, 5*time.Second, "2 disconnects", func() bool { return s.hub.Stats().Disconnects == 2 })
 	st = s.hub.Stats()

@@ -244,7 +244,7 @@ func TestHubPresenceLeaveDebounced(t *testing.T) {
 	// new conn is dialed beforehand, so that the test does not hinge on how
 	// fast a loaded machine dials; it is on no topic until the sub.)
 	bob2, bob2ID := prDial(t, s, "bob", "laptop")
-	bob.close()
+	bob.Close()
 	waitFor(t, 5*time.Second, "bob's first conn unregistered", func() bool { return s.hub.Conn(bobID) == nil })
 	prSub(t, bob2, "room")
 	if got := s.hub.Presence("room"); len(got) != 2 || got[1].UserID != "bob" || len(got[1].Conns) != 1 || got[1].Conns[0].ID != bob2ID {
@@ -255,7 +255,7 @@ func TestHubPresenceLeaveDebounced(t *testing.T) {
 
 	// Bob drops for good.
 	dropped := time.Now() // before the socket closes: the hub sees the drop after this
-	bob2.close()
+	bob2.Close()
 	p := prNext(t, ann, "room", grace+5*time.Second)
 	took := time.Since(dropped)
 	if len(p.Joins) != 0 || prList(p.Leaves) != "bob" {
@@ -318,7 +318,7 @@ func TestHubPresenceTopicFilter(t *testing.T) {
 			t.Fatalf("got %s, want the msg of feed", m.line)
 		}
 	}
-	bob.close()
+	bob.Close()
 	if p := prNext(t, ann, "room:1", grace+5*time.Second); prList(p.Leaves) != "bob" {
 		t.Fatalf("ann got %s, want bob's leave of room:1", p.line)
 	}
@@ -350,7 +350,7 @@ func TestHubPresenceAnonymousInvisible(t *testing.T) {
 	if snap := prSub(t, anon2, "room"); prList(snap.Joins) != "ann" {
 		t.Fatalf("anon2's snapshot %s, want ann alone", snap.line)
 	}
-	anon1.close()
+	anon1.Close()
 	ann.quiet(grace + 300*time.Millisecond) // neither a join nor a leave
 	anon2.quiet(0)
 	if got := s.hub.Presence("room"); len(got) != 1 || got[0].UserID != "ann" {

@@ -1,7 +1,6 @@
 package tether_test
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -52,7 +51,7 @@ func hpWaitEnd(t *testing.T, ch chan hpEnd, session string) error {
 // hpCloseError returns the close frame that ended a client's reader.
 func hpCloseError(t *testing.T, c *client) websocket.CloseError {
 	t.Helper()
-	err := c.readErr(10 * time.Second)
+	err := c.ReadErr(t, 10*time.Second)
 	var ce websocket.CloseError
 	if !errors.As(err, &ce) {
 		t.Fatalf("reader ended with %v, want a close frame", err)
@@ -80,8 +79,8 @@ func hpNewBystander(t *testing.T, s *hubServer, topic string) *hpBystander {
 func (b *hpBystander) check(t *testing.T, s *hubServer) {
 	t.Helper()
 	select {
-	case <-b.c.done:
-		t.Fatalf("bystander's reader ended: %v", b.c.readErr(0))
+	case <-b.c.Done():
+		t.Fatalf("bystander's reader ended: %v", b.c.Err())
 	default:
 	}
 	if s.hub.Conn(b.session) == nil {
@@ -110,9 +109,7 @@ var hpRetryHint = regexp.MustCompile(`retry_ms=[0-9]+`)
 // hpWrite writes one message, reporting instead of failing: for peers the
 // server may close while they write.
 func hpWrite(c *client, typ websocket.MessageType, msg []byte) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	return c.ws.Write(ctx, typ, msg)
+	return c.Send(typ, msg)
 }
 
 // hpKeys returns the members of a received line.
@@ -231,8 +228,8 @@ func TestHubProtoRepeatedAbuseCloses1008(t *testing.T) {
 		t.Fatalf("OnDisconnect reason %v, want ErrProtocolViolation", reason)
 	}
 	// Whatever arrived before the close answered the garbage.
-	for n := len(bad.in); n > 0; n-- {
-		if m := <-bad.in; m.Op != "error" || m.Code != "bad_request" {
+	for _, m := range bad.queued() {
+		if m.Op != "error" || m.Code != "bad_request" {
 			t.Fatalf("got %s before the close, want only bad_request errors", m.line)
 		}
 	}
@@ -573,7 +570,7 @@ func TestHubProtoRateLimit(t *testing.T) {
 			break
 		}
 		select {
-		case <-flood.done:
+		case <-flood.Done():
 		case <-time.After(20 * time.Millisecond):
 			continue
 		}
@@ -603,8 +600,8 @@ func TestHubProtoRateLimit(t *testing.T) {
 	if reason := hpWaitEnd(t, endCh, bw.Session); !errors.Is(reason, tether.ErrRateLimited) {
 		t.Fatalf("OnDisconnect reason %v, want ErrRateLimited", reason)
 	}
-	for i := 1; len(burst.in) > 0; i++ {
-		m := <-burst.in
+	for k, m := range burst.queued() {
+		i := k + 1
 		ok := m.Op == "pong" && m.TS == int64(i) || m.Op == "error" && m.Code == "rate_limited" && i > 5
 		if !ok || i > 20 {
 			t.Fatalf("answer %d to a frame of 50 pings: %s", i, m.line)
@@ -617,8 +614,7 @@ func TestHubProtoRateLimit(t *testing.T) {
 		t.Fatalf("calm client write: %v", err)
 	}
 	pongs := 0
-	for n := len(calm.c.in); n > 0; n-- {
-		m := <-calm.c.in
+	for _, m := range calm.c.queued() {
 		if m.Op == "presence" && m.Topic == "calm" {
 			continue // its subscription's snapshot
 		}

@@ -87,7 +87,7 @@ func rsFirstRun(t *testing.T, s *hubServer, topic string, n int) string {
 	a.subscribe(topic)
 	rsPublish(t, s, topic, 1, n)
 	epoch := rsExpectMsgs(t, a, topic, "", 1, n)
-	a.close()
+	a.Close()
 	waitFor(t, 5*time.Second, "first client unregistered", func() bool { return s.hub.Len() == 0 })
 	return epoch
 }
@@ -316,8 +316,8 @@ func TestHubOfflineDeliveredOnConnect(t *testing.T) {
 	rsExpectDirect(t, carol2, `[1,2]`)
 
 	// Gone and back: the store was drained, nothing comes again.
-	carol.close()
-	carol2.close()
+	carol.Close()
+	carol2.Close()
 	waitFor(t, 5*time.Second, "carol offline", func() bool { return !s.hub.Online("carol") })
 	carol3 := dialClient(t, s.url(), clientOpts{header: rsUser("carol")})
 	carol3.welcome()
@@ -434,10 +434,8 @@ func TestHubOfflineBacklogBeyondSendQueue(t *testing.T) {
 				erin.welcome()
 			}
 			for i, w := range want {
-				var m wire
-				select {
-				case m = <-erin.in:
-				case <-time.After(2 * time.Second):
+				m, ok := erin.poll(2 * time.Second)
+				if !ok {
 					select {
 					case e := <-endCh:
 						t.Fatalf("got %d of %d kept messages; the conn ended: %v", i, n, e.reason)

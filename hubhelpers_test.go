@@ -1,18 +1,17 @@
 package tether_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/coder/websocket"
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/internal/testpeer"
 )
 
 // hubServer is a real HTTP server on loopback whose handler is a hub.
@@ -68,18 +67,13 @@ type wireMember struct {
 	Meta json.RawMessage `json:"meta"`
 }
 
-// client is a protocol v1 client on coder/websocket that reads in the
-// background, splitting frames into lines as PROTOCOL.md says.
+// client is a protocol v1 client: a testpeer.Peer that splits frames into
+// lines as PROTOCOL.md says, with helpers for the protocol. In raw mode
+// (no subprotocol) each message is one line, not parsed.
 type client struct {
-	t      testing.TB
-	ws     *websocket.Conn
-	in     chan wire
-	frames chan int // lines per frame, for coalescing tests
-	quit   chan struct{}
-	done   chan struct{}
-
-	mu  sync.Mutex
-	err error // why the reader ended
+	*testpeer.Peer
+	t   testing.TB
+	raw bool
 }
 
 type clientOpts struct {
@@ -103,91 +97,51 @@ func dialClient(t testing.TB, url string, o clientOpts) *client {
 	return c
 }
 
+// tryDial connects a client, closed when the test ends, or returns why
+// it could not.
 func tryDial(t testing.TB, url string, o clientOpts) (*client, *http.Response, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	do := &websocket.DialOptions{HTTPHeader: o.header}
+	po := testpeer.Options{Header: o.header, Gate: o.readGate, Buffer: 100000}
 	if !o.raw {
-		do.Subprotocols = []string{tether.Subprotocol}
+		po.Subprotocols = []string{tether.Subprotocol}
+		po.Lines = true
+		// A line that is not a v1 message ends the reader with the error.
+		po.OnLine = func(line []byte) error {
+			_, err := parseWire(line, false)
+			return err
+		}
 	}
-	ws, resp, err := websocket.Dial(ctx, url, do)
+	p, resp, err := testpeer.Dial(ctx, url, po)
 	if err != nil {
 		return nil, resp, err
 	}
-	ws.SetReadLimit(-1)
-	c := &client{t: t, ws: ws, in: make(chan wire, 100000), frames: make(chan int, 100000),
-		quit: make(chan struct{}), done: make(chan struct{})}
-	go c.read(o.readGate, o.raw)
-	t.Cleanup(c.close)
-	return c, resp, nil
+	t.Cleanup(p.Close)
+	return &client{Peer: p, t: t, raw: o.raw}, resp, nil
 }
 
-func (c *client) close() {
-	select {
-	case <-c.quit:
-	default:
-		close(c.quit)
+// parseWire reads a line; in raw mode it only keeps it.
+func parseWire(line []byte, raw bool) (wire, error) {
+	var w wire
+	if !raw {
+		if err := json.Unmarshal(line, &w); err != nil {
+			return wire{}, err
+		}
 	}
-	c.ws.CloseNow()
-	<-c.done
+	w.line = string(line)
+	return w, nil
 }
 
-func (c *client) read(gate chan struct{}, raw bool) {
-	defer close(c.done)
-	if gate != nil {
-		select {
-		case <-gate:
-		case <-c.quit:
-			return
-		}
-	}
-	for {
-		_, data, err := c.ws.Read(context.Background())
-		if err != nil {
-			c.mu.Lock()
-			c.err = err
-			c.mu.Unlock()
-			return
-		}
-		lines := bytes.Split(data, []byte("\n"))
-		if raw {
-			lines = [][]byte{data}
-		}
-		n := 0
-		for _, line := range lines {
-			if len(line) == 0 {
-				continue
-			}
-			var w wire
-			if !raw {
-				if err := json.Unmarshal(line, &w); err != nil {
-					c.mu.Lock()
-					c.err = err
-					c.mu.Unlock()
-					return
-				}
-			}
-			w.line = string(line)
-			n++
-			select {
-			case c.in <- w:
-			case <-c.quit:
-				return
-			}
-		}
-		select {
-		case c.frames <- n:
-		default:
-		}
-	}
+// wire returns a line the reader has checked.
+func (c *client) wire(line []byte) wire {
+	w, _ := parseWire(line, c.raw)
+	return w
 }
 
 // send writes one text message.
 func (c *client) send(msg string) {
 	c.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := c.ws.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+	if err := c.Send(websocket.MessageText, []byte(msg)); err != nil {
 		c.t.Fatalf("write %q: %v", msg, err)
 	}
 }
@@ -195,13 +149,29 @@ func (c *client) send(msg string) {
 // next returns the next message, failing the test after limit.
 func (c *client) next(limit time.Duration) wire {
 	c.t.Helper()
-	select {
-	case w := <-c.in:
-		return w
-	case <-time.After(limit):
+	line, ok := c.TryNext(limit)
+	if !ok {
 		c.t.Fatalf("no message within %v", limit)
 	}
-	return wire{}
+	return c.wire(line)
+}
+
+// poll returns the next message, or false if none comes within limit.
+func (c *client) poll(limit time.Duration) (wire, bool) {
+	line, ok := c.TryNext(limit)
+	if !ok {
+		return wire{}, false
+	}
+	return c.wire(line), true
+}
+
+// queued takes the messages already read and not yet taken.
+func (c *client) queued() []wire {
+	var ws []wire
+	for n := len(c.Messages()); n > 0; n-- {
+		ws = append(ws, c.wire(<-c.Messages()))
+	}
+	return ws
 }
 
 // expect returns the next message whose op is op, failing the test if
@@ -240,19 +210,6 @@ func (c *client) subscribe(topic string) {
 	}
 }
 
-// readErr waits for the reader to end and returns why.
-func (c *client) readErr(limit time.Duration) error {
-	c.t.Helper()
-	select {
-	case <-c.done:
-	case <-time.After(limit):
-		c.t.Fatalf("client still reading after %v", limit)
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.err
-}
-
 // quiet fails the test if a message other than a ping or pong arrives
 // within d.
 func (c *client) quiet(d time.Duration) {
@@ -260,11 +217,11 @@ func (c *client) quiet(d time.Duration) {
 	deadline := time.After(d)
 	for {
 		select {
-		case w := <-c.in:
-			if w.Op == "ping" || w.Op == "pong" {
+		case line := <-c.Messages():
+			if w := c.wire(line); w.Op == "ping" || w.Op == "pong" {
 				continue
 			}
-			c.t.Fatalf("unexpected message %s", w.line)
+			c.t.Fatalf("unexpected message %s", line)
 		case <-deadline:
 			return
 		}
