@@ -566,7 +566,7 @@ func TestClientSubscribeRefused(t *testing.T) {
 		t.Errorf("Topics after a refusal = %v", got)
 	}
 	// A publication the hub does not allow (no WithClientPublish) is
-	// refused later, through OnError.
+	// refused later, through Observer.Error.
 	if err := cl.Publish(context.Background(), "open", numbered(1)); err != nil {
 		t.Fatal(err)
 	}

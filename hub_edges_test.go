@@ -69,7 +69,7 @@ func TestHubReplayFitsReadLimit(t *testing.T) {
 	}
 }
 
-// TestHubOnConnectPanics checks that a panic in OnConnect, which net/http
+// TestHubOnConnectPanics checks that a panic in Observer.Connect, which net/http
 // recovers, leaves no conn behind: the conn runs and ends as usual, and
 // Close returns.
 func TestHubOnConnectPanics(t *testing.T) {

@@ -417,7 +417,7 @@ func TestHubFanoutThousandConns(t *testing.T) {
 }
 
 // TestHubFanoutRawPeers checks raw mode: no welcome, topics picked by the
-// application in OnConnect, data as it was published (no envelope) while a
+// application in Observer.Connect, data as it was published (no envelope) while a
 // v1 subscriber of the same topic gets a msg, and the raw peer's own
 // messages passed to OnMessage untouched.
 func TestHubFanoutRawPeers(t *testing.T) {
@@ -556,7 +556,7 @@ type rawInbound struct {
 	m tether.Message
 }
 
-// connectEvent is an OnConnect call, and how its Hub.Subscribe went.
+// connectEvent is an Observer.Connect call, and how its Hub.Subscribe went.
 type connectEvent struct {
 	c   *tether.Conn
 	err error

@@ -18,7 +18,7 @@ import (
 // the X-User header (WithAuth), conn metadata from X-Device (WithConnMeta).
 
 // prHub starts a hub that names users and tracks presence on the topics
-// track selects (nil: all) with the given grace, and reports OnPresence
+// track selects (nil: all) with the given grace, and reports Observer.Presence
 // events on the returned channel.
 func prHub(t *testing.T, track func(string) bool, grace time.Duration, opts ...tether.HubOption) (*hubServer, chan tether.PresenceEvent) {
 	t.Helper()
@@ -117,7 +117,7 @@ func prMembers(ms []tether.Member) string {
 	return strings.Join(s, ",")
 }
 
-// prEvent renders an OnPresence event.
+// prEvent renders an Observer.Presence event.
 func prEvent(e tether.PresenceEvent) string {
 	var j, l []string
 	for _, m := range e.Joins {
@@ -129,7 +129,7 @@ func prEvent(e tether.PresenceEvent) string {
 	return e.Topic + " +" + strings.Join(j, ",") + " -" + strings.Join(l, ",")
 }
 
-// prWantEvents reads the next OnPresence events and compares them, then
+// prWantEvents reads the next Observer.Presence events and compares them, then
 // checks that no other event is pending.
 func prWantEvents(t *testing.T, events chan tether.PresenceEvent, want ...string) {
 	t.Helper()
@@ -226,7 +226,7 @@ func TestHubPresenceJoin(t *testing.T) {
 
 // 14. Leaves: a user whose only conn drops and who is back within the
 // grace never leaves; one who stays away leaves after the grace, as
-// subscribers and OnPresence see alike.
+// subscribers and Observer.Presence see alike.
 func TestHubPresenceLeaveDebounced(t *testing.T) {
 	const grace = 300 * time.Millisecond
 	s, events := prHub(t, nil, grace)

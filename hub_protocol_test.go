@@ -18,20 +18,20 @@ import (
 // input: each refusal is answered as the protocol says, abuse ends only the
 // abusive conn, and a healthy bystander on the same hub notices nothing.
 
-// hpEnd is one OnDisconnect call.
+// hpEnd is one Observer.Disconnect call.
 type hpEnd struct {
 	c      *tether.Conn
 	reason error
 }
 
-// hpEnds returns an OnDisconnect option that reports every ended conn on
+// hpEnds returns an Observer.Disconnect option that reports every ended conn on
 // the returned channel.
 func hpEnds() (tether.HubOption, chan hpEnd) {
 	ch := make(chan hpEnd, 100)
 	return tether.WithObserver(tether.Observer{Disconnect: func(c *tether.Conn, reason error) { ch <- hpEnd{c, reason} }}), ch
 }
 
-// hpWaitEnd returns the OnDisconnect reason of the conn with this session.
+// hpWaitEnd returns the Observer.Disconnect reason of the conn with this session.
 func hpWaitEnd(t *testing.T, ch chan hpEnd, session string) error {
 	t.Helper()
 	deadline := time.After(10 * time.Second)
@@ -122,7 +122,7 @@ func hpKeys(t *testing.T, line string) map[string]json.RawMessage {
 	return m
 }
 
-// 1. A message over WithMaxMessageSize closes its conn with 1009 and
+// 1. A message over Limits.MaxMessageSize closes its conn with 1009 and
 // ErrMessageTooBig; the others carry on.
 func TestHubProtoOversizedMessageCloses1009(t *testing.T) {
 	ends, endCh := hpEnds()

@@ -56,15 +56,15 @@ type connRecord struct {
 	name      string
 	conn      *tether.Conn
 	arrived   time.Time // the handshake request reached the server
-	connected time.Time // the hub registered the conn (OnConnect)
+	connected time.Time // the hub registered the conn (Observer.Connect)
 	ended     time.Time // zero while the conn is up
-	reason    error     // from OnDisconnect
+	reason    error     // from Observer.Disconnect
 	messages  [][]byte  // raw messages, or the data of v1 sends, in order
 	pongs     int       // heartbeat pings the peer answered
 }
 
 // newServer starts a hub with the tests' heartbeat and opts, and the
-// recording hooks (which override any OnConnect, OnDisconnect, OnMessage
+// recording hooks (which override any Observer.Connect, Observer.Disconnect, OnMessage
 // or WithAuth in opts). The hub and the server are closed when the test
 // ends.
 func newServer(t testing.TB, opts ...tether.HubOption) *server {
@@ -142,7 +142,7 @@ func (s *server) restart() {
 	old.Close()
 }
 
-// setOnConnect sets a function the hub's OnConnect calls with each new
+// setOnConnect sets a function the hub's Observer.Connect calls with each new
 // conn: to subscribe raw peers to topics.
 func (s *server) setOnConnect(f func(*tether.Conn)) {
 	s.mu.Lock()

@@ -103,7 +103,7 @@ func (n *hubNode) stop() {
 	})
 }
 
-// eventLog records a hub's OnPresence events.
+// eventLog records a hub's Observer.Presence events.
 type eventLog struct {
 	mu     sync.Mutex
 	events []timedEvent
