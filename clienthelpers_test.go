@@ -40,7 +40,7 @@ func newSite(t testing.TB, opts ...tether.HubOption) *site {
 		t.Fatal(err)
 	}
 	s := &site{t: t, addr: ln.Addr().String()}
-	// Recorded for kick; an Observer.Connect in opts replaces this one.
+	// Recorded for kick; observers in opts are called too.
 	s.opts = append([]tether.HubOption{tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 		s.mu.Lock()
 		s.conns = append(s.conns, c)
