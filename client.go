@@ -185,7 +185,7 @@ func (cl *Client) Close() error {
 // Subscribe from a handler: it waits for the server, whose answer the
 // handler holds up.
 func (cl *Client) Subscribe(ctx context.Context, topic string, handler func(Message)) error {
-	if err := wire.CheckTopic(topic); err != nil {
+	if err := checkTopic(topic); err != nil {
 		return fmt.Errorf("tether: subscribe: %w", err)
 	}
 	if handler == nil {
@@ -316,7 +316,7 @@ func (cl *Client) request(ctx context.Context, op, topic string, data []byte, vo
 		return err
 	}
 	if op == wire.OpPub {
-		if err := wire.CheckTopic(topic); err != nil {
+		if err := checkTopic(topic); err != nil {
 			return fmt.Errorf("tether: publish: %w", err)
 		}
 	}
@@ -408,6 +408,7 @@ func (cl *Client) onMessage(c *Conn, m Message) {
 	for line := range wire.SplitFrames(m.Data) {
 		f, err := wire.DecodeServer(line)
 		if err != nil {
+			err = protocolError(err)
 			var pe *ProtocolError
 			if errors.As(err, &pe) && pe.Code == CodeUnknownOp {
 				continue // a newer server's op: ignored, as PROTOCOL.md asks
@@ -433,7 +434,7 @@ func (cl *Client) onMessage(c *Conn, m Message) {
 		case wire.OpAck:
 			cl.answer(f, nil)
 		case wire.OpError:
-			pe := &ProtocolError{Code: f.Code, Reason: f.Reason, ID: f.ID}
+			pe := &ProtocolError{Code: ErrorCode(f.Code), Reason: f.Reason, ID: f.ID}
 			if f.ID == "" {
 				cl.report(fmt.Errorf("tether: the server refused a message: %w", pe))
 				continue

@@ -27,12 +27,13 @@ func (h *Hub) handle(c *Conn, m Message) {
 	}
 	for line := range wire.SplitFrames(m.Data) {
 		f, err := wire.DecodeClient(line)
+		err = protocolError(err)
 		if !h.allow(c) {
 			id := ""
 			if err == nil {
 				id = f.ID
 			}
-			c.enqueue(wire.AppendError(nil, CodeRateLimited, "over the rate limit", id))
+			c.enqueue(appendError(CodeRateLimited, "over the rate limit", id))
 		} else if err != nil {
 			h.refuse(c, err)
 		} else {
@@ -89,7 +90,7 @@ func (h *Hub) refuse(c *Conn, err error) {
 	if !errors.As(err, &pe) {
 		pe = &ProtocolError{Code: CodeInternal, Reason: err.Error()}
 	}
-	c.enqueue(wire.AppendError(nil, pe.Code, pe.Reason, pe.ID))
+	c.enqueue(appendError(pe.Code, pe.Reason, pe.ID))
 	if hc.faults == nil {
 		hc.faults = rate.NewLimiter(strikeRate, strikeBurst)
 	}
@@ -145,7 +146,7 @@ func (h *Hub) request(c *Conn, f wire.Frame) {
 // deny answers a request the application refused.
 func (h *Hub) deny(c *Conn, id, reason string) {
 	h.count.denied.Add(1)
-	c.enqueue(wire.AppendError(nil, CodeForbidden, reason, id))
+	c.enqueue(appendError(CodeForbidden, reason, id))
 }
 
 // fail answers a valid request the hub could not carry out.
@@ -156,12 +157,12 @@ func (h *Hub) fail(c *Conn, id string, err error) {
 			h.refuse(c, pe)
 			return
 		}
-		c.enqueue(wire.AppendError(nil, pe.Code, pe.Reason, id))
+		c.enqueue(appendError(pe.Code, pe.Reason, id))
 		return
 	}
 	if c.Err() != nil {
 		return // the conn has ended: nobody to answer
 	}
 	h.connCfg.logger.Warn("tether: request failed", "conn", c.hc.id, "err", err)
-	c.enqueue(wire.AppendError(nil, CodeInternal, "the server failed", id))
+	c.enqueue(appendError(CodeInternal, "the server failed", id))
 }

@@ -229,35 +229,64 @@ func rootCause(err error) string {
 // ErrorCode says why a protocol message was refused. It travels as the
 // code field of an error message, and as [ProtocolError].Code. Clients
 // must accept codes they do not know: later versions may add some.
-type ErrorCode = wire.Code
+type ErrorCode string
 
 // The error codes of protocol v1.
 const (
 	// CodeBadRequest: the message is not one JSON object in valid UTF-8,
 	// or a field is missing, of the wrong type or out of bounds (a topic
 	// over 256 bytes, an id over 64). Sending it again fails again.
-	CodeBadRequest ErrorCode = wire.CodeBadRequest
+	CodeBadRequest = ErrorCode(wire.CodeBadRequest)
 	// CodeUnknownOp: the op is unknown, or is one the other side sends.
-	CodeUnknownOp ErrorCode = wire.CodeUnknownOp
+	CodeUnknownOp = ErrorCode(wire.CodeUnknownOp)
 	// CodeForbidden: the application refused this subscription or
 	// publication. The connection stays open.
-	CodeForbidden ErrorCode = wire.CodeForbidden
+	CodeForbidden = ErrorCode(wire.CodeForbidden)
 	// CodeRateLimited: the message exceeded a rate limit and was dropped.
 	// Sending it later may succeed.
-	CodeRateLimited ErrorCode = wire.CodeRateLimited
+	CodeRateLimited = ErrorCode(wire.CodeRateLimited)
 	// CodeTooBig: a payload is over a limit the server sets on it, below
 	// the message size limit (over that one the connection is closed with
 	// 1009 instead).
-	CodeTooBig ErrorCode = wire.CodeTooBig
+	CodeTooBig = ErrorCode(wire.CodeTooBig)
 	// CodeInternal: the server failed to carry out a valid request.
 	// Sending it again later may succeed.
-	CodeInternal ErrorCode = wire.CodeInternal
+	CodeInternal = ErrorCode(wire.CodeInternal)
 )
 
 // ProtocolError is a protocol message that was refused, or the error
 // message that says so: the server sends it to the client as an error
-// message with the same code, reason and id. Its fields: Code ([ErrorCode])
-// says why, for programs; Reason says why, for people; ID is the id of the
-// refused request, or "" if it had none or its id could not be read.
+// message with the same code, reason and id.
+type ProtocolError struct {
+	// Code says why, for programs.
+	Code ErrorCode
+	// Reason says why, for people.
+	Reason string
+	// ID is the id of the refused request, or "" if it had none or its id
+	// could not be read.
+	ID string
+}
+
 // Error returns "tether: protocol: <code>: <reason>".
-type ProtocolError = wire.Error
+func (e *ProtocolError) Error() string {
+	return "tether: protocol: " + string(e.Code) + ": " + e.Reason
+}
+
+// protocolError gives a refusal of the codec's the API's type; other
+// errors, nil included, pass as they are.
+func protocolError(err error) error {
+	var we *wire.Error
+	if errors.As(err, &we) {
+		return &ProtocolError{Code: ErrorCode(we.Code), Reason: we.Reason, ID: we.ID}
+	}
+	return err
+}
+
+// checkTopic returns nil if s may name a topic, or a [*ProtocolError] with
+// [CodeBadRequest] that says why not.
+func checkTopic(s string) error { return protocolError(wire.CheckTopic(s)) }
+
+// appendError encodes an error message of protocol v1.
+func appendError(code ErrorCode, reason, id string) []byte {
+	return wire.AppendError(nil, wire.Code(code), reason, id)
+}

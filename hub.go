@@ -654,7 +654,7 @@ func (h *Hub) sendToUserLocked(userID string, raw, v1 []byte) bool {
 // gets the topic's messages in publication order. Publish never blocks on
 // a subscriber: one whose queue is full is handled by the overflow policy.
 func (h *Hub) Publish(topic string, data []byte) error {
-	if err := wire.CheckTopic(topic); err != nil {
+	if err := checkTopic(topic); err != nil {
 		return err
 	}
 	if h.isClosing() {
@@ -724,7 +724,7 @@ func historyErr(err error) error { return fmt.Errorf("tether: history: %w", err)
 // twice changes nothing. It is how the application picks the topics of
 // raw peers; protocol v1 peers may also subscribe by themselves.
 func (h *Hub) Subscribe(c *Conn, topic string) error {
-	if err := wire.CheckTopic(topic); err != nil {
+	if err := checkTopic(topic); err != nil {
 		return err
 	}
 	return h.subscribe(c, topic, nil, "")

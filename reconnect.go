@@ -252,6 +252,7 @@ func (cl *Client) connect(url string) (*Conn, error) {
 	}
 	line, rest, _ := bytes.Cut(bytes.TrimLeft(data, "\n"), []byte{'\n'})
 	welcome, err := wire.DecodeServer(line)
+	err = protocolError(err)
 	if err == nil && welcome.Op != wire.OpWelcome {
 		err = fmt.Errorf("got %q", welcome.Op)
 	}
