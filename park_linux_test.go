@@ -346,31 +346,49 @@ func TestParkedConnWrites(t *testing.T) {
 // backlog: it is not dead as long as it answers within the timeout of the
 // ping, however long since its last frame. One that stops reading
 // altogether still is.
+//
+// The backlog fits in the socket buffers, so once written the server sees
+// nothing of the reading: the peer lives by answering within the timeout of
+// the ping. The reading is paced by the clock to end just past the timeout
+// since connect, not by a sum of sleeps that a loaded machine stretches: it
+// leaves the pong the time from there to ping + timeout, at least
+// interval/2 - timeout/20 (175 ms), and delay can only make the silence
+// longer, never shorter than the timeout.
 func TestBusyReceiverNotDeclaredDead(t *testing.T) {
-	const timeout = 500 * time.Millisecond
-	s := newParkServer(t, WithHeartbeat(300*time.Millisecond, timeout), WithLimits(Limits{SendQueue: 8192, SendQueueBytes: 64 << 20}))
+	const interval, timeout = 400 * time.Millisecond, 500 * time.Millisecond
+	s := newParkServer(t, WithHeartbeat(interval, timeout), WithLimits(Limits{SendQueue: 8192, SendQueueBytes: 64 << 20}))
 	ws, c := s.dial(t, nil)
 	defer ws.CloseNow()
-	msg := bytes.Repeat([]byte("x"), 1024)
-	const n = 500
+	msg := bytes.Repeat([]byte("x"), 5<<10)
+	const n = 100
 	for range n {
 		if err := c.Send(t.Context(), msg); err != nil {
 			t.Fatal(err)
 		}
 	}
 	start := time.Now()
+	end := c.hb.born.Add(timeout + timeout/20)
 	for i := range n {
 		if _, _, err := ws.Read(t.Context()); err != nil {
-			t.Fatalf("message %d: %v (conn: %v)", i, err, c.Err())
+			t.Fatalf("message %d after %v: %v (conn: %v)", i, time.Since(start), err, c.Err())
 		}
-		time.Sleep(700 * time.Microsecond) // a slow consumer: ~0.6s for all
+		time.Sleep(time.Until(start.Add(end.Sub(start) * time.Duration(i+1) / n)))
 	}
-	took := time.Since(start)
+	// The ping went out behind the backlog; a message behind the ping makes
+	// the peer read it, and answer.
+	for c.hb.lastSeen.Load() == 0 {
+		if err := c.Send(t.Context(), []byte("behind the ping")); err != nil {
+			t.Fatalf("busy receiver ended after %v of reading: %v", time.Since(start), c.Err())
+		}
+		if _, _, err := ws.Read(t.Context()); err != nil {
+			t.Fatalf("busy receiver ended after %v of reading: %v (conn: %v)", time.Since(start), err, c.Err())
+		}
+	}
 	if err := c.Err(); err != nil {
-		t.Fatalf("busy receiver ended after %v of reading: %v", took, err)
+		t.Fatalf("busy receiver ended after %v of reading: %v", time.Since(start), err)
 	}
-	if took < timeout {
-		t.Logf("the backlog took only %v to read; the test proves little on this machine", took)
+	if silent := time.Duration(c.hb.lastSeen.Load()); silent < timeout {
+		t.Fatalf("the peer answered after %v of silence, within the timeout: the test proves nothing", silent)
 	}
 
 	// Now silent, with data still flowing to it: found dead, late by at
