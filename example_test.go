@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -79,7 +80,8 @@ func ExampleWrap() {
 }
 
 // Reasons for the end of a conn are tested with errors.Is; a close by the
-// peer carries its close code.
+// peer is a *CloseError with its code and reason, and every reason reads
+// well as it is.
 func ExampleConn_Err() {
 	ended := make(chan error, 1)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -97,13 +99,17 @@ func ExampleConn_Err() {
 	ws.Close(websocket.StatusGoingAway, "app closed")
 
 	reason := <-ended
+	var ce *tether.CloseError
 	switch {
 	case errors.Is(reason, tether.ErrHeartbeatTimeout):
 		fmt.Println("peer died")
-	case websocket.CloseStatus(reason) != -1:
-		fmt.Println("peer closed with", websocket.CloseStatus(reason))
+	case errors.As(reason, &ce):
+		fmt.Println(ce.Code, ce.Reason)
 	}
-	// Output: peer closed with StatusGoingAway
+	fmt.Println(reason)
+	// Output:
+	// StatusGoingAway app closed
+	// tether: peer closed the connection: going away (1001): app closed
 }
 
 // A hub behind an existing mux: clients speaking protocol v1 subscribe to
@@ -224,4 +230,52 @@ func ExampleDial() {
 	// state: connected
 	// news #1 {"headline":"tether ships"}
 	// state: closed
+}
+
+// Every event hook is a field of Observer, and WithObserver may be given
+// more than once: here the application's hooks pick a raw peer's topic and
+// report its end, beside a second observer that counts connects.
+func ExampleWithObserver() {
+	var hub *tether.Hub
+	var connects atomic.Int64
+	subscribed, gone := make(chan struct{}), make(chan error, 1)
+	hub, err := tether.NewHub(
+		tether.WithLimits(tether.Limits{SendQueue: 64, Overflow: tether.DropOldest}),
+		tether.WithObserver(tether.Observer{
+			// A raw peer does not subscribe by itself: the server picks.
+			Connect: func(c *tether.Conn) {
+				hub.Subscribe(c, "news")
+				close(subscribed)
+			},
+			Disconnect: func(c *tether.Conn, reason error) { gone <- reason },
+		}),
+		tether.WithObserver(tether.Observer{Connect: func(*tether.Conn) { connects.Add(1) }}),
+	)
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv := httptest.NewServer(hub)
+	defer srv.Close()
+	defer hub.Close()
+
+	ctx := context.Background()
+	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"), nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	<-subscribed
+	if err := hub.Publish("news", []byte(`{"headline":"extra!"}`)); err != nil {
+		log.Fatal(err)
+	}
+	_, data, err := ws.Read(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(string(data), connects.Load())
+	go ws.Read(ctx) // for the close handshake
+	ws.Close(websocket.StatusNormalClosure, "bye")
+	fmt.Println("gone:", <-gone)
+	// Output:
+	// {"headline":"extra!"} 1
+	// gone: tether: client closed the connection: normal closure (1000): bye
 }
