@@ -42,7 +42,6 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
-	"github.com/tether-ws/tether"
 	"github.com/tether-ws/tether/adapter"
 )
 
@@ -452,24 +451,24 @@ var errMalformed = errors.New("malformed")
 
 // parseTopicPayload reads what the publish script ("m<epoch>:<seq>:<data>")
 // or a node ("p<json>") published on a topic's channel.
-func parseTopicPayload(payload string) (tether.Position, []byte, *presenceEvent, error) {
+func parseTopicPayload(payload string) (adapter.Position, []byte, *presenceEvent, error) {
 	if rest, ok := strings.CutPrefix(payload, "m"); ok {
 		epoch, rest, ok1 := strings.Cut(rest, ":")
 		seq, data, ok2 := strings.Cut(rest, ":")
 		n, err := strconv.ParseUint(seq, 10, 64)
 		if !ok1 || !ok2 || err != nil || epoch == "" || n == 0 {
-			return tether.Position{}, nil, nil, errMalformed
+			return adapter.Position{}, nil, nil, errMalformed
 		}
-		return tether.Position{Epoch: epoch, Seq: n}, []byte(data), nil, nil
+		return adapter.Position{Epoch: epoch, Seq: n}, []byte(data), nil, nil
 	}
 	if rest, ok := strings.CutPrefix(payload, "p"); ok {
 		var ev presenceEvent
 		if err := json.Unmarshal([]byte(rest), &ev); err != nil || ev.Node == "" || ev.User == "" {
-			return tether.Position{}, nil, nil, errMalformed
+			return adapter.Position{}, nil, nil, errMalformed
 		}
-		return tether.Position{}, nil, &ev, nil
+		return adapter.Position{}, nil, &ev, nil
 	}
-	return tether.Position{}, nil, nil, errMalformed
+	return adapter.Position{}, nil, nil, errMalformed
 }
 
 // presenceEvent is a user's presence change at a node, as published on
@@ -481,7 +480,7 @@ type presenceEvent struct {
 }
 
 func (ev presenceEvent) member() adapter.RemoteMember {
-	return adapter.RemoteMember{Node: ev.Node, Member: tether.Member{UserID: ev.User, Conns: noNullMeta(ev.Conns)}}
+	return adapter.RemoteMember{Node: ev.Node, Member: adapter.Member{UserID: ev.User, Conns: noNullMeta(ev.Conns)}}
 }
 
 // noNullMeta restores the nil Meta of conns without metadata, which JSON
@@ -850,40 +849,40 @@ func (b *Broker) ttl(age time.Duration) int64 {
 }
 
 // Publish implements [adapter.Broker].
-func (b *Broker) Publish(ctx context.Context, topic string, data []byte) (tether.Position, error) {
+func (b *Broker) Publish(ctx context.Context, topic string, data []byte) (adapter.Position, error) {
 	ctx, done, err := b.call(ctx)
 	if err != nil {
-		return tether.Position{}, err
+		return adapter.Position{}, err
 	}
 	defer done()
 	res, err := publishScript.Run(ctx, b.rdb, []string{b.key("h", topic), b.key("x", topic)},
 		data, newEpoch(), b.cfg.historyLen, b.ttl(b.cfg.historyAge), b.topicChannel(topic), b.runID()).Slice()
 	if err != nil {
-		return tether.Position{}, err
+		return adapter.Position{}, err
 	}
 	return position(res)
 }
 
-func position(res []any) (tether.Position, error) {
+func position(res []any) (adapter.Position, error) {
 	if len(res) < 2 {
-		return tether.Position{}, fmt.Errorf("redisbroker: unexpected reply %v", res)
+		return adapter.Position{}, fmt.Errorf("redisbroker: unexpected reply %v", res)
 	}
 	epoch, _ := res[0].(string)
 	seq, _ := res[1].(int64)
-	return tether.Position{Epoch: epoch, Seq: uint64(seq)}, nil
+	return adapter.Position{Epoch: epoch, Seq: uint64(seq)}, nil
 }
 
 // Since implements [adapter.Broker].
-func (b *Broker) Since(ctx context.Context, topic string, pos tether.Position) ([]adapter.HistoryEntry, tether.Position, bool, error) {
+func (b *Broker) Since(ctx context.Context, topic string, pos adapter.Position) ([]adapter.HistoryEntry, adapter.Position, bool, error) {
 	ctx, done, err := b.callIn(ctx, true)
 	if err != nil {
-		return nil, tether.Position{}, false, err
+		return nil, adapter.Position{}, false, err
 	}
 	defer done()
 	res, err := sinceScript.Run(ctx, b.rdb, []string{b.key("h", topic), b.key("x", topic)},
 		pos.Epoch, pos.Seq, newEpoch(), b.ttl(b.cfg.historyAge), b.cfg.historyAge.Milliseconds(), b.runID()).Slice()
 	if err != nil {
-		return nil, tether.Position{}, false, err
+		return nil, adapter.Position{}, false, err
 	}
 	last, err := position(res)
 	if err != nil || len(res) < 3 {
@@ -1034,13 +1033,13 @@ func (b *Broker) members(ctx context.Context, topic, marker string) ([]adapter.R
 		if !ok || json.Unmarshal([]byte(res[i+1]), &conns) != nil || len(conns) == 0 {
 			continue
 		}
-		out = append(out, adapter.RemoteMember{Node: node, Member: tether.Member{UserID: user, Conns: noNullMeta(conns)}})
+		out = append(out, adapter.RemoteMember{Node: node, Member: adapter.Member{UserID: user, Conns: noNullMeta(conns)}})
 	}
 	return out, nil
 }
 
 // Members implements [adapter.Broker].
-func (b *Broker) Members(ctx context.Context, topic string) ([]tether.Member, error) {
+func (b *Broker) Members(ctx context.Context, topic string) ([]adapter.Member, error) {
 	ctx, done, err := b.call(ctx)
 	if err != nil {
 		return nil, err
@@ -1053,13 +1052,13 @@ func (b *Broker) Members(ctx context.Context, topic string) ([]tether.Member, er
 	slices.SortFunc(all, func(a, c adapter.RemoteMember) int {
 		return cmpOr(strings.Compare(a.UserID, c.UserID), strings.Compare(a.Node, c.Node))
 	})
-	var out []tether.Member
+	var out []adapter.Member
 	for _, m := range all {
 		if n := len(out); n > 0 && out[n-1].UserID == m.UserID {
 			out[n-1].Conns = append(out[n-1].Conns, m.Conns...)
 			continue
 		}
-		out = append(out, tether.Member{UserID: m.UserID, Conns: slices.Clone(m.Conns)})
+		out = append(out, adapter.Member{UserID: m.UserID, Conns: slices.Clone(m.Conns)})
 	}
 	return out, nil
 }
