@@ -57,8 +57,9 @@ type Message struct {
 // started by the heartbeat for a conn that cannot park, and a raw ping
 // that finds the socket taken waits in one. Writer and ping goroutines are
 // counted in a WaitGroup; the last reader waits for them, then unregisters
-// the conn, calls [Observer].Disconnect and closes Done. So after Done no
-// goroutine of the conn's is left.
+// the conn, calls [Observer].Disconnect and closes Done: after Done only
+// that reader is left, returning (a hub's frees its place for [WithMaxConns]
+// first).
 //
 // Locks, taken in this order, never the reverse: the parking socket's read
 // lock, held by whoever reads the socket (the reader, coder/websocket's
@@ -69,8 +70,11 @@ type Message struct {
 // heartbeat's raw pings); and the scheduler's lock, held briefly to re-arm
 // the conn's timer. A hub may hold its own locks (topic, user shard) while
 // it queues onto a conn, so those come before mu. Hooks and handlers are
-// called with none of the conn's locks held. A function named ...Locked
-// is called with the lock it names held, and keeps it.
+// called with none of the conn's locks held, but for [Observer].Pong of a
+// pong that the poller settles, which runs with the parking socket's read
+// lock held (no reader can run meanwhile; nothing else waits on it). A
+// function named ...Locked is called with the lock it names held, and
+// keeps it.
 type Conn struct {
 	ws     *websocket.Conn
 	nc     net.Conn // the socket, for an accepted conn; nil for a wrapped one
@@ -212,8 +216,18 @@ func (c *Conn) start() {
 	c.hb.mu.Unlock()
 	c.sched.wheel.Add(&c.hb.timer, c.check, first)
 	// The reader owns the conn's end (and a hub's unregistration): it
-	// starts even if Connect panics.
-	defer func() { go c.readLoop() }()
+	// starts even if Connect panics. A hub's conn is registered and runs
+	// on; one from Accept or Wrap would reach nobody, so it is dropped.
+	defer func() {
+		if r := recover(); r != nil {
+			if c.hc == nil {
+				c.CloseNow()
+			}
+			go c.readLoop()
+			panic(r)
+		}
+		go c.readLoop()
+	}()
 	if f := c.cfg.observer.Connect; f != nil {
 		f(c)
 	}

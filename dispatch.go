@@ -2,6 +2,7 @@ package tether
 
 import (
 	"errors"
+	"fmt"
 	"strconv"
 	"unicode/utf8"
 
@@ -50,7 +51,7 @@ func (h *Hub) handle(c *Conn, m Message) {
 func (h *Hub) handleRaw(c *Conn, m Message) {
 	if !m.Binary && !utf8.Valid(m.Data) {
 		// RFC 6455, 8.1: a text message in invalid UTF-8 fails the conn.
-		c.end(errors.Join(ErrProtocolViolation, errors.New("invalid UTF-8 in a text message")),
+		c.end(fmt.Errorf("%w: invalid UTF-8 in a text message", ErrProtocolViolation),
 			endPolicy, websocket.StatusInvalidFramePayloadData, "invalid UTF-8")
 		return
 	}
@@ -95,7 +96,10 @@ func (h *Hub) refuse(c *Conn, err error) {
 		hc.faults = rate.NewLimiter(strikeRate, strikeBurst)
 	}
 	if !hc.faults.Allow() {
-		c.end(errors.Join(ErrProtocolViolation, err), endPolicy, websocket.StatusPolicyViolation, "too many bad messages")
+		c.end(&causeError{
+			msg:  "tether: protocol violation: too many bad messages, the last: " + pe.Reason,
+			errs: []error{ErrProtocolViolation, err},
+		}, endPolicy, websocket.StatusPolicyViolation, "too many bad messages")
 	}
 }
 

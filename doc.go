@@ -82,7 +82,8 @@
 //
 // [Conn.Err] says why a conn ended, as one of the Err* values (test with
 // [errors.Is]) or a [*CloseError] carrying the close frame's code and
-// reason (find it with [errors.As]); the messages are tether's, readable
-// as they are ("tether: connection lost: EOF"). tether's own close codes
-// are the Status* constants.
+// reason (find it with [errors.As]), or, when this side dropped it, an
+// error wrapping [net.ErrClosed]; the messages are tether's, readable as
+// they are ("tether: connection lost: EOF"). tether's own close codes are
+// the Status* constants.
 package tether

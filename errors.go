@@ -12,8 +12,10 @@ import (
 
 // The conditions tether reports. Test for them with [errors.Is]: the
 // errors returned wrap them with what happened. Why a conn ended ([Conn.Err],
-// [Observer].Disconnect) is one of the first seven, or a [*CloseError]
-// when a close frame ended it.
+// [Observer].Disconnect) is one of the first seven, a [*CloseError] when a
+// close frame ended it, or an error wrapping [net.ErrClosed] when this side
+// dropped it ([Conn.CloseNow], [Hub.Close], a [Hub.Shutdown] past its
+// deadline).
 var (
 	// ErrHeartbeatTimeout: the peer sent nothing at all (no data, ping or
 	// pong) for the heartbeat timeout. The conn was dropped without a close

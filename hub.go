@@ -598,7 +598,7 @@ func (h *Hub) isClosing() bool { return h.closed.Load() }
 // SendToUser sends data to every live conn of the user, as [Hub.Broadcast]
 // does to all. When the user has none, the message is kept in the offline
 // store (see [WithOfflineStore]) and delivered, in order with the others
-// kept, when the user next connects; an error wrapping [ErrOfflineFull]
+// kept, when the user next connects; an error wrapping [adapter.ErrOfflineFull]
 // means it was not kept.
 func (h *Hub) SendToUser(userID string, data []byte) error {
 	raw, v1, err := h.encodeDirect(data)

@@ -15,12 +15,15 @@ import (
 // or the caller of Send or Ping): it must return quickly and must not
 // block.
 type Observer struct {
-	// Connect reports a new conn, before its first message is read: for a
-	// hub's conn, after it is registered, on the goroutine of [Hub.Serve],
+	// Connect reports a new conn, before its reader starts: for a hub's
+	// conn, after it is registered, on the goroutine of [Hub.Serve],
 	// which makes it the place to [Hub.Subscribe] the conn to the topics
-	// the server picks for it; for [Accept] and [Wrap], before they
-	// return; for a [Client], each conn it makes, once the server's
-	// welcome has come.
+	// the server picks for it (with a broker, Subscribe may wait for it,
+	// up to 5 s: the one hook that may); for [Accept] and [Wrap], before
+	// they return; for a [Client], each conn it makes, once the server's
+	// welcome, and the direct messages kept while the client was away,
+	// have come. If Connect panics, a hub's conn runs on, and one from
+	// Accept or Wrap is dropped.
 	Connect func(c *Conn)
 	// Disconnect reports a conn that ended, and why (see [Conn.Err]): for a
 	// hub's conn, after it has left the registry, its topics and presence.

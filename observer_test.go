@@ -2,6 +2,9 @@ package tether_test
 
 import (
 	"context"
+	"io"
+	"log"
+	"net/http"
 	"net/http/httptest"
 	"slices"
 	"strings"
@@ -87,5 +90,44 @@ func TestObserversCompose(t *testing.T) {
 	want := []string{"a.connect", "b.connect", "message", "a.disconnect", "b.disconnect"}
 	if !slices.Equal(calls, want) {
 		t.Fatalf("calls %v, want %v", calls, want)
+	}
+}
+
+// A panic in Connect on a conn from Accept, whose caller never gets the
+// conn, drops it rather than leaving a conn nobody can reach.
+func TestAcceptConnectPanicDropsConn(t *testing.T) {
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tether.Accept(w, r, tether.WithObserver(tether.Observer{
+			Connect: func(*tether.Conn) { panic("app bug") },
+		}))
+	}))
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0) // net/http logs the recovered panic
+	srv.Start()
+	defer srv.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.CloseNow()
+	if _, _, err := ws.Read(ctx); err == nil || ctx.Err() != nil {
+		t.Fatalf("the peer's conn is still up (read: %v)", err)
+	}
+}
+
+// Closing a Client's conn with a code of its own makes the client
+// reconnect: the code is not taken for the server's refusal.
+func TestClientOwnCloseCodeIsNotTheServers(t *testing.T) {
+	s := newSite(t)
+	st := newStates()
+	cl := dial(t, s.url(), fastBackoff, st.option())
+	if err := cl.Conn().Close(tether.StatusForbidden, ""); err != nil {
+		t.Fatal(err)
+	}
+	st.await(t, tether.Reconnecting)
+	st.await(t, tether.Connected)
+	if s := cl.State(); s != tether.Connected {
+		t.Fatalf("state %v, want connected again", s)
 	}
 }

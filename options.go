@@ -189,21 +189,21 @@ func WithSubscribeAuth(allow func(c *Conn, topic string) bool) HubOption {
 }
 
 // WithHistory sets where topics keep their recent messages, for clients
-// that resume. The default is [NewMemoryHistory] with 256 messages and 2
+// that resume. The default is [adapter.NewMemoryHistory] with 256 messages and 2
 // minutes per topic.
 func WithHistory(hist adapter.History) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.history = hist })
 }
 
 // WithOfflineStore sets where [Hub.SendToUser] keeps messages for users
-// who are not connected. The default is [NewMemoryOfflineStore] with 100
+// who are not connected. The default is [adapter.NewMemoryOfflineStore] with 100
 // messages and 256 KiB per user, kept 24 hours, 64 MiB in all.
 func WithOfflineStore(s adapter.OfflineStore) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.offline = s })
 }
 
 // WithBroker links the hub with the hubs of other processes through b
-// (see [Broker]; tether/redisbroker is one over Redis): topics, direct
+// (see [adapter.Broker]; tether/redisbroker is one over Redis): topics, direct
 // messages, history, offline messages and presence are then shared, and
 // [Hub.Publish], [Hub.SendToUser], [Hub.Presence] and [Hub.Online] answer
 // for every node. [Hub.Broadcast] and [Hub.LastSeen] stay this hub's own.
@@ -262,7 +262,9 @@ const (
 	// Disconnect closes the connection with [StatusSlowConsumer] (4008):
 	// a client that cannot keep up reconnects and resumes, instead of
 	// silently missing messages. It is the default.
-	Disconnect OverflowPolicy = iota
+	// (The zero OverflowPolicy is none: in [Limits] it keeps the policy
+	// as it was.)
+	Disconnect OverflowPolicy = iota + 1
 	// DropOldest discards the oldest queued messages to make room: right for
 	// state snapshots where only the latest matters.
 	DropOldest
@@ -310,6 +312,7 @@ func defaultConfig() *config {
 		queueMessages:  defaultQueueMessages,
 		queueBytes:     defaultQueueBytes,
 		writeTimeout:   defaultWriteTimeout,
+		overflow:       Disconnect,
 	}
 }
 
@@ -402,7 +405,8 @@ type Limits struct {
 	// and 1 MiB. An idle conn's queue costs nothing.
 	SendQueue, SendQueueBytes int
 	// Overflow is what happens when a message does not fit in the send
-	// queue. Default [Disconnect].
+	// queue. Default [Disconnect]; the zero value keeps the policy as it
+	// was.
 	Overflow OverflowPolicy
 	// WriteTimeout bounds each write, and a graceful close handshake. A
 	// peer that does not take a message within it is dropped with

@@ -85,8 +85,13 @@ func (cl *Client) run(first chan<- error) {
 		if time.Since(up) >= b.StableAfter {
 			attempt = 0
 		}
-		hint := closeHint(reason)
-		switch websocket.CloseStatus(reason) {
+		hint, code := closeHint(reason), websocket.CloseStatus(reason)
+		if ce := (*CloseError)(nil); errors.As(reason, &ce) && ce.Local {
+			// Closed on this side (through Client.Conn): the code is
+			// ours, not the server's word.
+			hint, code = 0, -1
+		}
+		switch code {
 		case StatusUnauthorized:
 			cl.finish(fmt.Errorf("%w: the server closed the conn with %d: %w", ErrUnauthorized, StatusUnauthorized, reason), first)
 			return

@@ -235,37 +235,51 @@ const pingFrameLen = 10
 // the writer lets go.
 func (pc *Conn) Ping(payload uint64) {
 	if pc.wmu.TryLock() {
-		pc.pingLocked(payload)
+		stuck := pc.pingLocked(payload)
 		pc.wmu.Unlock()
+		if stuck {
+			// The socket is full and no write may come to carry the
+			// rest. GoWrite takes the conn's lock: not under wmu.
+			pc.owner.GoWrite(pc.flushPing)
+		}
 		return
 	}
 	pc.owner.GoWrite(func() {
 		pc.wmu.Lock()
-		defer pc.wmu.Unlock()
-		pc.pingLocked(payload)
+		stuck := pc.pingLocked(payload)
+		pc.wmu.Unlock()
+		if stuck {
+			pc.flushPing() // on a goroutine of the conn's already
+		}
 	})
 }
 
-func (pc *Conn) pingLocked(payload uint64) {
+// flushPing writes what the socket did not take of a raw ping, waiting
+// for room; the caller bounds it with the write timeout.
+func (pc *Conn) flushPing() {
+	pc.wmu.Lock()
+	defer pc.wmu.Unlock()
+	if len(pc.rest) > 0 {
+		_, _ = pc.writeLocked(nil)
+	}
+}
+
+// pingLocked writes the ping frame, or leaves it to the write under way,
+// and reports whether part of it is stuck in pc.rest with no write to
+// carry it: the caller must then flush it, without wmu held.
+func (pc *Conn) pingLocked(payload uint64) (stuck bool) {
 	pc.pingFrame = [pingFrameLen]byte{0x89, 8}
 	binary.BigEndian.PutUint64(pc.pingFrame[2:], payload)
 	if !pc.out.frameDone() || len(pc.held) > 0 || len(pc.rest) > 0 {
 		pc.pingDue = true // behind the frame under way
-		return
+		return false
 	}
 	n, err := pc.writeNow(pc.pingFrame[:])
 	if err != nil || n == len(pc.pingFrame) {
-		return // a broken socket: the reader reports it
+		return false // a broken socket: the reader reports it
 	}
 	pc.rest = pc.restBuf[:copy(pc.restBuf[:], pc.pingFrame[n:])]
-	// The socket is full and no write may come to carry the rest.
-	pc.owner.GoWrite(func() {
-		pc.wmu.Lock()
-		defer pc.wmu.Unlock()
-		if len(pc.rest) > 0 {
-			_, _ = pc.writeLocked(nil)
-		}
-	})
+	return true
 }
 
 // Close releases the conn's place in the poller along with the socket. A

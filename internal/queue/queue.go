@@ -64,7 +64,7 @@ func (q *Queue) Peek() ([]byte, bool) {
 	return q.head.msgs[q.hi], true
 }
 
-// Each calls f with Each queued message, oldest first, until f returns
+// Each calls f with each queued message, oldest first, until f returns
 // false.
 func (q *Queue) Each(f func([]byte) bool) {
 	c, i := q.head, q.hi

@@ -146,7 +146,7 @@ type Member struct {
 
 // SplitFrames returns the lines of payload, one WebSocket message, each
 // of which holds one protocol message. Empty lines are skipped; a line of
-// only spaces is yielded, for decodeFrame to refuse. Lines alias payload.
+// only spaces is yielded, for DecodeClient to refuse. Lines alias payload.
 func SplitFrames(payload []byte) iter.Seq[[]byte] {
 	return func(yield func([]byte) bool) {
 		rest := payload

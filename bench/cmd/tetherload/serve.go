@@ -36,7 +36,7 @@ func serveMain(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs.DurationVar(&cfg.interval, "interval", 15*time.Second, "heartbeat interval (tether.WithHeartbeat; mapped onto each impl)")
 	fs.DurationVar(&cfg.timeout, "timeout", 30*time.Second, "heartbeat timeout: a peer silent this long after its last pong is dropped")
 	fs.BoolVar(&cfg.pprof, "pprof", false, "serve net/http/pprof under /debug/pprof/")
-	fs.IntVar(&cfg.queue, "queue", 256, "per-conn send buffer in messages (tether.WithSendQueue with 1 MiB; the others' send channels)")
+	fs.IntVar(&cfg.queue, "queue", 256, "per-conn send buffer in messages (tether.Limits.SendQueue with 1 MiB; the others' send channels)")
 	fs.IntVar(&cfg.memProfileRate, "memprofilerate", 0, "set runtime.MemProfileRate (1 records every allocation; 0 keeps the default)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
