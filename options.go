@@ -15,23 +15,18 @@ import (
 	"golang.org/x/time/rate"
 )
 
+// Option configures a conn wherever it is made: by [Wrap], by [Accept], by
+// a [Hub] (each of its conns) and by a [Client] (each of its conns).
+//
 // Options are typed by where they apply, so that the compiler refuses one
-// where it means nothing:
+// where it means nothing: an Option applies everywhere; a [ServerOption]
+// to the handshakes of Accept and of a Hub; a [HubOption] to a Hub only; a
+// [DialOption] to a Client only. Every Option is a ServerOption, a
+// HubOption and a DialOption, and every ServerOption a HubOption.
 //
-//   - an [Option] configures a conn wherever it is made: by [Wrap], by
-//     [Accept], by a [Hub] (each of its conns) and by a [Client] (each of
-//     its conns);
-//   - a [ServerOption] configures the handshakes of [Accept] and of a Hub;
-//   - a [HubOption] configures a Hub, and a [DialOption] a Client.
-//
-// Every Option is a ServerOption, a HubOption and a DialOption, and every
-// ServerOption a HubOption. Later options override earlier ones (but
-// [WithObserver], which adds); nil options are ignored. Options are
-// validated once, by the constructor, which returns an error for a
-// nonsensical set.
-
-// Option configures a conn wherever it is made; see [ServerOption] for how
-// options are typed.
+// Later options override earlier ones (but [WithObserver], which adds);
+// nil options are ignored. Options are validated once, by the constructor,
+// which returns an error for a nonsensical set.
 type Option interface {
 	ServerOption
 	DialOption
