@@ -244,6 +244,7 @@ func TestSynctestPresenceLeaveAfterGrace(t *testing.T) {
 			for _, m := range ms {
 				s = append(s, m.UserID)
 			}
+			slices.Sort(s) // a burst's joins come in no set order
 			return s
 		}
 		b := newBubbleHub(t,
