@@ -147,8 +147,9 @@ func TestReasonsReadable(t *testing.T) {
 	})
 
 	t.Run("server going away, seen by a client", func(t *testing.T) {
+		conns := make(chan *tether.Conn, 1)
 		hub, err := tether.NewHub(tether.WithObserver(tether.Observer{
-			Connect: func(c *tether.Conn) { go c.Close(websocket.StatusGoingAway, "retry_ms=531") },
+			Connect: func(c *tether.Conn) { conns <- c },
 		}))
 		if err != nil {
 			t.Fatal(err)
@@ -168,6 +169,10 @@ func TestReasonsReadable(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer cl.Close()
+		// Closed once the client is up, as Hub.Shutdown would.
+		if err := (<-conns).Close(websocket.StatusGoingAway, "retry_ms=531"); err != nil {
+			t.Fatal(err)
+		}
 		select {
 		case err := <-reasons:
 			assertReadable(t, err, "tether: server closed the connection: going away (1001), retry in 531 ms")
