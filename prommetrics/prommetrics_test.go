@@ -225,8 +225,8 @@ func TestTypes(t *testing.T) {
 	// No broker: tether_broker_up is absent (checked by the loop above),
 	// and every reason is there from the start, at 0.
 	fams = e.scrape(t)
-	if n := len(fams["tether_disconnects_total"].GetMetric()); n != 11 {
-		t.Errorf("%d reasons, want 11", n)
+	if n := len(fams["tether_disconnects_total"].GetMetric()); n != 10 {
+		t.Errorf("%d reasons, want 10", n)
 	}
 	problems, err := testutil.GatherAndLint(e.reg)
 	if err != nil {
