@@ -156,7 +156,7 @@ func accept(w http.ResponseWriter, r *http.Request, cfg *config) (*Conn, error) 
 	})
 	if err != nil {
 		c.cancel()
-		return nil, &causeError{msg: "tether: accept: " + rootCause(err), errs: []error{err}}
+		return nil, because("tether: accept", err)
 	}
 	if hw != nil && hw.NetConn != nil {
 		c.nc, c.ioCtx = hw.NetConn, context.Background()
@@ -291,7 +291,7 @@ func (c *Conn) Ping(ctx context.Context) (time.Duration, error) {
 		if e := c.Err(); e != nil {
 			return 0, e
 		}
-		return 0, &causeError{msg: "tether: ping: " + rootCause(err), errs: []error{err}}
+		return 0, because("tether: ping", err)
 	}
 	rtt := time.Since(start)
 	c.hb.touch()

@@ -202,11 +202,11 @@ func (e *causeError) Error() string   { return e.msg }
 func (e *causeError) Unwrap() []error { return e.errs }
 
 // because returns an error that reads "<what>: <the root cause of err>"
-// and wraps cond and err. The transport's errors nest its internal steps
-// ("failed to get reader: failed to read frame header: EOF"); a person
-// needs the last of them.
-func because(cond error, what string, err error) error {
-	return &causeError{msg: what + ": " + rootCause(err), errs: []error{cond, err}}
+// and wraps err and the conditions it stands for. The transport's errors
+// nest its internal steps ("failed to get reader: failed to read frame
+// header: EOF"); a person needs the last of them.
+func because(what string, err error, conds ...error) error {
+	return &causeError{msg: what + ": " + rootCause(err), errs: append(conds, err)}
 }
 
 // rootCause returns the message of the innermost error that err wraps.

@@ -104,7 +104,7 @@ func readError(err error, peer string, limit int64) error {
 	case errors.As(err, &ce):
 		return &CloseError{Code: ce.Code, Reason: ce.Reason, peer: peer}
 	default:
-		return because(ErrConnLost, "tether: connection lost", err)
+		return because("tether: connection lost", err, ErrConnLost)
 	}
 }
 

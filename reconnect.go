@@ -429,7 +429,7 @@ func terminal(err error) bool {
 // that retrying will not change, with the Retry-After of a 429 or 503.
 func handshakeError(url string, resp *http.Response, err error) error {
 	if resp == nil {
-		return &causeError{msg: "tether: dial " + url + ": " + rootCause(err), errs: []error{err}}
+		return because("tether: dial "+url, err)
 	}
 	code := resp.StatusCode
 	switch {

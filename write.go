@@ -156,7 +156,7 @@ func (c *Conn) writeLoop() {
 			return // timed out: the conn has ended
 		}
 		if err != nil {
-			c.end(because(ErrConnLost, "tether: connection lost", err), endForced, 0, "")
+			c.end(because("tether: connection lost", err, ErrConnLost), endForced, 0, "")
 			return
 		}
 		at := int64(ended.Sub(c.hb.born))
