@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -55,28 +54,19 @@ func TestCloseErrorMessage(t *testing.T) {
 	}
 }
 
-// acceptOne serves one tether conn over loopback, dials it with a plain
-// coder/websocket peer and returns both ends.
-func acceptOne(t *testing.T, opts ...tether.ServerOption) (*websocket.Conn, *tether.Conn) {
+// acceptOne serves one tether conn over loopback (newServer), dials it
+// with a plain coder/websocket peer and returns both ends.
+func acceptOne(t *testing.T, opts ...tether.Option) (*websocket.Conn, *tether.Conn) {
 	t.Helper()
-	conns := make(chan *tether.Conn, 1)
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		c, err := tether.Accept(w, r, opts...)
-		if err != nil {
-			t.Errorf("Accept: %v", err)
-			return
-		}
-		conns <- c
-	}))
-	t.Cleanup(srv.Close)
+	srv := newServer(t, opts...)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"), nil)
+	ws, _, err := websocket.Dial(ctx, srv.url(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ws.CloseNow() })
-	return ws, <-conns
+	return ws, srv.next(t)
 }
 
 func endOf(t *testing.T, c *tether.Conn) error {
