@@ -169,8 +169,8 @@ func ExampleHub() {
 	fmt.Println(m[:strings.Index(m, `"epoch"`)] + "...")
 	// Output:
 	// {"op":"ack","id":"1",...}
-	// {"op":"presence","topic":"room:42","joins":[],"leaves":[]}
-	// {"op":"presence","topic":"room:42","joins":[{"user":"ann"}],"leaves":[]}
+	// {"op":"presence","topic":"room:42","count":0,"snapshot":true,"joins":[]}
+	// {"op":"presence","topic":"room:42","count":1,"joins":[{"user":"ann"}],"leaves":[]}
 	// {"op":"msg","topic":"room:42",...
 }
 

@@ -913,9 +913,7 @@ func (h *Hub) lockTopic(name string) *topic {
 	t := s.m[name]
 	if t == nil {
 		t = &topic{name: name, idx: make(map[*Conn]int)}
-		if h.cfg.presenceTopics == nil || h.cfg.presenceTopics(name) {
-			t.pres = &presence{users: make(map[string]*presentUser)}
-		}
+		t.pres = h.newPresence(name)
 		s.m[name] = t
 		h.count.topics.Add(1)
 	}

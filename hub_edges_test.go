@@ -20,7 +20,7 @@ import (
 // with coder/websocket's default read limit (32 KiB) can read, complete
 // and in order.
 func TestHubReplayFitsReadLimit(t *testing.T) {
-	s := newHubServer(t, tether.WithPresence(func(string) bool { return false }, 0))
+	s := newHubServer(t, tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Off: true} }))
 	payload := `"` + strings.Repeat("x", 1000) + `"`
 	var epoch string
 	for i := range 100 {

@@ -935,7 +935,7 @@ func testDropPolicy(t *testing.T, policy tether.OverflowPolicy) {
 		tether.WithLimits(tether.Limits{Overflow: policy}),
 		// Long enough never to evict the stalled client during the test.
 		tether.WithLimits(tether.Limits{WriteTimeout: time.Minute}),
-		tether.WithPresence(func(string) bool { return false }, time.Second),
+		tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Off: true} }),
 		tether.WithObserver(tether.Observer{Drop: func(c *tether.Conn, n int) {
 			dropConn.Store(c.ID(), true)
 			dropCalls.Add(1)

@@ -31,7 +31,9 @@ func prHub(t *testing.T, track func(string) bool, grace time.Duration, opts ...t
 			}
 			return nil
 		}),
-		tether.WithPresence(track, grace),
+		tether.WithPresence(func(topic string) tether.PresencePolicy {
+			return tether.PresencePolicy{Off: track != nil && !track(topic), Grace: grace}
+		}),
 		tether.WithObserver(tether.Observer{Presence: func(e tether.PresenceEvent) { events <- e }}),
 	}, opts...)
 	return newHubServer(t, opts...), events
@@ -64,8 +66,9 @@ func prSub(t *testing.T, c *client, topic string) wire {
 }
 
 // prNext returns the next message of c, which must be a presence of topic
-// that lists both joins and leaves (PROTOCOL.md: the server always sends
-// both).
+// shaped as PROTOCOL.md says: with a count; a snapshot with a joins array
+// and no leaves; a change with both arrays, or neither when the topic
+// only counts.
 func prNext(t *testing.T, c *client, topic string, limit time.Duration) wire {
 	t.Helper()
 	for {
@@ -77,10 +80,16 @@ func prNext(t *testing.T, c *client, topic string, limit time.Duration) wire {
 			t.Fatalf("got %s, want a presence of %s", w.line, topic)
 		}
 		k := hpKeys(t, w.line)
-		for _, f := range []string{"joins", "leaves"} {
-			if v := strings.TrimSpace(string(k[f])); !strings.HasPrefix(v, "[") {
-				t.Fatalf("presence without a %s array: %s", f, w.line)
-			}
+		isArray := func(f string) bool { return strings.HasPrefix(strings.TrimSpace(string(k[f])), "[") }
+		switch {
+		case w.Count == nil || *w.Count < 0:
+			t.Fatalf("presence without a count: %s", w.line)
+		case w.Snapshot && (!isArray("joins") || k["leaves"] != nil):
+			t.Fatalf("snapshot without a joins array, or with leaves: %s", w.line)
+		case !w.Snapshot && isArray("joins") != isArray("leaves"):
+			t.Fatalf("change with one of joins and leaves: %s", w.line)
+		case !w.Snapshot && k["joins"] == nil && len(k) != 3:
+			t.Fatalf("count-only presence with other fields: %s", w.line)
 		}
 		return w
 	}

@@ -467,7 +467,7 @@ func TestHubProtoSendWithoutOnMessageForbidden(t *testing.T) {
 
 // 9. Requests in one WebSocket message are answered in request order.
 func TestHubProtoAnswersInRequestOrder(t *testing.T) {
-	s := newHubServer(t, tether.WithPresence(func(string) bool { return false }, 0))
+	s := newHubServer(t, tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Off: true} }))
 	c := dialClient(t, s.url(), clientOpts{})
 	w := c.welcome()
 	c.send(`{"op":"sub","topic":"a","id":"1"}` + "\n" +

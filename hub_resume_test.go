@@ -19,7 +19,7 @@ import (
 
 // rsNoPresence keeps presence messages out of the streams these tests read
 // message by message.
-var rsNoPresence = tether.WithPresence(func(string) bool { return false }, 0)
+var rsNoPresence = tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Off: true} })
 
 func rsData(n int) string { return `{"n":` + strconv.Itoa(n) + `}` }
 

@@ -56,8 +56,10 @@ type wire struct {
 		IntervalMS int64 `json:"interval_ms"`
 		TimeoutMS  int64 `json:"timeout_ms"`
 	} `json:"heartbeat"`
-	Joins  []wireMember `json:"joins"`
-	Leaves []wireMember `json:"leaves"`
+	Joins    []wireMember `json:"joins"`
+	Leaves   []wireMember `json:"leaves"`
+	Count    *int         `json:"count"`
+	Snapshot bool         `json:"snapshot"`
 
 	line string // the line as received
 }

@@ -16,30 +16,80 @@ import (
 // Observer.Presence, joins after a short settling delay, so that a burst of
 // arrivals makes one message, and leaves after a grace period, so that a
 // client that reconnects at once never leaves.
+//
+// What a join or a leave costs must not grow with the topic, or filling a
+// room of 20,000 costs 20,000² (PROTOCOL.md, "presence"). So:
+//   - A topic announces at most once per interval, which grows with its v1
+//     subscribers here (presencePerSubscriber): one message per subscriber
+//     per interval however many came and went.
+//   - A topic lists its members to subscribers only while it has at most
+//     PresencePolicy.List of them; above that, a subscriber's snapshot
+//     and every announcement carry only the count. It lists them again
+//     once they are down to half the limit, so that a room around the
+//     limit does not send the whole list back and forth.
+//   - An announcement looks only at the users that changed since the last
+//     one (presence.dirty), and the count is kept, not counted.
+
+// PresencePolicy is how a topic tracks presence; [WithPresence] chooses
+// one per topic. The zero value is the default.
+type PresencePolicy struct {
+	// Off means the topic tracks no presence at all.
+	Off bool
+	// List is the most members the topic lists to its v1 subscribers:
+	// while it has at most this many, a new subscriber is sent all of
+	// them and every subscriber each join and leave; above it,
+	// subscribers are sent only how many there are, until the count is
+	// down to List/2. 0 means 100; a negative List sends counts only.
+	// Listing costs O(List) per join; counting costs O(1).
+	List int
+	// Grace is how long a user whose last conn left the topic stays
+	// present, so that a user back within it never leaves. 0 means 5 s; a
+	// negative Grace means none.
+	Grace time.Duration
+}
 
 // Member is a user present on a topic: UserID, and Conns, the user's conns
 // on the topic (empty in a leave), each with its ID ([Conn.ID]) and the
-// metadata [WithConnMeta] gave it.
+// metadata [WithConnMeta] gave it. A [Client] sees each user's first
+// conn's metadata only, without its ID.
 type Member = adapter.Member
 
-// PresenceEvent is a change of presence on a topic: users who arrived
-// and users who left.
+// PresenceEvent is a change of presence on a topic: users who arrived,
+// users who left, and Count, how many users are present after it.
+//
+// A hub's observer is told of every user who arrives or leaves. A
+// [Client]'s is told what the server sent: with Snapshot set, Joins
+// replaces what the client knew of the topic, and lists every member, or
+// none when the topic is too big to list them (Count > len(Joins)); a
+// topic that only counts its members sends events with Count alone.
 type PresenceEvent struct {
-	Topic  string
-	Joins  []Member
-	Leaves []Member
+	Topic    string
+	Joins    []Member
+	Leaves   []Member
+	Count    int
+	Snapshot bool
 }
 
 // presence is a topic's presence, guarded by the topic's lock.
 type presence struct {
 	users map[string]*presentUser
+	dirty []string // users whose presentUser.dirty is set, each once, and others
+	count int      // users announced present
+	told  int      // the count last announced to every subscriber
+	// listing: subscribers are told who is present, not only how many.
+	listing bool
+	list    int // PresencePolicy.List, resolved; <= 0: never list
+	grace   time.Duration
+
 	timer *time.Timer // armed while a change waits to be announced
 	due   time.Time   // when timer fires
+	last  time.Time   // when the last announcement was made
 }
 
 type presentUser struct {
 	conns     []*Conn
 	announced bool      // subscribers have been told of the join
+	dirty     bool      // changed since the last announcement
 	goneAt    time.Time // when the last conn left; zero while one is here
 
 	// With a broker: the user's conns on the topic at other nodes, by
@@ -50,20 +100,59 @@ type presentUser struct {
 	changed bool
 }
 
+// newPresence returns the presence of a new topic called name, or nil if
+// the topic tracks none.
+func (h *Hub) newPresence(name string) *presence {
+	var pol PresencePolicy
+	if h.cfg.presence != nil {
+		pol = h.cfg.presence(name)
+	}
+	if pol.Off {
+		return nil
+	}
+	p := &presence{users: make(map[string]*presentUser), list: pol.List, grace: pol.Grace}
+	if p.list == 0 {
+		p.list = defaultPresenceList
+	}
+	switch {
+	case p.grace == 0:
+		p.grace = defaultPresenceGrace
+	case p.grace < 0:
+		p.grace = 0
+	}
+	p.listing = p.list > 0
+	return p
+}
+
 func (p *presence) empty() bool { return p == nil || len(p.users) == 0 }
 
-// snapshot encodes the presence message that opens a subscription: every
-// user whose arrival has been announced, as joins.
+// mark notes that user id, u, changed since the last announcement.
+func (p *presence) mark(id string, u *presentUser) {
+	if !u.dirty {
+		u.dirty = true
+		p.dirty = append(p.dirty, id)
+	}
+}
+
+// snapshot encodes the presence message that opens a subscription, or
+// that tells every subscriber the topic lists its members again: every
+// user whose arrival has been announced, or only how many there are
+// while the topic is too big to list them.
 func (p *presence) snapshot(topic string) []byte {
-	var joins []wire.Member
+	if !p.listing {
+		return wire.AppendPresence(nil, topic, p.count, true, nil, nil)
+	}
+	joins := make([]wire.Member, 0, p.count)
 	for id, u := range p.users {
 		if u.announced {
 			joins = append(joins, wire.Member{User: id, Meta: u.meta()})
 		}
 	}
-	slices.SortFunc(joins, func(a, b wire.Member) int { return strings.Compare(a.User, b.User) })
-	return wire.AppendPresence(nil, topic, joins, []wire.Member{})
+	slices.SortFunc(joins, byUser)
+	return wire.AppendPresence(nil, topic, p.count, true, joins, nil)
 }
+
+func byUser(a, b wire.Member) int { return strings.Compare(a.User, b.User) }
 
 // meta is what a join shows of the user: its first conn's metadata.
 func (u *presentUser) meta() json.RawMessage {
@@ -82,15 +171,17 @@ func (u *presentUser) meta() json.RawMessage {
 // locked and tracks presence.
 func (h *Hub) presenceJoinLocked(t *topic, c *Conn) {
 	user := c.hc.user
-	u := t.pres.users[user]
+	p := t.pres
+	u := p.users[user]
 	if u == nil {
 		u = &presentUser{}
-		t.pres.users[user] = u
+		p.users[user] = u
 	}
 	u.conns = append(u.conns, c)
 	u.goneAt = time.Time{}
 	u.changed = true
 	if !u.announced || h.broker != nil {
+		p.mark(user, u)
 		h.armPresenceLocked(t, time.Now().Add(defaultPresenceSettle))
 	}
 }
@@ -99,7 +190,8 @@ func (h *Hub) presenceJoinLocked(t *topic, c *Conn) {
 // presence.
 func (h *Hub) presenceLeaveLocked(t *topic, c *Conn) {
 	user := c.hc.user
-	u := t.pres.users[user]
+	p := t.pres
+	u := p.users[user]
 	if u == nil {
 		return
 	}
@@ -109,21 +201,28 @@ func (h *Hub) presenceLeaveLocked(t *topic, c *Conn) {
 	u.changed = true
 	if len(u.conns) > 0 {
 		if u.joined {
+			p.mark(user, u)
 			h.armPresenceLocked(t, time.Now().Add(defaultPresenceSettle))
 		}
 		return
 	}
 	if !u.announced && !u.joined && len(u.remote) == 0 {
-		delete(t.pres.users, user) // came and went unseen
+		delete(p.users, user) // came and went unseen
 		return
 	}
 	u.goneAt = time.Now()
-	h.armPresenceLocked(t, u.goneAt.Add(h.cfg.presenceGrace))
+	p.mark(user, u)
+	h.armPresenceLocked(t, u.goneAt.Add(p.grace))
 }
 
-// armPresenceLocked makes sure t's changes are announced no later than at.
+// armPresenceLocked makes sure t's changes are announced no later than at,
+// or than one interval after the last announcement if that is later.
 func (h *Hub) armPresenceLocked(t *topic, at time.Time) {
 	p := t.pres
+	interval := max(defaultPresenceSettle, time.Duration(t.nV1)*presencePerSubscriber)
+	if next := p.last.Add(interval); at.Before(next) {
+		at = next
+	}
 	if p.timer != nil {
 		if !at.Before(p.due) {
 			return
@@ -150,15 +249,26 @@ func (h *Hub) announce(t *topic) {
 	p := t.pres
 	p.timer = nil
 	now := time.Now()
+	observe := h.connCfg.observer.Presence != nil
 	var joins, leaves []wire.Member
 	var ev PresenceEvent
 	var next time.Time
-	for id, u := range p.users {
+	dirty := p.dirty
+	p.dirty = nil
+	for _, id := range dirty {
+		u := p.users[id]
+		if u == nil || !u.dirty {
+			continue // gone unseen, or met earlier in the list
+		}
+		u.dirty = false
 		local := len(u.conns) > 0
-		due := u.goneAt.Add(h.cfg.presenceGrace)
+		due := u.goneAt.Add(p.grace)
 		grace := !local && !u.goneAt.IsZero() && now.Before(due)
-		if grace && (next.IsZero() || due.Before(next)) {
-			next = due
+		if grace {
+			p.mark(id, u) // looked at again when due
+			if next.IsZero() || due.Before(next) {
+				next = due
+			}
 		}
 		if h.broker != nil {
 			// The other nodes learn of this node's changes as its own
@@ -175,8 +285,11 @@ func (h *Hub) announce(t *topic) {
 		switch {
 		case (local || len(u.remote) > 0) && !u.announced:
 			u.announced = true
-			joins = append(joins, wire.Member{User: id, Meta: u.meta()})
-			if h.connCfg.observer.Presence != nil {
+			p.count++
+			if p.listing {
+				joins = append(joins, wire.Member{User: id, Meta: u.meta()})
+			}
+			if observe {
 				ev.Joins = append(ev.Joins, u.member(id))
 			}
 		case !local && !grace && len(u.remote) == 0:
@@ -184,17 +297,32 @@ func (h *Hub) announce(t *topic) {
 			if !u.announced {
 				continue
 			}
-			leaves = append(leaves, wire.Member{User: id})
-			if h.connCfg.observer.Presence != nil {
+			p.count--
+			if p.listing {
+				leaves = append(leaves, wire.Member{User: id})
+			}
+			if observe {
 				ev.Leaves = append(ev.Leaves, Member{UserID: id})
 			}
 		}
 	}
-	if len(joins)+len(leaves) > 0 {
-		byUser := func(a, b wire.Member) int { return strings.Compare(a.User, b.User) }
+	var msg []byte
+	switch {
+	case p.listing && p.count > p.list:
+		p.listing = false
+		msg = p.snapshot(t.name) // the count alone, from now on
+	case !p.listing && p.list > 0 && p.count <= p.list/2:
+		p.listing = true
+		msg = p.snapshot(t.name)
+	case p.listing && len(joins)+len(leaves) > 0:
 		slices.SortFunc(joins, byUser)
 		slices.SortFunc(leaves, byUser)
-		msg := wire.AppendPresence(nil, t.name, nonNil(joins), nonNil(leaves))
+		msg = wire.AppendPresence(nil, t.name, p.count, false, nonNil(joins), nonNil(leaves))
+	case !p.listing && p.count != p.told:
+		msg = wire.AppendPresence(nil, t.name, p.count, false, nil, nil)
+	}
+	if msg != nil {
+		p.last, p.told = now, p.count
 		for _, c := range t.subs {
 			if c.coalesce {
 				c.enqueue(msg)
@@ -204,9 +332,10 @@ func (h *Hub) announce(t *topic) {
 	if !next.IsZero() {
 		h.armPresenceLocked(t, next)
 	}
+	count := p.count
 	h.unlockTopic(t)
 	if len(ev.Joins)+len(ev.Leaves) > 0 {
-		ev.Topic = t.name
+		ev.Topic, ev.Count = t.name, count
 		h.connCfg.observer.Presence(ev)
 	}
 }
@@ -250,8 +379,11 @@ func (h *Hub) remotePresence(name string, members []adapter.RemoteMember, snapsh
 	}
 	p := t.pres
 	if snapshot {
-		for _, u := range p.users {
-			u.remote = nil
+		for id, u := range p.users {
+			if u.remote != nil {
+				u.remote = nil
+				p.mark(id, u)
+			}
 		}
 	}
 	for _, m := range members {
@@ -259,6 +391,7 @@ func (h *Hub) remotePresence(name string, members []adapter.RemoteMember, snapsh
 		if len(m.Conns) == 0 {
 			if u != nil {
 				delete(u.remote, m.Node)
+				p.mark(m.UserID, u)
 			}
 			continue
 		}
@@ -270,6 +403,7 @@ func (h *Hub) remotePresence(name string, members []adapter.RemoteMember, snapsh
 			u.remote = make(map[string][]adapter.MemberConn)
 		}
 		u.remote[m.Node] = m.Conns
+		p.mark(m.UserID, u)
 	}
 	h.armPresenceLocked(t, time.Now())
 	h.unlockTopic(t)
@@ -281,10 +415,14 @@ func (t *topic) forgetRemoteLocked() {
 	if t.pres == nil {
 		return
 	}
-	for id, u := range t.pres.users {
+	p := t.pres
+	for id, u := range p.users {
 		u.remote = nil
 		if len(u.conns) == 0 && u.goneAt.IsZero() {
-			delete(t.pres.users, id)
+			delete(p.users, id)
+			if u.announced {
+				p.count-- // no subscriber here to tell
+			}
 		}
 	}
 }
@@ -316,6 +454,9 @@ func (h *Hub) stopTimers() {
 // With a broker, the answer covers every node: from what the hub was
 // told while it has a subscriber to topic, and from the broker otherwise
 // (without the users in their grace period there).
+//
+// It copies and sorts every member: for how many there are, use
+// [Hub.PresenceCount].
 func (h *Hub) Presence(topic string) []Member {
 	t := h.lockExisting(topic)
 	if h.broker != nil && (t == nil || len(t.subs) == 0) {
@@ -345,6 +486,36 @@ func (h *Hub) Presence(topic string) []Member {
 	}
 	slices.SortFunc(out, func(a, b Member) int { return strings.Compare(a.UserID, b.UserID) })
 	return out
+}
+
+// PresenceCount returns how many users are present on topic, as its
+// subscribers are told: a user is counted once its arrival has been
+// announced, and until its leave is. It takes constant time.
+//
+// With a broker, while the hub has no subscriber to topic, it asks the
+// broker for the topic's members and counts them, like [Hub.Presence].
+func (h *Hub) PresenceCount(topic string) int {
+	t := h.lockExisting(topic)
+	if h.broker != nil && (t == nil || len(t.subs) == 0) && !h.brokerDown.Load() {
+		if t != nil {
+			t.mu.Unlock()
+		}
+		ctx, cancel := brokerContext()
+		m, err := h.broker.Members(ctx, topic)
+		cancel()
+		if err == nil {
+			return len(m)
+		}
+		t = h.lockExisting(topic) // this hub's own view, then
+	}
+	if t == nil {
+		return 0
+	}
+	defer t.mu.Unlock()
+	if t.pres == nil {
+		return 0
+	}
+	return t.pres.count
 }
 
 // Online reports whether the user has a live conn on this hub or, with a

@@ -249,7 +249,7 @@ func TestSynctestPresenceLeaveAfterGrace(t *testing.T) {
 		}
 		b := newBubbleHub(t,
 			tether.WithAuth(func(r *http.Request) (string, error) { return r.URL.Query().Get("user"), nil }),
-			tether.WithPresence(nil, grace),
+			tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Grace: grace} }),
 			tether.WithObserver(tether.Observer{
 				Connect: func(c *tether.Conn) {
 					if err := hub.Subscribe(c, "room"); err != nil {

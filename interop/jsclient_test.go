@@ -82,7 +82,7 @@ func jsHubOptions() []tether.HubOption {
 	return []tether.HubOption{
 		tether.WithClientPublish(func(_ *tether.Conn, topic string) bool { return strings.HasPrefix(topic, "open:") }),
 		tether.WithSubscribeAuth(func(_ *tether.Conn, topic string) bool { return !strings.HasPrefix(topic, "secret:") }),
-		tether.WithPresence(nil, 100*time.Millisecond),
+		tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Grace: 100 * time.Millisecond} }),
 		tether.WithConnMeta(func(r *http.Request) json.RawMessage {
 			b, _ := json.Marshal(map[string]string{"peer": r.URL.Query().Get("peer")})
 			return b

@@ -71,7 +71,7 @@ func nodeOptions(rdb redis.UniversalClient, logger *slog.Logger) []tether.HubOpt
 			redisbroker.WithLogger(logger),
 		)),
 		tether.WithAuth(func(r *http.Request) (string, error) { return r.URL.Query().Get("user"), nil }),
-		tether.WithPresence(nil, presenceGrace),
+		tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Grace: presenceGrace} }),
 		tether.WithHeartbeat(hbInterval, hbTimeout),
 		tether.WithLogger(logger),
 	}

@@ -80,7 +80,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	fs.SetOutput(stdout)
 	fs.StringVar(&cfg.addr, "addr", "127.0.0.1:8080", "HTTP listen address")
 	fs.StringVar(&cfg.js, "js", "", "path of the browser client tether.js (default: js/tether.js of the repository, found from the working directory, the executable or the source)")
-	fs.DurationVar(&cfg.grace, "grace", 5*time.Second, "how long a user who left stays present, so that a reload or a reconnect does not flicker")
+	fs.DurationVar(&cfg.grace, "grace", 5*time.Second, "how long a user who left stays present, so that a reload or a reconnect does not flicker (negative: not at all)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -186,7 +186,7 @@ func newServer(cfg config, js string, log *slog.Logger) (*server, error) {
 			return room != ""
 		}),
 		tether.WithClientPublish(func(_ *tether.Conn, topic string) bool { return roomOf(topic) != "" }),
-		tether.WithPresence(nil, cfg.grace),
+		tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Grace: cfg.grace} }),
 		// The hub's history, resumes use it, and the room's transcript,
 		// which a page reloads when it cannot resume.
 		tether.WithHistory(s.rooms.history()),

@@ -111,6 +111,8 @@ type Frame struct {
 	Limits            Limits        // welcome; zero for none
 
 	Joins, Leaves []Member // presence; nil for none
+	Count         int64    // presence: the users present after it; -1 when absent
+	Snapshot      bool     // presence: Joins replaces what the client knew
 
 	Code   Code   // error
 	Reason string // error
@@ -252,6 +254,13 @@ func DecodeServer(line []byte) (Frame, error) {
 		for _, elem := range get[[]json.RawMessage](d, "leaves", m["leaves"], false) {
 			f.Leaves = append(f.Leaves, d.member("leaves", elem))
 		}
+		f.Count = -1
+		if raw := m["count"]; raw != nil && string(raw) != "null" {
+			if f.Count = get[int64](d, "count", raw, false); f.Count < 0 {
+				d.fail(CodeBadRequest, "field %q must not be negative", "count")
+			}
+		}
+		f.Snapshot = get[bool](d, "snapshot", m["snapshot"], false)
 	case OpResync:
 		f.Topic = get[string](d, "topic", m["topic"], true)
 		f.Epoch = get[string](d, "epoch", m["epoch"], true)
@@ -413,6 +422,8 @@ func typeName(v any) string {
 		return "an object"
 	case float64:
 		return "a number"
+	case bool:
+		return "true or false"
 	}
 	return "an array"
 }
@@ -587,12 +598,28 @@ func AppendError(dst []byte, code Code, reason, id string) []byte {
 	return append(dst, '}')
 }
 
-// AppendPresence appends a presence change. joins and leaves are always
-// written, as [] when empty, so clients need not test for them.
-func AppendPresence(dst []byte, topic string, joins, leaves []Member) []byte {
+// AppendPresence appends a presence message: count, the users present
+// after it (left out when negative); with snapshot, joins lists every user the client is to know
+// of (and is written as [] when empty); otherwise the changes, joins and
+// leaves, each left out when nil, so that a topic that only counts its
+// users sends {"op","topic","count"}.
+func AppendPresence(dst []byte, topic string, count int, snapshot bool, joins, leaves []Member) []byte {
 	dst = appendJSONString(append(dst, `{"op":"presence","topic":`...), topic)
-	dst = appendMembers(append(dst, `,"joins":`...), joins)
-	dst = appendMembers(append(dst, `,"leaves":`...), leaves)
+	if count >= 0 {
+		dst = strconv.AppendInt(append(dst, `,"count":`...), int64(count), 10)
+	}
+	if snapshot {
+		dst = append(dst, `,"snapshot":true`...)
+		if joins == nil {
+			joins = []Member{}
+		}
+	}
+	if joins != nil {
+		dst = appendMembers(append(dst, `,"joins":`...), joins)
+	}
+	if leaves != nil {
+		dst = appendMembers(append(dst, `,"leaves":`...), leaves)
+	}
 	return append(dst, '}')
 }
 

@@ -142,8 +142,12 @@ var serverCases = []protoCase{
 		want: Frame{Op: OpMsg, Topic: "room:42", Epoch: "e1", Seq: 18, Data: json.RawMessage(`{"text":"hi"}`)}},
 	{name: "direct msg", line: `{"op":"msg","data":"hello"}`, want: Frame{Op: OpMsg, Data: json.RawMessage(`"hello"`)}},
 	{name: "presence", line: `{"op":"presence","topic":"t","joins":[{"user":"ann","meta":{"device":"phone"}}],"leaves":[{"user":"bob"}]}`,
-		want: Frame{Op: OpPresence, Topic: "t", Joins: []Member{{"ann", json.RawMessage(`{"device":"phone"}`)}}, Leaves: []Member{{User: "bob"}}}},
-	{name: "presence without lists", line: `{"op":"presence","topic":"t"}`, want: Frame{Op: OpPresence, Topic: "t"}},
+		want: Frame{Op: OpPresence, Topic: "t", Joins: []Member{{"ann", json.RawMessage(`{"device":"phone"}`)}}, Leaves: []Member{{User: "bob"}}, Count: -1}},
+	{name: "presence without lists", line: `{"op":"presence","topic":"t"}`, want: Frame{Op: OpPresence, Topic: "t", Count: -1}},
+	{name: "presence count only", line: `{"op":"presence","topic":"t","count":19000}`, want: Frame{Op: OpPresence, Topic: "t", Count: 19000}},
+	{name: "presence snapshot", line: `{"op":"presence","topic":"t","count":1,"snapshot":true,"joins":[{"user":"ann"}]}`,
+		want: Frame{Op: OpPresence, Topic: "t", Count: 1, Snapshot: true, Joins: []Member{{User: "ann"}}}},
+	{name: "presence count null", line: `{"op":"presence","topic":"t","count":null,"snapshot":null}`, want: Frame{Op: OpPresence, Topic: "t", Count: -1}},
 	{name: "resync", line: `{"op":"resync","topic":"t","epoch":"e2"}`, want: Frame{Op: OpResync, Topic: "t", Epoch: "e2"}},
 	{name: "ack", line: `{"op":"ack","id":"s1"}`, want: Frame{Op: OpAck, ID: "s1"}},
 	{name: "error", line: `{"op":"error","code":"forbidden","reason":"no","id":"p1"}`,
@@ -168,6 +172,9 @@ var serverCases = []protoCase{
 	{name: "presence member null", line: `{"op":"presence","topic":"t","joins":[null]}`, code: CodeBadRequest},
 	{name: "presence member key case matters", line: `{"op":"presence","topic":"t","joins":[{"User":"ann"}]}`, code: CodeBadRequest},
 	{name: "presence leaves not an array", line: `{"op":"presence","topic":"t","leaves":"bob"}`, code: CodeBadRequest},
+	{name: "presence count negative", line: `{"op":"presence","topic":"t","count":-1}`, code: CodeBadRequest},
+	{name: "presence count fraction", line: `{"op":"presence","topic":"t","count":1.5}`, code: CodeBadRequest},
+	{name: "presence snapshot not a bool", line: `{"op":"presence","topic":"t","snapshot":1}`, code: CodeBadRequest},
 	{name: "resync without epoch", line: `{"op":"resync","topic":"t"}`, code: CodeBadRequest},
 	{name: "ack without id", line: `{"op":"ack"}`, code: CodeBadRequest},
 	{name: "error without code", line: `{"op":"error","reason":"r","id":"e"}`, code: CodeBadRequest, id: "e"},
@@ -267,8 +274,8 @@ func TestEncodeRoundTrip(t *testing.T) {
 	}
 	for _, topic := range protoTopics {
 		add(AppendMsg(nil, topic, "e-"+topic, 18, data), Frame{Op: OpMsg, Topic: topic, Epoch: "e-" + topic, Seq: 18, Data: data})
-		add(AppendPresence(nil, topic, []Member{{topic, nil}, {"ann", json.RawMessage(`{"d":1}`)}}, nil),
-			Frame{Op: OpPresence, Topic: topic, Joins: []Member{{topic, nil}, {"ann", json.RawMessage(`{"d":1}`)}}})
+		add(AppendPresence(nil, topic, 2, true, []Member{{topic, nil}, {"ann", json.RawMessage(`{"d":1}`)}}, nil),
+			Frame{Op: OpPresence, Topic: topic, Count: 2, Snapshot: true, Joins: []Member{{topic, nil}, {"ann", json.RawMessage(`{"d":1}`)}}})
 		add(AppendResync(nil, topic, topic), Frame{Op: OpResync, Topic: topic, Epoch: topic})
 		add(AppendAck(nil, topic), Frame{Op: OpAck, ID: topic})
 		add(AppendSubAck(nil, topic, topic, 17), Frame{Op: OpAck, ID: topic, Epoch: topic, Seq: 17})
@@ -279,8 +286,11 @@ func TestEncodeRoundTrip(t *testing.T) {
 	}
 	add(AppendMsg(nil, "", "", 0, json.RawMessage(`"direct"`)), Frame{Op: OpMsg, Data: json.RawMessage(`"direct"`)})
 	add(AppendMsg(nil, "t", "e", math.MaxUint64, nil), Frame{Op: OpMsg, Topic: "t", Epoch: "e", Seq: math.MaxUint64, Data: json.RawMessage(`null`)})
-	add(AppendPresence(nil, "t", nil, []Member{{"bob", json.RawMessage(`null`)}}),
+	add(AppendPresence(nil, "t", 0, false, nil, []Member{{"bob", json.RawMessage(`null`)}}),
 		Frame{Op: OpPresence, Topic: "t", Leaves: []Member{{"bob", json.RawMessage(`null`)}}})
+	add(AppendPresence(nil, "t", 20000, true, nil, nil), Frame{Op: OpPresence, Topic: "t", Count: 20000, Snapshot: true})
+	add(AppendPresence(nil, "t", 20001, false, nil, nil), Frame{Op: OpPresence, Topic: "t", Count: 20001})
+	add(AppendPresence(nil, "t", -1, false, []Member{}, []Member{}), Frame{Op: OpPresence, Topic: "t", Count: -1})
 	add(AppendError(nil, CodeInternal, "", ""), Frame{Op: OpError, Code: CodeInternal})
 	add(AppendWelcome(nil, "", 1500*time.Microsecond, time.Hour, Limits{}, nil), Frame{Op: OpWelcome, Interval: time.Millisecond, Timeout: time.Hour})
 	add(AppendPing(nil, math.MinInt64), Frame{Op: OpPing, TS: math.MinInt64})
@@ -340,8 +350,12 @@ func TestEncodeGolden(t *testing.T) {
 		{string(AppendAck(nil, "s1")), `{"op":"ack","id":"s1"}`},
 		{string(AppendSubAck(nil, "2", "e1", 17)), `{"op":"ack","id":"2","epoch":"e1","seq":17}`},
 		{string(AppendError(nil, CodeForbidden, "not allowed", "p1")), `{"op":"error","code":"forbidden","reason":"not allowed","id":"p1"}`},
-		{string(AppendPresence(nil, "room:42", []Member{{"ann", json.RawMessage(`{"device":"phone"}`)}}, nil)),
-			`{"op":"presence","topic":"room:42","joins":[{"user":"ann","meta":{"device":"phone"}}],"leaves":[]}`},
+		{string(AppendPresence(nil, "room:42", 1, true, []Member{{"ann", json.RawMessage(`{"device":"phone"}`)}}, nil)),
+			`{"op":"presence","topic":"room:42","count":1,"snapshot":true,"joins":[{"user":"ann","meta":{"device":"phone"}}]}`},
+		{string(AppendPresence(nil, "room:42", 2, false, []Member{{"bob", nil}}, []Member{})),
+			`{"op":"presence","topic":"room:42","count":2,"joins":[{"user":"bob"}],"leaves":[]}`},
+		{string(AppendPresence(nil, "room:42", 250, true, nil, nil)), `{"op":"presence","topic":"room:42","count":250,"snapshot":true,"joins":[]}`},
+		{string(AppendPresence(nil, "room:42", 251, false, nil, nil)), `{"op":"presence","topic":"room:42","count":251}`},
 		{string(AppendResync(nil, "room:42", "e2")), `{"op":"resync","topic":"room:42","epoch":"e2"}`},
 		{string(AppendSub(nil, "room:42", &Since{"e1", 17}, "s1")), `{"op":"sub","topic":"room:42","since":{"epoch":"e1","seq":17},"id":"s1"}`},
 		{string(AppendUnsub(nil, "room:42", "")), `{"op":"unsub","topic":"room:42"}`},
@@ -592,7 +606,7 @@ func protoEncode(f Frame) []byte {
 	case OpMsg:
 		return AppendMsg(nil, f.Topic, f.Epoch, f.Seq, f.Data)
 	case OpPresence:
-		return AppendPresence(nil, f.Topic, f.Joins, f.Leaves)
+		return AppendPresence(nil, f.Topic, int(f.Count), f.Snapshot, f.Joins, f.Leaves)
 	case OpResync:
 		return AppendResync(nil, f.Topic, f.Epoch)
 	case OpAck:

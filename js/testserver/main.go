@@ -121,7 +121,7 @@ func (s *server) newHub() error {
 		}),
 		tether.WithClientPublish(func(_ *tether.Conn, topic string) bool { return !strings.HasPrefix(topic, "readonly:") }),
 		tether.WithSubscribeAuth(func(_ *tether.Conn, topic string) bool { return !strings.HasPrefix(topic, "forbidden:") }),
-		tether.WithPresence(nil, s.grace),
+		tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Grace: s.grace} }),
 		tether.WithHistory(adapter.NewMemoryHistory(s.history, 2*time.Minute)),
 		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 			s.mu.Lock()

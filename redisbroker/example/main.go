@@ -162,7 +162,7 @@ func startNode(ctx context.Context, cfg config, ln net.Listener, log *slog.Logge
 		tether.WithConnMeta(func(*http.Request) json.RawMessage { return meta }),
 		tether.WithSubscribeAuth(func(_ *tether.Conn, topic string) bool { return roomTopic(topic) }),
 		tether.WithClientPublish(func(_ *tether.Conn, topic string) bool { return roomTopic(topic) }),
-		tether.WithPresence(nil, cfg.grace),
+		tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Grace: cfg.grace} }),
 		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 			log.Info("connect", "user", c.UserID(), "remote", c.RemoteAddr())
 		}}),

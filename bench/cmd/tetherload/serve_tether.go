@@ -57,7 +57,7 @@ func newTetherServer(cfg serveConfig, log *serveLog, stderr io.Writer) (serveImp
 	hub, err := tether.NewHub(
 		tether.WithHeartbeat(cfg.interval, cfg.timeout),
 		tether.WithLimits(tether.Limits{SendQueue: cfg.queue, SendQueueBytes: 1 << 20}),
-		tether.WithPresence(func(string) bool { return false }, 0),
+		tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Off: true} }),
 		// Load clients subscribe in a burst: no inbound limit.
 		tether.WithRateLimit(rate.Inf, 0),
 		obs,
