@@ -4,13 +4,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/tether-ws/tether/adapter"
 	"github.com/tether-ws/tether/internal/wire"
 	"golang.org/x/time/rate"
 )
@@ -67,6 +71,12 @@ type subscription struct {
 	waiter  chan error  // the first Subscribe waits here; nil once answered
 	retry   *time.Timer // re-sends a re-subscription refused for a while
 	retries int         // refusals in a row, for the retry's backoff
+
+	// The topic's presence, as the server's presence messages tell it:
+	// the members it lists, by user, and how many there are. members is
+	// nil until the first snapshot.
+	members map[string]Member
+	count   int
 }
 
 // request is a protocol request sent, or to be sent, to the server.
@@ -429,6 +439,8 @@ func (cl *Client) onMessage(c *Conn, m Message) {
 				continue
 			}
 			cl.deliver(f)
+		case wire.OpPresence:
+			cl.presence(f)
 		case wire.OpResync:
 			cl.resync(f.Topic)
 		case wire.OpAck:
@@ -441,7 +453,7 @@ func (cl *Client) onMessage(c *Conn, m Message) {
 			}
 			cl.answer(f, pe)
 		}
-		// welcome (only first, read by connect) and presence: nothing to do.
+		// welcome (only first, read by connect): nothing to do.
 	}
 }
 
@@ -468,6 +480,61 @@ func (cl *Client) deliver(f wire.Frame) {
 		cl.cfg.conn.observer.Resync(f.Topic)
 	}
 	sub.handler(Message{Topic: f.Topic, Position: Position{Epoch: f.Epoch, Seq: f.Seq}, Data: f.Data})
+}
+
+// presence applies a presence message to its subscription and reports
+// it to the observer.
+func (cl *Client) presence(f wire.Frame) {
+	cl.mu.Lock()
+	sub := cl.subs[f.Topic]
+	if sub == nil {
+		cl.mu.Unlock()
+		return
+	}
+	ev := PresenceEvent{Topic: f.Topic, Snapshot: f.Snapshot}
+	if f.Snapshot || sub.members == nil {
+		sub.members = make(map[string]Member, len(f.Joins))
+	}
+	for _, j := range f.Joins {
+		m := Member{UserID: j.User}
+		if j.Meta != nil {
+			m.Conns = []adapter.MemberConn{{Meta: j.Meta}}
+		}
+		sub.members[j.User] = m
+		ev.Joins = append(ev.Joins, m)
+	}
+	for _, l := range f.Leaves {
+		delete(sub.members, l.User)
+		ev.Leaves = append(ev.Leaves, Member{UserID: l.User})
+	}
+	sub.count = len(sub.members) // from a server that does not count
+	if f.Count >= 0 {
+		sub.count = int(f.Count)
+	}
+	ev.Count = sub.count
+	cl.mu.Unlock()
+	if h := cl.cfg.conn.observer.Presence; h != nil {
+		h(ev)
+	}
+}
+
+// Presence returns the presence on topic as the server last told it:
+// count, how many users are present, and members, who they are, sorted by
+// user ID, or nil while the topic is too big for the server to list them
+// (PROTOCOL.md, presence). Both are zero until the client is subscribed
+// and the server has sent the topic's first presence, and for a topic
+// that tracks none.
+func (cl *Client) Presence(topic string) (members []Member, count int) {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	sub := cl.subs[topic]
+	if sub == nil {
+		return nil, 0
+	}
+	if len(sub.members) == sub.count {
+		members = slices.SortedFunc(maps.Values(sub.members), func(a, b Member) int { return strings.Compare(a.UserID, b.UserID) })
+	}
+	return members, sub.count
 }
 
 // resync marks topic stale: its position is unknown until the next

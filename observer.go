@@ -41,9 +41,10 @@ type Observer struct {
 	// or the Conn.
 	Drop func(c *Conn, messages int)
 
-	// Presence reports a hub's change of presence on a topic, the same
-	// changes its subscribers receive. It runs on a timer goroutine of the
-	// hub.
+	// Presence reports a hub's change of presence on a topic: every user
+	// who arrives or leaves, once, on a timer goroutine of the hub. For a
+	// Client, it reports each presence message of the server (see
+	// [PresenceEvent]), on the client's reader goroutine.
 	Presence func(e PresenceEvent)
 	// Broker reports a hub's broker (see [WithBroker]) linking up, with
 	// nil (first soon after NewHub), losing its link, with the error, and
