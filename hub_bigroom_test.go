@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/coder/websocket"
@@ -375,4 +376,116 @@ func TestClientPresence(t *testing.T) {
 	if ms, n := cl.Presence("elsewhere"); ms != nil || n != 0 {
 		t.Fatalf("Presence(elsewhere) = %v, %d", ms, n)
 	}
+}
+
+// Announcements to a topic are at least one interval apart, and the
+// interval grows with the topic's v1 subscribers (0.1 ms each, 25 ms at
+// least): 400 subscribers watching 100 users arrive one every 2 ms get
+// one presence per 40 ms with the arrivals of those 40 ms, each arrival
+// once, rather than a presence per arrival.
+func TestSynctestPresenceInterval(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const watchers, users, every = 400, 100, 2 * time.Millisecond
+		const interval = watchers * 100 * time.Microsecond
+		var hub *tether.Hub
+		b := newBubbleHub(t,
+			tether.WithAuth(func(r *http.Request) (string, error) { return r.URL.Query().Get("user"), nil }),
+			tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
+				if c.UserID() != "" { // the users are raw peers the server subscribes
+					if err := hub.Subscribe(c, "room"); err != nil {
+						t.Errorf("Subscribe: %v", err)
+					}
+				}
+			}}))
+		defer b.stop()
+		hub = b.hub
+		type seen struct {
+			at time.Time
+			w  wire
+		}
+		var mu sync.Mutex
+		got := make([][]seen, watchers)
+		dial := func(user string, v1 bool) *websocket.Conn {
+			o := &websocket.DialOptions{HTTPClient: b.httpClient()}
+			if v1 {
+				o.Subprotocols = []string{tether.Subprotocol}
+			}
+			ws, _, err := websocket.Dial(context.Background(), "ws://pipe/?user="+user, o)
+			if err != nil {
+				t.Fatalf("dial %q: %v", user, err)
+			}
+			return ws
+		}
+		for i := range watchers {
+			ws := dial("", true)
+			defer ws.CloseNow()
+			if err := ws.Write(context.Background(), websocket.MessageText, []byte(`{"op":"sub","topic":"room"}`)); err != nil {
+				t.Fatal(err)
+			}
+			go func() {
+				for {
+					_, b, err := ws.Read(context.Background())
+					if err != nil {
+						return
+					}
+					for line := range strings.SplitSeq(string(b), "\n") {
+						w, err := parseWire([]byte(line), false)
+						if err == nil && w.Op == "presence" {
+							mu.Lock()
+							got[i] = append(got[i], seen{time.Now(), w})
+							mu.Unlock()
+						}
+					}
+				}
+			}()
+		}
+		synctest.Wait()
+		time.Sleep(time.Second) // every watcher subscribed and snapshotted
+		for i := range users {
+			ws := dial(fmt.Sprintf("u%03d", i), false)
+			defer ws.CloseNow()
+			go func() {
+				for {
+					if _, _, err := ws.Read(context.Background()); err != nil {
+						return
+					}
+				}
+			}()
+			time.Sleep(every)
+		}
+		time.Sleep(time.Second)
+		synctest.Wait()
+
+		mu.Lock()
+		defer mu.Unlock()
+		for i, msgs := range got {
+			if len(msgs) == 0 || !msgs[0].w.Snapshot {
+				t.Fatalf("watcher %d: no snapshot first", i)
+			}
+			joined := map[string]int{}
+			for k, m := range msgs[1:] {
+				if d := m.at.Sub(msgs[k].at); k > 0 && d < interval {
+					t.Fatalf("watcher %d: presences %v apart, want at least %v", i, d, interval)
+				}
+				for _, j := range m.w.Joins {
+					joined[j.User]++
+				}
+			}
+			if len(joined) != users {
+				t.Fatalf("watcher %d saw %d users join, want %d", i, len(joined), users)
+			}
+			for u, n := range joined {
+				if n != 1 {
+					t.Fatalf("watcher %d saw %s join %d times", i, u, n)
+				}
+			}
+			// The arrivals span users×every; one presence per interval.
+			if max := int(users*every/interval) + 2; len(msgs)-1 > max {
+				t.Fatalf("watcher %d got %d presences for %d arrivals, want at most %d", i, len(msgs)-1, users, max)
+			}
+			if last := msgs[len(msgs)-1].w; *last.Count != users {
+				t.Fatalf("watcher %d: last count %d, want %d", i, *last.Count, users)
+			}
+		}
+	})
 }
