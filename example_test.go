@@ -279,3 +279,67 @@ func ExampleWithObserver() {
 	// {"headline":"extra!"} 1
 	// gone: tether: client closed the connection: normal closure (1000): bye
 }
+
+// Presence per topic: rooms list their members up to 2 here (100 by
+// default), streams only count them. A client sees what its topic sends.
+func ExampleWithPresence() {
+	hub, err := tether.NewHub(
+		tether.WithAuth(func(r *http.Request) (string, error) { return r.URL.Query().Get("user"), nil }),
+		tether.WithPresence(func(topic string) tether.PresencePolicy {
+			if strings.HasPrefix(topic, "stream:") {
+				return tether.PresencePolicy{List: -1} // counts only
+			}
+			return tether.PresencePolicy{List: 2}
+		}),
+	)
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv := httptest.NewServer(hub)
+	defer srv.Close()
+	defer hub.Close()
+
+	ctx := context.Background()
+	join := func(user string) *tether.Client {
+		c, err := tether.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+"?user="+user)
+		if err != nil {
+			log.Fatal(err)
+		}
+		for _, topic := range []string{"room:1", "stream:1"} {
+			if err := c.Subscribe(ctx, topic, func(tether.Message) {}); err != nil {
+				log.Fatal(err)
+			}
+		}
+		return c
+	}
+	// show waits until ann's client has been told of n users on topic.
+	show := func(c *tether.Client, topic string, n int) {
+		for {
+			members, count := c.Presence(topic)
+			if count == n {
+				var users []string
+				for _, m := range members {
+					users = append(users, m.UserID)
+				}
+				fmt.Printf("%s: %d present, listed %v\n", topic, count, users)
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	ann := join("ann")
+	defer ann.Close()
+	bob := join("bob")
+	defer bob.Close()
+	show(ann, "room:1", 2)
+	show(ann, "stream:1", 2)
+	cat := join("cat")
+	defer cat.Close()
+	show(ann, "room:1", 3)
+	fmt.Println("hub:", hub.PresenceCount("room:1"), "in room:1")
+	// Output:
+	// room:1: 2 present, listed [ann bob]
+	// stream:1: 2 present, listed []
+	// room:1: 3 present, listed []
+	// hub: 3 in room:1
+}
