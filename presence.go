@@ -76,8 +76,11 @@ type presence struct {
 	dirty []string // users whose presentUser.dirty is set, each once, and others
 	count int      // users announced present
 	told  int      // the count last announced to every subscriber
-	// listing: subscribers are told who is present, not only how many.
+	// listing: subscribers are told who is present, not only how many;
+	// listed holds the announced users then, so that a snapshot costs
+	// what it lists, however many others are arriving.
 	listing bool
+	listed  map[string]struct{}
 	list    int // PresencePolicy.List, resolved; <= 0: never list
 	grace   time.Duration
 
@@ -120,7 +123,9 @@ func (h *Hub) newPresence(name string) *presence {
 	case p.grace < 0:
 		p.grace = 0
 	}
-	p.listing = p.list > 0
+	if p.listing = p.list > 0; p.listing {
+		p.listed = make(map[string]struct{})
+	}
 	return p
 }
 
@@ -142,11 +147,9 @@ func (p *presence) snapshot(topic string) []byte {
 	if !p.listing {
 		return wire.AppendPresence(nil, topic, p.count, true, nil, nil)
 	}
-	joins := make([]wire.Member, 0, p.count)
-	for id, u := range p.users {
-		if u.announced {
-			joins = append(joins, wire.Member{User: id, Meta: u.meta()})
-		}
+	joins := make([]wire.Member, 0, len(p.listed))
+	for id := range p.listed {
+		joins = append(joins, wire.Member{User: id, Meta: p.users[id].meta()})
 	}
 	slices.SortFunc(joins, byUser)
 	return wire.AppendPresence(nil, topic, p.count, true, joins, nil)
@@ -287,6 +290,7 @@ func (h *Hub) announce(t *topic) {
 			u.announced = true
 			p.count++
 			if p.listing {
+				p.listed[id] = struct{}{}
 				joins = append(joins, wire.Member{User: id, Meta: u.meta()})
 			}
 			if observe {
@@ -299,6 +303,7 @@ func (h *Hub) announce(t *topic) {
 			}
 			p.count--
 			if p.listing {
+				delete(p.listed, id)
 				leaves = append(leaves, wire.Member{User: id})
 			}
 			if observe {
@@ -309,10 +314,15 @@ func (h *Hub) announce(t *topic) {
 	var msg []byte
 	switch {
 	case p.listing && p.count > p.list:
-		p.listing = false
+		p.listing, p.listed = false, nil
 		msg = p.snapshot(t.name) // the count alone, from now on
 	case !p.listing && p.list > 0 && p.count <= p.list/2:
-		p.listing = true
+		p.listing, p.listed = true, make(map[string]struct{}, p.count)
+		for id, u := range p.users {
+			if u.announced {
+				p.listed[id] = struct{}{}
+			}
+		}
 		msg = p.snapshot(t.name)
 	case p.listing && len(joins)+len(leaves) > 0:
 		slices.SortFunc(joins, byUser)
@@ -422,6 +432,7 @@ func (t *topic) forgetRemoteLocked() {
 			delete(p.users, id)
 			if u.announced {
 				p.count-- // no subscriber here to tell
+				delete(p.listed, id)
 			}
 		}
 	}
