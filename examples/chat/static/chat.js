@@ -255,8 +255,12 @@ function start() {
   window.chat = { client }; // for the console
   client.on("state", showState);
   client.on("rtt", (ms) => { $("rtt").textContent = `${Math.round(ms)} ms`; });
-  client.on("presence", (t, { joins = [], leaves = [] } = {}) => {
+  client.on("presence", (t, { joins = [], leaves = [], snapshot = false } = {}) => {
     if (t !== topic) return;
+    // A snapshot replaces the list: it opens each subscription, so it
+    // also undoes what a reconnect left stale. (A room of more than 100
+    // sends counts only; the server's list below still names everyone.)
+    if (snapshot) present.clear();
     for (const j of joins) present.set(j.user, j.meta ?? null);
     for (const l of leaves) present.delete(l.user);
     renderPeople();
