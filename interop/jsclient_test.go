@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -152,10 +153,16 @@ func TestJSClientProtocol(t *testing.T) {
 	if topics := rec.conn.Topics(); !slices.Contains(topics, "open:room") {
 		t.Fatalf("hub: the JS conn's topics are %v", topics)
 	}
-	// presence: the first presence after the sub lists the JS client's own
-	// user; a Go client joining the topic is announced, with its meta.
+	// presence: the first presence after the sub is a snapshot of the
+	// room, empty but for the JS client's own user if it was announced
+	// already; its join follows otherwise. A Go client joining the topic
+	// is announced, with its meta. Every presence carries the count.
+	snap, _ := js.waitFor(0, 2*time.Second, "presence snapshot", func(e event) bool { return e.Ev == "presence" && e.Topic == "open:room" })
+	if !snap.Snapshot || snap.Count == nil || *snap.Count != len(snap.Joins) || len(snap.Leaves) != 0 {
+		t.Fatalf("first presence %s: want a snapshot listing its count", snap)
+	}
 	js.waitFor(0, 2*time.Second, "presence with js", func(e event) bool {
-		return e.Ev == "presence" && e.Topic == "open:room" && hasMember(e.Joins, "js", `{"peer":"js"}`)
+		return e.Ev == "presence" && e.Topic == "open:room" && hasMember(e.Joins, "js", `{"peer":"js"}`) && countIs(e, 1)
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -169,8 +176,9 @@ func TestJSClientProtocol(t *testing.T) {
 		t.Fatalf("Go client Subscribe: %v", err)
 	}
 	js.waitFor(0, 2*time.Second, "presence join of gopher", func(e event) bool {
-		return e.Ev == "presence" && e.Topic == "open:room" && hasMember(e.Joins, "gopher", `{"peer":"gopher"}`)
+		return e.Ev == "presence" && e.Topic == "open:room" && hasMember(e.Joins, "gopher", `{"peer":"gopher"}`) && countIs(e, 2)
 	})
+	checkPresence(t, js, "open:room", `{"count":2,"members":[{"user":"gopher","meta":{"peer":"gopher"}},{"user":"js","meta":{"peer":"js"}}]}`)
 
 	// msg: published by the Go hub, to both clients.
 	if err := s.Hub().Publish("open:room", []byte(`{"from":"hub"}`)); err != nil {
@@ -212,12 +220,14 @@ func TestJSClientProtocol(t *testing.T) {
 	// presence: the Go client leaves; after the grace, the JS client sees it.
 	gopher.Close()
 	js.waitFor(0, 2*time.Second, "presence leave of gopher", func(e event) bool {
-		return e.Ev == "presence" && e.Topic == "open:room" && hasMember(e.Leaves, "gopher", "")
+		return e.Ev == "presence" && e.Topic == "open:room" && hasMember(e.Leaves, "gopher", "") && countIs(e, 1)
 	})
+	checkPresence(t, js, "open:room", `{"count":1,"members":[{"user":"js","meta":{"peer":"js"}}]}`)
 
 	// unsub: once the hub has it, the topic's messages stop; a direct
 	// message sent after a publication arrives alone.
 	js.must("unsubscribe", "topic", "open:room")
+	checkPresence(t, js, "open:room", "null") // forgotten
 	s.waitFor(time.Second, "the hub to unsubscribe the JS conn", func() bool { return len(rec.conn.Topics()) == 0 })
 	if err := s.Hub().Publish("open:room", []byte(`{"after":"unsub"}`)); err != nil {
 		t.Fatal(err)
@@ -321,6 +331,25 @@ func hasMember(ms []member, user, meta string) bool {
 		}
 	}
 	return false
+}
+
+func countIs(e event, n int) bool { return e.Count != nil && *e.Count == n }
+
+// checkPresence checks what the JS client's presence(topic) returns, as
+// JSON (undefined comes as null).
+func checkPresence(t testing.TB, js *jsClient, topic, want string) {
+	t.Helper()
+	got := js.must("presence", "topic", topic)
+	var g, w any
+	if err := json.Unmarshal(got, &g); err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal([]byte(want), &w); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(g, w) {
+		t.Fatalf("presence(%q) = %s, want %s", topic, got, want)
+	}
 }
 
 // checkGo checks the next message the Go client got.

@@ -51,6 +51,10 @@ type event struct {
 	OK      bool            `json:"ok"`
 	Value   json.RawMessage `json:"value"`
 
+	// A presence event's count: nil when it has none, to tell it from 0.
+	Count    *int `json:"count"`
+	Snapshot bool `json:"snapshot"`
+
 	line string
 }
 

@@ -81,14 +81,30 @@ export interface SubscribePosition {
   seq?: number
 }
 
+/** A user on a topic: the application's user id, and its data about the user's first connection (its device, …) when it gives any. */
 export interface PresenceMember {
   user: string
   meta?: unknown
 }
 
+/** A presence message of a topic (PROTOCOL.md, "presence"). */
 export interface PresenceChange {
+  /** Users who arrived; with snapshot, every user the topic lists (none while it only counts them). */
   joins: PresenceMember[]
+  /** Users who left (empty in a snapshot, and while the topic only counts its members). */
   leaves: PresenceMember[]
+  /** How many users are present after this change: the server's count, or, from a server before count, the length of the client's list. */
+  count: number
+  /** joins replaces everything known of the topic's presence. */
+  snapshot: boolean
+}
+
+/** Who is on a topic, as the server last told: presence(topic). */
+export interface PresenceView {
+  /** How many users are present. */
+  count: number
+  /** Every member, sorted by user; null while the topic only counts its members (it has more than the server lists). */
+  members: PresenceMember[] | null
 }
 
 /** The welcome, as the server sent it (PROTOCOL.md, section 4). */
@@ -106,6 +122,7 @@ export interface TetherEvents {
   state: (state: TetherState, err: TetherError | undefined) => void
   /** A direct message from the server application. */
   message: (data: any) => void
+  /** A presence message of a subscribed topic, applied to presence(topic) before the event. */
   presence: (topic: string, change: PresenceChange) => void
   /** The client cannot resume topic: reload its state; live messages follow. */
   resync: (topic: string) => void
@@ -166,7 +183,10 @@ export declare class TetherClient {
 
   /** Resolves on the server's ack (rejects with its error code); the handler gets the messages from then on, resumed across reconnects. */
   subscribe (topic: string, handler: (data: any, meta: MessageMeta) => void): Promise<SubscribePosition>
+  /** Also forgets the topic's presence. */
   unsubscribe (topic: string): void
+  /** Who is on topic, as the server last told; undefined when not subscribed to it, or no presence of it has come yet (a topic that tracks none sends none). Kept across reconnects until the new conn's snapshot replaces it. */
+  presence (topic: string): PresenceView | undefined
   /** Resolves on the server's ack. Buffered while offline (rejects 'buffer_full' past the bound; 'offline' with volatile). */
   publish (topic: string, data: unknown, options?: { volatile?: boolean }): Promise<void>
   /** A direct message to the server application, buffered like publish(). */

@@ -58,7 +58,10 @@ export class TetherError extends Error {
  * - `state` (state, err): a new state; err is why the conn was lost
  *   (reconnecting) or why the client closed (closed), else undefined.
  * - `message` (data): a direct message from the server application.
- * - `presence` (topic, {joins, leaves}): who arrived at and left a topic.
+ * - `presence` (topic, {joins, leaves, count, snapshot}): who arrived at
+ *   and left a topic, and how many are on it now; with snapshot, joins
+ *   replaces everything known of it. presence(topic) holds what they
+ *   add up to, updated before the event.
  * - `resync` (topic): the client cannot resume topic; reload its state.
  * - `error` (err): something went wrong away from any call; the client
  *   goes on.
@@ -202,7 +205,7 @@ export class TetherClient {
     if (this._subs.has(topic)) return Promise.reject(new TetherError('already_subscribed', `tether: subscribe: already subscribed to ${JSON.stringify(topic)}`, { topic }))
     return new Promise((resolve, reject) => {
       /** @type {Sub} */
-      const sub = { topic, handler, epoch: '', seq: 0, known: false, acked: false, waiter: { resolve, reject }, retry: null, retries: 0 }
+      const sub = { topic, handler, epoch: '', seq: 0, known: false, acked: false, waiter: { resolve, reject }, retry: null, retries: 0, pres: null, presFirst: true }
       this._subs.set(topic, sub)
       const link = this._link
       // A conn already welcomed has taken its list of topics: this one
@@ -218,8 +221,9 @@ export class TetherClient {
   }
 
   /**
-   * Ends the subscription to topic: its handler receives nothing more. A
-   * subscribe() still waiting for the server rejects.
+   * Ends the subscription to topic: its handler receives nothing more,
+   * and its presence is forgotten. A subscribe() still waiting for the
+   * server rejects.
    * @param {string} topic
    */
   unsubscribe (topic) {
@@ -240,6 +244,25 @@ export class TetherClient {
       // is undone by this unsub, which follows it.
       link.send(JSON.stringify({ op: 'unsub', topic }))
     }
+  }
+
+  /**
+   * Who is on topic, as the server last told: `count`, how many users are
+   * present, and `members`, each `{user, meta}`, sorted by user; members
+   * is null while the topic only counts its members (it has more than
+   * the server lists). undefined when the client is not subscribed to
+   * topic or has had no presence of it yet (none comes for a topic that
+   * tracks none).
+   * @param {string} topic
+   * @returns {{count: number, members: Array<{user: string, meta?: any}> | null} | undefined}
+   */
+  presence (topic) {
+    const p = this._subs.get(topic)?.pres
+    if (!p) return undefined
+    if (p.members.size !== p.count) return { count: p.count, members: null }
+    const members = [...p.members.values()].map((m) => ({ ...m }))
+    members.sort((a, b) => (a.user < b.user ? -1 : a.user > b.user ? 1 : 0))
+    return { count: p.count, members }
   }
 
   /**
@@ -356,6 +379,9 @@ export class TetherClient {
     this._failures = 0
     this.url = link.url
     this._emit('welcome', welcome)
+    // What the client knows of presence stays until the first presence of
+    // each topic on this conn replaces it.
+    for (const sub of this._subs.values()) sub.presFirst = true
     for (const r of welcome.resume ?? []) {
       // Topics the server resumed by itself: an "ok" replay follows (what
       // the client had already is dropped by seq); a "resync" starts over.
@@ -613,7 +639,11 @@ export class TetherClient {
         for (const e of [...joins, ...leaves]) {
           if (e === null || typeof e !== 'object' || typeof e.user !== 'string') return this._bad('a member without "user"', line)
         }
-        this._emit('presence', m.topic, { joins, leaves })
+        // Absent (a server before count): the client's list gives it.
+        const count = m.count ?? undefined
+        if (count !== undefined && !isUint(count)) return this._bad('"count" is not a non-negative integer', line)
+        if (m.snapshot != null && typeof m.snapshot !== 'boolean') return this._bad('"snapshot" is not a boolean', line)
+        this._presence(m.topic, joins, leaves, count, m.snapshot === true)
         return
       }
       case 'resync': {
@@ -681,6 +711,36 @@ export class TetherClient {
     } catch (err) {
       this._report(new TetherError('handler', `tether: the handler of ${JSON.stringify(topic)} threw: ${err?.message ?? err}`, { topic, cause: err }))
     }
+  }
+
+  /**
+   * @internal Applies a presence message to the topic's list and count,
+   * and emits it. count is undefined from a server before count.
+   */
+  _presence (topic, joins, leaves, count, snapshot) {
+    const sub = this._subs.get(topic)
+    if (!sub) return // unsubscribed: what was in flight is ignored
+    const first = sub.presFirst
+    sub.presFirst = false
+    if (!snapshot && count === undefined && first) {
+      // A server before snapshot existed lists everyone in the first
+      // presence after each sub (so the first on each conn): that is its
+      // snapshot, and what the client knew from before a reconnect goes.
+      snapshot = true
+    }
+    if (!snapshot && count !== undefined && sub.pres === null) {
+      // A server that counts opens every subscription with a snapshot: a
+      // change before it belongs to an earlier subscription to the topic,
+      // still in flight when it ended.
+      return
+    }
+    let members = sub.pres?.members
+    if (snapshot || !members) members = new Map()
+    for (const e of leaves) members.delete(e.user)
+    for (const e of joins) members.set(e.user, e.meta === undefined ? { user: e.user } : { user: e.user, meta: e.meta })
+    const n = count ?? members.size
+    sub.pres = { members, count: n }
+    this._emit('presence', topic, { joins, leaves, count: n, snapshot })
   }
 
   /** @internal Settles the request that an ack (err undefined) or an error answers. */
@@ -1289,6 +1349,9 @@ function utf8Length (s) {
  * @property {{resolve: Function, reject: Function} | null} waiter the first subscribe()
  * @property {any} retry re-sends a re-subscription refused for a while
  * @property {number} retries
+ * @property {{members: Map<string, {user: string, meta?: any}>, count: number} | null} pres
+ *   the topic's presence, as the server last told; null before any
+ * @property {boolean} presFirst no presence of the topic yet on this conn
  */
 
 /**

@@ -10,7 +10,7 @@
 //   welcome {session, heartbeat, ...}  the 'welcome' event: the welcome as sent
 //   rtt {rtt}                          the 'rtt' event
 //   message {data}                     the 'message' event (a direct message)
-//   presence {topic, joins, leaves}    the 'presence' event
+//   presence {topic, joins, leaves, count, snapshot}  the 'presence' event
 //   resync {topic}                     the 'resync' event
 //   error {error}                      the 'error' event
 //   msg {topic, epoch, seq, data}      a subscription handler's call
@@ -19,6 +19,7 @@
 // stdin: one JSON object per line, {"cmd": ..., "step": <name>}:
 //   subscribe {topic}       await client.subscribe(topic, handler)
 //   unsubscribe {topic}     client.unsubscribe(topic)
+//   presence {topic}        client.presence(topic): {count, members} (null if unknown)
 //   publish {topic, data}   await client.publish(topic, data)
 //   send {data}             await client.send(data)
 //   inspect                 client.state, client.rtt, client.heartbeat, client.topics
@@ -67,7 +68,9 @@ client.on("state", (state, err) => out({ ev: "state", state, error: errorOf(err)
 client.on("welcome", (w) => out({ ev: "welcome", ...w }));
 client.on("rtt", (rtt) => out({ ev: "rtt", rtt }));
 client.on("message", (data) => out({ ev: "message", data }));
-client.on("presence", (topic, { joins, leaves }) => out({ ev: "presence", topic, joins, leaves }));
+client.on("presence", (topic, { joins, leaves, count, snapshot }) =>
+  out({ ev: "presence", topic, joins, leaves, count, snapshot }),
+);
 client.on("resync", (topic) => out({ ev: "resync", topic }));
 client.on("error", (err) => out({ ev: "error", error: errorOf(err) }));
 
@@ -79,6 +82,8 @@ async function run(c) {
       return await client.subscribe(c.topic, handler);
     case "unsubscribe":
       return client.unsubscribe(c.topic);
+    case "presence":
+      return client.presence(c.topic);
     case "publish":
       return await client.publish(c.topic, c.data);
     case "send":

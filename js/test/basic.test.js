@@ -121,18 +121,27 @@ test('presence: joins with meta, then leaves after the grace', async () => {
   a.on('presence', (topic, change) => seen.push([topic, change]))
   await a.subscribe('room:p', () => {})
   await until(() => seen.some(([, ch]) => ch.joins.some((j) => j.user === 'gus')), 2000, 'own join')
+  // The subscription opens with a snapshot of the room, empty until the
+  // client's own join is announced after it.
+  assert.deepEqual(seen[0], ['room:p', { joins: [], leaves: [], count: 0, snapshot: true }])
   const own = seen.find(([, ch]) => ch.joins.length > 0)
-  assert.deepEqual(own, ['room:p', { joins: [{ user: 'gus', meta: { device: 'phone' } }], leaves: [] }])
+  assert.deepEqual(own, ['room:p', { joins: [{ user: 'gus', meta: { device: 'phone' } }], leaves: [], count: 1, snapshot: false }])
+  assert.deepEqual(a.presence('room:p'), { count: 1, members: [{ user: 'gus', meta: { device: 'phone' } }] })
 
   const b = client(srv.url('hal', { device: 'laptop' }))
   await b.subscribe('room:p', () => {})
   await until(() => seen.some(([t, ch]) => t === 'room:p' && ch.joins.some((j) => j.user === 'hal')), 2000, 'join of hal')
-  assert.deepEqual(seen.at(-1)[1].joins, [{ user: 'hal', meta: { device: 'laptop' } }])
+  assert.deepEqual(seen.at(-1)[1], { joins: [{ user: 'hal', meta: { device: 'laptop' } }], leaves: [], count: 2, snapshot: false })
 
   const started = Date.now()
   await b.close()
   await until(() => seen.some(([, ch]) => ch.leaves.some((l) => l.user === 'hal')), 3000, 'leave of hal')
   assert.ok(Date.now() - started >= 80, 'a leave waits out the grace')
+  assert.deepEqual(seen.at(-1)[1], { joins: [], leaves: [{ user: 'hal' }], count: 1, snapshot: false })
+  assert.deepEqual(a.presence('room:p'), { count: 1, members: [{ user: 'gus', meta: { device: 'phone' } }] })
+  assert.equal(a.presence('room:elsewhere'), undefined, 'not subscribed')
+  a.unsubscribe('room:p')
+  assert.equal(a.presence('room:p'), undefined, 'forgotten on unsubscribe')
 })
 
 test('token: fetched for every attempt and sent as ?token=', async () => {

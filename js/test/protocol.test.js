@@ -1,5 +1,6 @@
 // What the Go hub never sends: malformed frames, seq gaps, epoch changes,
-// welcome resume entries, refused re-subscriptions. A scripted WebSocket
+// welcome resume entries, refused re-subscriptions, presence as a server
+// before count sent it, stale presence. A scripted WebSocket
 // server (the ws package) plays the server's side of PROTOCOL.md over
 // loopback, one script per test.
 import assert from 'node:assert/strict'
@@ -78,6 +79,10 @@ test('malformed frames: an error event each, the conn kept; unknown ops ignored'
     '{"op":"error","id":"9"}', // code missing
     '{"op":"presence","joins":[]}', // topic missing
     '{"op":"presence","topic":"t","joins":[{"meta":1}]}', // user missing
+    '{"op":"presence","topic":"t","count":-1}',
+    '{"op":"presence","topic":"t","count":1.5}',
+    '{"op":"presence","topic":"t","count":"3"}',
+    '{"op":"presence","topic":"t","snapshot":"yes","joins":[]}',
     '{"op":"resync","topic":"t"}', // epoch missing
     '{"op":"ping","ts":"now"}',
     '   ' // only spaces: not JSON
@@ -232,4 +237,136 @@ test('a check held up past its time gives the server one more probe before judgi
   await state(d, 'connected')
   const [, err] = await next(d, 'state', (s) => s === 'reconnecting', 2000)
   assert.equal(err.code, 'heartbeat_timeout')
+})
+
+/**
+ * A script that acks every sub and sends, on conn n, the presence
+ * messages of topic "room" that the test gives say(n, ...messages), or a
+ * line as is with raw(n, line); subbed(n) resolves once conn n has a sub.
+ */
+function presenceServer () {
+  const socks = new Map()
+  const subs = new Map()
+  const waiters = []
+  serve((s, n) => {
+    socks.set(n, s)
+    s.send(welcome({ session: `s${n}` }))
+    s.on('message', (data) => {
+      for (const line of String(data).split('\n')) {
+        if (!line) continue
+        const m = JSON.parse(line)
+        if (m.op !== 'sub') continue
+        s.send(JSON.stringify({ op: 'ack', id: m.id, epoch: 'e', seq: 0 }))
+        subs.set(n, (subs.get(n) ?? 0) + 1)
+        for (const w of waiters.splice(0)) w()
+      }
+    })
+  })
+  return {
+    say (n, ...msgs) { socks.get(n).send(msgs.map((m) => JSON.stringify({ op: 'presence', topic: 'room', ...m })).join('\n')) },
+    raw (n, line) { socks.get(n).send(line) },
+    subbed: (n) => until(() => subs.get(n) > 0, 3000, `a sub on conn ${n}`)
+  }
+}
+
+test('presence: snapshots replace, changes apply, counted topics count; stale and malformed ones ignored', async () => {
+  const srv = presenceServer()
+  const c = client(url)
+  const errs = errors(c)
+  const seen = []
+  c.on('presence', (t, ch) => seen.push([t, ch]))
+  await c.subscribe('room', () => {})
+  await srv.subbed(1)
+  const view = () => c.presence('room')
+  const ann = { user: 'ann', meta: { device: 'phone' } }
+
+  // A change before the subscription's snapshot belongs to an earlier
+  // subscription: ignored.
+  srv.say(1, { count: 9, joins: [{ user: 'zed' }], leaves: [] })
+  srv.say(1, { count: 2, snapshot: true, joins: [{ user: 'bob' }, ann] })
+  await until(() => seen.length === 1, 2000, 'the snapshot')
+  assert.deepEqual(seen[0], ['room', { joins: [{ user: 'bob' }, ann], leaves: [], count: 2, snapshot: true }])
+  assert.deepEqual(view(), { count: 2, members: [ann, { user: 'bob' }] }) // sorted by user
+
+  srv.say(1, { count: 3, joins: [{ user: 'cat', meta: null }], leaves: [] }, { count: 2, joins: [], leaves: [{ user: 'bob' }] })
+  await until(() => seen.length === 3, 2000, 'two changes')
+  assert.deepEqual(seen[1][1], { joins: [{ user: 'cat', meta: null }], leaves: [], count: 3, snapshot: false })
+  assert.deepEqual(view(), { count: 2, members: [ann, { user: 'cat', meta: null }] })
+
+  // Malformed: reported, and ignored.
+  const bad = [
+    '{"op":"presence","topic":"room","count":-1,"joins":[],"leaves":[{"user":"ann"}]}',
+    '{"op":"presence","topic":"room","count":2.5}',
+    '{"op":"presence","topic":"room","count":"150","snapshot":true,"joins":[]}',
+    '{"op":"presence","topic":"room","count":1e300}',
+    '{"op":"presence","topic":"room","count":1,"snapshot":1,"joins":[]}'
+  ]
+  for (const f of bad) srv.raw(1, f)
+  await until(() => errs.length === bad.length, 2000, 'an error each')
+  assert.ok(errs.every((e) => e.code === 'bad_frame' && /"(count|snapshot)"/.test(e.message)), errs.map((e) => e.message).join('\n'))
+  assert.equal(seen.length, 3)
+  assert.deepEqual(view(), { count: 2, members: [ann, { user: 'cat', meta: null }] })
+
+  // Over the list limit: an empty snapshot, then counts alone.
+  srv.say(1, { count: 150, snapshot: true, joins: [] }, { count: 151 })
+  await until(() => seen.length === 5, 2000, 'counted')
+  assert.deepEqual(seen[3][1], { joins: [], leaves: [], count: 150, snapshot: true })
+  assert.deepEqual(seen[4][1], { joins: [], leaves: [], count: 151, snapshot: false })
+  assert.deepEqual(view(), { count: 151, members: null })
+
+  // Back to half the limit: listed again.
+  srv.say(1, { count: 1, snapshot: true, joins: [ann] })
+  await until(() => seen.length === 6, 2000, 'listed again')
+  assert.deepEqual(view(), { count: 1, members: [ann] })
+
+  // A topic not subscribed to: ignored.
+  srv.raw(1, '{"op":"presence","topic":"other","count":1,"snapshot":true,"joins":[{"user":"x"}]}')
+  await sleep(50)
+  assert.equal(seen.length, 6)
+  assert.equal(c.presence('other'), undefined)
+
+  // After a reconnect, the list stays until the new conn's snapshot
+  // replaces it.
+  const back = next(c, 'state', (s) => s === 'connected')
+  for (const s of sockets) s.terminate()
+  await back
+  await srv.subbed(2)
+  assert.deepEqual(view(), { count: 1, members: [ann] })
+  srv.say(2, { count: 2, snapshot: true, joins: [{ user: 'bob' }, { user: 'dan' }] })
+  await until(() => seen.length === 7, 2000, 'the new snapshot')
+  assert.deepEqual(view(), { count: 2, members: [{ user: 'bob' }, { user: 'dan' }] })
+
+  c.unsubscribe('room')
+  assert.equal(view(), undefined)
+  assert.equal(errs.length, bad.length)
+})
+
+test('presence from a server before count: the count is the list, the first of each conn replaces it', async () => {
+  const srv = presenceServer()
+  const c = client(url)
+  const seen = []
+  c.on('presence', (t, ch) => seen.push(ch))
+  await c.subscribe('room', () => {})
+  await srv.subbed(1)
+  assert.equal(c.presence('room'), undefined, 'nothing known yet')
+  srv.say(1, { joins: [{ user: 'ann' }], leaves: [] }, { joins: [{ user: 'bob' }] }, { leaves: [{ user: 'ann' }] })
+  await until(() => seen.length === 3, 2000, 'three changes')
+  assert.deepEqual(seen, [
+    { joins: [{ user: 'ann' }], leaves: [], count: 1, snapshot: true },
+    { joins: [{ user: 'bob' }], leaves: [], count: 2, snapshot: false },
+    { joins: [], leaves: [{ user: 'ann' }], count: 1, snapshot: false }
+  ])
+  assert.deepEqual(c.presence('room'), { count: 1, members: [{ user: 'bob' }] })
+
+  const back = next(c, 'state', (s) => s === 'connected')
+  for (const s of sockets) s.terminate()
+  await back
+  await srv.subbed(2)
+  assert.deepEqual(c.presence('room'), { count: 1, members: [{ user: 'bob' }] })
+  // bob left while the client was away: the new conn's first presence
+  // lists who is there.
+  srv.say(2, { joins: [{ user: 'cat' }], leaves: [] })
+  await until(() => seen.length === 4, 2000, 'the first presence of the new conn')
+  assert.deepEqual(seen[3], { joins: [{ user: 'cat' }], leaves: [], count: 1, snapshot: true })
+  assert.deepEqual(c.presence('room'), { count: 1, members: [{ user: 'cat' }] })
 })

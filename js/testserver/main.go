@@ -14,7 +14,9 @@
 //     ?device=<d> as the conn's presence metadata {"device":"<d>"};
 //   - lets clients publish on every topic but those starting "readonly:",
 //     and subscribe to every topic but those starting "forbidden:";
-//   - tracks presence on every topic (grace -grace);
+//   - tracks presence on every topic (grace -grace), listing at most
+//     -presence-list members (0: the hub's default, 100) and only counting
+//     them above that;
 //   - answers a client's send by sending the same data back to its user
 //     (to the conn itself when anonymous).
 //
@@ -60,6 +62,7 @@ type server struct {
 	timeout  time.Duration
 	history  int
 	grace    time.Duration
+	list     int // PresencePolicy.List
 	slow     bool
 
 	mu    sync.Mutex
@@ -76,6 +79,7 @@ func main() {
 	flag.DurationVar(&s.timeout, "timeout", 300*time.Millisecond, "heartbeat timeout")
 	flag.IntVar(&s.history, "history", 256, "messages of history per topic")
 	flag.DurationVar(&s.grace, "grace", 100*time.Millisecond, "presence grace period")
+	flag.IntVar(&s.list, "presence-list", 0, "most members a topic lists in its presence (0: the hub's default; negative: counts only)")
 	flag.BoolVar(&s.slow, "slow", false, "a low rate limit: 20 messages/s, bursts of 10")
 	flag.Parse()
 	log.SetPrefix("testserver: ")
@@ -121,7 +125,7 @@ func (s *server) newHub() error {
 		}),
 		tether.WithClientPublish(func(_ *tether.Conn, topic string) bool { return !strings.HasPrefix(topic, "readonly:") }),
 		tether.WithSubscribeAuth(func(_ *tether.Conn, topic string) bool { return !strings.HasPrefix(topic, "forbidden:") }),
-		tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Grace: s.grace} }),
+		tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{List: s.list, Grace: s.grace} }),
 		tether.WithHistory(adapter.NewMemoryHistory(s.history, 2*time.Minute)),
 		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
 			s.mu.Lock()
