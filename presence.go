@@ -91,9 +91,10 @@ type presence struct {
 
 type presentUser struct {
 	conns     []*Conn
-	announced bool      // subscribers have been told of the join
-	dirty     bool      // changed since the last announcement
-	goneAt    time.Time // when the last conn left; zero while one is here
+	announced bool            // subscribers have been told of the join
+	dirty     bool            // changed since the last announcement
+	goneAt    time.Time       // when the last conn left; zero while one is here
+	lastMeta  json.RawMessage // the last conn's metadata, shown during the grace
 
 	// With a broker: the user's conns on the topic at other nodes, by
 	// node; whether the broker knows of the user's presence here, and
@@ -167,7 +168,7 @@ func (u *presentUser) meta() json.RawMessage {
 			return cs[0].Meta
 		}
 	}
-	return nil
+	return u.lastMeta
 }
 
 // presenceJoinLocked records that c, whose user is set, is on topic t, which is
@@ -213,7 +214,7 @@ func (h *Hub) presenceLeaveLocked(t *topic, c *Conn) {
 		delete(p.users, user) // came and went unseen
 		return
 	}
-	u.goneAt = time.Now()
+	u.goneAt, u.lastMeta = time.Now(), c.hc.meta
 	p.mark(user, u)
 	h.armPresenceLocked(t, u.goneAt.Add(p.grace))
 }
@@ -501,9 +502,8 @@ func (h *Hub) Presence(topic string) []Member {
 
 // PresenceCount returns how many users are present on topic, as its
 // subscribers are told: a user is counted once its arrival has been
-// announced, and until its leave is. It takes constant time.
-//
-// With a broker, while the hub has no subscriber to topic, it asks the
+// announced, and until its leave is. It takes constant time, except with
+// a broker while the hub has no subscriber to topic: then it asks the
 // broker for the topic's members and counts them, like [Hub.Presence].
 func (h *Hub) PresenceCount(topic string) int {
 	t := h.lockExisting(topic)

@@ -36,6 +36,16 @@ func TestPresenceAcrossNodes(t *testing.T) {
 	if !present(n1.hub.Presence(topic), "bob") {
 		t.Errorf("n1's Presence(%q) = %v, want bob (on n2) in it", topic, users(n1.hub.Presence(topic)))
 	}
+	// Every subscriber, on either node, lists and counts the three.
+	for _, w := range []struct {
+		name string
+		c    *wireClient
+	}{{"bob", bob}, {"carl", carl}, {"ann", ann1}} {
+		w.c.awaitPresence(topic, limit, "ann, bob and carl listed at "+w.name, listedExactly("ann", "bob", "carl"))
+	}
+	for _, n := range []*hubNode{n1, n2} {
+		waitUntil(t, limit, n.name+"'s PresenceCount at 3", func() bool { return n.hub.PresenceCount(topic) == 3 })
+	}
 
 	// A second device on n2, then the first one (on n1) goes: ann never
 	// leaves, and joins only once.
@@ -99,6 +109,17 @@ func TestPresenceAcrossNodes(t *testing.T) {
 	for _, n := range []*hubNode{n1, n2} {
 		if k := n.events.count(topic, "ann", true); k != 1 {
 			t.Errorf("%s: OnPresence reported ann leaving %d times, want once:\n%s", n.name, k, n.events)
+		}
+		if k := n.hub.PresenceCount(topic); k != 2 {
+			t.Errorf("%s: PresenceCount(%q) = %d after ann left, want 2 (bob and carl)", n.name, topic, k)
+		}
+	}
+	for _, w := range []struct {
+		name string
+		c    *wireClient
+	}{{"bob", bob}, {"carl", carl}} {
+		if v := w.c.presence(topic); !listedExactly("bob", "carl")(v) {
+			t.Errorf("%s knows %v after ann left, want bob and carl listed", w.name, v)
 		}
 	}
 }

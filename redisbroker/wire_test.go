@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -40,9 +41,13 @@ type wireMsg struct {
 	Code   string          `json:"code"`
 	Joins  []wireMember    `json:"joins"`
 	Leaves []wireMember    `json:"leaves"`
+	// Count and Snapshot are a presence's; Count is nil when absent.
+	Count    *int `json:"count"`
+	Snapshot bool `json:"snapshot"`
 
-	line string
-	at   time.Time
+	line  string
+	at    time.Time
+	shape string // what is wrong with a presence's shape; "" if nothing
 }
 
 type wireMember struct {
@@ -68,7 +73,10 @@ func dialWire(t testing.TB, wsURL string) *wireClient {
 	readCtx, stop := context.WithCancel(context.Background())
 	c := &wireClient{t: t, conn: conn, cancel: stop, done: make(chan struct{})}
 	go c.read(readCtx)
-	t.Cleanup(c.close)
+	t.Cleanup(func() {
+		c.close()
+		c.checkPresence()
+	})
 	return c
 }
 
@@ -87,17 +95,28 @@ func (c *wireClient) read(ctx context.Context) {
 			if len(bytes.TrimSpace(line)) == 0 {
 				continue
 			}
-			var m wireMsg
-			if err := json.Unmarshal(line, &m); err != nil {
-				c.fail(fmt.Errorf("unreadable line %q: %w", line, err))
+			if err := c.record(line, now); err != nil {
+				c.fail(err)
 				return
 			}
-			m.line, m.at = string(line), now
-			c.mu.Lock()
-			c.msgs = append(c.msgs, m)
-			c.mu.Unlock()
 		}
 	}
+}
+
+// record adds a received line to the client's messages.
+func (c *wireClient) record(line []byte, at time.Time) error {
+	var m wireMsg
+	if err := json.Unmarshal(line, &m); err != nil {
+		return fmt.Errorf("unreadable line %q: %w", line, err)
+	}
+	m.line, m.at = string(line), at
+	if m.Op == "presence" {
+		m.shape = presenceShape(line, m)
+	}
+	c.mu.Lock()
+	c.msgs = append(c.msgs, m)
+	c.mu.Unlock()
+	return nil
 }
 
 func (c *wireClient) fail(err error) {
@@ -121,9 +140,22 @@ func (c *wireClient) send(line string) {
 // subscribe subscribes to topic and waits for the ack.
 func (c *wireClient) subscribe(topic string) {
 	c.t.Helper()
+	c.startSub(topic)
+	c.awaitAck(topic, 5*time.Second)
+}
+
+// startSub sends a sub of topic without waiting for its ack, so that a
+// burst of clients can subscribe at once; awaitAck waits for it.
+func (c *wireClient) startSub(topic string) {
+	c.t.Helper()
+	c.send(fmt.Sprintf(`{"op":"sub","topic":%s,"id":%s}`, quoted(topic), quoted("sub-"+topic)))
+}
+
+// awaitAck waits for the ack of startSub(topic), failing on a refusal.
+func (c *wireClient) awaitAck(topic string, limit time.Duration) {
+	c.t.Helper()
 	id := "sub-" + topic
-	c.send(fmt.Sprintf(`{"op":"sub","topic":%s,"id":%s}`, quoted(topic), quoted(id)))
-	c.await(5*time.Second, "the ack of sub "+topic, func(m wireMsg) bool {
+	c.await(limit, "the ack of sub "+topic, func(m wireMsg) bool {
 		if m.ID == id && m.Op == "error" {
 			c.t.Fatalf("sub %s refused: %s", topic, m.line)
 		}
@@ -158,7 +190,8 @@ func (c *wireClient) await(limit time.Duration, what string, match func(wireMsg)
 }
 
 // presenceOf returns the presence messages of topic that list user among
-// joins (leave false) or leaves (leave true).
+// joins (leave false) or leaves (leave true). A snapshot's joins count:
+// it is how a subscriber first learns who is there.
 func (c *wireClient) presenceOf(topic, user string, leave bool) []wireMsg {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -179,7 +212,7 @@ func (c *wireClient) presenceOf(topic, user string, leave bool) []wireMsg {
 }
 
 // isPresence matches a presence of topic listing user as joining or
-// leaving.
+// leaving (a snapshot listing user counts as joining).
 func isPresence(topic, user string, leave bool) func(wireMsg) bool {
 	return func(m wireMsg) bool {
 		if m.Op != "presence" || m.Topic != topic {
@@ -204,6 +237,195 @@ func (c *wireClient) dump() string {
 		fmt.Fprintf(&b, "  %s %s\n", m.at.Format("15:04:05.000"), m.line)
 	}
 	return b.String()
+}
+
+// messages returns what the client received so far.
+func (c *wireClient) messages() []wireMsg {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.msgs)
+}
+
+// ended returns why the conn ended, nil while it is up (or was closed
+// by close, whose read error is then recorded too: ask before closing).
+func (c *wireClient) ended() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// presenceShape says what is wrong with the shape of a presence line, m
+// (PROTOCOL.md, presence): it must carry a count; a snapshot has a joins
+// array and no leaves; a change has both arrays, or neither (then only
+// op, topic and count) when the topic only counts.
+func presenceShape(line []byte, m wireMsg) string {
+	var k map[string]json.RawMessage
+	if err := json.Unmarshal(line, &k); err != nil {
+		return err.Error()
+	}
+	isArray := func(f string) bool { return bytes.HasPrefix(bytes.TrimSpace(k[f]), []byte("[")) }
+	switch {
+	case m.Count == nil || *m.Count < 0:
+		return "no count"
+	case m.Snapshot && (!isArray("joins") || k["leaves"] != nil):
+		return "a snapshot without a joins array, or with leaves"
+	case !m.Snapshot && isArray("joins") != isArray("leaves"):
+		return "a change with one of joins and leaves"
+	case !m.Snapshot && k["joins"] == nil && len(k) != 3:
+		return "a count-only presence with other fields"
+	}
+	return ""
+}
+
+// presenceView is what a client knows of a topic's presence after the
+// presence messages it received, applied as PROTOCOL.md says.
+type presenceView struct {
+	seen     bool            // a presence of the topic arrived
+	count    int             // the last count
+	listing  bool            // the last snapshot listed every member
+	either   bool            // it listed no one, of 0: listed or counted, the next change tells
+	users    map[string]bool // the members listed, while listing
+	msgs     int             // presence messages of the topic
+	snaps    []wireMsg       // the snapshots, in order
+	problems []string        // breaches of the protocol, with their line
+}
+
+// listed returns the members listed, sorted.
+func (v presenceView) listed() []string {
+	return slices.Sorted(maps.Keys(v.users))
+}
+
+func (v presenceView) String() string {
+	return fmt.Sprintf("count=%d listing=%v listed=%v presences=%d snapshots=%d problems=%d",
+		v.count, v.listing, v.listed(), v.msgs, len(v.snaps), len(v.problems))
+}
+
+// presence replays the presence messages of topic received so far.
+// Besides a shape that is wrong, it records as problems what the
+// protocol rules out: a change before the first snapshot; a snapshot
+// that lists some members but not all (over the limit, joins is empty);
+// a listed topic sending a count alone, a join of a user already listed
+// or a leave of one not listed, or a list whose length is not the count
+// after a change; a counted topic sending joins or leaves.
+func (c *wireClient) presence(topic string) presenceView {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	v := presenceView{users: map[string]bool{}}
+	bad := func(m wireMsg, format string, args ...any) {
+		v.problems = append(v.problems, fmt.Sprintf(format, args...)+": "+m.line)
+	}
+	for _, m := range c.msgs {
+		if m.Op != "presence" || m.Topic != topic {
+			continue
+		}
+		v.msgs++
+		if m.shape != "" {
+			bad(m, "%s", m.shape)
+		}
+		count := len(m.Joins) // what a client takes without a count
+		if m.Count != nil {
+			count = *m.Count
+		}
+		switch {
+		case m.Snapshot:
+			v.snaps = append(v.snaps, m)
+			clear(v.users)
+			for _, j := range m.Joins {
+				if v.users[j.User] {
+					bad(m, "%s twice in a snapshot", j.User)
+				}
+				v.users[j.User] = true
+			}
+			v.listing = len(m.Joins) == count
+			// An empty snapshot of no one may be either: the next change
+			// tells.
+			v.either = count == 0
+			if !v.listing && len(m.Joins) > 0 {
+				bad(m, "a snapshot of %d members listing %d", count, len(m.Joins))
+			}
+		case !v.seen:
+			bad(m, "a change before the first snapshot")
+		case m.Joins == nil && m.Leaves == nil:
+			if v.either {
+				v.listing, v.either = false, false
+			}
+			if v.listing {
+				bad(m, "a count alone in a listed topic")
+			}
+		case !v.listing && !v.either:
+			bad(m, "joins or leaves in a counted topic")
+		default:
+			for _, j := range m.Joins {
+				if v.users[j.User] {
+					bad(m, "a join of %s, already listed", j.User)
+				}
+				v.users[j.User] = true
+			}
+			for _, l := range m.Leaves {
+				if !v.users[l.User] {
+					bad(m, "a leave of %s, not listed", l.User)
+				}
+				delete(v.users, l.User)
+			}
+			if len(v.users) != count {
+				bad(m, "%d listed after a change, count %d", len(v.users), count)
+			}
+			v.listing, v.either = true, false
+		}
+		if !v.listing {
+			clear(v.users)
+		}
+		v.seen, v.count = true, count
+	}
+	return v
+}
+
+// awaitPresence waits until what the client knows of topic's presence
+// satisfies ok, and returns it; it fails the test if the conn ends or
+// limit passes first.
+func (c *wireClient) awaitPresence(topic string, limit time.Duration, what string, ok func(presenceView) bool) presenceView {
+	c.t.Helper()
+	start := time.Now()
+	for {
+		v := c.presence(topic)
+		if ok(v) {
+			return v
+		}
+		if err := c.ended(); err != nil {
+			c.t.Fatalf("waiting for %s: the conn ended: %v\nreceived:\n%s", what, err, c.dump())
+		}
+		if time.Since(start) > limit {
+			c.t.Fatalf("no %s within %v: %v\nreceived:\n%s", what, limit, v, c.dump())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// listedExactly matches a view that lists exactly users (sorted), with
+// the count to match.
+func listedExactly(users ...string) func(presenceView) bool {
+	return func(v presenceView) bool {
+		return v.listing && v.count == len(users) && slices.Equal(v.listed(), users)
+	}
+}
+
+// checkPresence fails the test if a presence the client received, of any
+// topic, breaks the protocol (see presence).
+func (c *wireClient) checkPresence() {
+	c.t.Helper()
+	c.mu.Lock()
+	var topics []string
+	for _, m := range c.msgs {
+		if m.Op == "presence" && !slices.Contains(topics, m.Topic) {
+			topics = append(topics, m.Topic)
+		}
+	}
+	c.mu.Unlock()
+	for _, topic := range topics {
+		if v := c.presence(topic); len(v.problems) > 0 {
+			c.t.Errorf("presence of %s breaks the protocol:\n  %s\nreceived:\n%s", topic, strings.Join(v.problems, "\n  "), c.dump())
+		}
+	}
 }
 
 // close drops the conn, as a tab being closed does, and waits for the
