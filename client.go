@@ -428,7 +428,7 @@ func (cl *Client) onMessage(c *Conn, m Message) {
 		}
 		switch f.Op {
 		case wire.OpPing:
-			_ = c.enqueue(wire.AppendPong(nil, f.TS))
+			_ = c.enqueueControl(wire.AppendPong(nil, f.TS))
 		case wire.OpPong:
 			c.pings.pong(f.TS)
 		case wire.OpMsg:

@@ -105,9 +105,14 @@ type Conn struct {
 	// hub: see protocolPings.
 	pings *protocolPings
 
-	mu        sync.Mutex // guards the fields below
-	queue     queue.Queue
-	writing   bool // a writer goroutine owns the queue
+	mu    sync.Mutex // guards the fields below
+	queue queue.Queue
+	// control is the control lane: the protocol's own messages (welcome,
+	// ack, error, ping, pong, presence), which go out before queued data
+	// and are bounded by maxControlBytes rather than by Limits, so that a
+	// peer that reads is never dropped for what it asked of the protocol.
+	control   queue.Queue
+	writing   bool // a writer goroutine owns the queues
 	err       error
 	closeCode websocket.StatusCode // graceful close to send once the queue is drained
 	closeText string
@@ -380,6 +385,7 @@ func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text s
 			c.queue.Each(func(m []byte) bool { c.unsent = append(c.unsent, m); return true })
 		}
 		c.queue.Reset()
+		c.control.Reset()
 	}
 	if mode == endForced {
 		c.mu.Unlock()

@@ -34,7 +34,7 @@ func (h *Hub) handle(c *Conn, m Message) {
 			if err == nil {
 				id = f.ID
 			}
-			c.enqueue(appendError(CodeRateLimited, "over the rate limit", id))
+			c.enqueueControl(appendError(CodeRateLimited, "over the rate limit", id))
 		} else if err != nil {
 			h.refuse(c, err)
 		} else {
@@ -91,7 +91,7 @@ func (h *Hub) refuse(c *Conn, err error) {
 	if !errors.As(err, &pe) {
 		pe = &ProtocolError{Code: CodeInternal, Reason: err.Error()}
 	}
-	c.enqueue(appendError(pe.Code, pe.Reason, pe.ID))
+	c.enqueueControl(appendError(pe.Code, pe.Reason, pe.ID))
 	if hc.faults == nil {
 		hc.faults = rate.NewLimiter(strikeRate, strikeBurst)
 	}
@@ -107,7 +107,7 @@ func (h *Hub) refuse(c *Conn, err error) {
 func (h *Hub) request(c *Conn, f wire.Frame) {
 	switch f.Op {
 	case wire.OpPing:
-		c.enqueue(wire.AppendPong(nil, f.TS))
+		c.enqueueControl(wire.AppendPong(nil, f.TS))
 		return
 	case wire.OpPong:
 		return // proof of life, already counted by the reader
@@ -143,14 +143,14 @@ func (h *Hub) request(c *Conn, f wire.Frame) {
 		h.onMessage(c, Message{Data: f.Data})
 	}
 	if f.ID != "" {
-		c.enqueue(wire.AppendAck(nil, f.ID))
+		c.enqueueControl(wire.AppendAck(nil, f.ID))
 	}
 }
 
 // deny answers a request the application refused.
 func (h *Hub) deny(c *Conn, id, reason string) {
 	h.count.denied.Add(1)
-	c.enqueue(appendError(CodeForbidden, reason, id))
+	c.enqueueControl(appendError(CodeForbidden, reason, id))
 }
 
 // fail answers a valid request the hub could not carry out.
@@ -161,12 +161,12 @@ func (h *Hub) fail(c *Conn, id string, err error) {
 			h.refuse(c, pe)
 			return
 		}
-		c.enqueue(appendError(pe.Code, pe.Reason, id))
+		c.enqueueControl(appendError(pe.Code, pe.Reason, id))
 		return
 	}
 	if c.Err() != nil {
 		return // the conn has ended: nobody to answer
 	}
 	h.connCfg.logger.Warn("tether: request failed", "conn", c.hc.id, "err", err)
-	c.enqueue(appendError(CodeInternal, "the server failed", id))
+	c.enqueueControl(appendError(CodeInternal, "the server failed", id))
 }

@@ -419,7 +419,7 @@ func (c *Conn) ping(ctx context.Context) error {
 		delete(p.waiting, ts)
 		p.mu.Unlock()
 	}()
-	if err := c.enqueue(wire.AppendPing(nil, ts)); err != nil {
+	if err := c.enqueueControl(wire.AppendPing(nil, ts)); err != nil {
 		return err
 	}
 	select {

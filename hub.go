@@ -369,7 +369,7 @@ func (h *Hub) register(c *Conn) {
 		if h.cfg.rateLimit != rate.Inf {
 			limits = wire.Limits{PerSecond: float64(h.cfg.rateLimit), Burst: int64(h.cfg.rateBurst)}
 		}
-		c.enqueue(wire.AppendWelcome(nil, hc.id, interval, timeout, limits, nil))
+		c.enqueueControl(wire.AppendWelcome(nil, hc.id, interval, timeout, limits, nil))
 	}
 	if hc.user != "" {
 		// Before the registry: nothing sent to every conn (Broadcast) may
@@ -821,9 +821,9 @@ func (h *Hub) subscribeOnce(c *Conn, name string, since *wire.Since, id string, 
 	switch {
 	case id == "":
 	case last.Epoch != "":
-		c.enqueue(wire.AppendSubAck(nil, id, last.Epoch, last.Seq))
+		c.enqueueControl(wire.AppendSubAck(nil, id, last.Epoch, last.Seq))
 	default:
-		c.enqueue(wire.AppendAck(nil, id))
+		c.enqueueControl(wire.AppendAck(nil, id))
 	}
 	if catchUp != nil {
 		c.enqueueAll(catchUp...) // bounded by catchUp: it must not be lost
@@ -840,7 +840,7 @@ func (h *Hub) subscribeOnce(c *Conn, name string, since *wire.Since, id string, 
 		}
 		if t.pres != nil {
 			if c.coalesce {
-				c.enqueue(t.pres.snapshot(name))
+				c.enqueueControl(t.pres.snapshot(name))
 			}
 			if hc.user != "" {
 				h.presenceJoinLocked(t, c)

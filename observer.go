@@ -237,7 +237,9 @@ func (h *Hub) Stats() Stats {
 	for _, conn := range h.snapshot() {
 		conn.mu.Lock()
 		n, b := conn.queue.Len()
+		cn, cb := conn.control.Len()
 		conn.mu.Unlock()
+		n, b = n+cn, b+cb
 		s.QueuedMessages += n
 		s.QueuedBytes += b
 	}

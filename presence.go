@@ -336,7 +336,7 @@ func (h *Hub) announce(t *topic) {
 		p.last, p.told = now, p.count
 		for _, c := range t.subs {
 			if c.coalesce {
-				c.enqueue(msg)
+				c.enqueueControl(msg)
 			}
 		}
 	}

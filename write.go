@@ -86,6 +86,37 @@ func (c *Conn) enqueue(msg []byte) error {
 	return ErrQueueFull
 }
 
+// maxControlBytes bounds a conn's control lane. What it holds answers the
+// peer's own requests, which the rate limit bounds (a burst of 200 subs is
+// 200 acks and 200 presence snapshots of at most 100 members), and presence
+// changes, one per topic per interval: only a peer that stops reading
+// fills it, and the write timeout drops such a peer first.
+const maxControlBytes = 4 << 20
+
+// enqueueControl queues msg, one of the protocol's own messages, on the
+// control lane: ahead of queued data, outside the send queue's bounds and
+// its overflow policy. Past maxControlBytes the conn ends with
+// ErrQueueFull and StatusSlowConsumer.
+func (c *Conn) enqueueControl(msg []byte) error {
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return fmt.Errorf("tether: send: %w", net.ErrClosed)
+	}
+	_, ok := c.control.Push(msg, math.MaxInt, maxControlBytes, false)
+	if ok && !c.writing {
+		c.writing = true
+		c.wg.Add(1)
+		go c.writeLoop()
+	}
+	c.mu.Unlock()
+	if !ok {
+		c.end(ErrQueueFull, endPolicy, StatusSlowConsumer, "slow consumer")
+		return ErrQueueFull
+	}
+	return nil
+}
+
 // enqueueAll queues msgs past the queue's bounds: for what the hub owes a
 // conn as it starts or subscribes (an offline backlog, a replay), which is
 // bounded by the offline store or the history rather than by the queue,
@@ -123,7 +154,10 @@ func (c *Conn) writeLoop() {
 	}()
 	for {
 		c.mu.Lock()
-		msg, ok := c.queue.Pop()
+		msg, ok := c.control.Pop()
+		if !ok {
+			msg, ok = c.queue.Pop()
+		}
 		if !ok {
 			c.writing = false
 			code, text := c.closeCode, c.closeText
@@ -197,27 +231,37 @@ func frameBufClass(n int) int {
 	return 2
 }
 
-// coalesceLocked joins first and the messages queued behind it, as many as
-// fit in maxCoalesced, with newlines (protocol v1 framing). It returns the
-// frame to write and, when it joined any, the pooled buffer that holds it,
-// to give back once written. c.mu must be held.
+// coalesceLocked joins first and the messages queued behind it, the
+// control lane's then the data's, as many as fit in maxCoalesced, with
+// newlines (protocol v1 framing). It returns the frame to write and, when
+// it joined any, the pooled buffer that holds it, to give back once
+// written. c.mu must be held.
 func (c *Conn) coalesceLocked(first []byte) ([]byte, *[]byte) {
-	next, ok := c.queue.Peek()
-	if !ok || len(first)+1+len(next) > maxCoalesced {
+	size, fromControl, fromData := len(first), 0, 0
+	fits := func(n *int) func([]byte) bool {
+		return func(m []byte) bool {
+			if size+1+len(m) > maxCoalesced {
+				return false
+			}
+			size += 1 + len(m)
+			*n++
+			return true
+		}
+	}
+	c.control.Each(fits(&fromControl))
+	if n, _ := c.control.Len(); fromControl == n {
+		c.queue.Each(fits(&fromData))
+	}
+	if fromControl+fromData == 0 {
 		return first, nil
 	}
-	size, count := len(first), 0
-	c.queue.Each(func(m []byte) bool {
-		if size+1+len(m) > maxCoalesced {
-			return false
-		}
-		size += 1 + len(m)
-		count++
-		return true
-	})
 	buf := frameBufs[frameBufClass(size)].Get().(*[]byte)
 	b := append((*buf)[:0], first...)
-	for range count {
+	for range fromControl {
+		m, _ := c.control.Pop()
+		b = append(append(b, '\n'), m...)
+	}
+	for range fromData {
 		m, _ := c.queue.Pop()
 		b = append(append(b, '\n'), m...)
 	}
