@@ -399,7 +399,10 @@ type Limits struct {
 	MaxMessageSize int64
 	// SendQueue and SendQueueBytes bound the send queue, in messages and in
 	// bytes; Overflow says what happens past either. Default 256 messages
-	// and 1 MiB. An idle conn's queue costs nothing.
+	// and 1 MiB. An idle conn's queue costs nothing. The protocol's own
+	// messages to a v1 peer (acks, errors, pings, pongs, presence) do not
+	// count: they go ahead of the queue, never dropped, bounded by the
+	// rate limit on what the peer asks and by 4 MiB.
 	SendQueue, SendQueueBytes int
 	// Overflow is what happens when a message does not fit in the send
 	// queue. Default [Disconnect]; the zero value keeps the policy as it
