@@ -413,4 +413,7 @@ func (c *Conn) abort() {
 	if c.nc != nil {
 		c.nc.Close()
 	}
+	if c.park != nil {
+		c.park.Closed()
+	}
 }

@@ -2,6 +2,7 @@ package tether
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"math"
 	"net"
@@ -152,12 +153,25 @@ func (c *Conn) writeLoop() {
 			timer.Stop()
 		}
 	}()
+	var batch *frameBatch
+	if c.park != nil {
+		batch = frameBatches.Get().(*frameBatch)
+		defer frameBatches.Put(batch)
+	}
 	for {
 		c.mu.Lock()
-		msg, ok := c.control.Pop()
-		if !ok {
-			msg, ok = c.queue.Pop()
+		if batch != nil {
+			// The socket is the conn's own: everything queued goes out
+			// in one vectored write of frames encoded here.
+			if c.batchLocked(batch) {
+				c.mu.Unlock()
+				if !c.writeBatch(batch, &timer) {
+					return
+				}
+				continue
+			}
 		}
+		msg, ok := c.popLocked()
 		if !ok {
 			c.writing = false
 			code, text := c.closeCode, c.closeText
@@ -199,6 +213,180 @@ func (c *Conn) writeLoop() {
 			c.hb.lastDrain.Store(at)
 		}
 	}
+}
+
+// popLocked pops the next message to write: the control lane's first.
+func (c *Conn) popLocked() ([]byte, bool) {
+	if m, ok := c.control.Pop(); ok {
+		return m, true
+	}
+	return c.queue.Pop()
+}
+
+// peekLocked is popLocked without the pop.
+func (c *Conn) peekLocked() ([]byte, bool) {
+	if m, ok := c.control.Peek(); ok {
+		return m, true
+	}
+	return c.queue.Peek()
+}
+
+// A frameBatch is what a writer sends in vectored writes: whole frames,
+// each a header encoded here and the queued messages themselves, shared
+// with every other conn they were queued on. A raw peer's message is a
+// frame of its own; a v1 peer's messages are joined, newline-separated,
+// in frames of up to maxCoalesced, without being copied. The frames go
+// out in chunks of about maxChunk bytes, each one write, between which a
+// ping or a pong can go; a message longer than maxChunk is sent in
+// fragments of maxChunk (RFC 6455, section 5.4), so that it does not
+// hold the socket either.
+type frameBatch struct {
+	frames net.Buffers // the chunk being written, consumed by the write
+	vec    [][]byte    // every chunk's buffers, kept to be reused
+	cuts   []int       // where in vec each chunk ends
+	hdrs   []byte      // the headers' bytes
+	chunk  int         // bytes in vec since the last cut
+}
+
+// A batch holds at most maxBatchMessages messages and, past its first,
+// maxBatchBytes bytes, in chunks of maxChunk.
+const (
+	maxBatchMessages = 1024
+	maxBatchBytes    = 256 << 10
+	maxChunk         = 64 << 10
+)
+
+var frameBatches = sync.Pool{New: func() any {
+	return &frameBatch{vec: make([][]byte, 0, 2*maxBatchMessages+16), hdrs: make([]byte, 0, 256)}
+}}
+
+var newline = []byte{'\n'}
+
+// WebSocket opcodes (RFC 6455, section 5.2).
+const (
+	opContinuation = 0x0
+	opText         = 0x1
+	opBinary       = 0x2
+)
+
+// header appends to b the header of a server (unmasked) frame of n bytes
+// and returns it.
+func (b *frameBatch) header(fin bool, op byte, n int) []byte {
+	if fin {
+		op |= 0x80
+	}
+	at := len(b.hdrs)
+	switch {
+	case n < 126:
+		b.hdrs = append(b.hdrs, op, byte(n))
+	case n <= 0xffff:
+		b.hdrs = append(b.hdrs, op, 126, byte(n>>8), byte(n))
+	default:
+		b.hdrs = binary.BigEndian.AppendUint64(append(b.hdrs, op, 127), uint64(n))
+	}
+	// Capped, so that a later append never writes into it; the slice
+	// keeps its bytes even if hdrs grows into a new array.
+	return b.hdrs[at:len(b.hdrs):len(b.hdrs)]
+}
+
+// frameDone notes that a frame of n bytes ends at the end of vec, and
+// cuts a chunk there once the chunk holds maxChunk bytes.
+func (b *frameBatch) frameDone(n int) {
+	if b.chunk += n; b.chunk >= maxChunk {
+		b.cut()
+	}
+}
+
+func (b *frameBatch) cut() {
+	if b.chunk > 0 {
+		b.cuts = append(b.cuts, len(b.vec))
+		b.chunk = 0
+	}
+}
+
+// message adds m as a message of its own: one frame, or fragments of
+// maxChunk.
+func (b *frameBatch) message(op byte, m []byte) {
+	for {
+		part := m[:min(len(m), maxChunk)]
+		m = m[len(part):]
+		h := b.header(len(m) == 0, op, len(part))
+		b.vec = append(b.vec, h, part)
+		b.frameDone(len(h) + len(part))
+		if len(m) == 0 {
+			return
+		}
+		op = opContinuation
+	}
+}
+
+// batchLocked fills b with the messages queued, and reports whether it
+// took any. c.mu must be held.
+func (c *Conn) batchLocked(b *frameBatch) bool {
+	b.vec, b.cuts, b.hdrs, b.chunk = b.vec[:0], b.cuts[:0], b.hdrs[:0], 0
+	msgs, size := 0, 0
+	for msgs < maxBatchMessages && size < maxBatchBytes {
+		m, ok := c.popLocked()
+		if !ok {
+			break
+		}
+		msgs++
+		size += len(m)
+		next, more := c.peekLocked()
+		if !c.coalesce || !more || len(m)+1+len(next) > maxCoalesced {
+			b.message(opText, m)
+			continue
+		}
+		// A v1 frame: m and the messages behind it that fit.
+		first, payload := len(b.vec), len(m)
+		b.vec = append(b.vec, nil, m)
+		for more && payload+1+len(next) <= maxCoalesced && msgs < maxBatchMessages {
+			c.popLocked()
+			msgs++
+			size += len(next)
+			payload += 1 + len(next)
+			b.vec = append(b.vec, newline, next)
+			next, more = c.peekLocked()
+		}
+		h := b.header(true, opText, payload)
+		b.vec[first] = h
+		b.frameDone(len(h) + payload)
+	}
+	b.cut()
+	return msgs > 0
+}
+
+// writeBatch writes b's chunks, each within the write timeout, armed on
+// *timer, and reports whether the writer goes on: not once the conn has
+// ended.
+func (c *Conn) writeBatch(b *frameBatch, timer **time.Timer) bool {
+	defer clear(b.vec) // the messages may be freed
+	from := 0
+	for _, to := range b.cuts {
+		if *timer == nil {
+			*timer = time.AfterFunc(c.cfg.writeTimeout, c.writeTimedOut)
+		} else {
+			(*timer).Reset(c.cfg.writeTimeout)
+		}
+		b.frames = b.vec[from:to:to] // a ping appended must not overwrite the next chunk
+		from = to
+		began := time.Now()
+		err := c.park.WriteFrames(&b.frames)
+		ended := time.Now()
+		if !(*timer).Stop() {
+			return false // timed out: the conn has ended
+		}
+		if err != nil {
+			c.end(because("tether: connection lost", err, ErrConnLost), endForced, 0, "")
+			return false
+		}
+		at := int64(ended.Sub(c.hb.born))
+		c.hb.lastWrite.Store(at)
+		if ended.Sub(began) >= drainWait {
+			c.hb.lastDrain.Store(at)
+		}
+	}
+	return true
 }
 
 // drainWait: a write that took this long waited for the socket, which the

@@ -91,6 +91,10 @@ type Conn struct {
 	restBuf   [pingFrameLen]byte
 	vec       [4][]byte
 	bufs      net.Buffers
+	// between is signalled, under wmu, when coder/websocket ends a frame
+	// or the socket closes: WriteFrames waits for it mid-frame.
+	between sync.Cond
+	closed  bool
 
 	// mayPark is set by the reader around its reads: a read that finds the
 	// socket empty at a frame boundary then returns errParked.
@@ -223,7 +227,37 @@ func (pc *Conn) writeLocked(b []byte) (int, error) {
 	pc.bufs = vec
 	n, err := pc.bufs.WriteTo(pc.Conn)
 	pc.vec, pc.bufs, pc.rest, pc.held = [4][]byte{}, nil, nil, nil
+	if pc.out.frameDone() {
+		pc.between.Broadcast()
+	}
 	return min(max(int(n)-before, 0), len(b)), err
+}
+
+// WriteFrames writes frames, whole WebSocket frames the caller encoded,
+// in one vectored write between two of coder/websocket's frames (waiting
+// if one is under way), with a raw ping that is due after them. frames is
+// left as the write left it: the caller may reuse it. A write that fails
+// leaves the socket in an unknown state: the caller must end the conn.
+func (pc *Conn) WriteFrames(frames *net.Buffers) error {
+	pc.wmu.Lock()
+	defer pc.wmu.Unlock()
+	for !pc.closed && (!pc.out.frameDone() || len(pc.held) > 0) {
+		pc.between.Wait()
+	}
+	if pc.closed {
+		return net.ErrClosed
+	}
+	if len(pc.rest) > 0 {
+		if _, err := pc.writeLocked(nil); err != nil {
+			return err
+		}
+	}
+	if pc.pingDue {
+		*frames = append(*frames, pc.pingFrame[:])
+		pc.pingDue = false
+	}
+	_, err := frames.WriteTo(pc.Conn)
+	return err
 }
 
 // pingFrameLen: FIN + ping opcode, an unmasked 8-byte length, 8 bytes.
@@ -288,11 +322,22 @@ func (pc *Conn) pingLocked(payload uint64) (stuck bool) {
 // when a write's context expires).
 func (pc *Conn) Close() error {
 	err := pc.Conn.Close()
+	pc.Closed()
 	pc.reg.release()
 	if pc.owner != nil {
 		pc.Unpark()
 	}
 	return err
+}
+
+// Closed tells a WriteFrames waiting for coder/websocket to end a frame
+// that it never will: the socket is closed. Call it after closing the
+// socket, which releases a write blocked on it and holding wmu.
+func (pc *Conn) Closed() {
+	pc.wmu.Lock()
+	pc.closed = true
+	pc.between.Broadcast()
+	pc.wmu.Unlock()
 }
 
 // Bind gives the conn its owner, before its first read.

@@ -25,7 +25,9 @@ func newConn(nc net.Conn, prefix []byte) *Conn {
 	if err != nil {
 		return nil
 	}
-	return &Conn{Conn: nc, prefix: prefix, reg: pollReg{rc: rc}}
+	pc := &Conn{Conn: nc, prefix: prefix, reg: pollReg{rc: rc}}
+	pc.between.L = &pc.wmu
+	return pc
 }
 
 // readNow reads what the socket holds without waiting: errWouldBlock when
