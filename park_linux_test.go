@@ -4,11 +4,15 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -412,5 +416,84 @@ func TestBusyReceiverNotDeclaredDead(t *testing.T) {
 	}
 	if !errors.Is(c.Err(), ErrHeartbeatTimeout) && !errors.Is(c.Err(), ErrWriteTimeout) && !errors.Is(c.Err(), ErrQueueFull) {
 		t.Fatalf("silent peer ended with %v", c.Err())
+	}
+}
+
+// A ping is not held up by megabytes draining to a slow reader: the
+// writer sends long messages in 64 KiB fragments and its batches in
+// chunks, and a ping goes out between two of them. Two 4 MiB messages
+// to a peer that reads about 2 MB a second take seconds to drain; the
+// peer sees pings all along, never more than about one interval and a
+// chunk apart, not one per message.
+func TestPingBetweenChunksToSlowReader(t *testing.T) {
+	const interval, size = 100 * time.Millisecond, 4 << 20
+	s := newParkServer(t, WithHeartbeat(interval, time.Minute), WithLimits(Limits{SendQueueBytes: 3 * size}))
+	var mu sync.Mutex
+	var pings []time.Time
+	var read atomic.Int64
+	dialer := &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) {
+			// A small receive buffer, so that the server's writes wait
+			// for the reader.
+			_ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 32<<10)
+		})
+	}}
+	ws, c := s.dial(t, &websocket.DialOptions{
+		HTTPClient: &http.Client{Transport: &http.Transport{DialContext: dialer.DialContext}},
+		OnPingReceived: func(context.Context, []byte) bool {
+			mu.Lock()
+			pings = append(pings, time.Now())
+			mu.Unlock()
+			return true
+		},
+	})
+	if tc, ok := c.nc.(*net.TCPConn); ok {
+		_ = tc.SetWriteBuffer(32 << 10)
+	}
+	msg := bytes.Repeat([]byte("x"), size)
+	for range 2 {
+		if err := c.Send(t.Context(), msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	buf := make([]byte, 4<<10)
+	for range 2 {
+		_, r, err := ws.Reader(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for {
+			n, err := r.Read(buf)
+			read.Add(int64(n))
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	}
+	drained := time.Since(start) // at least 4 s: 2,048 reads after a 2 ms sleep each
+	if read.Load() != 2*size {
+		t.Fatalf("read %d bytes, want %d", read.Load(), 2*size)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	var during []time.Time
+	for _, p := range pings {
+		if p.After(start) {
+			during = append(during, p)
+		}
+	}
+	var gap time.Duration
+	for i := 1; i < len(during); i++ {
+		gap = max(gap, during[i].Sub(during[i-1]))
+	}
+	t.Logf("%d pings in the %v drain, at most %v apart", len(during), drained, gap)
+	if len(during) < 4 || gap > drained/4 {
+		t.Fatalf("%d pings in the %v drain, at most %v apart: want them every interval or so, not once per message",
+			len(during), drained, gap)
 	}
 }
