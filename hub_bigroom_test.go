@@ -379,14 +379,14 @@ func TestClientPresence(t *testing.T) {
 }
 
 // Announcements to a topic are at least one interval apart, and the
-// interval grows with the topic's v1 subscribers (0.1 ms each, 25 ms at
+// interval grows with the topic's v1 subscribers (0.25 ms each, 25 ms at
 // least): 400 subscribers watching 100 users arrive one every 2 ms get
-// one presence per 40 ms with the arrivals of those 40 ms, each arrival
-// once, rather than a presence per arrival.
+// one presence per 100 ms with the arrivals of those 100 ms, each
+// arrival once, rather than a presence per arrival.
 func TestSynctestPresenceInterval(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		const watchers, users, every = 400, 100, 2 * time.Millisecond
-		const interval = watchers * 100 * time.Microsecond
+		const interval = watchers * 250 * time.Microsecond
 		var hub *tether.Hub
 		b := newBubbleHub(t,
 			tether.WithAuth(func(r *http.Request) (string, error) { return r.URL.Query().Get("user"), nil }),

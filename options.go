@@ -77,10 +77,12 @@ const (
 	defaultPresenceList   = 100
 	defaultPresenceSettle = 25 * time.Millisecond
 	// A topic's presence announcements are at least this far apart per
-	// v1 subscriber on the node, so that they cost the node about 10,000
-	// queued messages a second per topic however big the topic: 25 ms up
-	// to 250 subscribers, 1.9 s at 19,000.
-	presencePerSubscriber = 100 * time.Microsecond
+	// v1 subscriber on the node, so that they cost the node at most about
+	// 4,000 messages a second per topic however big the topic (a few per
+	// cent of a core: each is a write to a socket): 25 ms up to 100
+	// subscribers, 4.75 s at 19,000. A count that lags a few seconds in
+	// a room of thousands is the price.
+	presencePerSubscriber = 250 * time.Microsecond
 )
 
 type hubConfig struct {
