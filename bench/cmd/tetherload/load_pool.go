@@ -21,6 +21,9 @@ type serverSpec struct {
 	queue             int // the per-conn send buffer in messages; 0 keeps the server's default
 	pprof             bool
 	memProfileRate    int
+	room              bool   // serve -room (tether only)
+	noPresence        bool   // serve -nopresence (with room)
+	cpus              string // serve -cpus: the CPUs to pin the server to; "" none
 	// cmd is the server's command line, "serve" included; by default this
 	// very executable with "serve".
 	cmd []string
@@ -34,6 +37,15 @@ func (s serverSpec) args() []string {
 	args := []string{"-impl", s.impl, "-addr", addr, "-interval", s.interval.String(), "-timeout", s.timeout.String()}
 	if s.queue > 0 {
 		args = append(args, "-queue", strconv.Itoa(s.queue))
+	}
+	if s.room {
+		args = append(args, "-room")
+	}
+	if s.noPresence {
+		args = append(args, "-nopresence")
+	}
+	if s.cpus != "" {
+		args = append(args, "-cpus", s.cpus)
 	}
 	if s.pprof {
 		args = append(args, "-pprof")

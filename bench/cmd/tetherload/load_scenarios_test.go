@@ -325,3 +325,80 @@ func TestRatioTable(t *testing.T) {
 		t.Errorf("ratios without tether: %v", rows)
 	}
 }
+
+// TestRoom joins 50 conns with users of their own to one topic of a hub
+// with presence at its defaults, as v1 peers and as raw peers: none lost,
+// every v1 peer told presence and its count reaching 50, and the raw
+// peers subscribed by the server.
+func TestRoom(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 40*time.Second)
+	defer cancel()
+	const n = 50
+	cfg := roomConfig{
+		n: n, handshake: 10 * time.Second, settle: 300 * time.Millisecond, converge: 10 * time.Second,
+		loadFlags: loadFlags{
+			interval: time.Second, timeout: 5 * time.Second,
+			sources: 49, concurrency: 64, setup: 20 * time.Second,
+		},
+	}
+	for _, peers := range []string{"v1", "raw"} {
+		t.Run(peers, func(t *testing.T) {
+			res, err := runRoom(ctx, cfg, peers, t.Output())
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out bytes.Buffer
+			if err := res.print(&out); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("%s", out.String())
+			if res.Joined != n || res.Failed != 0 || res.Dropped != 0 || res.NotDialled != 0 || res.TimedOut {
+				t.Errorf("%d of %d joined, %d failed, %d dropped, %d not dialled, timed out %v; want all joined, none lost",
+					res.Joined, n, res.Failed, res.Dropped, res.NotDialled, res.TimedOut)
+			}
+			if res.ServerOpen != n || res.ServerHeartbeats != 0 || res.ServerOtherEnds != 0 || res.ServerEvictions != 0 {
+				t.Errorf("server: %d open, %d heartbeat timeouts, %d other ends, %d evicted; want %d, 0, 0, 0",
+					res.ServerOpen, res.ServerHeartbeats, res.ServerOtherEnds, res.ServerEvictions, n)
+			}
+			if res.JoinSecs <= 0 || res.JoinSecs < res.HandshakeSecs {
+				t.Errorf("join took %.3fs, handshakes %.3fs", res.JoinSecs, res.HandshakeSecs)
+			}
+			switch peers {
+			case "v1":
+				if res.CountsWrong != 0 || res.ConvergeSecs < 0 {
+					t.Errorf("%d counts not at %d (%d never told), converged after %.2fs", res.CountsWrong, n, res.CountsUnknown, res.ConvergeSecs)
+				}
+				// Every peer is sent a snapshot at least, in a listed room
+				// (50 < 100) with the members in it.
+				if res.PresenceSnapshots < n || res.PresenceMsgs < res.PresenceSnapshots || res.BytesPerJoin <= 0 {
+					t.Errorf("presence: %d messages, %d snapshots, %.1f B/join", res.PresenceMsgs, res.PresenceSnapshots, res.BytesPerJoin)
+				}
+			case "raw":
+				if res.ServerSubscribed != n || res.PresenceMsgs != 0 {
+					t.Errorf("server subscribed %d raw peers, want %d; %d presence messages read, want 0", res.ServerSubscribed, n, res.PresenceMsgs)
+				}
+			}
+		})
+	}
+}
+
+func TestPresenceCount(t *testing.T) {
+	for _, c := range []struct {
+		line     string
+		prev     int64
+		snapshot bool
+		want     int64
+	}{
+		{`{"op":"presence","topic":"bench","count":19000}`, 18000, false, 19000},
+		{`{"op":"presence","topic":"bench","count":120,"snapshot":true,"joins":[]}`, -1, true, 120},
+		{`{"op":"presence","topic":"bench","count":3,"joins":[{"user":"u1"}],"leaves":[]}`, 2, false, 3},
+		// Before count existed: the first is the snapshot, then changes.
+		{`{"op":"presence","topic":"bench","joins":[{"user":"u1"},{"user":"u2"}],"leaves":[]}`, -1, false, 2},
+		{`{"op":"presence","topic":"bench","joins":[{"user":"u3"}],"leaves":[{"user":"u1"},{"user":"u2"}]}`, 2, false, 1},
+		{`{"op":"presence","topic":"bench","joins":[{"user":"u3","meta":{"d":1}}],"leaves":[]}`, 5, false, 6},
+	} {
+		if got := presenceCount([]byte(c.line), c.prev, c.snapshot); got != c.want {
+			t.Errorf("presenceCount(%s, %d) = %d, want %d", c.line, c.prev, got, c.want)
+		}
+	}
+}

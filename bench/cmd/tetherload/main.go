@@ -7,6 +7,7 @@
 //	tetherload deadpeer -impl all -n 1000 -k 100 -interval 5s -timeout 10s [-json]
 //	tetherload churn -impl all -rate 100 -duration 60s -hold 1s [-n0 0] [-settle 10s] [-json]
 //	tetherload storm -impl all -n 1000 [-wait 2m] [-json]
+//	tetherload room -n 19000 [-peers v1,raw,v1-nopresence] [-runs 3] [-pin 0,1] [-hold 0] [-json]
 //
 // serve runs the measured server (one impl per process): its /sub
 // endpoint, /publish, /stats (memory, goroutines, CPU time and conn counts
@@ -33,6 +34,11 @@
 //     goroutines and open conns return to the baseline.
 //   - storm: n reconnecting clients, the server SIGKILLed and restarted on
 //     the same port: time until all are back and the peak accept rate.
+//   - room (tether only): n conns, each with a user ID of its own, join
+//     one topic of a hub with every option at its default (presence on,
+//     serve -room), as v1 peers, raw peers or v1 peers with presence off:
+//     the time to join them all, the conns lost, and the presence the v1
+//     peers were sent.
 package main
 
 import (
@@ -60,9 +66,11 @@ const usage = `usage:
                              measure how fast silent peers are declared dead (see tetherload deadpeer -h)
   tetherload churn [flags]   open and close conns at a fixed rate: does the server return to its baseline? (see tetherload churn -h)
   tetherload storm [flags]   crash and restart the server under reconnecting clients (see tetherload storm -h)
+  tetherload room [flags]    join one big room of distinct users, v1 and raw peers, to a tether hub with presence on (see tetherload room -h)
 
-Every scenario takes -impl NAME|list|all (default tether) and runs against
-each impl in turn, then prints the ratios tether/alternative.
+Every scenario but room takes -impl NAME|list|all (default tether) and runs
+against each impl in turn, then prints the ratios tether/alternative; room
+runs tether alone, v1 and raw peers in turn, and prints the ratio v1/raw.
 `
 
 // run runs one subcommand and returns the process's exit code.
@@ -88,6 +96,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = churnMain(ctx, args[1:], stdout, stderr)
 	case "storm":
 		err = stormMain(ctx, args[1:], stdout, stderr)
+	case "room":
+		err = roomMain(ctx, args[1:], stdout, stderr)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -25,6 +25,12 @@ type serveConfig struct {
 	pprof             bool
 	memProfileRate    int
 	queue             int // the per-conn send buffer, in messages, where the impl has one
+	// room: tether only, the hub of the room scenario: presence at its
+	// default, each conn's user ID from its "user" query parameter, raw
+	// peers subscribed to bench by the server (see serve_tether.go).
+	room       bool
+	noPresence bool   // with room: presence off, to tell its cost from the rest of protocol v1's
+	cpus       string // CPUs to pin the process to, "0" or "0,1"; "" leaves it
 }
 
 func serveMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -38,8 +44,26 @@ func serveMain(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs.BoolVar(&cfg.pprof, "pprof", false, "serve net/http/pprof under /debug/pprof/")
 	fs.IntVar(&cfg.queue, "queue", 256, "per-conn send buffer in messages (tether.Limits.SendQueue with 1 MiB; the others' send channels)")
 	fs.IntVar(&cfg.memProfileRate, "memprofilerate", 0, "set runtime.MemProfileRate (1 records every allocation; 0 keeps the default)")
+	fs.BoolVar(&cfg.room, "room", false, "tether only: the hub of the room scenario, every option at its default (presence on; -queue ignored) but the heartbeat, "+
+		"WithAuth naming each conn's user by its ?user= query parameter, and raw peers subscribed to topic bench by the server on connect")
+	fs.BoolVar(&cfg.noPresence, "nopresence", false, "with -room: presence off on every topic, to tell its cost from the rest of protocol v1's")
+	fs.StringVar(&cfg.cpus, "cpus", "", "pin the process to these `CPUs` (a comma list, e.g. 0) and set GOMAXPROCS to their number; empty: no pinning")
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	if cfg.room && cfg.impl != "tether" || cfg.noPresence && !cfg.room {
+		fmt.Fprintf(stderr, "-room is for -impl tether only (here %q), -nopresence for -room only\n", cfg.impl)
+		return errUsage
+	}
+	if cfg.cpus != "" {
+		cpus, err := parseCPUs(cfg.cpus)
+		if err != nil {
+			fmt.Fprintf(stderr, "-cpus: %v\n", err)
+			return errUsage
+		}
+		if err := pinProcess(cpus); err != nil {
+			return fmt.Errorf("-cpus %s: %w", cfg.cpus, err)
+		}
 	}
 	if _, ok := serveImpls[cfg.impl]; !ok {
 		fmt.Fprintf(stderr, "unknown -impl %q: want one of %s\n", cfg.impl, strings.Join(serveImplNames(), ", "))

@@ -701,12 +701,14 @@ func TestServeCentrifugeWarnings(t *testing.T) {
 	}
 }
 
-// TestServeImplFlags checks -impl and the heartbeat flags.
+// TestServeImplFlags checks -impl, the heartbeat flags, -room and -cpus.
 func TestServeImplFlags(t *testing.T) {
 	for _, args := range [][]string{
 		{"-impl", "nope"},
 		{"-impl", "gorilla", "-interval", "1s", "-timeout", "1s"},
 		{"-interval", "0s"},
+		{"-impl", "gorilla", "-room"},
+		{"-cpus", "x"},
 	} {
 		var out, errOut serveTestBuffer
 		err := serveMain(context.Background(), args, &out, &errOut)

@@ -22,7 +22,9 @@ import (
 // Queue: Limits{SendQueue: queue, SendQueueBytes: 1 MiB}, overflow policy Disconnect (the
 // default): hub_evictions is the hub's Evictions, conns dropped for a full
 // queue or a write timeout. Publish: Hub.Publish(topic). Pongs and heartbeat
-// deaths come from the Observer, for /ws and hub conns alike.
+// deaths come from the Observer, for /ws and hub conns alike. Presence is
+// off, every conn anonymous: except with -room (roomOptions), the hub of
+// the room scenario, which keeps every hub option at its default.
 type tetherServer struct {
 	log    *serveLog
 	stderr io.Writer
@@ -32,7 +34,8 @@ type tetherServer struct {
 	mu    sync.Mutex
 	conns map[*tether.Conn]*tetherPeer
 
-	acceptErrors atomic.Int64
+	acceptErrors   atomic.Int64
+	roomSubscribed atomic.Int64 // raw peers subscribed to bench by roomOptions' Connect
 }
 
 // tetherPeer is a conn as the server knows it. The Observer may report a
@@ -54,20 +57,57 @@ func newTetherServer(cfg serveConfig, log *serveLog, stderr io.Writer) (serveImp
 		Pong:       s.ponged,
 	})
 	s.opts = []tether.ServerOption{tether.WithHeartbeat(cfg.interval, cfg.timeout), obs}
-	hub, err := tether.NewHub(
+	hubOpts := []tether.HubOption{
 		tether.WithHeartbeat(cfg.interval, cfg.timeout),
 		tether.WithLimits(tether.Limits{SendQueue: cfg.queue, SendQueueBytes: 1 << 20}),
 		tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Off: true} }),
 		// Load clients subscribe in a burst: no inbound limit.
 		tether.WithRateLimit(rate.Inf, 0),
+	}
+	if cfg.room {
+		hubOpts = s.roomOptions(cfg)
+	}
+	hub, err := tether.NewHub(append(hubOpts,
 		obs,
 		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) { s.register(c, false) }}),
-	)
+	)...)
 	if err != nil {
 		return nil, err
 	}
 	s.hub = hub
 	return s, nil
+}
+
+// roomOptions are the hub's options for the room scenario (serve -room):
+// every option at its default but the heartbeat (whose flags default to
+// the hub's defaults), so presence is on, listing up to 100 members per
+// topic; each conn's user ID is its "user" query parameter; and the
+// server subscribes raw peers to bench itself as they connect, as an
+// application picks a raw peer's topics, counting them in
+// room_subscribed. With -nopresence, presence is off, to tell its cost
+// from the rest of protocol v1's.
+func (s *tetherServer) roomOptions(cfg serveConfig) []tether.HubOption {
+	var presence tether.HubOption
+	if cfg.noPresence {
+		presence = tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Off: true} })
+	}
+	return []tether.HubOption{
+		tether.WithHeartbeat(cfg.interval, cfg.timeout),
+		presence, // nil: the default
+		tether.WithAuth(func(r *http.Request) (string, error) { return r.URL.Query().Get("user"), nil }),
+		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
+			if c.Subprotocol() == tether.Subprotocol {
+				return // v1 peers subscribe by themselves
+			}
+			if err := s.hub.Subscribe(c, "bench"); err != nil {
+				if s.acceptErrors.Add(1) <= 5 {
+					fmt.Fprintf(s.stderr, "tetherload serve: subscribing a raw peer: %v\n", err)
+				}
+				return
+			}
+			s.roomSubscribed.Add(1)
+		}}),
+	}
 }
 
 func (s *tetherServer) routes(mux *http.ServeMux) {
@@ -83,6 +123,7 @@ func (s *tetherServer) publish(topic string, msg []byte) error {
 func (s *tetherServer) fill(st *Stats) {
 	hs := s.hub.Stats()
 	st.HubConns, st.HubEvictions = int64(hs.Conns), int64(hs.Evictions)
+	st.RoomSubscribed = s.roomSubscribed.Load()
 }
 
 func (s *tetherServer) handleWS(w http.ResponseWriter, r *http.Request) {
