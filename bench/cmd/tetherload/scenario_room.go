@@ -252,7 +252,6 @@ type roomRun struct {
 	nFailed    atomic.Int64
 	nDropped   atomic.Int64
 	firstDrop  atomic.Int64 // unix ns; 0: none
-	notDialled atomic.Int64
 	closing    atomic.Bool
 
 	presMsgs, presSnaps, presBytes, presMax atomic.Int64
