@@ -247,12 +247,12 @@ type roomRun struct {
 	failed  map[string]int64
 	dropped map[string]int64
 
-	lastJoin   atomic.Int64 // unix ns of the latest subscription
-	lastHS     atomic.Int64 // unix ns of the latest handshake done
-	nFailed    atomic.Int64
-	nDropped   atomic.Int64
-	firstDrop  atomic.Int64 // unix ns; 0: none
-	closing    atomic.Bool
+	lastJoin  atomic.Int64 // unix ns of the latest subscription
+	lastHS    atomic.Int64 // unix ns of the latest handshake done
+	nFailed   atomic.Int64
+	nDropped  atomic.Int64
+	firstDrop atomic.Int64 // unix ns; 0: none
+	closing   atomic.Bool
 
 	presMsgs, presSnaps, presBytes, presMax atomic.Int64
 }
