@@ -23,11 +23,12 @@ type broadcastConfig struct {
 	quiet      time.Duration // once published, give up after this long without a delivery
 	queue      int           // the server's send queue per conn, in messages
 	bare       bool          // centrifuge: its protocol by hand, not centrifuge-go
+	pin        string        // "S,L": the server on CPU S, the load on CPU L; "" no pinning
 }
 
 func broadcastMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg broadcastConfig
-	s := newScenario("broadcast", implFlag{}, &cfg.loadFlags, loadDefaults{
+	s := newScenario("broadcast", implFlag{allowRaw: true}, &cfg.loadFlags, loadDefaults{
 		interval: 15 * time.Second, timeout: 30 * time.Second,
 		setupHelp: "time allowed to start the server, dial and subscribe",
 	}, stderr)
@@ -40,6 +41,7 @@ func broadcastMain(ctx context.Context, args []string, stdout, stderr io.Writer)
 	fs.DurationVar(&cfg.quiet, "quiet", 3*time.Second, "once publishing is done, stop waiting after this long without any delivery (conns the server dropped never get the rest)")
 	fs.IntVar(&cfg.queue, "queue", 256, "the server's send buffer per conn, in messages: a burst longer than it drops subscribers (or messages) that fall behind")
 	fs.BoolVar(&cfg.bare, "bare", false, "centrifuge: dial bare coder/websocket clients that speak its JSON protocol by hand instead of centrifuge-go, whose decoding costs CPU on the shared machine (the other impls' clients are bare already)")
+	fs.StringVar(&cfg.pin, "pin", "", "pin the server to CPU S and this load process to CPU L, given as `S,L` (GOMAXPROCS 1 each), as room -pin does; empty: no pinning")
 	return s.run(ctx, args, cfg.validate, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
 		return runBroadcast(ctx, cfg, im, stderr)
 	})
@@ -56,6 +58,7 @@ type BroadcastResult struct {
 	Rate        string  `json:"rate"`
 	Heartbeat   string  `json:"heartbeat"`
 	Bare        bool    `json:"bare_clients,omitempty"`
+	Pinned      string  `json:"pinned,omitempty"` // server CPU, load CPU
 	Deliveries  int64   `json:"deliveries"`
 	Seconds     float64 `json:"seconds"` // first publish to last delivery
 	PublishSecs float64 `json:"publish_seconds"`
@@ -76,6 +79,12 @@ type BroadcastResult struct {
 	HeartbeatDrops int64 `json:"heartbeat_drops"`
 	OtherEnds      int64 `json:"server_other_ends"` // conns the server saw end otherwise
 	ClientEnded    int64 `json:"client_conns_ended"`
+	// ServerCPU and LoadCPU are the user + system CPU seconds of the server
+	// process and of this load process from just before the first publish
+	// to the end of the wait for deliveries: with -pin, which side's one
+	// core was full.
+	ServerCPU float64 `json:"server_cpu_seconds"`
+	LoadCPU   float64 `json:"load_cpu_seconds"`
 }
 
 func (cfg *broadcastConfig) validate() error {
@@ -94,6 +103,11 @@ func (cfg *broadcastConfig) validate() error {
 	}
 	if cfg.interval <= 0 || cfg.timeout <= cfg.interval || cfg.setup <= 0 || cfg.deliver <= 0 || cfg.quiet <= 0 {
 		errs = append(errs, errors.New("need 0 < interval < timeout, and positive -setup, -deliver and -quiet"))
+	}
+	if cfg.pin != "" {
+		if cpus, err := parseCPUs(cfg.pin); err != nil || len(cpus) != 2 || cpus[0] == cpus[1] {
+			errs = append(errs, fmt.Errorf("-pin %q: want two different CPUs, server first: 0,1", cfg.pin))
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -151,8 +165,16 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, im implSpec, progres
 	setupCtx, setupCancel := context.WithTimeout(ctx, cfg.setup)
 	defer setupCancel()
 
+	var serverCPUs string
+	if cfg.pin != "" {
+		cpus, _ := parseCPUs(cfg.pin) // validated
+		serverCPUs = strconv.Itoa(cpus[0])
+		if err := pinProcess(cpus[1:]); err != nil {
+			return nil, fmt.Errorf("-pin: %w", err)
+		}
+	}
 	child, sc, err := startImpl(setupCtx, serverSpec{impl: im.server, interval: cfg.interval, timeout: cfg.timeout,
-		queue: max(cfg.queue, 1), cmd: cfg.serverCmd}, progress)
+		queue: max(cfg.queue, 1), cpus: serverCPUs, cmd: cfg.serverCmd}, progress)
 	if err != nil {
 		return nil, err
 	}
@@ -210,18 +232,24 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, im implSpec, progres
 	}
 	// Every conn registered for the broadcast: for the impls where
 	// connecting is subscribing, the server may register a conn just after
-	// the client's handshake returns.
+	// the client's handshake returns. tether-raw's hub counts a conn
+	// before its Observer.Connect subscribes it: there, every conn
+	// subscribed.
 	for {
 		st, err := sc.get(setupCtx, "gc=0")
 		if err != nil {
 			return nil, err
 		}
-		if st.HubConns >= int64(cfg.n) || (st.HubConns == 0 && st.Open >= int64(cfg.n)) {
+		registered := st.HubConns
+		if im.server == "tether-raw" {
+			registered = st.RoomSubscribed
+		}
+		if registered >= int64(cfg.n) || (st.HubConns == 0 && st.Open >= int64(cfg.n)) {
 			break
 		}
 		select {
 		case <-setupCtx.Done():
-			return nil, fmt.Errorf("server has %d of %d subscribers registered: %w", st.HubConns, cfg.n, setupCtx.Err())
+			return nil, fmt.Errorf("server has %d of %d subscribers registered: %w", registered, cfg.n, setupCtx.Err())
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
@@ -231,6 +259,7 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, im implSpec, progres
 	if err != nil {
 		return nil, err
 	}
+	loadCPU0, _ := cpuSeconds()
 	start := time.Now()
 	url := fmt.Sprintf("%s/publish?topic=bench&n=%d&size=%d&rate=%g", sc.base, cfg.m, cfg.size, cfg.rate)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, nil)
@@ -270,6 +299,7 @@ wait:
 			}
 		}
 	}
+	loadCPU1, _ := cpuSeconds()
 	st, err := sc.get(ctx, "gc=0")
 	if err != nil {
 		return nil, err
@@ -283,6 +313,7 @@ wait:
 		Rate:           "max",
 		Heartbeat:      cfg.interval.String() + "/" + cfg.timeout.String(),
 		Bare:           cfg.bare,
+		Pinned:         cfg.pin,
 		Deliveries:     int64(total),
 		Seconds:        time.Duration(lastAt.Load() - start.UnixNano()).Seconds(),
 		PublishSecs:    publishSecs,
@@ -293,6 +324,8 @@ wait:
 		HeartbeatDrops: st.HeartbeatTimeouts - base.HeartbeatTimeouts,
 		OtherEnds:      st.OtherEnds - base.OtherEnds,
 		ClientEnded:    pool.lost.Load(),
+		ServerCPU:      st.CPUSeconds - base.CPUSeconds,
+		LoadCPU:        loadCPU1 - loadCPU0,
 	}
 	if cfg.bare || im.client.framesVisible() {
 		res.Frames = frames.Load()

@@ -30,6 +30,8 @@ func lookupImpl(name string) (implSpec, bool) {
 		return implSpec{name, "tether", "/sub", "tether.Hub; protocol v1 clients subscribed to bench (sub, then the ack)", newTetherAdapter()}, true
 	case "tether-conn":
 		return implSpec{name, "tether", "/ws", "tether.Accept conns on the bare /ws endpoint, plain clients (idle only)", &wsAdapter{}}, true
+	case "tether-raw":
+		return implSpec{name, "tether-raw", "/sub", "tether.Hub (the tether impl's options); plain clients, subscribed to bench by the server on connect (broadcast only)", &wsAdapter{}}, true
 	case "centrifuge":
 		return implSpec{name, "centrifuge", "/sub", "centrifugal/centrifuge; centrifuge-go JSON clients subscribed to bench", newCentrifugeAdapter()}, true
 	case "melody":
@@ -47,14 +49,24 @@ func lookupImpl(name string) (implSpec, bool) {
 type implFlag struct {
 	value     string
 	allowConn bool // tether-conn is valid (idle)
+	allowRaw  bool // tether-raw is valid (broadcast); not in all
+}
+
+// extra is the impls the scenario takes besides allImpls.
+func (f *implFlag) extra() []string {
+	var names []string
+	if f.allowConn {
+		names = append(names, "tether-conn")
+	}
+	if f.allowRaw {
+		names = append(names, "tether-raw")
+	}
+	return names
 }
 
 func (f *implFlag) register(fs *flag.FlagSet) {
 	f.value = "tether"
-	names := strings.Join(allImpls, ", ")
-	if f.allowConn {
-		names += ", tether-conn"
-	}
+	names := strings.Join(append(allImpls[:len(allImpls):len(allImpls)], f.extra()...), ", ")
 	fs.StringVar(&f.value, "impl", f.value, "server impl(s) to run against, one after another: a name ("+names+
 		"), a comma list, all (= "+strings.Join(allImpls, ",")+") or list (print them)")
 }
@@ -62,10 +74,7 @@ func (f *implFlag) register(fs *flag.FlagSet) {
 // parse returns the impls, or nil after printing them for -impl list.
 func (f *implFlag) parse(stdout io.Writer) ([]implSpec, error) {
 	if f.value == "list" {
-		names := allImpls
-		if f.allowConn {
-			names = append(names[:len(names):len(names)], "tether-conn")
-		}
+		names := append(allImpls[:len(allImpls):len(allImpls)], f.extra()...)
 		for _, n := range names {
 			im, _ := lookupImpl(n)
 			fmt.Fprintf(stdout, "%-12s %s\n", n, im.desc)
@@ -81,7 +90,7 @@ func (f *implFlag) parse(stdout io.Writer) ([]implSpec, error) {
 	for _, n := range names {
 		n = strings.TrimSpace(n)
 		im, ok := lookupImpl(n)
-		if !ok || (n == "tether-conn" && !f.allowConn) {
+		if !ok || (n == "tether-conn" && !f.allowConn) || (n == "tether-raw" && !f.allowRaw) {
 			return nil, fmt.Errorf("-impl: unknown impl %q (try -impl list)", n)
 		}
 		if !seen[n] {
@@ -188,12 +197,17 @@ func cmpOrErr(a, b error) error {
 	return b
 }
 
-// ratioRows compares tether (tether or tether-conn, whichever ran first)
-// with every other impl that ran; nil if there is nothing to compare.
+// isTether reports whether the impl named n is one of tether's: the
+// reference of the ratios.
+func isTether(n string) bool { return n == "tether" || n == "tether-conn" || n == "tether-raw" }
+
+// ratioRows compares tether (tether, tether-conn or tether-raw, whichever
+// ran first) with every other impl that ran; nil if there is nothing to
+// compare.
 func ratioRows(names []string, results []implResult) []RatioRow {
 	ref := -1
 	for i, n := range names {
-		if n == "tether" || n == "tether-conn" {
+		if isTether(n) {
 			ref = i
 			break
 		}
@@ -237,7 +251,7 @@ func finite(v float64) *float64 {
 func printRatios(w io.Writer, names []string, rows []RatioRow) error {
 	ref := ""
 	for _, n := range names {
-		if n == "tether" || n == "tether-conn" {
+		if isTether(n) {
 			ref = n
 			break
 		}

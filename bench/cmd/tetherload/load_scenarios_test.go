@@ -233,20 +233,23 @@ func TestImplFlag(t *testing.T) {
 		return strings.Join(s, ",")
 	}
 	for _, c := range []struct {
-		value     string
-		allowConn bool
-		want      string
+		value               string
+		allowConn, allowRaw bool
+		want                string
 	}{
-		{"tether", false, "tether"},
-		{"all", false, "tether,centrifuge,melody,gorilla,naive"},
-		{"gorilla, tether,gorilla", false, "gorilla,tether"},
-		{"tether-conn", true, "tether-conn"},
-		{"tether-conn", false, "error"},
-		{"nope", false, "error"},
-		{"list", false, ""},
+		{"tether", false, false, "tether"},
+		{"all", false, false, "tether,centrifuge,melody,gorilla,naive"},
+		{"all", false, true, "tether,centrifuge,melody,gorilla,naive"},
+		{"gorilla, tether,gorilla", false, false, "gorilla,tether"},
+		{"tether-conn", true, false, "tether-conn"},
+		{"tether-conn", false, false, "error"},
+		{"tether-raw,centrifuge", false, true, "tether-raw,centrifuge"},
+		{"tether-raw", true, false, "error"},
+		{"nope", false, false, "error"},
+		{"list", false, false, ""},
 	} {
-		if got := names(implFlag{value: c.value, allowConn: c.allowConn}); got != c.want {
-			t.Errorf("-impl %q (tether-conn allowed: %v): %q, want %q", c.value, c.allowConn, got, c.want)
+		if got := names(implFlag{value: c.value, allowConn: c.allowConn, allowRaw: c.allowRaw}); got != c.want {
+			t.Errorf("-impl %q (tether-conn allowed: %v, tether-raw: %v): %q, want %q", c.value, c.allowConn, c.allowRaw, got, c.want)
 		}
 	}
 	var out bytes.Buffer
@@ -255,6 +258,16 @@ func TestImplFlag(t *testing.T) {
 	}
 	if code := run([]string{"churn", "-impl", "tether-conn"}, &out, &out); code != 1 {
 		t.Errorf("churn -impl tether-conn: exit %d, want 1", code)
+	}
+	if code := run([]string{"idle", "-impl", "tether-raw"}, &out, &out); code != 1 {
+		t.Errorf("idle -impl tether-raw: exit %d, want 1", code)
+	}
+	out.Reset()
+	if code := run([]string{"broadcast", "-impl", "list"}, &out, &out); code != 0 || !strings.Contains(out.String(), "tether-raw") {
+		t.Errorf("broadcast -impl list: exit %d, output %q", code, out.String())
+	}
+	if code := run([]string{"broadcast", "-pin", "0,0"}, &out, &out); code != 1 {
+		t.Errorf("broadcast -pin 0,0: exit %d, want 1", code)
 	}
 }
 

@@ -1,9 +1,9 @@
 // Command tetherload measures what tether costs a server, side by side
 // with the libraries a Go user would pick instead.
 //
-//	tetherload serve -impl tether|centrifuge|melody|gorilla|naive [-addr 127.0.0.1:0] [-interval 15s -timeout 30s] [-queue 256] [-pprof]
+//	tetherload serve -impl tether|tether-raw|centrifuge|melody|gorilla|naive [-addr 127.0.0.1:0] [-interval 15s -timeout 30s] [-queue 256] [-pprof]
 //	tetherload idle -impl all -n 10000 -interval 15s -timeout 30s -hold 30s [-json]
-//	tetherload broadcast -impl all -n 1000 -m 1000 -size 64 [-rate 0] [-queue 256] [-json]
+//	tetherload broadcast -impl all -n 1000 -m 1000 -size 64 [-rate 0] [-queue 256] [-pin 0,1] [-json]
 //	tetherload deadpeer -impl all -n 1000 -k 100 -interval 5s -timeout 10s [-json]
 //	tetherload churn -impl all -rate 100 -duration 60s -hold 1s [-n0 0] [-settle 10s] [-json]
 //	tetherload storm -impl all -n 1000 [-wait 2m] [-json]
@@ -28,6 +28,8 @@
 //     -impl tether-conn measures bare tether conns (/ws, no hub).
 //   - broadcast: n subscribers, m messages published by the server:
 //     deliveries per second, latency, and healthy conns dropped.
+//     -impl tether-raw (not in all) runs the tether hub with plain
+//     WebSocket clients that the server subscribes as they connect.
 //   - deadpeer: k of n conns go silent: how long after its last pong the
 //     server declares each dead, against the timeout.
 //   - churn: conns opened and closed at a fixed rate: whether memory,

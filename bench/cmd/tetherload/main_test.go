@@ -147,10 +147,11 @@ func TestIdleImpls(t *testing.T) {
 }
 
 // TestBroadcast runs the broadcast scenario end to end on a small scale
-// against tether, the gorilla pattern and centrifuge (centrifuge-go
-// clients): a server process fans 200 messages out to 50 subscribers.
+// against tether, tether's hub with raw peers, the gorilla pattern and
+// centrifuge (centrifuge-go clients): a server process fans 200 messages
+// out to 50 subscribers.
 func TestBroadcast(t *testing.T) {
-	for _, name := range []string{"tether", "gorilla", "centrifuge"} {
+	for _, name := range []string{"tether", "tether-raw", "gorilla", "centrifuge"} {
 		t.Run(name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 			defer cancel()
@@ -180,6 +181,10 @@ func TestBroadcast(t *testing.T) {
 			framesOK := res.Frames > 0 && res.Frames <= res.Deliveries || name == "centrifuge" && res.Frames == 0
 			if res.P50ms <= 0 || res.P99ms < res.P50ms || res.PerSecond <= 0 || !framesOK {
 				t.Errorf("implausible figures: %+v", res)
+			}
+			// The server sends a raw peer each message in a frame of its own.
+			if name == "tether-raw" && res.Frames != res.Deliveries {
+				t.Errorf("tether-raw: %d frames for %d deliveries, want one each", res.Frames, res.Deliveries)
 			}
 		})
 	}

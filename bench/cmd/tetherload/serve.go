@@ -103,6 +103,7 @@ type serveImpl interface {
 // serveImpls makes each impl by its -impl name.
 var serveImpls = map[string]func(cfg serveConfig, log *serveLog, stderr io.Writer) (serveImpl, error){
 	"tether":     newTetherServer,
+	"tether-raw": newTetherServer, // the same hub; plain conns subscribed to bench on connect
 	"gorilla":    newGorillaServer,
 	"melody":     newMelodyServer,
 	"naive":      newNaiveServer,

@@ -22,7 +22,14 @@ import (
 )
 
 // serveTestImpls are the impls every TestServeImpl* test runs against.
-var serveTestImpls = []string{"tether", "gorilla", "melody", "naive", "centrifuge"}
+var serveTestImpls = []string{"tether", "tether-raw", "gorilla", "melody", "naive", "centrifuge"}
+
+// serveTestSubscribed is the waitStats condition of n subscribers
+// registered for the broadcast. tether-raw's hub counts a conn before its
+// Observer.Connect subscribes it: there, n subscribed too.
+func serveTestSubscribed(impl string, n int64) func(Stats) bool {
+	return func(st Stats) bool { return st.HubConns == n && (impl != "tether-raw" || st.RoomSubscribed == n) }
+}
 
 // serveTestHeartbeat is the heartbeat of the tests: pings every 50 ms, dead
 // 300 ms after the last pong. centrifuge checks pongs only when PongTimeout
@@ -361,7 +368,7 @@ func (c *serveTestClient) read() {
 // serveTestPayload returns the bench message a line carries, as the impl
 // wraps it: tether's {"op":"msg",...,"data":<msg>}, centrifuge's
 // {"push":{"channel":"bench","pub":{"data":<msg>}}}, the others' bare
-// message (gorilla's frames hold several, one a line).
+// message (gorilla's frames hold several, one a line; tether-raw's one).
 func serveTestPayload(impl string, line []byte) []byte {
 	switch impl {
 	case "tether":
@@ -444,7 +451,7 @@ func TestServeImplPublish(t *testing.T) {
 			interval, timeout := serveTestHeartbeat(impl, true)
 			s := startServeTest(t, serveConfig{impl: impl, interval: interval, timeout: timeout})
 			c := dialServeTest(t, s, true)
-			s.waitStats(3*time.Second, "subscriber registered", func(st Stats) bool { return st.HubConns == 1 })
+			s.waitStats(3*time.Second, "subscriber registered", serveTestSubscribed(impl, 1))
 
 			const n, size = 50, 120
 			s.publish(n, size)
@@ -595,7 +602,7 @@ func TestServeImplShutdown(t *testing.T) {
 			interval, timeout := serveTestHeartbeat(impl, false)
 			s := startServeTest(t, serveConfig{impl: impl, interval: interval, timeout: timeout})
 			clients := []*serveTestClient{dialServeTest(t, s, false), dialServeTest(t, s, false)}
-			s.waitStats(3*time.Second, "clients registered", func(st Stats) bool { return st.HubConns == 2 })
+			s.waitStats(3*time.Second, "clients registered", serveTestSubscribed(impl, 2))
 			s.stop()
 			for i, c := range clients {
 				select {
@@ -609,8 +616,8 @@ func TestServeImplShutdown(t *testing.T) {
 }
 
 // TestServeImplEviction checks, for every impl, what becomes of a
-// subscriber that reads nothing while a lot is published: tether, gorilla,
-// naive and centrifuge drop it as too slow (one eviction), melody drops
+// subscriber that reads nothing while a lot is published: tether (v1 or
+// raw peers), gorilla, naive and centrifuge drop it as too slow (one eviction), melody drops
 // messages and keeps it (evictions count the messages). Either way, once the
 // client goes, its end is an other end, not a heartbeat death.
 func TestServeImplEviction(t *testing.T) {
@@ -621,7 +628,7 @@ func TestServeImplEviction(t *testing.T) {
 			s := startServeTest(t, serveConfig{impl: impl, interval: 10 * time.Second, timeout: 20 * time.Second, queue: 4})
 			c := dialServeTest(t, s, false)
 			c.goSilent()
-			s.waitStats(3*time.Second, "subscriber registered", func(st Stats) bool { return st.HubConns == 1 })
+			s.waitStats(3*time.Second, "subscriber registered", serveTestSubscribed(impl, 1))
 			// Far more than the socket buffers, 4 queued messages and
 			// centrifuge's 1 MiB queue hold.
 			s.publish(400, 64<<10)
@@ -631,7 +638,7 @@ func TestServeImplEviction(t *testing.T) {
 				if st.Open != 1 || st.HubConns != 1 {
 					t.Errorf("/stats: %d open, %d hub conns; melody drops messages, not conns", st.Open, st.HubConns)
 				}
-			case "centrifuge", "tether":
+			case "centrifuge", "tether", "tether-raw":
 				// They count the eviction when the conn has ended: centrifuge
 				// waits for a close frame the client will not send, tether
 				// for the write in flight to time out (10 s).
@@ -708,6 +715,7 @@ func TestServeImplFlags(t *testing.T) {
 		{"-impl", "gorilla", "-interval", "1s", "-timeout", "1s"},
 		{"-interval", "0s"},
 		{"-impl", "gorilla", "-room"},
+		{"-impl", "tether-raw", "-room"},
 		{"-cpus", "x"},
 	} {
 		var out, errOut serveTestBuffer

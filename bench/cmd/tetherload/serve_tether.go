@@ -25,6 +25,11 @@ import (
 // deaths come from the Observer, for /ws and hub conns alike. Presence is
 // off, every conn anonymous: except with -room (roomOptions), the hub of
 // the room scenario, which keeps every hub option at its default.
+//
+// As -impl tether-raw, the same hub (same options) for plain WebSocket
+// peers: the server subscribes each conn that did not ask for protocol v1
+// to bench as it connects (Observer.Connect), counting them in
+// room_subscribed, as an application picks a raw peer's topics.
 type tetherServer struct {
 	log    *serveLog
 	stderr io.Writer
@@ -35,7 +40,7 @@ type tetherServer struct {
 	conns map[*tether.Conn]*tetherPeer
 
 	acceptErrors   atomic.Int64
-	roomSubscribed atomic.Int64 // raw peers subscribed to bench by roomOptions' Connect
+	roomSubscribed atomic.Int64 // raw peers subscribed to bench by subscribeRaw (-room, tether-raw)
 }
 
 // tetherPeer is a conn as the server knows it. The Observer may report a
@@ -63,6 +68,9 @@ func newTetherServer(cfg serveConfig, log *serveLog, stderr io.Writer) (serveImp
 		tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Off: true} }),
 		// Load clients subscribe in a burst: no inbound limit.
 		tether.WithRateLimit(rate.Inf, 0),
+	}
+	if cfg.impl == "tether-raw" {
+		hubOpts = append(hubOpts, tether.WithObserver(tether.Observer{Connect: s.subscribeRaw}))
 	}
 	if cfg.room {
 		hubOpts = s.roomOptions(cfg)
@@ -95,19 +103,24 @@ func (s *tetherServer) roomOptions(cfg serveConfig) []tether.HubOption {
 		tether.WithHeartbeat(cfg.interval, cfg.timeout),
 		presence, // nil: the default
 		tether.WithAuth(func(r *http.Request) (string, error) { return r.URL.Query().Get("user"), nil }),
-		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
-			if c.Subprotocol() == tether.Subprotocol {
-				return // v1 peers subscribe by themselves
-			}
-			if err := s.hub.Subscribe(c, "bench"); err != nil {
-				if s.acceptErrors.Add(1) <= 5 {
-					fmt.Fprintf(s.stderr, "tetherload serve: subscribing a raw peer: %v\n", err)
-				}
-				return
-			}
-			s.roomSubscribed.Add(1)
-		}}),
+		tether.WithObserver(tether.Observer{Connect: s.subscribeRaw}),
 	}
+}
+
+// subscribeRaw is the Observer.Connect of -room and of tether-raw: it
+// subscribes a raw peer (a conn without protocol v1) to bench, counting it
+// in room_subscribed. v1 peers subscribe by themselves.
+func (s *tetherServer) subscribeRaw(c *tether.Conn) {
+	if c.Subprotocol() == tether.Subprotocol {
+		return
+	}
+	if err := s.hub.Subscribe(c, "bench"); err != nil {
+		if s.acceptErrors.Add(1) <= 5 {
+			fmt.Fprintf(s.stderr, "tetherload serve: subscribing a raw peer: %v\n", err)
+		}
+		return
+	}
+	s.roomSubscribed.Add(1)
 }
 
 func (s *tetherServer) routes(mux *http.ServeMux) {

@@ -34,8 +34,9 @@ type Stats struct {
 	Pongs             int64 `json:"heartbeat_pongs"`    // heartbeat pongs the server observed (0 where it cannot)
 	HubConns          int64 `json:"hub_conns"`          // conns registered for broadcast
 	HubEvictions      int64 `json:"hub_evictions"`      // subscribers dropped as too slow (melody: messages dropped)
-	// RoomSubscribed is the raw peers a serve -room server has subscribed
-	// to bench itself (v1 peers subscribe by themselves).
+	// RoomSubscribed is the raw peers a serve -room (or -impl tether-raw)
+	// server has subscribed to bench itself (v1 peers subscribe by
+	// themselves).
 	RoomSubscribed int64 `json:"room_subscribed,omitempty"`
 
 	CPUSeconds float64   `json:"cpu_seconds"` // user + system time of the process
