@@ -181,14 +181,19 @@ func runStorm(ctx context.Context, cfg stormConfig, im implSpec, progress io.Wri
 	res.AllBack = werr == nil
 	res.Open = st.Open
 	res.DialsAfter = dials
-	// All back at the last accept before the /stats sample that saw them all.
-	var accepts []int64
-	for _, a := range ev.Accepts {
-		if !res.AllBack || a <= st.Time.UnixNano() {
-			accepts = append(accepts, a)
-		}
-	}
+	// All back at the last accept before the /stats sample that saw them
+	// all. An accept is stamped as the server logs it, which may come a
+	// little after the sample counted its conn as open: the conns the
+	// sample saw are accepted, whatever their stamps say.
+	accepts := slices.Clone(ev.Accepts)
 	slices.Sort(accepts)
+	if res.AllBack {
+		n := 0
+		for n < len(accepts) && accepts[n] <= st.Time.UnixNano() {
+			n++
+		}
+		accepts = accepts[:min(len(accepts), max(n, int(st.Open)))]
+	}
 	res.Accepts = len(accepts)
 	end := time.Now()
 	if res.AllBack && len(accepts) > 0 {
