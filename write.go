@@ -189,28 +189,14 @@ func (c *Conn) writeLoop() {
 		}
 		c.mu.Unlock()
 
-		if timer == nil {
-			timer = time.AfterFunc(c.cfg.writeTimeout, c.writeTimedOut)
-		} else {
-			timer.Reset(c.cfg.writeTimeout)
-		}
-		began := time.Now()
-		err := c.ws.Write(c.ioCtx, websocket.MessageText, msg)
-		ended := time.Now()
-		if joined != nil {
-			frameBufs[frameBufClass(cap(*joined))].Put(joined)
-		}
-		if !timer.Stop() {
-			return // timed out: the conn has ended
-		}
-		if err != nil {
-			c.end(because("tether: connection lost", err, ErrConnLost), endForced, 0, "")
+		if !c.timedWrite(&timer, func() error {
+			err := c.ws.Write(c.ioCtx, websocket.MessageText, msg)
+			if joined != nil {
+				frameBufs[frameBufClass(cap(*joined))].Put(joined)
+			}
+			return err
+		}) {
 			return
-		}
-		at := int64(ended.Sub(c.hb.born))
-		c.hb.lastWrite.Store(at)
-		if ended.Sub(began) >= drainWait {
-			c.hb.lastDrain.Store(at)
 		}
 	}
 }
@@ -363,28 +349,40 @@ func (c *Conn) writeBatch(b *frameBatch, timer **time.Timer) bool {
 	defer clear(b.vec) // the messages may be freed
 	from := 0
 	for _, to := range b.cuts {
-		if *timer == nil {
-			*timer = time.AfterFunc(c.cfg.writeTimeout, c.writeTimedOut)
-		} else {
-			(*timer).Reset(c.cfg.writeTimeout)
-		}
 		b.frames = b.vec[from:to:to] // a ping appended must not overwrite the next chunk
 		from = to
-		began := time.Now()
-		err := c.park.WriteFrames(&b.frames)
-		ended := time.Now()
-		if !(*timer).Stop() {
-			return false // timed out: the conn has ended
-		}
-		if err != nil {
-			c.end(because("tether: connection lost", err, ErrConnLost), endForced, 0, "")
+		if !c.timedWrite(timer, func() error { return c.park.WriteFrames(&b.frames) }) {
 			return false
 		}
-		at := int64(ended.Sub(c.hb.born))
-		c.hb.lastWrite.Store(at)
-		if ended.Sub(began) >= drainWait {
-			c.hb.lastDrain.Store(at)
-		}
+	}
+	return true
+}
+
+// timedWrite runs write within the write timeout, armed on *timer (made
+// on first use; one timer serves a writer's whole run), notes when it
+// completed and whether it waited for the peer to drain the socket, and
+// reports whether the writer goes on: not once the conn has ended, by the
+// timeout or by the write's failure.
+func (c *Conn) timedWrite(timer **time.Timer, write func() error) bool {
+	if *timer == nil {
+		*timer = time.AfterFunc(c.cfg.writeTimeout, c.writeTimedOut)
+	} else {
+		(*timer).Reset(c.cfg.writeTimeout)
+	}
+	began := time.Now()
+	err := write()
+	ended := time.Now()
+	if !(*timer).Stop() {
+		return false // timed out: the conn has ended
+	}
+	if err != nil {
+		c.end(because("tether: connection lost", err, ErrConnLost), endForced, 0, "")
+		return false
+	}
+	at := int64(ended.Sub(c.hb.born))
+	c.hb.lastWrite.Store(at)
+	if ended.Sub(began) >= drainWait {
+		c.hb.lastDrain.Store(at)
 	}
 	return true
 }
