@@ -318,8 +318,12 @@ func (c *Conn) batchLocked(b *frameBatch) bool {
 		}
 		msgs++
 		size += len(m)
+		if !c.coalesce {
+			b.message(opText, m) // a raw peer's message is a frame of its own
+			continue
+		}
 		next, more := c.peekLocked()
-		if !c.coalesce || !more || len(m)+1+len(next) > maxCoalesced {
+		if !more || len(m)+1+len(next) > maxCoalesced {
 			b.message(opText, m)
 			continue
 		}
