@@ -279,49 +279,64 @@ func (cl *Client) Topics() []string {
 	return topics
 }
 
-// Publish publishes data, a JSON value, to topic, if the server allows
-// this client to (see [WithClientPublish]). It returns at once: the
+// Publish publishes data, text in valid UTF-8, to topic, if the server
+// allows this client to (see [WithClientPublish]). It returns at once: the
 // message goes on the conn's send queue, or, while the client is
 // offline, into the offline buffer, which is sent in order on the next
 // conn, after the subscriptions are back in place. ctx is only checked on
 // entry.
 //
-// Publish returns [ErrNotJSON] for data that is not JSON, [ErrQueueFull]
-// when not Connected with a full buffer, [ErrRateLimited] past the rate
-// limit the server advertised, and [ErrQueueFull] when the send queue is
-// full (the link is slower than the publisher). A refusal by the server
-// arrives later, at [Observer].Error.
+// Publish returns [ErrInvalidUTF8] for data that is not UTF-8,
+// [ErrQueueFull] when not Connected with a full buffer, [ErrRateLimited]
+// past the rate limit the server advertised, and [ErrQueueFull] when the
+// send queue is full (the link is slower than the publisher). A refusal
+// by the server arrives later, at [Observer].Error.
 //
 // A message that was handed to a conn that then broke is sent again on
 // the next conn only if it had not been written yet: the buffer never
 // sends a message twice. What had been written, up to a frame of 32 KiB
 // of joined messages, may be lost with the conn: at most once.
 func (cl *Client) Publish(ctx context.Context, topic string, data []byte) error {
-	return cl.request(ctx, wire.OpPub, topic, data, false)
+	return cl.request(ctx, wire.OpPub, topic, data, false, false)
+}
+
+// PublishBinary is [Client.Publish] for bytes, which subscribers get as
+// bytes: a [Message] with Binary set, a Uint8Array in tether.js, a binary
+// message on a raw peer.
+func (cl *Client) PublishBinary(ctx context.Context, topic string, data []byte) error {
+	return cl.request(ctx, wire.OpPub, topic, data, true, false)
 }
 
 // PublishVolatile is [Client.Publish] without the offline buffer: while
 // the client is not Connected (also while a new conn is being
 // resubscribed) it returns [ErrOffline] and drops the message. For data
 // that is stale by the time the client reconnects: cursor positions,
-// typing indicators.
-func (cl *Client) PublishVolatile(ctx context.Context, topic string, data []byte) error {
-	return cl.request(ctx, wire.OpPub, topic, data, true)
+// typing indicators. binary says whether data is bytes, as with
+// [Client.PublishBinary], or text.
+func (cl *Client) PublishVolatile(ctx context.Context, topic string, data []byte, binary bool) error {
+	return cl.request(ctx, wire.OpPub, topic, data, binary, true)
 }
 
-// Send sends data, a JSON value, to the server application (see
+// Send sends data, text in valid UTF-8, to the server application (see
 // [OnMessage] on the server side), the way [Client.Publish] publishes.
 func (cl *Client) Send(ctx context.Context, data []byte) error {
-	return cl.request(ctx, wire.OpSend, "", data, false)
+	return cl.request(ctx, wire.OpSend, "", data, false, false)
+}
+
+// SendBinary is [Client.Send] for bytes, which the server application
+// gets in a [Message] with Binary set.
+func (cl *Client) SendBinary(ctx context.Context, data []byte) error {
+	return cl.request(ctx, wire.OpSend, "", data, true, false)
 }
 
 // SendVolatile is [Client.Send] without the offline buffer: while the
 // client is not Connected it returns [ErrOffline] and drops the message.
-func (cl *Client) SendVolatile(ctx context.Context, data []byte) error {
-	return cl.request(ctx, wire.OpSend, "", data, true)
+// binary says whether data is bytes or text.
+func (cl *Client) SendVolatile(ctx context.Context, data []byte, binary bool) error {
+	return cl.request(ctx, wire.OpSend, "", data, binary, true)
 }
 
-func (cl *Client) request(ctx context.Context, op, topic string, data []byte, volatile bool) error {
+func (cl *Client) request(ctx context.Context, op, topic string, data []byte, binary, volatile bool) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -330,15 +345,16 @@ func (cl *Client) request(ctx context.Context, op, topic string, data []byte, vo
 			return fmt.Errorf("tether: publish: %w", err)
 		}
 	}
-	raw, err := wire.CompactData(data)
+	kind, body, err := kindOf(data, binary)
 	if err != nil {
-		return fmt.Errorf("tether: %s: %w", op, ErrNotJSON)
+		return fmt.Errorf("tether: %s: %w", op, err)
 	}
 	req := &request{id: cl.newID(), op: op, topic: topic}
+	buf := make([]byte, 0, len(body)+len(topic)+64)
 	if op == wire.OpPub {
-		req.line = wire.AppendPub(make([]byte, 0, len(raw)+len(topic)+48), topic, raw, req.id)
+		req.line = appendEntry(buf, kind, func(b []byte) []byte { return wire.AppendPubOf(b, topic, kind, body, req.id) })
 	} else {
-		req.line = wire.AppendSend(make([]byte, 0, len(raw)+40), raw, req.id)
+		req.line = appendEntry(buf, kind, func(b []byte) []byte { return wire.AppendSendOf(b, kind, body, req.id) })
 	}
 
 	cl.mu.Lock()
@@ -411,12 +427,7 @@ func (cl *Client) unsubscribeLocked(sub *subscription) {
 
 // onMessage reads the protocol messages of one WebSocket message.
 func (cl *Client) onMessage(c *Conn, m Message) {
-	if m.Binary {
-		cl.report(fmt.Errorf("tether: the server sent a binary message of %d bytes; protocol v1 has none", len(m.Data)))
-		return
-	}
-	for line := range wire.SplitFrames(m.Data) {
-		f, err := wire.DecodeServer(line)
+	for f, err := range wire.ServerFrames(m.Data, m.Binary) {
 		if err != nil {
 			err = protocolError(err)
 			var pe *ProtocolError
@@ -434,7 +445,7 @@ func (cl *Client) onMessage(c *Conn, m Message) {
 		case wire.OpMsg:
 			if f.Topic == "" {
 				if h := cl.cfg.conn.onMessage; h != nil {
-					h(c, Message{Data: f.Data})
+					h(c, Message{Data: f.Data, Binary: f.Kind == wire.KindBinary})
 				}
 				continue
 			}
@@ -479,7 +490,7 @@ func (cl *Client) deliver(f wire.Frame) {
 	if gap && cl.cfg.conn.observer.Resync != nil {
 		cl.cfg.conn.observer.Resync(f.Topic)
 	}
-	sub.handler(Message{Topic: f.Topic, Position: Position{Epoch: f.Epoch, Seq: f.Seq}, Data: f.Data})
+	sub.handler(Message{Topic: f.Topic, Position: Position{Epoch: f.Epoch, Seq: f.Seq}, Data: f.Data, Binary: f.Kind == wire.KindBinary})
 }
 
 // presence applies a presence message to its subscription and reports

@@ -128,8 +128,8 @@ func TestClientSubscribePublishSend(t *testing.T) {
 		t.Fatal("the server application got nothing from Conn.Send")
 	}
 
-	if err := cl.Publish(ctx, "room", []byte("not json")); !errors.Is(err, tether.ErrNotJSON) {
-		t.Errorf("Publish of non-JSON: %v, want ErrNotJSON", err)
+	if err := cl.Publish(ctx, "room", []byte("not \xffUTF-8")); !errors.Is(err, tether.ErrInvalidUTF8) {
+		t.Errorf("Publish of invalid UTF-8: %v, want ErrInvalidUTF8", err)
 	}
 	if err := cl.Publish(ctx, strings.Repeat("x", 300), numbered(1)); err == nil {
 		t.Error("Publish to a 300-byte topic succeeded")
@@ -500,10 +500,10 @@ func TestClientOfflineBuffer(t *testing.T) {
 	if err := cl.Publish(ctx, "chat", numbered(7)); !errors.Is(err, tether.ErrQueueFull) {
 		t.Errorf("Publish past the bound: %v, want ErrQueueFull", err)
 	}
-	if err := cl.PublishVolatile(ctx, "chat", numbered(8)); !errors.Is(err, tether.ErrOffline) {
+	if err := cl.PublishVolatile(ctx, "chat", numbered(8), false); !errors.Is(err, tether.ErrOffline) {
 		t.Errorf("offline PublishVolatile: %v, want ErrOffline", err)
 	}
-	if err := cl.SendVolatile(ctx, numbered(9)); !errors.Is(err, tether.ErrOffline) {
+	if err := cl.SendVolatile(ctx, numbered(9), true); !errors.Is(err, tether.ErrOffline) {
 		t.Errorf("offline SendVolatile: %v, want ErrOffline", err)
 	}
 	s.start()
@@ -521,7 +521,7 @@ func TestClientOfflineBuffer(t *testing.T) {
 		t.Fatal("the buffered Send never arrived")
 	}
 	// Online again: volatile messages go through.
-	if err := cl.PublishVolatile(ctx, "chat", numbered(6)); err != nil {
+	if err := cl.PublishVolatile(ctx, "chat", numbered(6), false); err != nil {
 		t.Fatal(err)
 	}
 	checkRun(t, box.await(t, 6), 1, 6)

@@ -235,11 +235,10 @@ func (h *Hub) registerShared(c *Conn) {
 
 // deliverUser is Node.DeliverUser.
 func (h *Hub) deliverUser(userID string, data []byte) bool {
-	compact, err := wire.CompactData(data)
-	if err != nil {
+	v1, ok := directEntry(data)
+	if !ok {
 		return true // not from SendToUser: nothing anyone could read
 	}
-	v1 := wire.AppendMsg(make([]byte, 0, len(compact)+24), "", "", 0, compact)
 	u := &h.users[h.shard(userID)]
 	u.mu.Lock()
 	defer u.mu.Unlock()

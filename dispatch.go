@@ -22,12 +22,7 @@ func (h *Hub) handle(c *Conn, m Message) {
 		h.handleRaw(c, m)
 		return
 	}
-	if m.Binary {
-		h.refuse(c, &ProtocolError{Code: CodeBadRequest, Reason: "binary messages are not part of protocol v1"})
-		return
-	}
-	for line := range wire.SplitFrames(m.Data) {
-		f, err := wire.DecodeClient(line)
+	for f, err := range wire.ClientFrames(m.Data, m.Binary) {
 		err = protocolError(err)
 		if !h.allow(c) {
 			id := ""
@@ -131,7 +126,11 @@ func (h *Hub) request(c *Conn, f wire.Frame) {
 			h.deny(c, f.ID, "publication refused")
 			return
 		}
-		if err := h.publish(f.Topic, f.Data, f.Data); err != nil {
+		stored := []byte(f.Data) // a JSON value is a copy the frame owns
+		if f.Kind != wire.KindJSON {
+			stored = wire.Store(f.Kind, f.Data)
+		}
+		if err := h.publish(f.Topic, stored, stored); err != nil {
 			h.fail(c, f.ID, err)
 			return
 		}
@@ -140,7 +139,7 @@ func (h *Hub) request(c *Conn, f wire.Frame) {
 			h.deny(c, f.ID, "the server takes no direct messages")
 			return
 		}
-		h.onMessage(c, Message{Data: f.Data})
+		h.onMessage(c, Message{Data: f.Data, Binary: f.Kind == wire.KindBinary})
 	}
 	if f.ID != "" {
 		c.enqueueControl(wire.AppendAck(nil, f.ID))

@@ -80,9 +80,9 @@ var (
 	// Serve answers 503.
 	ErrHubFull = errors.New("tether: hub full")
 
-	// ErrNotJSON: data for a protocol v1 peer must be a JSON value, since
-	// it travels inside a protocol message.
-	ErrNotJSON = errors.New("tether: data is not a JSON value")
+	// ErrInvalidUTF8: data sent as text is not valid UTF-8, which a
+	// text message must be (RFC 6455, section 5.6). Send bytes as binary.
+	ErrInvalidUTF8 = errors.New("tether: text is not valid UTF-8")
 
 	// ErrOffline: a volatile message found the [Client] not Connected and
 	// was dropped.

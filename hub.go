@@ -438,25 +438,13 @@ func (h *Hub) deliverDirect(c *Conn, msgs [][]byte) bool {
 	if !c.coalesce {
 		return c.enqueueAll(msgs...)
 	}
-	var entries [][]byte
-	var b []byte
+	var j joiner
 	for _, m := range msgs {
-		m, err := wire.CompactData(m) // kept as a raw peer gets it
-		if err != nil {
-			continue // not from SendToUser: nothing a v1 peer could read
+		if e, ok := directEntry(m); ok {
+			j.add(e)
 		}
-		if len(b) > 0 && len(b)+1+len(m)+len(`{"op":"msg","data":}`) > maxCoalesced {
-			entries, b = append(entries, b), nil
-		}
-		if len(b) > 0 {
-			b = append(b, '\n')
-		}
-		b = wire.AppendMsg(b, "", "", 0, m)
 	}
-	if len(b) > 0 {
-		entries = append(entries, b)
-	}
-	return c.enqueueAll(entries...)
+	return c.enqueueAll(j.entries()...)
 }
 
 // unregister removes an ended conn from the hub. It is the conns' onEnd.
@@ -538,12 +526,19 @@ func (h *Hub) Conn(id string) *Conn {
 	return s.m[id]
 }
 
-// Broadcast sends data to every conn of the hub, as a direct message to
-// protocol v1 peers and as it is to raw peers. data must be a JSON value
-// ([ErrNotJSON] otherwise); Broadcast keeps no reference to it. It never
-// blocks: a conn whose queue is full is handled by the overflow policy.
-func (h *Hub) Broadcast(data []byte) error {
-	raw, v1, err := h.encodeDirect(data)
+// Broadcast sends data, text in valid UTF-8 ([ErrInvalidUTF8] otherwise),
+// to every conn of the hub: as a direct message to protocol v1 peers, and
+// byte for byte in a text message to raw peers. Broadcast keeps no
+// reference to data. It never blocks: a conn whose queue is full is
+// handled by the overflow policy.
+func (h *Hub) Broadcast(data []byte) error { return h.broadcast(data, false) }
+
+// BroadcastBinary is [Hub.Broadcast] for bytes, which raw peers get in a
+// binary message.
+func (h *Hub) BroadcastBinary(data []byte) error { return h.broadcast(data, true) }
+
+func (h *Hub) broadcast(data []byte, binary bool) error {
+	raw, v1, err := h.encodeDirect(data, binary)
 	if err != nil {
 		return err
 	}
@@ -562,46 +557,40 @@ func (h *Hub) Broadcast(data []byte) error {
 	return nil
 }
 
-// encodeDirect checks data and returns it as raw peers get it (a copy of
-// data, byte for byte, which is also what the offline store keeps) and as
-// v1 peers get it (a direct msg).
-func (h *Hub) encodeDirect(data []byte) (raw, v1 []byte, err error) {
+// encodeDirect checks data and returns it as raw peers get it (which is
+// also what the offline store keeps) and as v1 peers get it (a direct msg).
+func (h *Hub) encodeDirect(data []byte, binary bool) (raw, v1 []byte, err error) {
 	if h.isClosing() {
 		return nil, nil, ErrHubClosed
 	}
-	raw, compact, err := ownData(data)
+	raw, stored, err := ownData(data, binary)
 	if err != nil {
 		return nil, nil, err
 	}
-	return raw, wire.AppendMsg(make([]byte, 0, len(compact)+24), "", "", 0, compact), nil
-}
-
-// ownData checks that data is a JSON value and returns a copy of it for
-// raw peers, and its one-line form for v1 peers, which is the same slice
-// unless data spans lines.
-func ownData(data []byte) (raw, compact []byte, err error) {
-	c, err := wire.CompactData(data)
-	if err != nil {
-		return nil, nil, ErrNotJSON
-	}
-	raw = append([]byte(nil), data...)
-	if len(c) == len(data) {
-		return raw, raw, nil // compactData returned data itself
-	}
-	return raw, c, nil
+	return raw, msgEntry("", "", 0, stored), nil
 }
 
 // isClosing reports whether Shutdown or Close has begun, without the
 // lock that every publisher would otherwise take.
 func (h *Hub) isClosing() bool { return h.closed.Load() }
 
-// SendToUser sends data to every live conn of the user, as [Hub.Broadcast]
-// does to all. When the user has none, the message is kept in the offline
-// store (see [WithOfflineStore]) and delivered, in order with the others
-// kept, when the user next connects; an error wrapping [adapter.ErrOfflineFull]
-// means it was not kept.
+// SendToUser sends data, text, to every live conn of the user, as
+// [Hub.Broadcast] does to all. When the user has none, the message is kept
+// in the offline store (see [WithOfflineStore]) and delivered, in order
+// with the others kept, when the user next connects; an error wrapping
+// [adapter.ErrOfflineFull] means it was not kept.
 func (h *Hub) SendToUser(userID string, data []byte) error {
-	raw, v1, err := h.encodeDirect(data)
+	return h.sendToUser(userID, data, false)
+}
+
+// SendToUserBinary is [Hub.SendToUser] for bytes, which raw peers get in
+// a binary message.
+func (h *Hub) SendToUserBinary(userID string, data []byte) error {
+	return h.sendToUser(userID, data, true)
+}
+
+func (h *Hub) sendToUser(userID string, data []byte, binary bool) error {
+	raw, v1, err := h.encodeDirect(data, binary)
 	if err != nil {
 		return err
 	}
@@ -646,30 +635,45 @@ func (h *Hub) sendToUserLocked(userID string, raw, v1 []byte) bool {
 	return taken
 }
 
-// Publish sends data to the subscribers of topic, as a topic message with
-// the topic's next seq to protocol v1 peers and as it is to raw peers, and
-// keeps it in the topic's history for clients that resume. data must be a
-// JSON value ([ErrNotJSON] otherwise) and is encoded once, whatever the
-// number of subscribers; Publish keeps no reference to it. Each subscriber
-// gets the topic's messages in publication order. Publish never blocks on
-// a subscriber: one whose queue is full is handled by the overflow policy.
+// Publish sends data, text in valid UTF-8 ([ErrInvalidUTF8] otherwise),
+// to the subscribers of topic: byte for byte in a text message to raw
+// peers, and as a topic message with the topic's next seq to protocol v1
+// peers; and keeps it in the topic's history for clients that resume. It
+// is encoded once, whatever the number of subscribers; Publish keeps no
+// reference to data. Each subscriber gets the topic's messages in
+// publication order. Publish never blocks on a subscriber: one whose
+// queue is full is handled by the overflow policy.
+//
+// A JSON value reaches v1 peers inline in a protocol line (on one line:
+// a value that spans lines is compacted); other text, and binary data,
+// after the line in a binary message (PROTOCOL.md, "Binary messages").
 func (h *Hub) Publish(topic string, data []byte) error {
+	return h.publishData(topic, data, false)
+}
+
+// PublishBinary is [Hub.Publish] for bytes, which raw peers get in a
+// binary message and the [Client] and tether.js as bytes.
+func (h *Hub) PublishBinary(topic string, data []byte) error {
+	return h.publishData(topic, data, true)
+}
+
+func (h *Hub) publishData(topic string, data []byte, binary bool) error {
 	if err := checkTopic(topic); err != nil {
 		return err
 	}
 	if h.isClosing() {
 		return ErrHubClosed
 	}
-	raw, compact, err := ownData(data)
+	raw, stored, err := ownData(data, binary)
 	if err != nil {
 		return err
 	}
-	return h.publish(topic, raw, compact)
+	return h.publish(topic, raw, stored)
 }
 
 // publish publishes data, which the hub owns from now on: raw for raw
-// peers, compact (the same slice unless raw spans lines) for the history
-// and v1 peers.
+// peers, data in stored form (the same slice unless raw is JSON spanning
+// lines) for the history and v1 peers.
 func (h *Hub) publish(name string, raw, data []byte) error {
 	if h.broker != nil {
 		return h.publishShared(name, data)
@@ -701,12 +705,12 @@ func (h *Hub) publish(name string, raw, data []byte) error {
 }
 
 // fanOutLocked queues a message of t, which is locked, for its
-// subscribers: raw as it is for raw peers, data in a topic message at
-// pos for v1 peers.
+// subscribers: raw for raw peers, data (stored form) in a topic message
+// at pos for v1 peers.
 func (h *Hub) fanOutLocked(t *topic, pos Position, raw, data []byte) {
 	var v1 []byte
 	if t.nV1 > 0 {
-		v1 = wire.AppendMsg(make([]byte, 0, len(data)+len(t.name)+len(pos.Epoch)+64), t.name, pos.Epoch, pos.Seq, data)
+		v1 = msgEntry(t.name, pos.Epoch, pos.Seq, data)
 	}
 	for _, c := range t.subs {
 		if c.coalesce {
@@ -884,26 +888,17 @@ func replay(c *Conn, name string, entries []adapter.HistoryEntry, last Position)
 	if len(entries) == 0 {
 		return nil
 	}
-	// Frames of up to maxCoalesced, as the writer would make them, so
-	// that a client's read limit is never hit by a replay.
-	var out [][]byte
-	var b []byte
+	var j joiner
 	total := 0
 	for _, e := range entries {
-		if len(b) > 0 && len(b)+1+len(e.Data)+len(name)+len(last.Epoch)+64 > maxCoalesced {
-			out, b = append(out, b), nil
-		}
-		if len(b) > 0 {
-			b = append(b, '\n')
-		}
-		n := len(b)
-		b = wire.AppendMsg(b, name, last.Epoch, e.Seq, e.Data)
-		if total += len(b) - n; total > c.cfg.queueBytes/2 {
+		m := msgEntry(name, last.Epoch, e.Seq, e.Data)
+		if total += len(m); total > c.cfg.queueBytes/2 {
 			// Too much to queue without crowding out live messages.
 			return [][]byte{wire.AppendResync(nil, name, last.Epoch)}
 		}
+		j.add(m)
 	}
-	return append(out, b)
+	return j.entries()
 }
 
 // lockTopic returns the topic called name, locked, creating it if needed.

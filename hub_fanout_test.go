@@ -465,11 +465,11 @@ func TestHubFanoutRawPeers(t *testing.T) {
 		t.Fatalf("v1 peer got %s, want a msg of news, seq 1, with data %s", m.line, data)
 	}
 
-	if err := s.hub.Publish("news", []byte("not json")); !errors.Is(err, tether.ErrNotJSON) {
-		t.Fatalf("Publish(not JSON) = %v, want ErrNotJSON", err)
+	if err := s.hub.Publish("news", []byte("not \xffUTF-8")); !errors.Is(err, tether.ErrInvalidUTF8) {
+		t.Fatalf("Publish(invalid UTF-8) = %v, want ErrInvalidUTF8", err)
 	}
-	if err := s.hub.Publish("news", []byte(`{"a":1`)); !errors.Is(err, tether.ErrNotJSON) {
-		t.Fatalf("Publish(truncated JSON) = %v, want ErrNotJSON", err)
+	if err := s.hub.Publish("news", []byte("{\"a\":\"\xc3\"}")); !errors.Is(err, tether.ErrInvalidUTF8) {
+		t.Fatalf("Publish(JSON with a truncated UTF-8 sequence) = %v, want ErrInvalidUTF8", err)
 	}
 	// The refused ones went nowhere and took no seq.
 	if err := s.hub.Publish("news", []byte(`"second"`)); err != nil {
@@ -626,8 +626,8 @@ func TestHubFanoutDirect(t *testing.T) {
 	if got := raw.next(5 * time.Second); got.line != `{"all": 1}` {
 		t.Fatalf("broadcast reached the raw peer as %q", got.line)
 	}
-	if err := s.hub.Broadcast([]byte("{oops")); !errors.Is(err, tether.ErrNotJSON) {
-		t.Fatalf("Broadcast(not JSON) = %v, want ErrNotJSON", err)
+	if err := s.hub.Broadcast([]byte("{oops\xff")); !errors.Is(err, tether.ErrInvalidUTF8) {
+		t.Fatalf("Broadcast(invalid UTF-8) = %v, want ErrInvalidUTF8", err)
 	}
 
 	// SendToUser reaches both of alice's devices and nobody else. The

@@ -236,9 +236,10 @@ func TestHubProtoRepeatedAbuseCloses1008(t *testing.T) {
 	by.check(t, s)
 }
 
-// 4. A binary message is not part of protocol v1: error bad_request, and
-// the conn stays.
-func TestHubProtoBinaryFromV1Refused(t *testing.T) {
+// 4. A binary message holds records (PROTOCOL.md, "Binary messages"): its
+// lines are read as a text message's are; one whose records cannot be
+// told apart is refused with bad_request, and the conn stays.
+func TestHubProtoBinaryFromV1(t *testing.T) {
 	s := newHubServer(t)
 	by := hpNewBystander(t, s, "calm")
 	c := dialClient(t, s.url(), clientOpts{})
@@ -246,15 +247,21 @@ func TestHubProtoBinaryFromV1Refused(t *testing.T) {
 	if err := hpWrite(c, websocket.MessageBinary, []byte(`{"op":"ping","ts":1}`)); err != nil {
 		t.Fatal(err)
 	}
-	if e := c.next(5 * time.Second); e.Op != "error" || e.Code != "bad_request" {
-		t.Fatalf("got %s, want an error bad_request", e.line)
+	if p := c.expect("pong"); p.TS != 1 {
+		t.Fatalf("pong %s, want ts 1", p.line)
+	}
+	if err := hpWrite(c, websocket.MessageBinary, []byte(`{"op":"send","len":50}`+"\nshort")); err != nil {
+		t.Fatal(err)
+	}
+	if e := c.next(5 * time.Second); e.Op != "error" || e.Code != "bad_request" || !strings.Contains(e.Reason, "past the end") {
+		t.Fatalf("got %s, want an error bad_request about len", e.line)
 	}
 	c.send(`{"op":"ping","ts":2}`)
 	if p := c.expect("pong"); p.TS != 2 {
 		t.Fatalf("pong %s, want ts 2", p.line)
 	}
 	if s.hub.Conn(w.Session) == nil {
-		t.Fatal("conn unregistered after a binary message")
+		t.Fatal("conn unregistered after a bad binary message")
 	}
 	by.check(t, s)
 }

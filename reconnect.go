@@ -243,7 +243,7 @@ func (cl *Client) connect(url string) (*Conn, error) {
 		return nil, fmt.Errorf("tether: dial %s: %w: the server does not speak %s", url, ErrRejected, Subprotocol)
 	}
 	ws.SetReadLimit(cl.cfg.conn.maxMessageSize)
-	_, data, err := ws.Read(ctx)
+	typ, data, err := ws.Read(ctx)
 	if err != nil {
 		ws.CloseNow()
 		err = readError(err, "server", cl.cfg.conn.maxMessageSize)
@@ -291,7 +291,7 @@ func (cl *Client) connect(url string) (*Conn, error) {
 	cl.mu.Unlock()
 	// What came with the welcome (an offline backlog), before the reader
 	// starts, to keep the order.
-	cl.onMessage(c, Message{Data: rest})
+	cl.onMessage(c, Message{Data: rest, Binary: typ == websocket.MessageBinary})
 	c.start()
 	return c, nil
 }

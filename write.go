@@ -8,6 +8,7 @@ import (
 	"net"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/coder/websocket"
 	"github.com/tether-ws/tether/internal/wire"
@@ -18,7 +19,8 @@ import (
 // the write timeout that drops a peer that does not read.
 
 // Send queues a text message and returns at once; a writer goroutine sends
-// it within the write timeout. Send keeps no reference to data.
+// it within the write timeout. data must be valid UTF-8
+// ([ErrInvalidUTF8] otherwise). Send keeps no reference to data.
 //
 // When the queue is full (see [Limits]), the overflow policy decides:
 // with Disconnect, Send returns [ErrQueueFull] and the conn closes with
@@ -30,27 +32,36 @@ import (
 // After the conn has ended, Send returns an error that wraps
 // [net.ErrClosed]. ctx is only checked on entry: Send never blocks.
 //
-// On a conn that speaks protocol v1, data must be a JSON value, and
-// anything else returns [ErrNotJSON]: a hub conn sends it as a direct msg,
-// a [Client]'s conn as a send (see PROTOCOL.md).
-func (c *Conn) Send(ctx context.Context, data []byte) error {
+// On a conn that speaks protocol v1, data travels in a protocol message:
+// a hub conn sends it as a direct msg, a [Client]'s conn as a send
+// (see PROTOCOL.md).
+func (c *Conn) Send(ctx context.Context, data []byte) error { return c.send(ctx, data, false) }
+
+// SendBinary is [Conn.Send] for bytes, sent in a binary message (on a v1
+// conn, after a protocol line in one).
+func (c *Conn) SendBinary(ctx context.Context, data []byte) error { return c.send(ctx, data, true) }
+
+func (c *Conn) send(ctx context.Context, data []byte, binary bool) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
 	if !c.coalesce {
-		return c.enqueue(append([]byte(nil), data...))
+		if !binary && !utf8.Valid(data) {
+			return fmt.Errorf("tether: send: %w", ErrInvalidUTF8)
+		}
+		return c.enqueue(rawEntry(data, binary))
+	}
+	kind, body, err := kindOf(data, binary)
+	if err != nil {
+		return fmt.Errorf("tether: send: %w", err)
 	}
 	// A protocol v1 peer reads protocol messages: data travels as a direct
 	// msg from a hub, as a send to the server application from a client.
-	raw, err := wire.CompactData(data)
-	if err != nil {
-		return fmt.Errorf("tether: send: %w", ErrNotJSON)
-	}
-	buf := make([]byte, 0, len(raw)+len(`{"op":"send","data":}`))
+	buf := make([]byte, 0, len(body)+len(`?{"op":"send","len":,"text":true}`)+24)
 	if c.pings != nil {
-		return c.enqueue(wire.AppendSend(buf, raw, ""))
+		return c.enqueue(appendEntry(buf, kind, func(b []byte) []byte { return wire.AppendSendOf(b, kind, body, "") }))
 	}
-	return c.enqueue(wire.AppendMsg(buf, "", "", 0, raw))
+	return c.enqueue(appendEntry(buf, kind, func(b []byte) []byte { return wire.AppendMsgOf(b, "", "", 0, kind, body) }))
 }
 
 // enqueue queues msg, which the caller gives up: it may be shared by many
@@ -184,13 +195,20 @@ func (c *Conn) writeLoop() {
 			return
 		}
 		var joined *[]byte
+		var bin bool
 		if c.coalesce {
-			msg, joined = c.coalesceLocked(msg)
+			msg, joined, bin = c.coalesceLocked(msg)
+		} else {
+			msg, bin = wire.Untag(msg)
 		}
 		c.mu.Unlock()
 
+		typ := websocket.MessageText
+		if bin {
+			typ = websocket.MessageBinary
+		}
 		if !c.timedWrite(&timer, func() error {
-			err := c.ws.Write(c.ioCtx, websocket.MessageText, msg)
+			err := c.ws.Write(c.ioCtx, typ, msg)
 			if joined != nil {
 				frameBufs[frameBufClass(cap(*joined))].Put(joined)
 			}
@@ -255,6 +273,13 @@ const (
 	opBinary       = 0x2
 )
 
+func opOf(binary bool) byte {
+	if binary {
+		return opBinary
+	}
+	return opText
+}
+
 // header appends to b the header of a server (unmasked) frame of n bytes
 // and returns it.
 func (b *frameBatch) header(fin bool, op byte, n int) []byte {
@@ -318,27 +343,34 @@ func (c *Conn) batchLocked(b *frameBatch) bool {
 		}
 		msgs++
 		size += len(m)
+		body, bin := wire.Untag(m)
 		if !c.coalesce {
-			b.message(opText, m) // a raw peer's message is a frame of its own
+			b.message(opOf(bin), body) // a raw peer's message is a frame of its own
 			continue
 		}
 		next, more := c.peekLocked()
-		if !more || len(m)+1+len(next) > maxCoalesced {
-			b.message(opText, m)
+		if !more || len(body)+len(next) >= maxCoalesced {
+			b.message(opOf(bin), body)
 			continue
 		}
-		// A v1 frame: m and the messages behind it that fit.
-		first, payload := len(b.vec), len(m)
-		b.vec = append(b.vec, nil, m)
-		for more && payload+1+len(next) <= maxCoalesced && msgs < maxBatchMessages {
+		// A v1 message: body and the entries behind it that fit, binary
+		// if any of them is.
+		first, payload := len(b.vec), len(body)
+		b.vec = append(b.vec, nil, body)
+		for more && msgs < maxBatchMessages {
+			nb, nbin := wire.Untag(next)
+			if payload+1+len(nb) > maxCoalesced {
+				break
+			}
 			c.popLocked()
 			msgs++
 			size += len(next)
-			payload += 1 + len(next)
-			b.vec = append(b.vec, newline, next)
+			payload += 1 + len(nb)
+			bin = bin || nbin
+			b.vec = append(b.vec, newline, nb)
 			next, more = c.peekLocked()
 		}
-		h := b.header(true, opText, payload)
+		h := b.header(true, opOf(bin), payload)
 		b.vec[first] = h
 		b.frameDone(len(h) + payload)
 	}
@@ -421,15 +453,17 @@ func frameBufClass(n int) int {
 	return 2
 }
 
-// coalesceLocked joins first and the messages queued behind it, the
+// coalesceLocked joins first and the entries queued behind it, the
 // control lane's then the data's, as many as fit in maxCoalesced, with
-// newlines (protocol v1 framing). It returns the frame to write and, when
-// it joined any, the pooled buffer that holds it, to give back once
-// written. c.mu must be held.
-func (c *Conn) coalesceLocked(first []byte) ([]byte, *[]byte) {
-	size, fromControl, fromData := len(first), 0, 0
+// newlines (protocol v1 framing). It returns the message to write, whether
+// it is binary (any entry was), and, when it joined any, the pooled buffer
+// that holds it, to give back once written. c.mu must be held.
+func (c *Conn) coalesceLocked(first []byte) ([]byte, *[]byte, bool) {
+	body, bin := wire.Untag(first)
+	size, fromControl, fromData := len(body), 0, 0
 	fits := func(n *int) func([]byte) bool {
 		return func(m []byte) bool {
+			m, _ = wire.Untag(m)
 			if size+1+len(m) > maxCoalesced {
 				return false
 			}
@@ -443,20 +477,25 @@ func (c *Conn) coalesceLocked(first []byte) ([]byte, *[]byte) {
 		c.queue.Each(fits(&fromData))
 	}
 	if fromControl+fromData == 0 {
-		return first, nil
+		return body, nil, bin
 	}
 	buf := frameBufs[frameBufClass(size)].Get().(*[]byte)
-	b := append((*buf)[:0], first...)
+	b := append((*buf)[:0], body...)
+	add := func(m []byte) {
+		m, mbin := wire.Untag(m)
+		bin = bin || mbin
+		b = append(append(b, '\n'), m...)
+	}
 	for range fromControl {
 		m, _ := c.control.Pop()
-		b = append(append(b, '\n'), m...)
+		add(m)
 	}
 	for range fromData {
 		m, _ := c.queue.Pop()
-		b = append(append(b, '\n'), m...)
+		add(m)
 	}
 	*buf = b
-	return b, buf
+	return b, buf, bin
 }
 
 func (c *Conn) writeTimedOut() { c.end(ErrWriteTimeout, endForced, 0, "") }

@@ -18,7 +18,7 @@ import (
 type gorillaPeer struct {
 	t     testing.TB
 	ws    *websocket.Conn
-	in    chan []byte // text and binary messages, in order
+	in    chan gorillaMsg // text and binary messages, in order
 	pings atomic.Int32
 	done  chan struct{}
 	err   error // why the reader stopped; set before done is closed
@@ -35,7 +35,7 @@ func dialGorilla(t testing.TB, url string, suppressPongs bool, subprotocols ...s
 		t.Fatalf("gorilla dial %s: %v", url, err)
 	}
 	resp.Body.Close()
-	p := &gorillaPeer{t: t, ws: ws, in: make(chan []byte, 1024), done: make(chan struct{})}
+	p := &gorillaPeer{t: t, ws: ws, in: make(chan gorillaMsg, 1024), done: make(chan struct{})}
 	if suppressPongs {
 		// Still reading, so the pings arrive; they are just never answered.
 		ws.SetPingHandler(func(string) error {
@@ -54,13 +54,13 @@ func dialGorilla(t testing.TB, url string, suppressPongs bool, subprotocols ...s
 func (p *gorillaPeer) read() {
 	defer close(p.done)
 	for {
-		_, data, err := p.ws.ReadMessage()
+		typ, data, err := p.ws.ReadMessage()
 		if err != nil {
 			p.err = err
 			return
 		}
 		select {
-		case p.in <- data:
+		case p.in <- gorillaMsg{typ == websocket.BinaryMessage, data}:
 		default:
 			p.err = errors.New("test reader overflow")
 			p.ws.Close()
@@ -69,8 +69,20 @@ func (p *gorillaPeer) read() {
 	}
 }
 
-// next returns the next message the peer received.
+// gorillaMsg is one message a gorilla peer received.
+type gorillaMsg struct {
+	binary bool
+	data   []byte
+}
+
+// next returns the data of the next message the peer received.
 func (p *gorillaPeer) next(d time.Duration) []byte {
+	p.t.Helper()
+	return p.nextMsg(d).data
+}
+
+// nextMsg returns the next message the peer received.
+func (p *gorillaPeer) nextMsg(d time.Duration) gorillaMsg {
 	p.t.Helper()
 	select {
 	case m := <-p.in:
@@ -85,7 +97,7 @@ func (p *gorillaPeer) next(d time.Duration) []byte {
 	case <-time.After(d):
 		p.t.Fatalf("gorilla peer: no message within %v", d)
 	}
-	return nil
+	return gorillaMsg{}
 }
 
 // line returns the next protocol v1 message, skipping presence (every

@@ -39,7 +39,7 @@ export interface WebSocketLike {
   onmessage: ((ev: { data: any }) => void) | null
   onerror: ((ev: any) => void) | null
   onclose: ((ev: { code: number, reason: string }) => void) | null
-  send (data: string): void
+  send (data: string | Uint8Array): void
   close (code?: number, reason?: string): void
   /** ws (Node) only: drops the socket at once. */
   terminate? (): void
@@ -120,7 +120,7 @@ export interface Welcome {
 export interface TetherEvents {
   /** A new state; err is why the conn was lost (reconnecting) or why the client closed (closed). */
   state: (state: TetherState, err: TetherError | undefined) => void
-  /** A direct message from the server application. */
+  /** A direct message from the server application: a JSON value, a string for text that is not JSON, or a Uint8Array for bytes. */
   message: (data: any) => void
   /** A presence message of a subscribed topic, applied to presence(topic) before the event. */
   presence: (topic: string, change: PresenceChange) => void
@@ -181,13 +181,13 @@ export declare class TetherClient {
   on<E extends keyof TetherEvents> (event: E, fn: TetherEvents[E]): this
   off<E extends keyof TetherEvents> (event: E, fn: TetherEvents[E]): this
 
-  /** Resolves on the server's ack (rejects with its error code); the handler gets the messages from then on, resumed across reconnects. */
+  /** Resolves on the server's ack (rejects with its error code); the handler gets the messages from then on, resumed across reconnects: a JSON value, a string for text that is not JSON, or a Uint8Array for bytes. */
   subscribe (topic: string, handler: (data: any, meta: MessageMeta) => void): Promise<SubscribePosition>
   /** Also forgets the topic's presence. */
   unsubscribe (topic: string): void
   /** Who is on topic, as the server last told; undefined when not subscribed to it, or no presence of it has come yet (a topic that tracks none sends none). Kept across reconnects until the new conn's snapshot replaces it. */
   presence (topic: string): PresenceView | undefined
-  /** Resolves on the server's ack. Buffered while offline (rejects 'buffer_full' past the bound; 'offline' with volatile). */
+  /** Resolves on the server's ack. data is a JSON value, or bytes (ArrayBuffer, typed array, DataView), which subscribers get as bytes. Buffered while offline (rejects 'buffer_full' past the bound; 'offline' with volatile). */
   publish (topic: string, data: unknown, options?: { volatile?: boolean }): Promise<void>
   /** A direct message to the server application, buffered like publish(). */
   send (data: unknown, options?: { volatile?: boolean }): Promise<void>

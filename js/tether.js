@@ -11,6 +11,75 @@
 //   await client.subscribe('room:42', (data, { seq }) => show(data))
 //   await client.publish('room:42', { text: 'hi' })
 
+const encoder = new TextEncoder()
+const strictUTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
+
+/** The bytes of data if it is an ArrayBuffer or a view of one, else undefined. */
+function asBytes (data) {
+  if (data instanceof ArrayBuffer) return new Uint8Array(data)
+  if (ArrayBuffer.isView(data)) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
+  return undefined
+}
+
+/**
+ * The protocol messages of a binary message: {line, m} for each, m.data
+ * holding a record's bytes (a Uint8Array of its own) or text; or
+ * {line, problem} for one that cannot be read. After a line that is not
+ * JSON, or a len past the end, the records cannot be told apart: that
+ * problem is the last.
+ */
+function * records (buf) {
+  const bytes = asBytes(buf)
+  let i = 0
+  while (i < bytes.length) {
+    if (bytes[i] === 10) { i++; continue }
+    let nl = bytes.indexOf(10, i)
+    if (nl < 0) nl = bytes.length
+    let line
+    try {
+      line = strictUTF8.decode(bytes.subarray(i, nl))
+    } catch {
+      yield { problem: 'a line is not valid UTF-8' }
+      return
+    }
+    i = nl + 1
+    let m
+    try {
+      m = JSON.parse(line)
+    } catch (err) {
+      yield { line, problem: `not JSON: ${err.message}` }
+      return
+    }
+    if (m === null || typeof m !== 'object' || Array.isArray(m)) {
+      yield { line, problem: 'not a JSON object' }
+      return
+    }
+    if (m.len != null) {
+      if (!isUint(m.len) || i + m.len > bytes.length) {
+        yield { line, problem: '"len" is not an integer within the message' }
+        return
+      }
+      const body = bytes.slice(i, i + m.len)
+      i += m.len
+      if ('data' in m) {
+        yield { line, problem: '"data" and "len" together' }
+        continue
+      }
+      if (m.text === true) {
+        try {
+          m.data = strictUTF8.decode(body)
+        } catch {
+          yield { line, problem: 'text data is not valid UTF-8' }
+          continue
+        }
+      } else {
+        m.data = body
+      }
+    }
+    yield { line, m }
+  }
+}
+
 /** The subprotocol of wire protocol v1. */
 export const SUBPROTOCOL = 'tether.v1'
 
@@ -276,6 +345,10 @@ export class TetherClient {
    * rejects with 'conn_lost' (it may or may not have been published)
    * unless it was still unsent, in which case it is sent again on the next
    * conn: never twice.
+   *
+   * data is any JSON value, or bytes (an ArrayBuffer, a typed array or a
+   * DataView), which subscribers get as bytes: a Uint8Array here, a
+   * binary message on a raw peer, a binary Message in Go.
    * @param {string} topic
    * @param {any} data
    * @param {{volatile?: boolean}} [options]
@@ -288,8 +361,9 @@ export class TetherClient {
   }
 
   /**
-   * Sends data (any JSON value) to the server application, outside any
-   * topic: the 'send' op. Buffered and answered like publish().
+   * Sends data (any JSON value, or bytes as for publish()) to the server
+   * application, outside any topic: the 'send' op. Buffered and answered
+   * like publish().
    * @param {any} data
    * @param {{volatile?: boolean}} [options]
    * @returns {Promise<void>}
@@ -539,20 +613,32 @@ export class TetherClient {
   /** @internal */
   _request (op, topic, data, volatile) {
     if (this._closed) return Promise.reject(closedError(op === 'pub' ? 'publish' : 'send'))
-    let json
-    try {
-      json = JSON.stringify(data)
-    } catch (err) {
-      return Promise.reject(new TetherError('not_json', `tether: ${op}: data is not a JSON value: ${err.message}`, { cause: err }))
-    }
-    if (json === undefined) return Promise.reject(new TetherError('not_json', `tether: ${op}: data is not a JSON value`))
     const id = this._newID()
-    const line = op === 'pub'
-      ? `{"op":"pub","topic":${JSON.stringify(topic)},"data":${json},"id":"${id}"}`
-      : `{"op":"send","data":${json},"id":"${id}"}`
+    const head = op === 'pub' ? `{"op":"pub","topic":${JSON.stringify(topic)},"id":"${id}"` : `{"op":"send","id":"${id}"`
+    let line
+    let bytes
+    const bin = asBytes(data)
+    if (bin) {
+      // A record: the line with len, then the bytes, in a binary message.
+      const header = encoder.encode(`${head},"len":${bin.byteLength}}\n`)
+      line = new Uint8Array(header.byteLength + bin.byteLength)
+      line.set(header)
+      line.set(bin, header.byteLength)
+      bytes = line.byteLength
+    } else {
+      let json
+      try {
+        json = JSON.stringify(data)
+      } catch (err) {
+        return Promise.reject(new TetherError('not_json', `tether: ${op}: data is not a JSON value: ${err.message}`, { cause: err }))
+      }
+      if (json === undefined) return Promise.reject(new TetherError('not_json', `tether: ${op}: data is not a JSON value`))
+      line = `${head},"data":${json}}`
+      bytes = utf8Length(line)
+    }
     return new Promise((resolve, reject) => {
       /** @type {Req} */
-      const req = { id, op, topic, line, bytes: utf8Length(line), resolve, reject }
+      const req = { id, op, topic, line, bytes, resolve, reject }
       const link = this._link
       if (this._live && link && !link.ended) {
         if (link.bucket && link.bucket.take(this._now()) > 0) {
@@ -595,6 +681,19 @@ export class TetherClient {
       this._bad('not a JSON object', line)
       return
     }
+    if (m.len != null) {
+      this._bad('"len" in a text message', line)
+      return
+    }
+    this._onProtocolMessage(link, m, line)
+  }
+
+  /**
+   * @internal One protocol message, decoded: from a line, or a record of
+   * a binary message whose data (a Uint8Array, or a string for text) is
+   * in m.data.
+   */
+  _onProtocolMessage (link, m, line) {
     const op = m.op
     if (typeof op !== 'string') {
       this._bad('no string "op"', line)
@@ -973,8 +1072,7 @@ class Link {
     this.awaiting = this.probing = this.reprobed = false
     const data = ev.data
     if (typeof data !== 'string') {
-      const n = data?.byteLength ?? data?.size ?? 0
-      c._report(new TetherError('bad_frame', `tether: the server sent a binary message of ${n} bytes; protocol v1 has none`))
+      this.onBinary(data)
       return
     }
     const lines = data.split('\n')
@@ -1001,6 +1099,40 @@ class Link {
     }
     for (; i < lines.length && !this.ended; i++) {
       if (lines[i] !== '') c._onLine(this, lines[i])
+    }
+  }
+
+  /**
+   * A binary message: records, each a line and, when the line has len,
+   * that many bytes of data (PROTOCOL.md, "Binary messages").
+   */
+  onBinary (data) {
+    const c = this.c
+    if (!(data instanceof ArrayBuffer) && !ArrayBuffer.isView(data)) {
+      // A Blob: binaryType could not be set. Nothing can read it in order.
+      c._report(new TetherError('bad_frame', `tether: a binary message of ${data?.size ?? 0} bytes arrived as a Blob; set binaryType to 'arraybuffer'`))
+      return
+    }
+    for (const r of records(data)) {
+      if (this.ended) return
+      if (r.problem) {
+        if (!this.welcomed) {
+          this.end(new TetherError('connect_failed', `tether: ${this.url}: the first message is not a welcome: ${r.problem}`), true, { reason: 'welcome expected' })
+          return
+        }
+        c._bad(r.problem, r.line ?? '')
+        continue
+      }
+      if (!this.welcomed) {
+        const problem = welcomeProblem(r.m)
+        if (problem) {
+          this.end(new TetherError('connect_failed', `tether: ${this.url}: the first message is not a welcome: ${problem}`), true, { reason: 'welcome expected' })
+          return
+        }
+        this.onWelcome(r.m)
+        continue
+      }
+      c._onProtocolMessage(this, r.m, r.line)
     }
   }
 

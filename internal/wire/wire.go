@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"iter"
 	"math"
 	"strconv"
 	"time"
@@ -100,7 +99,8 @@ type Frame struct {
 	ID    string          // sub, unsub, pub, send, ack, error; "" for none
 	Topic string          // sub, unsub, pub, msg, presence, resync; "" in a direct msg
 	Since *Since          // sub: where to resume; nil for live messages only
-	Data  json.RawMessage // pub, send, msg: any JSON value, never re-encoded
+	Data  json.RawMessage // pub, send, msg: a JSON value, never re-encoded, or the bytes of Kind
+	Kind  Kind            // pub, send, msg: what Data is
 	Epoch string          // msg, resync, ack of a sub
 	Seq   uint64          // msg, ack of a sub; 0 in a direct msg
 	TS    int64           // ping, pong
@@ -146,41 +146,41 @@ type Member struct {
 	Meta json.RawMessage // nil when absent
 }
 
-// SplitFrames returns the lines of payload, one WebSocket message, each
-// of which holds one protocol message. Empty lines are skipped; a line of
-// only spaces is yielded, for DecodeClient to refuse. Lines alias payload.
-func SplitFrames(payload []byte) iter.Seq[[]byte] {
-	return func(yield func([]byte) bool) {
-		rest := payload
-		for len(rest) > 0 {
-			line := rest
-			if i := bytes.IndexByte(rest, '\n'); i >= 0 {
-				line, rest = rest[:i], rest[i+1:]
-			} else {
-				rest = nil
-			}
-			if len(line) > 0 && !yield(line) {
-				return
-			}
-		}
-	}
-}
-
 // DecodeClient decodes one line a client sent to the server. Only the ops a
 // client may send are accepted: ping, pong, sub, unsub, pub and send. A
 // failure is a *Error, with the request's id when it could be read.
 // The frame does not alias line.
 func DecodeClient(line []byte) (Frame, error) {
+	return decodeLine(line, decodeClient)
+}
+
+// decodeLine decodes one line of a text message.
+func decodeLine(line []byte, decode func(*lineDecoder, Kind, []byte) Frame) (Frame, error) {
 	d := &lineDecoder{}
-	if err := d.parse(line); err != nil {
-		return Frame{}, err
+	if d.parse(line) == nil {
+		d.record(false, nil)
 	}
+	if d.err != nil {
+		return Frame{}, d.err
+	}
+	f := decode(d, KindJSON, nil)
+	if d.err != nil {
+		return Frame{}, d.err
+	}
+	return f, nil
+}
+
+// decodeClient reads the fields of a parsed line a client sent, with
+// data of kind after it; a failure is left in d.err.
+func decodeClient(d *lineDecoder, kind Kind, data []byte) Frame {
 	m := d.m
 	f := Frame{Op: d.op}
 	switch d.op {
 	case OpPing, OpPong:
+		d.noData(kind)
 		f.TS = get[int64](d, "ts", m["ts"], false)
 	case OpSub:
+		d.noData(kind)
 		f.ID = d.requestID()
 		f.Topic = d.topic()
 		if obj := get[members](d, "since", m["since"], false); obj != nil {
@@ -190,24 +190,22 @@ func DecodeClient(line []byte) (Frame, error) {
 			}
 		}
 	case OpUnsub:
+		d.noData(kind)
 		f.ID = d.requestID()
 		f.Topic = d.topic()
 	case OpPub:
 		f.ID = d.requestID()
 		f.Topic = d.topic()
-		f.Data = d.raw("data", m["data"])
+		f.Data, f.Kind = d.data(kind, data), kind
 	case OpSend:
 		f.ID = d.requestID()
-		f.Data = d.raw("data", m["data"])
+		f.Data, f.Kind = d.data(kind, data), kind
 	case OpWelcome, OpMsg, OpPresence, OpResync, OpAck, OpError:
 		d.fail(CodeUnknownOp, "op %q is sent by the server only", d.op)
 	default:
 		d.fail(CodeUnknownOp, "unknown op %q", shorten(d.op))
 	}
-	if d.err != nil {
-		return Frame{}, d.err
-	}
-	return f, nil
+	return f
 }
 
 // DecodeServer decodes one line the server sent to a client. Only
@@ -216,10 +214,12 @@ func DecodeClient(line []byte) (Frame, error) {
 // server enforces on clients. A failure is a *Error. The frame
 // does not alias line.
 func DecodeServer(line []byte) (Frame, error) {
-	d := &lineDecoder{}
-	if err := d.parse(line); err != nil {
-		return Frame{}, err
-	}
+	return decodeLine(line, decodeServer)
+}
+
+// decodeServer reads the fields of a parsed line a server sent, with
+// data of kind after it; a failure is left in d.err.
+func decodeServer(d *lineDecoder, kind Kind, data []byte) Frame {
 	m := d.m
 	f := Frame{Op: d.op}
 	switch d.op {
@@ -245,7 +245,7 @@ func DecodeServer(line []byte) (Frame, error) {
 		f.Topic = get[string](d, "topic", m["topic"], false)
 		f.Epoch = get[string](d, "epoch", m["epoch"], false)
 		f.Seq = get[uint64](d, "seq", m["seq"], false)
-		f.Data = d.raw("data", m["data"])
+		f.Data, f.Kind = d.data(kind, data), kind
 	case OpPresence:
 		f.Topic = get[string](d, "topic", m["topic"], true)
 		for _, elem := range get[[]json.RawMessage](d, "joins", m["joins"], false) {
@@ -277,10 +277,10 @@ func DecodeServer(line []byte) (Frame, error) {
 	default:
 		d.fail(CodeUnknownOp, "unknown op %q", shorten(d.op))
 	}
-	if d.err != nil {
-		return Frame{}, d.err
+	if f.Op != OpMsg {
+		d.noData(kind)
 	}
-	return f, nil
+	return f
 }
 
 // CheckTopic returns nil if s may name a topic, or a *Error with
@@ -344,10 +344,11 @@ type members = map[string]json.RawMessage
 // decoder reads the fields of an op in sequence and checks err once at the
 // end, when what it read is discarded if there was a failure.
 type lineDecoder struct {
-	m   members // the line's members
-	op  string
-	id  string // the line's id if it could be read, for error reports
-	err *Error
+	m    members // the line's members
+	op   string
+	id   string // the line's id if it could be read, for error reports
+	err  *Error
+	lost bool // the failure lost a binary message's framing: read no further
 }
 
 // parse checks that line is one JSON object in valid UTF-8, collects its
@@ -519,6 +520,14 @@ func shorten(s string) string {
 // needs no escaping (see appendJSONString); it is called once per
 // publication, not once per subscriber.
 func AppendMsg(dst []byte, topic, epoch string, seq uint64, data json.RawMessage) []byte {
+	dst = appendMsgHead(dst, topic, epoch, seq)
+	dst = appendRaw(append(dst, `,"data":`...), data)
+	return append(dst, '}')
+}
+
+// appendMsgHead appends a msg's fields but its data, without the closing
+// brace.
+func appendMsgHead(dst []byte, topic, epoch string, seq uint64) []byte {
 	dst = append(dst, `{"op":"msg"`...)
 	if topic != "" {
 		dst = appendJSONString(append(dst, `,"topic":`...), topic)
@@ -529,8 +538,7 @@ func AppendMsg(dst []byte, topic, epoch string, seq uint64, data json.RawMessage
 	if seq != 0 {
 		dst = strconv.AppendUint(append(dst, `,"seq":`...), seq, 10)
 	}
-	dst = appendRaw(append(dst, `,"data":`...), data)
-	return append(dst, '}')
+	return dst
 }
 
 // AppendWelcome appends a welcome, the first message of a connection.

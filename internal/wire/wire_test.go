@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"iter"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -468,57 +469,162 @@ func BenchmarkDecodeFrame(b *testing.B) {
 	}
 }
 
-func TestSplitFrames(t *testing.T) {
+// outcomes decodes payload, a client's message, into the op of each
+// protocol message, or the code of its failure.
+func outcomes(t *testing.T, payload []byte, binary bool) []string {
+	t.Helper()
+	var got []string
+	for f, err := range ClientFrames(payload, binary) {
+		var pe *Error
+		switch {
+		case err == nil:
+			got = append(got, f.Op)
+		case errors.As(err, &pe):
+			got = append(got, string(pe.Code))
+		default:
+			t.Fatalf("ClientFrames(%q): %v, want a *Error", payload, err)
+		}
+	}
+	return got
+}
+
+func TestClientFramesText(t *testing.T) {
 	for _, tc := range []struct {
 		payload string
 		want    []string
 	}{
 		{"", nil},
 		{"\n\n\n", nil},
-		{`{"op":"ping"}`, []string{`{"op":"ping"}`}},
-		{`{"op":"ping"}` + "\n", []string{`{"op":"ping"}`}},
-		{"a\nb\nc", []string{"a", "b", "c"}},
-		{"\na\n\n\nb\n", []string{"a", "b"}},
-		{"a\r\nb\r\n", []string{"a\r", "b\r"}},
-		{"a\n   \nb", []string{"a", "   ", "b"}},
+		{`{"op":"ping"}`, []string{"ping"}},
+		{`{"op":"ping"}` + "\n", []string{"ping"}},
+		{"a\nb\nc", []string{"bad_request", "bad_request", "bad_request"}},
+		{"\n{\"op\":\"ping\"}\n\n\n{\"op\":\"pong\"}\n", []string{"ping", "pong"}},
+		{"{\"op\":\"ping\"}\r\n{\"op\":\"pong\"}\r\n", []string{"ping", "pong"}},
+		// A coalesced message decodes line by line; a line of spaces is
+		// refused, not skipped.
+		{`{"op":"sub","topic":"a","id":"1"}` + "\n" + `{"op":"pub","topic":"a","data":[1]}` + "\n   \n" + `{"op":"ping","ts":3}` + "\n",
+			[]string{"sub", "pub", "bad_request", "ping"}},
+		// len belongs to binary messages: refused in a text one, and the
+		// next line is read.
+		{`{"op":"pub","topic":"a","len":1}` + "\nx\n" + `{"op":"ping"}`, []string{"bad_request", "bad_request", "ping"}},
 	} {
-		var got []string
-		for line := range SplitFrames([]byte(tc.payload)) {
-			got = append(got, string(line))
-		}
-		if !reflect.DeepEqual(got, tc.want) {
-			t.Errorf("splitFrames(%q) = %q, want %q", tc.payload, got, tc.want)
+		if got := outcomes(t, []byte(tc.payload), false); !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("ClientFrames(%q) = %q, want %q", tc.payload, got, tc.want)
 		}
 	}
-
-	// A coalesced WebSocket message decodes line by line; a line of
-	// spaces is refused, not skipped.
-	payload := []byte(`{"op":"sub","topic":"a","id":"1"}` + "\n" + `{"op":"pub","topic":"a","data":[1]}` + "\n   \n" + `{"op":"ping","ts":3}` + "\n")
-	var ops []string
-	for line := range SplitFrames(payload) {
-		f, err := DecodeClient(line)
-		var pe *Error
-		switch {
-		case err == nil:
-			ops = append(ops, f.Op)
-		case errors.As(err, &pe) && pe.Code == CodeBadRequest:
-			ops = append(ops, "bad_request")
-		default:
-			t.Fatalf("decodeFrame(%q): %v", line, err)
-		}
-	}
-	if want := []string{"sub", "pub", "bad_request", "ping"}; !reflect.DeepEqual(ops, want) {
-		t.Errorf("ops = %q, want %q", ops, want)
-	}
-
 	// Stopping early stops.
 	n := 0
-	for range SplitFrames([]byte("a\nb\nc")) {
+	for range ClientFrames([]byte("a\nb\nc"), false) {
 		n++
 		break
 	}
 	if n != 1 {
 		t.Errorf("break: %d lines", n)
+	}
+}
+
+func TestClientFramesBinary(t *testing.T) {
+	bin := []byte{0, '\n', 0xff, '{', 1}
+	payload := AppendPubOf(nil, "t", KindBinary, bin, "1")
+	payload = append(payload, '\n')
+	payload = AppendSendOf(payload, KindText, []byte("héllo\nworld"), "")
+	payload = append(payload, `{"op":"ping","ts":5}`...) // a line without len: no newline needed before it
+	payload = append(payload, '\n')
+	payload = AppendPubOf(payload, "t", KindJSON, []byte(`{"a":1}`), "2")
+	payload = append(payload, '\n')
+	payload = AppendPubOf(payload, "t", KindBinary, nil, "") // empty data
+
+	var got []Frame
+	for f, err := range ClientFrames(payload, true) {
+		if err != nil {
+			t.Fatalf("ClientFrames(%q): %v", payload, err)
+		}
+		got = append(got, f)
+	}
+	if len(got) != 5 {
+		t.Fatalf("%d frames, want 5: %+v", len(got), got)
+	}
+	if f := got[0]; f.Op != OpPub || f.Topic != "t" || f.ID != "1" || f.Kind != KindBinary || !bytes.Equal(f.Data, bin) {
+		t.Errorf("first: %+v, want a binary pub of %q", f, bin)
+	}
+	if cap(got[0].Data) != len(bin) {
+		t.Errorf("binary data has cap %d: an append would overwrite the next record", cap(got[0].Data))
+	}
+	if f := got[1]; f.Op != OpSend || f.Kind != KindText || string(f.Data) != "héllo\nworld" {
+		t.Errorf("second: %+v, want a text send", f)
+	}
+	if f := got[2]; f.Op != OpPing || f.TS != 5 {
+		t.Errorf("third: %+v, want a ping", f)
+	}
+	if f := got[3]; f.Op != OpPub || f.Kind != KindJSON || string(f.Data) != `{"a":1}` {
+		t.Errorf("fourth: %+v, want a JSON pub", f)
+	}
+	if f := got[4]; f.Op != OpPub || f.Kind != KindBinary || len(f.Data) != 0 {
+		t.Errorf("fifth: %+v, want an empty binary pub", f)
+	}
+
+	for _, tc := range []struct {
+		name, payload string
+		want          []string
+	}{
+		// Framing lost: the message ends with the failure.
+		{"len past the end", `{"op":"pub","topic":"t","len":99}` + "\nabc\n" + `{"op":"ping"}`, []string{"bad_request"}},
+		{"len not a number", `{"op":"pub","topic":"t","len":"3"}` + "\nabc\n" + `{"op":"ping"}`, []string{"bad_request"}},
+		{"negative len", `{"op":"pub","topic":"t","len":-1}` + "\n" + `{"op":"ping"}`, []string{"bad_request"}},
+		{"unreadable line", "{oops\n" + `{"op":"ping"}`, []string{"bad_request"}},
+		// Framing kept: the next record is read.
+		{"data and len", `{"op":"pub","topic":"t","data":1,"len":1}` + "\nx" + `{"op":"ping"}`, []string{"bad_request", "ping"}},
+		{"len on a sub", `{"op":"sub","topic":"t","len":1}` + "\nx" + `{"op":"ping"}`, []string{"bad_request", "ping"}},
+		{"bad topic", `{"op":"pub","topic":"","len":1}` + "\nx" + `{"op":"ping"}`, []string{"bad_request", "ping"}},
+		{"text not UTF-8", `{"op":"send","len":1,"text":true}` + "\n\xff" + `{"op":"ping"}`, []string{"bad_request", "ping"}},
+		{"server op", `{"op":"msg","len":1}` + "\nx" + `{"op":"ping"}`, []string{"unknown_op", "ping"}},
+		{"header not UTF-8", "{\"op\":\"ping\",\"x\":\"\xff\"}\n" + `{"op":"ping"}`, []string{"bad_request"}},
+	} {
+		if got := outcomes(t, []byte(tc.payload), true); !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("%s: ClientFrames(%q) = %q, want %q", tc.name, tc.payload, got, tc.want)
+		}
+	}
+}
+
+func TestServerFramesBinary(t *testing.T) {
+	payload := AppendMsgOf(nil, "room", "e1", 7, KindBinary, []byte("\x00\x01"))
+	payload = append(payload, '\n')
+	payload = AppendMsgOf(payload, "", "", 0, KindText, []byte("plain"))
+	payload = append(payload, '\n')
+	payload = AppendPresence(payload, "room", 3, false, nil, nil)
+	var got []Frame
+	for f, err := range ServerFrames(payload, true) {
+		if err != nil {
+			t.Fatalf("ServerFrames(%q): %v", payload, err)
+		}
+		got = append(got, f)
+	}
+	if len(got) != 3 {
+		t.Fatalf("%d frames, want 3", len(got))
+	}
+	if f := got[0]; f.Op != OpMsg || f.Topic != "room" || f.Epoch != "e1" || f.Seq != 7 || f.Kind != KindBinary || string(f.Data) != "\x00\x01" {
+		t.Errorf("first: %+v", f)
+	}
+	if f := got[1]; f.Op != OpMsg || f.Topic != "" || f.Kind != KindText || string(f.Data) != "plain" {
+		t.Errorf("second: %+v", f)
+	}
+	if f := got[2]; f.Op != OpPresence || f.Count != 3 {
+		t.Errorf("third: %+v", f)
+	}
+	if _, err := DecodeServer([]byte(`{"op":"ack","id":"1","len":0}`)); err == nil {
+		t.Error("DecodeServer took a len on an ack")
+	}
+}
+
+func TestStoreLoad(t *testing.T) {
+	for _, tc := range []struct {
+		kind Kind
+		data string
+	}{{KindJSON, `{"a":1}`}, {KindJSON, ` 1`}, {KindBinary, ""}, {KindBinary, "\x01\x02"}, {KindText, "\x02"}, {KindText, "hi"}} {
+		kind, data := Load(Store(tc.kind, []byte(tc.data)))
+		if kind != tc.kind || string(data) != tc.data {
+			t.Errorf("Load(Store(%d, %q)) = %d, %q", tc.kind, tc.data, kind, data)
+		}
 	}
 }
 
@@ -682,6 +788,57 @@ func FuzzDecode(f *testing.F) {
 			}
 			if len(fr.ID) > maxIDBytes {
 				t.Fatalf("accepted id of %d bytes", len(fr.ID))
+			}
+		}
+	})
+}
+
+// FuzzFrames decodes any message, text or binary, as a client's and as a
+// server's: nothing panics, binary data lies within the message and is
+// capped, and a binary pub re-encoded decodes to the same frame.
+func FuzzFrames(f *testing.F) {
+	for _, tc := range clientCases {
+		f.Add([]byte(tc.line), false)
+	}
+	f.Add(AppendPubOf(nil, "t", KindBinary, []byte{0, 1, '\n'}, "1"), true)
+	f.Add(AppendSendOf(AppendSendOf(nil, KindText, []byte("a"), ""), KindBinary, nil, "2"), true)
+	f.Add(AppendMsgOf([]byte(`{"op":"ping"}`+"\n"), "t", "e", 1, KindBinary, []byte("x")), true)
+	f.Add([]byte(`{"op":"pub","topic":"t","len":18446744073709551615}`+"\n"), true)
+	f.Fuzz(func(t *testing.T, payload []byte, binary bool) {
+		for _, frames := range []func([]byte, bool) iter.Seq2[Frame, error]{ClientFrames, ServerFrames} {
+			for fr, err := range frames(payload, binary) {
+				if err != nil {
+					var pe *Error
+					if !errors.As(err, &pe) {
+						t.Fatalf("error %v is not a *Error", err)
+					}
+					continue
+				}
+				if fr.Kind == KindJSON {
+					continue
+				}
+				if !binary {
+					t.Fatalf("a text message gave data of kind %d", fr.Kind)
+				}
+				if len(fr.Data) != cap(fr.Data) {
+					t.Fatalf("data of len %d, cap %d", len(fr.Data), cap(fr.Data))
+				}
+				if fr.Kind == KindText && !utf8.Valid(fr.Data) {
+					t.Fatalf("text data %q is not UTF-8", fr.Data)
+				}
+				if fr.Op == OpPub {
+					again := AppendPubOf(nil, fr.Topic, fr.Kind, fr.Data, fr.ID)
+					n := 0
+					for g, err := range ClientFrames(again, true) {
+						n++
+						if err != nil || g.Op != OpPub || g.Topic != fr.Topic || g.ID != fr.ID || g.Kind != fr.Kind || !bytes.Equal(g.Data, fr.Data) {
+							t.Fatalf("re-encoded %q: %+v, %v; want %+v", again, g, err, fr)
+						}
+					}
+					if n != 1 {
+						t.Fatalf("re-encoded %q: %d frames", again, n)
+					}
+				}
 			}
 		}
 	})

@@ -90,17 +90,23 @@ test('malformed frames: an error event each, the conn kept; unknown ops ignored'
   for (const f of bad) sock.send(f)
   sock.send('{"op":"frobnicate","x":1}') // a newer server's op: ignored
   sock.send('{"op":"sub","topic":"t"}') // a client's op: ignored
-  sock.send(Buffer.from([1, 2, 3]), { binary: true })
+  sock.send('{"op":"msg","len":1}') // len belongs to binary messages
   // Several protocol messages in one frame, as the hub coalesces them;
   // empty lines skipped, \r tolerated, a bad line among good ones.
   sock.send('{"op":"msg","data":"a"}\n\n{bad\n{"op":"msg","data":"b"}\r\n')
+  // Binary messages: records whose framing is lost end the message (not
+  // JSON, a len past the end); a bad record whose len is known does not.
+  sock.send(Buffer.from([1, 2, 3]), { binary: true })
+  sock.send(Buffer.from('{"op":"msg","len":99}\nab{"op":"msg","data":"never"}'), { binary: true })
+  sock.send(Buffer.from('{"op":"msg","data":1,"len":1}\nx{"op":"msg","data":"c"}\n{"op":"msg","len":3}\n\x00\x01\x02\n{"op":"msg","len":2,"text":true}\nhi'), { binary: true })
   sock.send('{"op":"ping","ts":42}')
-  await until(() => msgs.length === 2 && got.some((m) => m.op === 'pong'), 2000, 'the good messages')
+  await until(() => msgs.length === 5 && got.some((m) => m.op === 'pong'), 2000, 'the good messages')
   await sleep(50)
-  assert.deepEqual(msgs, ['a', 'b'])
-  assert.equal(errs.length, bad.length + 2, errs.map((e) => e.message).join('\n'))
+  assert.deepEqual(msgs, ['a', 'b', 'c', Uint8Array.from([0, 1, 2]), 'hi'])
+  assert.equal(errs.length, bad.length + 5, errs.map((e) => e.message).join('\n'))
   assert.ok(errs.every((e) => e.code === 'bad_frame'))
-  assert.ok(errs.some((e) => /binary/.test(e.message)))
+  assert.ok(errs.some((e) => /"len" in a text message/.test(e.message)))
+  assert.ok(errs.some((e) => /"len" is not an integer within the message/.test(e.message)))
   assert.deepEqual(got.filter((m) => m.op === 'pong'), [{ op: 'pong', ts: 42 }])
   assert.equal(c.state, 'connected')
   assert.equal(conns, 1, 'no reconnect')

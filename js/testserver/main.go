@@ -17,13 +17,15 @@
 //   - tracks presence on every topic (grace -grace), listing at most
 //     -presence-list members (0: the hub's default, 100) and only counting
 //     them above that;
-//   - answers a client's send by sending the same data back to its user
-//     (to the conn itself when anonymous).
+//   - answers a client's send by sending the same data, text or binary,
+//     back to its user (to the conn itself when anonymous).
 //
 // Control routes (GET unless said), answering JSON:
 //
-//	/publish?topic=T&data=J    publish J; or POST a body of JSON values, one a line
-//	/send?user=U&data=J        hub.SendToUser
+//	/publish?topic=T&data=J    publish J (any text); or POST a body of JSON values,
+//	                           one a line; or &b64=B: publish the bytes B (base64)
+//	                           with PublishBinary
+//	/send?user=U&data=J        hub.SendToUser; or &b64=B: SendToUserBinary
 //	/conns?user=U              {"conns": n}: U's live conns
 //	/kick?user=U               drop U's conns without a close frame
 //	/close?user=U&code=C&reason=R   close U's conns with code C
@@ -37,6 +39,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -143,10 +146,18 @@ func (s *server) newHub() error {
 		}}),
 		tether.OnMessage(func(c *tether.Conn, m tether.Message) {
 			if u := c.UserID(); u != "" {
-				s.current().SendToUser(u, m.Data)
+				if m.Binary {
+					s.current().SendToUserBinary(u, m.Data)
+				} else {
+					s.current().SendToUser(u, m.Data)
+				}
 				return
 			}
-			c.Send(context.Background(), m.Data)
+			if m.Binary {
+				c.SendBinary(context.Background(), m.Data)
+			} else {
+				c.Send(context.Background(), m.Data)
+			}
 		}),
 	}
 	if s.slow {
@@ -239,8 +250,17 @@ func (s *server) publish(w http.ResponseWriter, r *http.Request) {
 		values = [][]byte{[]byte(r.URL.Query().Get("data"))}
 	}
 	hub := s.current()
+	publish := hub.Publish
+	if b64 := r.URL.Query().Get("b64"); b64 != "" {
+		data, err := base64.StdEncoding.DecodeString(b64)
+		if err != nil {
+			fail(w, http.StatusBadRequest, err)
+			return
+		}
+		values, publish = [][]byte{data}, hub.PublishBinary
+	}
 	for _, v := range values {
-		if err := hub.Publish(topic, v); err != nil {
+		if err := publish(topic, v); err != nil {
 			fail(w, http.StatusBadRequest, err)
 			return
 		}
@@ -250,7 +270,16 @@ func (s *server) publish(w http.ResponseWriter, r *http.Request) {
 
 func (s *server) send(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	if err := s.current().SendToUser(q.Get("user"), []byte(q.Get("data"))); err != nil {
+	send, data := s.current().SendToUser, []byte(q.Get("data"))
+	if b64 := q.Get("b64"); b64 != "" {
+		var err error
+		if data, err = base64.StdEncoding.DecodeString(b64); err != nil {
+			fail(w, http.StatusBadRequest, err)
+			return
+		}
+		send = s.current().SendToUserBinary
+	}
+	if err := send(q.Get("user"), data); err != nil {
 		fail(w, http.StatusBadRequest, err)
 		return
 	}
