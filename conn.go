@@ -25,10 +25,12 @@ type Message struct {
 	// Position is where a topic's message sits in the topic's history;
 	// the client resumes from the last one it delivered. Zero elsewhere.
 	Position Position
-	// Data is the payload, owned by the receiver. Between a hub and a
-	// protocol v1 peer it is a JSON value.
+	// Data is the payload, owned by the receiver: exactly the bytes that
+	// were sent, but that a JSON value a protocol v1 peer sent or received
+	// is on one line (compacted if it spanned lines).
 	Data []byte
-	// Binary is true for a binary frame, false for a text frame.
+	// Binary is true for bytes (a binary message from a raw peer; data
+	// sent with a ...Binary method), false for text in UTF-8.
 	Binary bool
 }
 

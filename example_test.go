@@ -343,3 +343,59 @@ func ExampleWithPresence() {
 	// room:1: 3 present, listed []
 	// hub: 3 in room:1
 }
+
+// Bytes and text keep their type end to end: a raw peer gets the bytes in
+// a binary message, a Client a Message with Binary set.
+func ExampleHub_PublishBinary() {
+	var hub *tether.Hub
+	subscribed := make(chan struct{})
+	hub, err := tether.NewHub(tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
+		if c.Subprotocol() == "" {
+			hub.Subscribe(c, "cam:1") // a raw peer: the server picks its topics
+			close(subscribed)
+		}
+	}}))
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv := httptest.NewServer(hub)
+	defer srv.Close()
+	defer hub.Close()
+	url := "ws" + strings.TrimPrefix(srv.URL, "http")
+
+	ctx := context.Background()
+	got := make(chan tether.Message, 2)
+	c, err := tether.Dial(ctx, url)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Subscribe(ctx, "cam:1", func(m tether.Message) { got <- m }); err != nil {
+		log.Fatal(err)
+	}
+	raw, _, err := websocket.Dial(ctx, url, nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer raw.CloseNow()
+	<-subscribed
+
+	hub.PublishBinary("cam:1", []byte{0xff, 0xd8, 0x00})
+	hub.Publish("cam:1", []byte("frame 2 follows"))
+	for range 2 {
+		m := <-got
+		fmt.Printf("client: binary=%v % x\n", m.Binary, m.Data)
+	}
+	for range 2 {
+		typ, data, err := raw.Read(ctx)
+		if err != nil {
+			log.Fatal(err)
+		}
+		fmt.Printf("raw peer: %v % x\n", typ, data)
+	}
+	// Output:
+	// client: binary=true ff d8 00
+	// client: binary=false 66 72 61 6d 65 20 32 20 66 6f 6c 6c 6f 77 73
+	// raw peer: MessageBinary ff d8 00
+	// raw peer: MessageText 66 72 61 6d 65 20 32 20 66 6f 6c 6c 6f 77 73
+}
