@@ -38,6 +38,12 @@ type HistoryEntry struct {
 // History keeps the recent messages of each topic, so that a client that
 // reconnects can resume where it left off instead of reloading.
 //
+// Data is opaque to an implementation, which must keep it byte for byte:
+// a message published as text that is a JSON value is that value, on one
+// line; any other message is one byte that says what it is (0x01 bytes,
+// 0x02 text) followed by its data. The same holds for what an
+// [OfflineStore] and a [Broker] carry.
+//
 // Implementations must be safe for concurrent use by multiple goroutines.
 // The hub calls Append for a given topic one call at a time, in publish
 // order, and never modifies data after passing it, so an implementation

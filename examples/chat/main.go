@@ -489,7 +489,9 @@ type recordingHistory struct {
 func (h *recordingHistory) Append(ctx context.Context, topic string, data []byte) (tether.Position, error) {
 	pos, err := h.History.Append(ctx, topic, data)
 	name := roomOf(topic)
-	if err != nil || name == "" {
+	if err != nil || name == "" || !json.Valid(data) {
+		// The transcript is JSON: data that is not (bytes, or text that
+		// is not JSON, which a client may publish) stays out of it.
 		return pos, err
 	}
 	h.rooms.mu.Lock()

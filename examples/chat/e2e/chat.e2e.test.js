@@ -212,6 +212,32 @@ test("two pages chat through a restart of the server", { timeout: TEST_TIMEOUT }
     await bob.waitForSelector('#present li[data-user="ann"]', { timeout: 10_000 });
     t.diagnostic(`both pages connected and present after ${since(t0)}`);
 
+    // Bytes through Chromium's WebSocket both ways: a client of its own in
+    // each page, every byte value, published by ann, received by bob as a
+    // Uint8Array (in a binary message, PROTOCOL.md section 2.1).
+    await bob.evaluate(async () => {
+      const { TetherClient } = await import("/tether.js");
+      const c = new TetherClient(`ws://${location.host}/ws?user=bob`);
+      window.bytesGot = [];
+      window.bytesClient = c;
+      await c.subscribe("room:e2e-bytes", (data) => window.bytesGot.push(data));
+    });
+    await ann.evaluate(async () => {
+      const { TetherClient } = await import("/tether.js");
+      const c = new TetherClient(`ws://${location.host}/ws?user=ann`);
+      const bytes = new Uint8Array(256).map((_, i) => i);
+      await c.publish("room:e2e-bytes", bytes.buffer);
+      await c.close();
+    });
+    await bob.waitForFunction(() => window.bytesGot.length === 1, null, { timeout: 10_000 });
+    const got = await bob.evaluate(async () => {
+      const d = window.bytesGot[0];
+      await window.bytesClient.close();
+      return { isBytes: d instanceof Uint8Array, values: Array.from(d ?? []) };
+    });
+    assert.deepEqual(got, { isBytes: true, values: Array.from({ length: 256 }, (_, i) => i) });
+    t.diagnostic(`bytes from ann reached bob's page after ${since(t0)}`);
+
     // Before the outage.
     await say(ann, "hello bob, ann here");
     await waitDelivered(bob, ["hello bob, ann here"], 10_000);
