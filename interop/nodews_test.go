@@ -177,8 +177,14 @@ func TestNodeWSProtocolV1BadInput(t *testing.T) {
 	wantError("forbidden", "b2")                                  // and without WithClientPublish, pub is refused
 	send(`{"op":"sub","topic":17,"id":"b3"}`)                     // wrong type
 	wantError("bad_request", "b3")
-	p.command(map[string]any{"cmd": "send", "binary": base64.StdEncoding.EncodeToString([]byte(`{"op":"ping"}`))})
+	// A binary message holds records (PROTOCOL.md 2.1): a len past its end
+	// is refused; a line without len is read as in a text message.
+	p.command(map[string]any{"cmd": "send", "binary": base64.StdEncoding.EncodeToString([]byte(`{"op":"send","len":99}` + "\nab"))})
 	wantError("bad_request", "")
+	p.command(map[string]any{"cmd": "send", "binary": base64.StdEncoding.EncodeToString([]byte(`{"op":"ping","ts":7}`))})
+	if w := r.expect("pong"); w.TS != 7 {
+		t.Fatalf("pong %s: want ts 7", w)
+	}
 
 	// Two requests in one message, and a resume from an epoch the hub
 	// never had: ack, then resync with the current epoch.
