@@ -8,7 +8,10 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"runtime"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -184,5 +187,67 @@ func readFull(t *testing.T, r io.Reader, b []byte) {
 	t.Helper()
 	if _, err := io.ReadFull(r, b); err != nil {
 		t.Fatalf("read: %v", err)
+	}
+}
+
+// What a conn holds once a burst has drained: its writes borrowed their
+// iovec arrays and gave them back. (The runtime's own vectored write
+// keeps one per socket, up to 16 KiB, for the socket's life.)
+func TestHubMemoryAfterBurst(t *testing.T) {
+	const conns, burst = 300, 1000
+	var hub *tether.Hub
+	s := newHubServer(t,
+		tether.WithLimits(tether.Limits{SendQueue: 2 * burst}),
+		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
+			if err := hub.Subscribe(c, "t"); err != nil {
+				t.Errorf("Subscribe: %v", err)
+			}
+		}}))
+	hub = s.hub
+	// Raw sockets that read and discard, with their buffers allocated
+	// before the baseline.
+	var read sync.WaitGroup
+	var got atomic.Int64
+	t.Cleanup(read.Wait) // after the sockets close: cleanups run last first
+	for range conns {
+		r := rawHandshake(t, s.URL)
+		read.Add(1)
+		go func() {
+			defer read.Done()
+			buf := make([]byte, 4096)
+			for {
+				n, err := r.Read(buf)
+				got.Add(int64(n))
+				if err != nil {
+					return
+				}
+			}
+		}()
+	}
+	waitFor(t, 10*time.Second, "every conn subscribed", func() bool { return s.hub.Stats().Conns == conns })
+	msg := bytes.Repeat([]byte("x"), 64)
+	heap := func() uint64 {
+		runtime.GC()
+		runtime.GC() // pools keep what they held through one
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return ms.HeapAlloc
+	}
+	before := heap()
+	t0 := time.Now()
+	for range burst {
+		if err := s.hub.Publish("t", msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := int64(conns * burst * (64 + 2))
+	waitFor(t, 30*time.Second, "the burst delivered", func() bool { return got.Load() >= want })
+	waitFor(t, 10*time.Second, "the queues drained", func() bool { return s.hub.Stats().QueuedBytes == 0 })
+	t.Logf("delivered and drained in %v", time.Since(t0))
+	after := heap()
+	grown := int64(after) - int64(before)
+	t.Logf("heap %d → %d bytes: %+d B per conn", before, after, grown/conns)
+	if grown > conns*2048 {
+		t.Errorf("the heap grew by %d B per conn after a drained burst, want under 2 KiB", grown/conns)
 	}
 }

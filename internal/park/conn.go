@@ -225,7 +225,7 @@ func (pc *Conn) writeLocked(b []byte) (int, error) {
 		pc.pingDue = false
 	}
 	pc.bufs = vec
-	n, err := pc.bufs.WriteTo(pc.Conn)
+	n, err := pc.writev(&pc.bufs)
 	pc.vec, pc.bufs, pc.rest, pc.held = [4][]byte{}, nil, nil, nil
 	if pc.out.frameDone() {
 		pc.between.Broadcast()
@@ -256,7 +256,7 @@ func (pc *Conn) WriteFrames(frames *net.Buffers) error {
 		*frames = append(*frames, pc.pingFrame[:])
 		pc.pingDue = false
 	}
-	_, err := frames.WriteTo(pc.Conn)
+	_, err := pc.writev(frames)
 	return err
 }
 

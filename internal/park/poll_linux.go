@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 )
 
 // errWouldBlock: the socket has nothing to read right now.
@@ -78,6 +79,83 @@ func (pc *Conn) writeNow(b []byte) (int, error) {
 		return 0, werr
 	}
 	return max(n, 0), nil
+}
+
+// maxIovecs is IOV_MAX on Linux: the most buffers one writev takes.
+const maxIovecs = 1024
+
+// iovecs holds the iovec arrays of writes under way. The runtime's own
+// vectored write (net.Buffers.WriteTo) keeps one for each socket, up to
+// maxIovecs entries (16 KiB), for as long as the socket lives: after one
+// burst, an idle conn would hold it.
+var iovecs = sync.Pool{New: func() any {
+	v := make([]syscall.Iovec, 0, 64)
+	return &v
+}}
+
+// writev writes bufs, consuming them as they are written, with writev(2)
+// on the socket, waiting for room when it is full. It returns the bytes
+// written.
+func (pc *Conn) writev(bufs *net.Buffers) (int64, error) {
+	iov := iovecs.Get().(*[]syscall.Iovec)
+	defer iovecs.Put(iov)
+	var total int64
+	for len(*bufs) > 0 {
+		vec := (*iov)[:0]
+		for _, b := range *bufs {
+			if len(b) == 0 {
+				continue
+			}
+			v := syscall.Iovec{Base: &b[0]}
+			v.SetLen(len(b))
+			if vec = append(vec, v); len(vec) == maxIovecs {
+				break
+			}
+		}
+		*iov = vec
+		if len(vec) == 0 {
+			*bufs = nil // only empty buffers left
+			break
+		}
+		var n uintptr
+		var errno syscall.Errno
+		err := pc.reg.rc.Write(func(fd uintptr) bool {
+			for {
+				n, _, errno = syscall.Syscall(syscall.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&vec[0])), uintptr(len(vec)))
+				switch errno {
+				case syscall.EINTR:
+					continue
+				case syscall.EAGAIN:
+					return false // the runtime's poller waits for room
+				}
+				return true
+			}
+		})
+		clear(vec) // the pool must not keep the buffers alive
+		switch {
+		case err != nil:
+			return total, err
+		case errno != 0:
+			return total, &net.OpError{Op: "write", Net: "tcp", Addr: pc.LocalAddr(), Err: os.NewSyscallError("writev", errno)}
+		}
+		total += int64(n)
+		consume(bufs, int(n))
+	}
+	return total, nil
+}
+
+// consume drops the first n bytes of bufs.
+func consume(bufs *net.Buffers, n int) {
+	for len(*bufs) > 0 {
+		b := (*bufs)[0]
+		if len(b) > n {
+			(*bufs)[0] = b[n:]
+			return
+		}
+		n -= len(b)
+		(*bufs)[0] = nil
+		*bufs = (*bufs)[1:]
+	}
 }
 
 // pollReg is a conn's registration with the poller.

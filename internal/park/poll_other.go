@@ -17,6 +17,8 @@ func (pc *Conn) readNow([]byte) (int, error) { return 0, errWouldBlock }
 
 func (pc *Conn) writeNow([]byte) (int, error) { return 0, errors.ErrUnsupported }
 
+func (pc *Conn) writev(*net.Buffers) (int64, error) { return 0, errors.ErrUnsupported }
+
 type pollReg struct{}
 
 func (*pollReg) arm(*Conn) error { return errors.ErrUnsupported }

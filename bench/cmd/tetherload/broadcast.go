@@ -24,6 +24,7 @@ type broadcastConfig struct {
 	queue      int           // the server's send queue per conn, in messages
 	bare       bool          // centrifuge: its protocol by hand, not centrifuge-go
 	pin        string        // "S,L": the server on CPU S, the load on CPU L; "" no pinning
+	profile    string        // file for the server's CPU profile while publishing
 }
 
 func broadcastMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -41,6 +42,7 @@ func broadcastMain(ctx context.Context, args []string, stdout, stderr io.Writer)
 	fs.DurationVar(&cfg.quiet, "quiet", 3*time.Second, "once publishing is done, stop waiting after this long without any delivery (conns the server dropped never get the rest)")
 	fs.IntVar(&cfg.queue, "queue", 256, "the server's send buffer per conn, in messages: a burst longer than it drops subscribers (or messages) that fall behind")
 	fs.BoolVar(&cfg.bare, "bare", false, "centrifuge: dial bare coder/websocket clients that speak its JSON protocol by hand instead of centrifuge-go, whose decoding costs CPU on the shared machine (the other impls' clients are bare already)")
+	fs.StringVar(&cfg.profile, "cpuprofile", "", "write the server's CPU profile of the publishing (whole seconds, at least 1) to `file`")
 	fs.StringVar(&cfg.pin, "pin", "", "pin the server to CPU S and this load process to CPU L, given as `S,L` (GOMAXPROCS 1 each), as room -pin does; empty: no pinning")
 	return s.run(ctx, args, cfg.validate, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
 		return runBroadcast(ctx, cfg, im, stderr)
@@ -174,7 +176,7 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, im implSpec, progres
 		}
 	}
 	child, sc, err := startImpl(setupCtx, serverSpec{impl: im.server, interval: cfg.interval, timeout: cfg.timeout,
-		queue: max(cfg.queue, 1), cpus: serverCPUs, cmd: cfg.serverCmd}, progress)
+		queue: max(cfg.queue, 1), cpus: serverCPUs, cmd: cfg.serverCmd, pprof: cfg.profile != ""}, progress)
 	if err != nil {
 		return nil, err
 	}
@@ -261,6 +263,7 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, im implSpec, progres
 	}
 	loadCPU0, _ := cpuSeconds()
 	start := time.Now()
+	profiled := fetchCPUProfile(ctx, sc, cfg.profile, time.Duration(float64(cfg.m)/max(cfg.rate, 1)*float64(time.Second)))
 	url := fmt.Sprintf("%s/publish?topic=bench&n=%d&size=%d&rate=%g", sc.base, cfg.m, cfg.size, cfg.rate)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, nil)
 	if err != nil {
@@ -302,6 +305,9 @@ wait:
 	loadCPU1, _ := cpuSeconds()
 	st, err := sc.get(ctx, "gc=0")
 	if err != nil {
+		return nil, err
+	}
+	if err := profiled(); err != nil {
 		return nil, err
 	}
 	total := uint64(delivered.Load())

@@ -412,13 +412,19 @@ func runRoom(ctx context.Context, cfg roomConfig, peers string, progress io.Writ
 // cpuProfile fetches the server's CPU profile of the next cfg.profileFor
 // into cfg.profile, if set; wait waits for it.
 func (r *roomRun) cpuProfile(ctx context.Context, sc *statsClient) (wait func() error) {
-	if r.cfg.profile == "" {
+	return fetchCPUProfile(ctx, sc, r.cfg.profile, r.cfg.profileFor)
+}
+
+// fetchCPUProfile fetches the server's CPU profile of the next d (whole
+// seconds) into file, if set, in the background; wait waits for it.
+func fetchCPUProfile(ctx context.Context, sc *statsClient, file string, d time.Duration) (wait func() error) {
+	if file == "" {
 		return func() error { return nil }
 	}
-	secs := max(int(r.cfg.profileFor.Round(time.Second)/time.Second), 1)
+	secs := max(int(d.Round(time.Second)/time.Second), 1)
 	errc := make(chan error, 1)
 	go func() {
-		f, err := os.Create(r.cfg.profile)
+		f, err := os.Create(file)
 		if err != nil {
 			errc <- err
 			return
