@@ -80,6 +80,10 @@ var (
 	// Serve answers 503.
 	ErrHubFull = errors.New("tether: hub full")
 
+	// ErrOverloaded: the hub takes new conns more slowly than they come
+	// ([WithAdmission]). Serve answers 503 with a Retry-After.
+	ErrOverloaded = errors.New("tether: overloaded")
+
 	// ErrInvalidUTF8: data sent as text is not valid UTF-8, which a
 	// text message must be (RFC 6455, section 5.6). Send bytes as binary.
 	ErrInvalidUTF8 = errors.New("tether: text is not valid UTF-8")

@@ -93,6 +93,8 @@ type Hub struct {
 	live    int           // conns registered or in their handshake
 	drained chan struct{} // closed when closing and live is 0
 
+	admission *admission // nil: every handshake is admitted
+
 	closed     atomic.Bool    // closing, for the publishing paths
 	timers     sync.WaitGroup // armed presence timers
 	timersDone atomic.Bool    // no presence timer may be armed any more
@@ -184,7 +186,7 @@ func NewHub(opts ...HubOption) (*Hub, error) {
 	if err != nil {
 		return nil, err
 	}
-	h := &Hub{cfg: cfg, seed: maphash.MakeSeed(), drained: make(chan struct{})}
+	h := &Hub{cfg: cfg, seed: maphash.MakeSeed(), drained: make(chan struct{}), admission: newAdmission(cfg.admitRate, cfg.admitBurst)}
 	for i := range shards {
 		h.conns[i].m = make(map[string]*Conn)
 		h.topics[i].m = make(map[string]*topic)
@@ -252,8 +254,10 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 //   - whatever coder/websocket answers to a request that is not a valid
 //     WebSocket handshake, and its error.
 func (h *Hub) Serve(w http.ResponseWriter, r *http.Request) error {
-	if err := h.admit(); err != nil {
-		w.Header().Set("Retry-After", "1")
+	if wait, err := h.admit(); err != nil {
+		h.count.refused.Add(1)
+		// Whole seconds (RFC 9110), at least 1, rounded up.
+		w.Header().Set("Retry-After", strconv.FormatInt(max(int64((wait+time.Second-1)/time.Second), 1), 10))
 		http.Error(w, err.Error(), http.StatusServiceUnavailable)
 		return err
 	}
@@ -296,19 +300,70 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// admit counts a handshake in, unless the hub is closing or full.
-func (h *Hub) admit() error {
+// admit counts a handshake in, unless the hub is closing, past its
+// admission rate or full; a refusal comes with how long the client should
+// wait.
+func (h *Hub) admit() (time.Duration, error) {
+	if h.isClosing() {
+		return time.Second, ErrHubClosed
+	}
+	if a := h.admission; a != nil {
+		if ok, wait := a.take(time.Now()); !ok {
+			return wait, ErrOverloaded
+		}
+	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.closing {
-		return ErrHubClosed
+		return time.Second, ErrHubClosed
 	}
 	if h.cfg.maxConns > 0 && h.live >= h.cfg.maxConns {
-		return ErrHubFull
+		return time.Second, ErrHubFull
 	}
 	h.live++
-	return nil
+	return 0, nil
 }
+
+// admission paces handshakes ([WithAdmission]) and gives each one it
+// refuses a slot of its own to come back in, one every 1/rate from when
+// the bucket next has a token, so that a crowd returns at the rate the
+// hub admits.
+type admission struct {
+	lim  *rate.Limiter
+	gap  time.Duration // 1/rate: between two slots
+	mu   sync.Mutex
+	next time.Time // the last slot handed out
+}
+
+func newAdmission(perSecond rate.Limit, burst int) *admission {
+	if perSecond <= 0 || perSecond == rate.Inf {
+		return nil
+	}
+	return &admission{lim: rate.NewLimiter(perSecond, burst), gap: time.Duration(float64(time.Second) / float64(perSecond))}
+}
+
+// take admits a handshake at now, or says how long its client should wait.
+func (a *admission) take(now time.Time) (bool, time.Duration) {
+	if a.lim.AllowN(now, 1) {
+		return true, 0
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.next.Before(now) {
+		// The first refusal since the line emptied: it starts when the
+		// bucket next has a token.
+		r := a.lim.ReserveN(now, 1)
+		a.next = now.Add(r.DelayFrom(now))
+		r.CancelAt(now)
+	} else {
+		a.next = a.next.Add(a.gap)
+	}
+	return false, min(a.next.Sub(now), maxAdmissionWait)
+}
+
+// maxAdmissionWait caps the wait a refused handshake is given, as the
+// Client caps what it accepts.
+const maxAdmissionWait = time.Hour
 
 // release counts a conn or handshake out.
 func (h *Hub) release() {

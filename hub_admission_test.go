@@ -15,6 +15,7 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/tether-ws/tether"
+	"golang.org/x/time/rate"
 )
 
 // admServer is a hub behind an httptest server whose handler calls
@@ -419,5 +420,117 @@ func TestHubAdmissionServeHTTP(t *testing.T) {
 	}
 	if a.hub.Len() != 0 {
 		t.Fatal("a plain GET left a conn")
+	}
+}
+
+// WithAdmission: past the bucket, handshakes are refused with 503 and
+// ErrOverloaded before any work (the auth function never runs for them),
+// and each refused client gets a slot of its own at the admission rate:
+// their Retry-After values climb one second apiece instead of sending
+// them all back at once.
+func TestHubAdmissionRate(t *testing.T) {
+	var authed atomic.Int32
+	s := newAdmServer(t,
+		tether.WithAdmission(1, 5), // one a second, bursts of 5
+		tether.WithAuth(func(*http.Request) (string, error) { authed.Add(1); return "", nil }))
+	const tries = 40
+	start := time.Now()
+	var accepted int
+	var hints []int
+	for range tries {
+		c, resp, err := tryDial(t, s.url(), clientOpts{})
+		serr := s.served(t)
+		if err == nil {
+			c.welcome()
+			accepted++
+			continue
+		}
+		if resp == nil || resp.StatusCode != http.StatusServiceUnavailable || !errors.Is(serr, tether.ErrOverloaded) {
+			t.Fatalf("dial: %v (Serve: %v), want 503 and ErrOverloaded", err, serr)
+		}
+		h, perr := strconv.Atoi(resp.Header.Get("Retry-After"))
+		if perr != nil || h < 1 {
+			t.Fatalf("Retry-After %q, want whole seconds, at least 1", resp.Header.Get("Retry-After"))
+		}
+		hints = append(hints, h)
+	}
+	// The bucket refills one a second while the test runs.
+	if elapsed := time.Since(start); accepted < 5 || accepted > 5+int(elapsed/time.Second)+1 {
+		t.Fatalf("%d of %d admitted in %v, want the burst of 5 and one a second", accepted, tries, elapsed)
+	}
+	if got := int(authed.Load()); got != accepted {
+		t.Errorf("the auth function ran %d times, want %d: only for admitted handshakes", got, accepted)
+	}
+	// Slots one second apart: the k-th refused client waits about k s, and
+	// no second is given to more than two (rounding up to whole seconds).
+	perSecond := map[int]int{}
+	for k, h := range hints {
+		perSecond[h]++
+		if h < k || h > k+3 {
+			t.Errorf("refusal %d: Retry-After %d, want about %d", k, h, k+1)
+		}
+	}
+	for h, n := range perSecond {
+		if n > 2 {
+			t.Errorf("%d refused clients told to come back in %d s, want at most 2 per second", n, h)
+		}
+	}
+	if st := s.hub.Stats(); st.Refused != uint64(len(hints)) || st.Conns != accepted {
+		t.Errorf("stats: %d refused, %d conns; want %d and %d", st.Refused, st.Conns, len(hints), accepted)
+	}
+}
+
+// A crowd of Clients dialling at once past the admission rate all get in,
+// each waiting for the slot it was given; none gives up.
+func TestClientsAdmittedAtTheRate(t *testing.T) {
+	const n = 120
+	s := newAdmServer(t, tether.WithAdmission(60, 10)) // Serve's results are dropped past 1,000: only the hub's counters matter here
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	errs := make(chan error, n)
+	clients := make(chan *tether.Client, n)
+	for range n {
+		go func() {
+			c, err := tether.Dial(ctx, s.url(), tether.WithBackoff(tether.Backoff{Base: 50 * time.Millisecond, Max: 200 * time.Millisecond}))
+			if err == nil {
+				clients <- c
+			}
+			errs <- err
+		}()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Errorf("Dial: %v", err)
+		}
+	}
+	close(clients)
+	for c := range clients {
+		defer c.Close()
+	}
+	st := s.hub.Stats()
+	if st.Conns != n {
+		t.Errorf("%d conns, want %d", st.Conns, n)
+	}
+	if st.Refused == 0 {
+		t.Error("no handshake refused: the crowd did not test admission")
+	}
+	t.Logf("%d handshakes refused on the way in", st.Refused)
+}
+
+func TestHubAdmissionOptions(t *testing.T) {
+	for _, tc := range []struct {
+		rate  rate.Limit
+		burst int
+		ok    bool
+	}{{0, 0, true}, {rate.Inf, 0, true}, {10, 1, true}, {-1, 5, false}, {10, 0, false}} {
+		hub, err := tether.NewHub(tether.WithAdmission(tc.rate, tc.burst))
+		if tc.ok != (err == nil) {
+			t.Errorf("WithAdmission(%v, %d): %v, want ok=%v", tc.rate, tc.burst, err, tc.ok)
+		}
+		if err == nil {
+			hub.Close()
+		} else if !strings.Contains(err.Error(), "admission") {
+			t.Errorf("WithAdmission(%v, %d): %q does not say what is wrong", tc.rate, tc.burst, err)
+		}
 	}
 }

@@ -132,6 +132,7 @@ type Stats struct {
 	RateLimited uint64 // inbound messages dropped by the rate limit
 	BadRequests uint64 // inbound messages the hub could not read
 	Denied      uint64 // subscriptions and publications refused by the application
+	Refused     uint64 // handshakes refused with 503: closing, full or past WithAdmission
 
 	// With a broker: times its link was lost, and publications and direct
 	// messages delivered on this node only because it was.
@@ -156,7 +157,7 @@ type stats struct {
 	conns, topics atomic.Int64
 	connects, disconnects, published, drops, evictions, deadPeers,
 	suspects, pings, rateLimited, badRequests, denied,
-	brokerOutages, localOnly atomic.Uint64
+	brokerOutages, localOnly, refused atomic.Uint64
 	rtt rttHistogram
 }
 
@@ -230,6 +231,7 @@ func (h *Hub) Stats() Stats {
 		RateLimited:   c.rateLimited.Load(),
 		BadRequests:   c.badRequests.Load(),
 		Denied:        c.denied.Load(),
+		Refused:       c.refused.Load(),
 		BrokerOutages: c.brokerOutages.Load(),
 		LocalOnly:     c.localOnly.Load(),
 		RTT:           c.rtt.summary(),

@@ -90,6 +90,8 @@ type hubConfig struct {
 	auth          func(*http.Request) (string, error)
 	connMeta      func(*http.Request) json.RawMessage
 	maxConns      int
+	admitRate     rate.Limit // handshakes per second; 0: no limit
+	admitBurst    int
 	rateLimit     rate.Limit
 	rateBurst     int
 	clientPublish func(*Conn, string) bool
@@ -118,6 +120,9 @@ func newHubConfig(opts []HubOption) (*hubConfig, error) {
 	}
 	if h.maxConns < 0 {
 		bad("max conns %d must not be negative", h.maxConns)
+	}
+	if h.admitRate < 0 || h.admitRate > 0 && h.admitRate != rate.Inf && h.admitBurst <= 0 {
+		bad("admission rate %v with burst %d: both must be positive", h.admitRate, h.admitBurst)
 	}
 	if h.rateLimit <= 0 || h.rateBurst <= 0 && h.rateLimit != rate.Inf {
 		bad("rate limit %v with burst %d: both must be positive", h.rateLimit, h.rateBurst)
@@ -158,6 +163,18 @@ func WithConnMeta(f func(r *http.Request) json.RawMessage) HubOption {
 // cap.
 func WithMaxConns(n int) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.maxConns = n })
+}
+
+// WithAdmission paces new connections: a token bucket of burst
+// handshakes refilled at perSecond. A handshake past it is refused before
+// any work is done for it (before [WithAuth]), with 503,
+// [ErrOverloaded] and a Retry-After that gives each refused client its own
+// slot at the admission rate, so that a crowd reconnecting after an
+// outage comes back spread out instead of all at once. [Client] waits for
+// its slot (plus up to a second of jitter). The default, perSecond 0 or
+// rate.Inf, admits every handshake.
+func WithAdmission(perSecond rate.Limit, burst int) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.admitRate, h.admitBurst = perSecond, burst })
 }
 
 // WithRateLimit limits the messages each conn may send: limit per second

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"strconv"
@@ -57,7 +58,12 @@ func (cl *Client) run(first chan<- error) {
 				cl.finish(fmt.Errorf("tether: gave up after %d attempts: %w", failures, err), first)
 				return
 			}
-			wait = max(b.Delay(attempt), retryAfter(err))
+			wait = b.Delay(attempt)
+			if after := retryAfter(err); after > 0 {
+				// Retry-After counts whole seconds: clients told the same
+				// spread over that second.
+				wait = max(wait, after+rand.N(time.Second))
+			}
 			attempt++
 			cl.cfg.conn.logger.Debug("tether: connect failed", "err", err, "retry_in", wait)
 			continue
