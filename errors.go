@@ -73,7 +73,8 @@ var (
 	// not retry.
 	ErrRejected = errors.New("tether: handshake rejected")
 
-	// ErrHubClosed: the hub is shutting down or closed. Serve answers 503.
+	// ErrHubClosed: the hub is shutting down, closed, or draining (a
+	// [Hub.Rebalance] of every conn). Serve answers 503.
 	ErrHubClosed = errors.New("tether: hub closed")
 
 	// ErrHubFull: the hub has as many conns as [WithMaxConns] allows.

@@ -8,6 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"io"
+	"math"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -93,7 +95,8 @@ type Hub struct {
 	live    int           // conns registered or in their handshake
 	drained chan struct{} // closed when closing and live is 0
 
-	admission *admission // nil: every handshake is admitted
+	admission *admission  // nil: every handshake is admitted
+	draining  atomic.Bool // Rebalance of every conn: refuse new ones
 
 	closed     atomic.Bool    // closing, for the publishing paths
 	timers     sync.WaitGroup // armed presence timers
@@ -304,7 +307,7 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request) error {
 // admission rate or full; a refusal comes with how long the client should
 // wait.
 func (h *Hub) admit() (time.Duration, error) {
-	if h.isClosing() {
+	if h.isClosing() || h.draining.Load() {
 		return time.Second, ErrHubClosed
 	}
 	if a := h.admission; a != nil {
@@ -360,6 +363,9 @@ func (a *admission) take(now time.Time) (bool, time.Duration) {
 	}
 	return false, min(a.next.Sub(now), maxAdmissionWait)
 }
+
+// spare reports whether a handshake would be admitted at now.
+func (a *admission) spare(now time.Time) bool { return a.lim.TokensAt(now) >= 1 }
 
 // maxAdmissionWait caps the wait a refused handshake is given, as the
 // Client caps what it accepts.
@@ -1108,6 +1114,87 @@ func (h *Hub) Shutdown(ctx context.Context) error {
 // when every goroutine of the hub has returned. New conns are refused.
 func (h *Hub) Close() error {
 	return h.shutdown(context.Background(), false)
+}
+
+// Ready returns a readiness check for a load balancer, or for a
+// Kubernetes readinessProbe: it answers 200 while the hub takes new conns
+// and 503, with a Retry-After, while it would refuse them: once
+// [Hub.Shutdown] or [Hub.Close] has begun, after [Hub.Rebalance] of all
+// conns, at [WithMaxConns], and while [WithAdmission] has no handshake to
+// spare. It says nothing about the conns already there, which are not
+// affected.
+func (h *Hub) Ready() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if why := h.unready(); why != nil {
+			w.Header().Set("Retry-After", "1")
+			http.Error(w, why.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		io.WriteString(w, "ok\n")
+	})
+}
+
+// unready says why the hub would refuse a handshake now, or nil.
+func (h *Hub) unready() error {
+	if h.isClosing() || h.draining.Load() {
+		return ErrHubClosed
+	}
+	if a := h.admission; a != nil && !a.spare(time.Now()) {
+		return ErrOverloaded
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.cfg.maxConns > 0 && h.live >= h.cfg.maxConns {
+		return ErrHubFull
+	}
+	return nil
+}
+
+// Rebalance moves fraction (0 to 1) of the hub's conns, picked at random,
+// to other nodes: for after a scale-up, when the new nodes have none. It
+// closes them with 1001 (going away) and a reconnect hint under a second,
+// one at a time, evenly over the period over, so that their clients come
+// back through the load balancer a few at a time, and resume where they
+// were. It returns how many it closed, when done or when ctx ends.
+//
+// With fraction 1 the hub drains: from the call on it refuses new conns
+// with 503 and [ErrHubClosed], and [Hub.Ready] answers 503. Call
+// [Hub.Shutdown] once it returns.
+func (h *Hub) Rebalance(ctx context.Context, fraction float64, over time.Duration) (int, error) {
+	if !(fraction >= 0 && fraction <= 1) {
+		return 0, fmt.Errorf("tether: rebalance: fraction %v is not between 0 and 1", fraction)
+	}
+	if fraction == 1 {
+		h.draining.Store(true)
+	}
+	all := h.snapshot()
+	rand.Shuffle(len(all), func(i, j int) { all[i], all[j] = all[j], all[i] })
+	n := int(math.Round(fraction * float64(len(all))))
+	start := time.Now()
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for i, c := range all[:n] {
+		// The i-th goes at (i+1)/n of the period: the last at its end.
+		if wait := time.Until(start.Add(over * time.Duration(i+1) / time.Duration(n))); wait > 0 {
+			if timer == nil {
+				timer = time.NewTimer(wait)
+			} else {
+				timer.Reset(wait)
+			}
+			select {
+			case <-timer.C:
+			case <-ctx.Done():
+				return i, ctx.Err()
+			}
+		}
+		c.Close(websocket.StatusGoingAway, "retry_ms="+strconv.FormatInt(rand.Int64N(1000)+1, 10))
+	}
+	return n, nil
 }
 
 // shutdownBatch conns are sent their close frame at a time, with a pause

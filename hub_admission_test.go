@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -504,9 +505,11 @@ func TestClientsAdmittedAtTheRate(t *testing.T) {
 		}
 	}
 	close(clients)
-	for c := range clients {
-		defer c.Close()
-	}
+	t.Cleanup(func() {
+		for c := range clients {
+			c.Close()
+		}
+	})
 	st := s.hub.Stats()
 	if st.Conns != n {
 		t.Errorf("%d conns, want %d", st.Conns, n)
@@ -532,5 +535,151 @@ func TestHubAdmissionOptions(t *testing.T) {
 		} else if !strings.Contains(err.Error(), "admission") {
 			t.Errorf("WithAdmission(%v, %d): %q does not say what is wrong", tc.rate, tc.burst, err)
 		}
+	}
+}
+
+// Ready answers 200 while the hub takes conns, 503 while it would refuse
+// them: full, out of admission tokens, shutting down.
+func TestHubReady(t *testing.T) {
+	s := newAdmServer(t, tether.WithMaxConns(1), tether.WithAdmission(0.5, 2))
+	ready := httptest.NewServer(s.hub.Ready())
+	defer ready.Close()
+	probe := func(want int, why string) {
+		t.Helper()
+		resp, err := http.Get(ready.URL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Fatalf("%s: Ready answered %d %q, want %d", why, resp.StatusCode, body, want)
+		}
+		if want == http.StatusServiceUnavailable && resp.Header.Get("Retry-After") == "" {
+			t.Errorf("%s: 503 without Retry-After", why)
+		}
+	}
+	probe(http.StatusOK, "empty hub")
+	c, _ := s.accepted(t, s.url(), clientOpts{})
+	probe(http.StatusServiceUnavailable, "at WithMaxConns")
+	c.Close()
+	waitFor(t, 5*time.Second, "the conn gone", func() bool { return s.hub.Len() == 0 })
+	// One token left of two, refilled every 2 s: take it, and the next
+	// probe finds none (unless 2 s went by, in which case try again).
+	for {
+		start := time.Now()
+		c, _ = s.accepted(t, s.url(), clientOpts{})
+		c.Close()
+		waitFor(t, 5*time.Second, "the conn gone", func() bool { return s.hub.Len() == 0 })
+		resp, err := http.Get(ready.URL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusServiceUnavailable {
+			break
+		}
+		if time.Since(start) < time.Second {
+			t.Fatalf("Ready answered %d with the admission bucket empty", resp.StatusCode)
+		}
+	}
+	waitFor(t, 5*time.Second, "a token back", func() bool {
+		resp, err := http.Get(ready.URL)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.hub.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	probe(http.StatusServiceUnavailable, "after Shutdown")
+}
+
+// Rebalance moves the fraction asked for, spread over the period: each
+// client reconnects and resumes; with 1, the hub drains.
+func TestHubRebalance(t *testing.T) {
+	const n = 40
+	var (
+		mu     sync.Mutex
+		closes []time.Time
+	)
+	s := newSite(t, tether.WithObserver(tether.Observer{Disconnect: func(c *tether.Conn, err error) {
+		var ce *tether.CloseError
+		if errors.As(err, &ce) && ce.Code == websocket.StatusGoingAway {
+			mu.Lock()
+			closes = append(closes, time.Now())
+			mu.Unlock()
+		}
+	}}))
+	ctx := context.Background()
+	var clients []*tether.Client
+	got := make(chan int, 10*n)
+	for i := range n {
+		c := dial(t, s.url(), tether.WithBackoff(tether.Backoff{Base: 20 * time.Millisecond, Max: 100 * time.Millisecond}))
+		if err := c.Subscribe(ctx, "t", func(m tether.Message) { got <- i }); err != nil {
+			t.Fatal(err)
+		}
+		clients = append(clients, c)
+	}
+	hub := s.Hub()
+	const over = time.Second
+	start := time.Now()
+	moved, err := hub.Rebalance(ctx, 0.25, over)
+	if err != nil || moved != n/4 {
+		t.Fatalf("Rebalance = %d, %v; want %d", moved, err, n/4)
+	}
+	if took := time.Since(start); took < over {
+		t.Errorf("Rebalance returned after %v, want the whole period of %v", took, over)
+	}
+	waitFor(t, 5*time.Second, "the moved conns ended", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(closes) == n/4
+	})
+	mu.Lock()
+	spread := closes[len(closes)-1].Sub(closes[0])
+	mu.Unlock()
+	if spread < over/2 {
+		t.Errorf("the %d closes came within %v, want them spread over about %v", n/4, spread, over)
+	}
+	waitFor(t, 10*time.Second, "every client back", func() bool { return hub.Len() == n })
+	// Each of them is subscribed again: one message reaches all.
+	if err := hub.Publish("t", []byte(`"after"`)); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[int]bool{}
+	for len(seen) < n {
+		select {
+		case i := <-got:
+			seen[i] = true
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%d of %d clients got the message after the rebalance", len(seen), n)
+		}
+	}
+
+	// Everything: the hub drains and refuses newcomers.
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if moved, err := hub.Rebalance(dctx, 1, 200*time.Millisecond); err != nil || moved != n {
+		t.Fatalf("Rebalance(1) = %d, %v; want %d", moved, err, n)
+	}
+	_, resp, err := tryDial(t, s.url(), clientOpts{})
+	if err == nil || resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("dial while draining: %v, want 503", err)
+	}
+	// Every conn was closed and none may come back.
+	waitFor(t, 5*time.Second, "every client off the draining hub", func() bool { return hub.Len() == 0 })
+	for _, c := range clients {
+		waitFor(t, 5*time.Second, "the client off the draining hub", func() bool { return c.State() != tether.Connected })
+	}
+	if n := hub.Len(); n != 0 {
+		t.Fatalf("%d conns on a draining hub", n)
+	}
+	if _, err := hub.Rebalance(ctx, 1.5, 0); err == nil {
+		t.Error("Rebalance(1.5) succeeded")
 	}
 }
