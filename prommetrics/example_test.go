@@ -57,6 +57,7 @@ func Example() {
 	// tether_queued_bytes GAUGE
 	// tether_queued_messages GAUGE
 	// tether_rate_limited_total COUNTER
+	// tether_refused_total COUNTER
 	// tether_suspects_total COUNTER
 	// tether_topics GAUGE
 }

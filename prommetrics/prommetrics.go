@@ -21,7 +21,7 @@
 //     goroutines and cost a few atomic operations, without allocating.
 //   - Everything else (connections, topics, queued messages and bytes,
 //     connects, publications, drops, evictions, dead peers, suspects,
-//     pings, rate-limited, bad and denied requests, broker outages,
+//     pings, rate-limited, bad and denied requests, refused handshakes, broker outages,
 //     local-only deliveries) is read from [tether.Hub.Stats] of the
 //     watched hubs when Prometheus scrapes, and summed over them.
 //
@@ -200,6 +200,8 @@ var statCounters = []stat{
 		func(s *tether.Stats) float64 { return float64(s.BadRequests) }},
 	{"denied_total", "Subscriptions and publications refused by the application (Hub.Stats).",
 		func(s *tether.Stats) float64 { return float64(s.Denied) }},
+	{"refused_total", "Handshakes refused with 503: shutting down, full, or past the admission rate (Hub.Stats).",
+		func(s *tether.Stats) float64 { return float64(s.Refused) }},
 	{"broker_outages_total", "Times the broker link was lost (Hub.Stats).",
 		func(s *tether.Stats) float64 { return float64(s.BrokerOutages) }},
 	{"local_only_total", "Publications and direct messages delivered on this node only, the broker being down (Hub.Stats).",
@@ -322,6 +324,7 @@ func addCounters(dst, src *tether.Stats) {
 	dst.RateLimited += src.RateLimited
 	dst.BadRequests += src.BadRequests
 	dst.Denied += src.Denied
+	dst.Refused += src.Refused
 	dst.BrokerOutages += src.BrokerOutages
 	dst.LocalOnly += src.LocalOnly
 }

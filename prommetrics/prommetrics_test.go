@@ -205,6 +205,7 @@ func TestTypes(t *testing.T) {
 		"tether_rate_limited_total":    dto.MetricType_COUNTER,
 		"tether_bad_requests_total":    dto.MetricType_COUNTER,
 		"tether_denied_total":          dto.MetricType_COUNTER,
+		"tether_refused_total":         dto.MetricType_COUNTER,
 		"tether_broker_outages_total":  dto.MetricType_COUNTER,
 		"tether_local_only_total":      dto.MetricType_COUNTER,
 	}
