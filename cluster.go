@@ -216,6 +216,7 @@ func (h *Hub) registerShared(c *Conn) {
 	var later [][]byte
 	u.mu.Lock()
 	u.m[hc.user] = append(u.m[hc.user], c)
+	u.peak.Grew(len(u.m))
 	delete(u.seen, hc.user)
 	hc.backlog = &later
 	u.mu.Unlock()

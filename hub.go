@@ -24,6 +24,7 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/tether-ws/tether/adapter"
+	"github.com/tether-ws/tether/internal/shrink"
 	"github.com/tether-ws/tether/internal/wire"
 	"golang.org/x/time/rate"
 )
@@ -110,18 +111,21 @@ type Hub struct {
 const shards = 32
 
 type connShard struct {
-	mu sync.Mutex
-	m  map[string]*Conn
+	mu   sync.Mutex
+	m    map[string]*Conn
+	peak shrink.Peak // of m
 }
 
 type topicShard struct {
-	mu sync.Mutex
-	m  map[string]*topic
+	mu   sync.Mutex
+	m    map[string]*topic
+	peak shrink.Peak // of m
 }
 
 type userShard struct {
 	mu   sync.Mutex
 	m    map[string][]*Conn   // the user's live conns
+	peak shrink.Peak          // of m
 	seen map[string]time.Time // when users with no live conn left
 }
 
@@ -441,6 +445,7 @@ func (h *Hub) register(c *Conn) {
 			u := &h.users[h.shard(hc.user)]
 			u.mu.Lock()
 			u.m[hc.user] = append(u.m[hc.user], c)
+			u.peak.Grew(len(u.m))
 			delete(u.seen, hc.user)
 			h.takeOffline(c, nil, nil)
 			u.mu.Unlock()
@@ -450,6 +455,7 @@ func (h *Hub) register(c *Conn) {
 	s := &h.conns[h.shard(hc.id)]
 	s.mu.Lock()
 	s.m[hc.id] = c
+	s.peak.Grew(len(s.m))
 	s.mu.Unlock()
 	h.count.conns.Add(1)
 	h.count.connects.Add(1)
@@ -526,6 +532,7 @@ func (h *Hub) unregister(c *Conn, reason error) {
 	s := &h.conns[h.shard(hc.id)]
 	s.mu.Lock()
 	delete(s.m, hc.id)
+	s.m = shrink.Map(s.m, &s.peak)
 	s.mu.Unlock()
 	h.count.conns.Add(-1)
 
@@ -541,6 +548,7 @@ func (h *Hub) unregister(c *Conn, reason error) {
 		}
 		if len(list) == 0 {
 			delete(u.m, hc.user)
+			u.m = shrink.Map(u.m, &u.peak)
 			u.remember(hc.user, time.Now())
 			if h.broker != nil {
 				h.broker.Disconnect(hc.user)
@@ -971,6 +979,7 @@ func (h *Hub) lockTopic(name string) *topic {
 		t = &topic{name: name, idx: make(map[*Conn]int)}
 		t.pres = h.newPresence(name)
 		s.m[name] = t
+		s.peak.Grew(len(s.m))
 		h.count.topics.Add(1)
 	}
 	t.mu.Lock()
@@ -991,6 +1000,7 @@ func (h *Hub) unlockTopic(t *topic) {
 	t.mu.Lock()
 	if t.empty() && s.m[t.name] == t {
 		delete(s.m, t.name)
+		s.m = shrink.Map(s.m, &s.peak)
 		h.count.topics.Add(-1)
 	}
 	t.mu.Unlock()

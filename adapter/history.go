@@ -6,6 +6,8 @@ import (
 	"encoding/base64"
 	"sync"
 	"time"
+
+	"github.com/tether-ws/tether/internal/shrink"
 )
 
 // maxSeq bounds seqs below 2^53 so that JavaScript clients, whose numbers
@@ -44,11 +46,19 @@ const sweepBatch = 64
 // new epoch rather than reach 2^53, the largest integer a JavaScript client
 // reads exactly.
 //
+// A topic that never had a message, which Since learnt of (a subscription
+// to a topic nobody publishes to), is forgotten after 10 minutes, and at
+// most 16,384 such topics are kept, the oldest going first: whatever
+// topics clients subscribe to, they hold 1.6 MiB at most. This costs their
+// subscribers nothing while they stay (the first message, seq 1 of a new
+// epoch, follows on from seq 0); one that reconnects after it was
+// forgotten resyncs.
+//
 // Idle records are forgotten as a side effect of Append and Since, with no
-// goroutine: each call checks the least recently appended topic, in O(1),
+// goroutine: each call checks the least recently appended topics, in O(1),
 // and forgets up to 64 idle ones. The memory it holds is thus about
-// (topics used within the last hour or maxAge, at most 2^20) × messages
-// entries plus their data.
+// (topics published to within the last hour or maxAge, at most 2^20) ×
+// messages entries plus their data.
 //
 // Append and Since ignore ctx: they never block.
 func NewMemoryHistory(messages int, maxAge time.Duration) History {
@@ -68,9 +78,47 @@ type memoryHistory struct {
 	base        time.Time     // times are durations since base: monotonic, and 8 bytes each
 	mu          sync.Mutex    // guards the fields below and every record
 	topics      map[string]*histRecord
-	// oldest and newest end a list of the records ordered by touched, so
-	// that the idle ones and the one to evict are found without a scan.
+	peak        shrink.Peak // of topics
+	// Records in two lists ordered by touched, so that the idle ones and
+	// the one to evict are found without a scan: those of topics that
+	// have had a message, and those Since made for topics that have not
+	// (a subscription to a topic nobody publishes to), which are bounded
+	// apart, so that clients subscribing to made-up topics cannot make
+	// the history hold much.
+	kept, empty recordList
+}
+
+// recordList is a list of records, oldest first.
+type recordList struct {
 	oldest, newest *histRecord
+	n              int
+}
+
+// link puts r at the newest end.
+func (l *recordList) link(r *histRecord) {
+	r.prev, r.next = l.newest, nil
+	if l.newest != nil {
+		l.newest.next = r
+	} else {
+		l.oldest = r
+	}
+	l.newest = r
+	l.n++
+}
+
+func (l *recordList) unlink(r *histRecord) {
+	if r.prev != nil {
+		r.prev.next = r.next
+	} else {
+		l.oldest = r.next
+	}
+	if r.next != nil {
+		r.next.prev = r.prev
+	} else {
+		l.newest = r.prev
+	}
+	r.prev, r.next = nil, nil
+	l.n--
 }
 
 // histRecord is a topic's history. Its ring holds the seqs
@@ -82,6 +130,7 @@ type histRecord struct {
 	seq        uint64
 	ring       fifo[histItem]
 	touched    time.Duration // last Append, or creation: when the record goes idle
+	appended   bool          // it has had a message: it is in kept, not empty
 	prev, next *histRecord
 }
 
@@ -109,8 +158,9 @@ func (h *memoryHistory) Append(_ context.Context, topic string, data []byte) (Po
 		r.ring.push(histItem{seq: r.seq, data: data, at: now}, h.messages)
 	}
 	r.touched = now
-	h.unlinkLocked(r)
-	h.linkLocked(r)
+	h.listOf(r).unlink(r) // from empty, on its first message
+	r.appended = true
+	h.kept.link(r)
 	return Position{Epoch: r.epoch, Seq: r.seq}, nil
 }
 
@@ -146,23 +196,37 @@ func (h *memoryHistory) Since(_ context.Context, topic string, pos Position) ([]
 // keeps its epoch does not depend on when the sweep ran.
 func (h *memoryHistory) recordLocked(topic string, now time.Duration) *histRecord {
 	for range sweepBatch {
-		if h.oldest == nil || !h.idle(h.oldest.touched, now) {
+		if h.kept.oldest == nil || !h.idle(h.kept.oldest, now) {
 			break
 		}
-		h.forgetLocked(h.oldest)
+		h.forgetLocked(h.kept.oldest)
+	}
+	for range sweepBatch {
+		if h.empty.oldest == nil || !h.idle(h.empty.oldest, now) {
+			break
+		}
+		h.forgetLocked(h.empty.oldest)
 	}
 	r := h.topics[topic]
-	if r != nil && h.idle(r.touched, now) {
+	if r != nil && h.idle(r, now) {
 		h.forgetLocked(r)
 		r = nil
 	}
 	if r == nil {
-		if len(h.topics) >= maxHistoryRecords {
-			h.forgetLocked(h.oldest)
+		switch {
+		case h.empty.n >= maxEmptyRecords:
+			h.forgetLocked(h.empty.oldest)
+		case len(h.topics) >= maxHistoryRecords:
+			if h.empty.oldest != nil {
+				h.forgetLocked(h.empty.oldest)
+			} else {
+				h.forgetLocked(h.kept.oldest)
+			}
 		}
 		r = &histRecord{topic: topic, epoch: newEpoch(), touched: now}
 		h.topics[topic] = r
-		h.linkLocked(r)
+		h.peak.Grew(len(h.topics))
+		h.empty.link(r)
 		return r
 	}
 	for r.ring.len() > 0 && h.expired(r.ring.at(0).at, now) {
@@ -171,12 +235,26 @@ func (h *memoryHistory) recordLocked(topic string, now time.Duration) *histRecor
 	return r
 }
 
-// idle reports whether a record last touched at t is forgotten: after
-// forgetAfter, at least an hour, so that a quiet topic whose subscribers
-// missed nothing keeps its epoch, and they need not resync.
-func (h *memoryHistory) idle(t, now time.Duration) bool {
-	return h.forgetAfter > 0 && now-t > h.forgetAfter
+// idle reports whether record r is forgotten at now: after forgetAfter,
+// at least an hour, from its last message, so that a quiet topic whose
+// subscribers missed nothing keeps its epoch, and they need not resync;
+// after emptyForgetAfter from its creation for a topic that never had a
+// message. Forgetting one costs its subscribers nothing while they stay
+// (their first message, seq 1 of a new epoch, follows on from seq 0); a
+// subscriber that comes back after it was forgotten resyncs.
+func (h *memoryHistory) idle(r *histRecord, now time.Duration) bool {
+	if !r.appended {
+		return now-r.touched > emptyForgetAfter
+	}
+	return h.forgetAfter > 0 && now-r.touched > h.forgetAfter
 }
+
+// Bounds on the records of topics that never had a message: about 100
+// bytes each, so 1.6 MiB at most, whatever clients subscribe to.
+const (
+	maxEmptyRecords  = 1 << 14
+	emptyForgetAfter = 10 * time.Minute
+)
 
 // forgetAfter is how long a topic's record outlives its last message.
 func forgetAfter(maxAge time.Duration) time.Duration {
@@ -193,33 +271,17 @@ func (h *memoryHistory) expired(t, now time.Duration) bool {
 }
 
 func (h *memoryHistory) forgetLocked(r *histRecord) {
-	h.unlinkLocked(r)
+	h.listOf(r).unlink(r)
 	delete(h.topics, r.topic)
+	h.topics = shrink.Map(h.topics, &h.peak)
 }
 
-// linkLocked puts r at the newest end of the list.
-func (h *memoryHistory) linkLocked(r *histRecord) {
-	r.prev, r.next = h.newest, nil
-	if h.newest != nil {
-		h.newest.next = r
-	} else {
-		h.oldest = r
+// listOf returns the list r is in.
+func (h *memoryHistory) listOf(r *histRecord) *recordList {
+	if r.appended {
+		return &h.kept
 	}
-	h.newest = r
-}
-
-func (h *memoryHistory) unlinkLocked(r *histRecord) {
-	if r.prev != nil {
-		r.prev.next = r.next
-	} else {
-		h.oldest = r.next
-	}
-	if r.next != nil {
-		r.next.prev = r.prev
-	} else {
-		h.newest = r.prev
-	}
-	r.prev, r.next = nil, nil
+	return &h.empty
 }
 
 // newEpoch returns a random epoch. 64 bits make a repeat, which could let

@@ -389,3 +389,46 @@ func ExampleNewMemoryHistory() {
 	// true 3
 	// false
 }
+
+// A topic nobody publishes to, which a subscription made known to the
+// history, is forgotten after 10 minutes (a topic with messages keeps its
+// epoch for an hour), and at most 16,384 of them are kept, the oldest
+// going first: subscriptions to made-up topics cannot fill the history.
+// Forgetting one costs its subscribers nothing: the first message of a
+// new epoch has seq 1.
+func TestMemoryHistoryEmptyTopicsBounded(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := adapter.NewMemoryHistory(10, time.Minute)
+		ctx := context.Background()
+		_, quiet, _, _ := h.Since(ctx, "quiet", adapter.Position{})
+		used := appendAll(t, h, "used", "x")
+		time.Sleep(11 * time.Minute)
+		if _, last, ok := since(t, h, "quiet", quiet); ok || last.Epoch == quiet.Epoch {
+			t.Errorf("an empty topic after 11 minutes: %+v, ok %v; want it forgotten (a new epoch)", last, ok)
+		}
+		if _, last, ok := since(t, h, "used", used); !ok || last != used {
+			t.Errorf("a topic with a message after 11 minutes: %+v, ok %v; want %+v", last, ok, used)
+		}
+
+		// The cap: the oldest empty topics go, those with messages stay.
+		_, first, _, _ := h.Since(ctx, "first", adapter.Position{})
+		for i := range 1<<14 + 100 {
+			h.Since(ctx, "made-up-"+strconv.Itoa(i), adapter.Position{})
+		}
+		if _, last, _, _ := h.Since(ctx, "first", first); last.Epoch == first.Epoch {
+			t.Error("the oldest empty topic is still kept past the cap of 16,384")
+		}
+		_, recent, _, _ := h.Since(ctx, "made-up-"+strconv.Itoa(1<<14+99), adapter.Position{})
+		if _, last, ok := since(t, h, "made-up-"+strconv.Itoa(1<<14+99), recent); !ok || last != recent {
+			t.Errorf("the newest empty topic: %+v, ok %v; want it kept", last, ok)
+		}
+		if _, last, ok := since(t, h, "used", used); !ok || last != used {
+			t.Errorf("a topic with a message after the flood: %+v, ok %v; want %+v", last, ok, used)
+		}
+		// An empty topic that gets a message is kept like any other.
+		pos := appendAll(t, h, "made-up-"+strconv.Itoa(1<<14+99), "y")
+		if pos != (adapter.Position{Epoch: recent.Epoch, Seq: 1}) {
+			t.Errorf("first message of a known empty topic: %+v, want {%s 1}", pos, recent.Epoch)
+		}
+	})
+}
