@@ -114,7 +114,8 @@ type Conn struct {
 	// and are bounded by maxControlBytes rather than by Limits, so that a
 	// peer that reads is never dropped for what it asked of the protocol.
 	control   queue.Queue
-	writing   bool // a writer goroutine owns the queues
+	lanes     *lanes // high and low priority; nil until used
+	writing   bool   // a writer goroutine owns the queues
 	err       error
 	closeCode websocket.StatusCode // graceful close to send once the queue is drained
 	closeText string
@@ -388,6 +389,10 @@ func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text s
 		}
 		c.queue.Reset()
 		c.control.Reset()
+		if c.lanes != nil {
+			c.lanes.high.Reset()
+			c.lanes.low.Reset()
+		}
 	}
 	if mode == endForced {
 		c.mu.Unlock()

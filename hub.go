@@ -96,8 +96,9 @@ type Hub struct {
 	live    int           // conns registered or in their handshake
 	drained chan struct{} // closed when closing and live is 0
 
-	admission *admission  // nil: every handshake is admitted
-	draining  atomic.Bool // Rebalance of every conn: refuse new ones
+	admission *admission    // nil: every handshake is admitted
+	topicKeys atomic.Uint64 // the last key given to a latest-value topic
+	draining  atomic.Bool   // Rebalance of every conn: refuse new ones
 
 	closed     atomic.Bool    // closing, for the publishing paths
 	timers     sync.WaitGroup // armed presence timers
@@ -142,6 +143,9 @@ type topic struct {
 	idx  map[*Conn]int // position in subs
 	nV1  int           // subscribers that speak protocol v1
 	pres *presence     // nil when the topic does not track presence
+
+	policy TopicPolicy
+	key    uint64 // a latest-value topic's queue key; 0 for others
 
 	// With a broker: the position of the last message delivered to subs
 	// (zero until known), and the subscriptions waiting on Broker.Hold,
@@ -781,11 +785,12 @@ func (h *Hub) fanOutLocked(t *topic, pos Position, raw, data []byte) {
 	if t.nV1 > 0 {
 		v1 = msgEntry(t.name, pos.Epoch, pos.Seq, data)
 	}
+	prio, key := t.policy.Priority, t.key
 	for _, c := range t.subs {
 		if c.coalesce {
-			c.enqueue(v1)
+			c.enqueueAt(v1, prio, key)
 		} else {
-			c.enqueue(raw)
+			c.enqueueAt(raw, prio, key)
 		}
 	}
 }
@@ -978,6 +983,12 @@ func (h *Hub) lockTopic(name string) *topic {
 	if t == nil {
 		t = &topic{name: name, idx: make(map[*Conn]int)}
 		t.pres = h.newPresence(name)
+		if f := h.cfg.topicPolicy; f != nil {
+			t.policy = f(name)
+			if t.policy.Latest {
+				t.key = h.topicKeys.Add(1)
+			}
+		}
 		s.m[name] = t
 		s.peak.Grew(len(s.m))
 		h.count.topics.Add(1)

@@ -238,10 +238,13 @@ func (h *Hub) Stats() Stats {
 	}
 	for _, conn := range h.snapshot() {
 		conn.mu.Lock()
-		n, b := conn.queue.Len()
-		cn, cb := conn.control.Len()
+		var n, b int
+		qs, nq := conn.lanesLocked()
+		for _, q := range qs[:nq] {
+			qn, qb := q.Len()
+			n, b = n+qn, b+qb
+		}
 		conn.mu.Unlock()
-		n, b = n+cn, b+cb
 		s.QueuedMessages += n
 		s.QueuedBytes += b
 	}

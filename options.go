@@ -100,6 +100,7 @@ type hubConfig struct {
 	offline       adapter.OfflineStore
 	broker        adapter.Broker
 	presence      func(string) PresencePolicy // nil: the default for every topic
+	topicPolicy   func(string) TopicPolicy    // nil: the default for every topic
 }
 
 func newHubConfig(opts []HubOption) (*hubConfig, error) {
@@ -163,6 +164,46 @@ func WithConnMeta(f func(r *http.Request) json.RawMessage) HubOption {
 // cap.
 func WithMaxConns(n int) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.maxConns = n })
+}
+
+// Priority ranks a topic's messages against the others queued for a conn
+// that falls behind: see [TopicPolicy].
+type Priority int8
+
+// The priorities. Control messages (acks, errors, pongs, presence) come
+// before any.
+const (
+	PriorityLow    Priority = -1
+	PriorityNormal Priority = 0
+	PriorityHigh   Priority = 1
+)
+
+// TopicPolicy is how the hub treats one topic's messages; see
+// [WithTopicPolicy].
+type TopicPolicy struct {
+	// Priority orders the messages queued for a conn that falls behind:
+	// high-priority ones are written first and dropped last, low-priority
+	// ones written last and dropped first. When a conn's queue is full, its
+	// low-priority messages are dropped, oldest first, to make room; a
+	// low-priority message that finds no room is dropped, and never closes
+	// the conn; a high-priority one makes room by dropping normal ones.
+	// Only then does the overflow policy of [Limits] apply. Messages of
+	// different topics are ordered only within a priority (as PROTOCOL.md
+	// promises no order between topics); each topic's stay in order.
+	Priority Priority
+	// Latest marks a topic of which only the newest message matters (a
+	// price, a position, a score): a message for a conn that still has one
+	// of the topic's queued, not yet written, takes its place. A conn that
+	// keeps up gets every message; one that falls behind gets the latest,
+	// and a v1 client sees the seq jump, as after a loss (a resync).
+	Latest bool
+}
+
+// WithTopicPolicy sets each topic's [TopicPolicy], from its name: called
+// once when the topic gets its first subscriber, and again after it had
+// none. The default is normal priority, every message kept.
+func WithTopicPolicy(policy func(topic string) TopicPolicy) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.topicPolicy = policy })
 }
 
 // WithAdmission paces new connections: a token bucket of burst

@@ -11,6 +11,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/coder/websocket"
+	"github.com/tether-ws/tether/internal/queue"
 	"github.com/tether-ws/tether/internal/wire"
 )
 
@@ -66,7 +67,20 @@ func (c *Conn) send(ctx context.Context, data []byte, binary bool) error {
 
 // enqueue queues msg, which the caller gives up: it may be shared by many
 // conns, and is never written to.
-func (c *Conn) enqueue(msg []byte) error {
+func (c *Conn) enqueue(msg []byte) error { return c.enqueueAt(msg, PriorityNormal, 0) }
+
+// lanes are a conn's queues for topics of high and low priority, made on
+// first use: most conns never need them.
+type lanes struct{ high, low queue.Queue }
+
+// enqueueAt queues msg, of priority prio, as enqueue does. A key other
+// than 0 is a latest-value topic's: msg takes the place of a message of
+// the same key still queued, if any. When the queues are full, room is
+// made by dropping low-priority messages first, oldest first; a
+// low-priority message that finds no room is dropped, without closing the
+// conn, and a high-priority one makes room by dropping normal ones; only
+// then does the overflow policy apply.
+func (c *Conn) enqueueAt(msg []byte, prio Priority, key uint64) error {
 	c.mu.Lock()
 	if c.err != nil {
 		c.mu.Unlock()
@@ -77,14 +91,34 @@ func (c *Conn) enqueue(msg []byte) error {
 		// The caller's mistake, not a slow peer: nothing to drop or close.
 		return fmt.Errorf("%w: a message of %d bytes exceeds the queue's %d", ErrQueueFull, len(msg), c.cfg.queueBytes)
 	}
-	dropped, ok := c.queue.Push(msg, c.cfg.queueMessages, c.cfg.queueBytes, c.cfg.overflow == DropOldest)
+	lane := &c.queue
+	if prio != PriorityNormal {
+		if c.lanes == nil {
+			c.lanes = new(lanes)
+		}
+		lane = &c.lanes.low
+		if prio > PriorityNormal {
+			lane = &c.lanes.high
+		}
+	}
+	dropped, ok := 0, true
+	switch {
+	case key != 0 && lane.Replace(key, msg):
+		dropped = 1 // the older value, never to be written
+	default:
+		dropped, ok = c.makeRoomLocked(len(msg), prio)
+		if ok {
+			lane.PushKey(msg, key)
+		}
+	}
 	if ok && !c.writing {
 		c.writing = true
 		c.wg.Add(1)
 		go c.writeLoop()
 	}
 	c.mu.Unlock()
-	if dropped > 0 || !ok && c.cfg.overflow == DropNewest {
+	refused := !ok && (c.cfg.overflow == DropNewest || prio < PriorityNormal)
+	if dropped > 0 || refused {
 		if f := c.cfg.observer.Drop; f != nil {
 			f(c, max(dropped, 1))
 		}
@@ -92,10 +126,48 @@ func (c *Conn) enqueue(msg []byte) error {
 	if ok {
 		return nil
 	}
-	if c.cfg.overflow == Disconnect {
+	if c.cfg.overflow == Disconnect && prio >= PriorityNormal {
 		c.end(ErrQueueFull, endPolicy, StatusSlowConsumer, "slow consumer")
 	}
 	return ErrQueueFull
+}
+
+// makeRoomLocked makes room in the data lanes for one more message of n
+// bytes and priority prio, as enqueueAt says, and returns how many queued
+// messages it dropped and whether there is room now.
+func (c *Conn) makeRoomLocked(n int, prio Priority) (dropped int, ok bool) {
+	for {
+		msgs, bytes := c.queue.Len()
+		var low, high *queue.Queue
+		if l := c.lanes; l != nil {
+			low, high = &l.low, &l.high
+			lm, lb := low.Len()
+			hm, hb := high.Len()
+			msgs, bytes = msgs+lm+hm, bytes+lb+hb
+		}
+		if msgs+1 <= c.cfg.queueMessages && bytes+n <= c.cfg.queueBytes {
+			return dropped, true
+		}
+		switch {
+		case low != nil && drop(low):
+		case prio < PriorityNormal:
+			return dropped, false
+		case prio > PriorityNormal && drop(&c.queue):
+		case c.cfg.overflow != DropOldest:
+			return dropped, false
+		case drop(&c.queue):
+		case high != nil && drop(high):
+		default:
+			return dropped, false
+		}
+		dropped++
+	}
+}
+
+// drop drops q's oldest message, if any.
+func drop(q *queue.Queue) bool {
+	_, ok := q.Pop()
+	return ok
 }
 
 // maxControlBytes bounds a conn's control lane. What it holds answers the
@@ -219,20 +291,35 @@ func (c *Conn) writeLoop() {
 	}
 }
 
-// popLocked pops the next message to write: the control lane's first.
+// popLocked pops the next message to write: the control lane's first,
+// then high-priority, normal, low-priority messages.
 func (c *Conn) popLocked() ([]byte, bool) {
-	if m, ok := c.control.Pop(); ok {
-		return m, true
+	qs, n := c.lanesLocked()
+	for _, q := range qs[:n] {
+		if m, ok := q.Pop(); ok {
+			return m, true
+		}
 	}
-	return c.queue.Pop()
+	return nil, false
 }
 
 // peekLocked is popLocked without the pop.
 func (c *Conn) peekLocked() ([]byte, bool) {
-	if m, ok := c.control.Peek(); ok {
-		return m, true
+	qs, n := c.lanesLocked()
+	for _, q := range qs[:n] {
+		if m, ok := q.Peek(); ok {
+			return m, true
+		}
 	}
-	return c.queue.Peek()
+	return nil, false
+}
+
+// lanesLocked returns the conn's n queues in the order they are written.
+func (c *Conn) lanesLocked() (qs [4]*queue.Queue, n int) {
+	if l := c.lanes; l != nil {
+		return [4]*queue.Queue{&c.control, &l.high, &c.queue, &l.low}, 4
+	}
+	return [4]*queue.Queue{&c.control, &c.queue}, 2
 }
 
 // A frameBatch is what a writer sends in vectored writes: whole frames,
@@ -460,39 +547,35 @@ func frameBufClass(n int) int {
 // that holds it, to give back once written. c.mu must be held.
 func (c *Conn) coalesceLocked(first []byte) ([]byte, *[]byte, bool) {
 	body, bin := wire.Untag(first)
-	size, fromControl, fromData := len(body), 0, 0
-	fits := func(n *int) func([]byte) bool {
-		return func(m []byte) bool {
-			m, _ = wire.Untag(m)
-			if size+1+len(m) > maxCoalesced {
-				return false
-			}
-			size += 1 + len(m)
-			*n++
-			return true
+	size, more := len(body), 0
+	fits := func(m []byte) bool {
+		m, _ = wire.Untag(m)
+		if size+1+len(m) > maxCoalesced {
+			return false
+		}
+		size += 1 + len(m)
+		more++
+		return true
+	}
+	qs, nq := c.lanesLocked()
+	for _, q := range qs[:nq] {
+		n, _ := q.Len()
+		before := more
+		q.Each(fits)
+		if more-before < n {
+			break // the next one does not fit: keep the order
 		}
 	}
-	c.control.Each(fits(&fromControl))
-	if n, _ := c.control.Len(); fromControl == n {
-		c.queue.Each(fits(&fromData))
-	}
-	if fromControl+fromData == 0 {
+	if more == 0 {
 		return body, nil, bin
 	}
 	buf := frameBufs[frameBufClass(size)].Get().(*[]byte)
 	b := append((*buf)[:0], body...)
-	add := func(m []byte) {
+	for range more {
+		m, _ := c.popLocked()
 		m, mbin := wire.Untag(m)
 		bin = bin || mbin
 		b = append(append(b, '\n'), m...)
-	}
-	for range fromControl {
-		m, _ := c.control.Pop()
-		add(m)
-	}
-	for range fromData {
-		m, _ := c.queue.Pop()
-		add(m)
 	}
 	*buf = b
 	return b, buf, bin

@@ -15,12 +15,13 @@ type Queue struct {
 	bytes      int
 }
 
-// queueChunkLen messages fit in one chunk: 392 bytes, so that a conn with
+// queueChunkLen messages fit in one chunk: 520 bytes, so that a conn with
 // a short burst queued holds little.
 const queueChunkLen = 16
 
 type queueChunk struct {
 	msgs [queueChunkLen][]byte
+	keys [queueChunkLen]uint64 // for Replace; 0: none
 	next *queueChunk
 }
 
@@ -40,6 +41,13 @@ func (q *Queue) Push(msg []byte, maxMsgs, maxBytes int, dropOldest bool) (droppe
 		q.Pop()
 		dropped++
 	}
+	q.PushKey(msg, 0)
+	return dropped, true
+}
+
+// PushKey appends msg, whatever the bounds, with key for [Queue.Replace]
+// (0 for none).
+func (q *Queue) PushKey(msg []byte, key uint64) {
 	if q.tail == nil || q.ti == queueChunkLen {
 		c := queueChunks.Get().(*queueChunk)
 		if q.tail == nil {
@@ -50,10 +58,29 @@ func (q *Queue) Push(msg []byte, maxMsgs, maxBytes int, dropOldest bool) (droppe
 		q.tail, q.ti = c, 0
 	}
 	q.tail.msgs[q.ti] = msg
+	q.tail.keys[q.ti] = key
 	q.ti++
 	q.n++
 	q.bytes += len(msg)
-	return dropped, true
+}
+
+// Replace puts msg in the place of the queued message pushed with key,
+// which must not be 0, and reports whether there was one. It scans the
+// queue: O(length).
+func (q *Queue) Replace(key uint64, msg []byte) bool {
+	c, i := q.head, q.hi
+	for range q.n {
+		if i == queueChunkLen {
+			c, i = c.next, 0
+		}
+		if c.keys[i] == key {
+			q.bytes += len(msg) - len(c.msgs[i])
+			c.msgs[i] = msg
+			return true
+		}
+		i++
+	}
+	return false
 }
 
 // Peek returns the oldest message without removing it.
@@ -84,7 +111,7 @@ func (q *Queue) Pop() ([]byte, bool) {
 		return nil, false
 	}
 	msg := q.head.msgs[q.hi]
-	q.head.msgs[q.hi] = nil
+	q.head.msgs[q.hi], q.head.keys[q.hi] = nil, 0
 	q.hi++
 	q.n--
 	q.bytes -= len(msg)

@@ -74,3 +74,38 @@ func TestQueueBounds(t *testing.T) {
 		t.Fatalf("after Reset: %d messages, %d bytes", m, b)
 	}
 }
+
+// Replace swaps the message pushed with a key, in its place, across chunk
+// boundaries, and keeps the byte count right; a key never pushed, or
+// popped already, is not found.
+func TestQueueReplace(t *testing.T) {
+	var q Queue
+	const n = 2*queueChunkLen + 3
+	for i := range n {
+		q.PushKey(msg(i), uint64(i%5)) // keys 1..4 repeat; 0 is none
+	}
+	if !q.Replace(3, []byte("new-three")) {
+		t.Fatal("key 3 not found")
+	}
+	if _, b := q.Len(); b != 4*n+len("new-three")-4 {
+		t.Fatalf("bytes %d after Replace, want %d", b, 4*n+5)
+	}
+	q.PushKey(msg(99), 42)
+	if !q.Replace(42, []byte("x")) || q.Replace(7, nil) {
+		t.Fatal("Replace found the wrong keys")
+	}
+	var got []string
+	q.Each(func(m []byte) bool { got = append(got, string(m)); return true })
+	if got[3] != "new-three" || got[8] != string(msg(8)) || got[n] != "x" {
+		t.Fatalf("after Replace: %q", got)
+	}
+	for range 4 {
+		q.Pop()
+	}
+	if q.Replace(3, []byte("again")) != true { // the next 3 is at index 8
+		t.Fatal("the second message of key 3 not found")
+	}
+	if got, _ := q.Pop(); string(got) != string(msg(4)) {
+		t.Fatalf("pop %q", got)
+	}
+}
