@@ -82,7 +82,8 @@ var (
 	ErrHubFull = errors.New("tether: hub full")
 
 	// ErrOverloaded: the hub takes new conns more slowly than they come
-	// ([WithAdmission]). Serve answers 503 with a Retry-After.
+	// ([WithAdmission]), or sheds load ([WithBreaker]). Serve answers 503
+	// with a Retry-After.
 	ErrOverloaded = errors.New("tether: overloaded")
 
 	// ErrInvalidUTF8: data sent as text is not valid UTF-8, which a

@@ -96,9 +96,11 @@ type Hub struct {
 	live    int           // conns registered or in their handshake
 	drained chan struct{} // closed when closing and live is 0
 
-	admission *admission    // nil: every handshake is admitted
-	topicKeys atomic.Uint64 // the last key given to a latest-value topic
-	draining  atomic.Bool   // Rebalance of every conn: refuse new ones
+	admission  *admission    // nil: every handshake is admitted
+	topicKeys  atomic.Uint64 // the last key given to a latest-value topic
+	draining   atomic.Bool   // Rebalance of every conn: refuse new ones
+	overloaded atomic.Bool   // the breaker is open
+	breaker    *breaker      // nil without WithBreaker
 
 	closed     atomic.Bool    // closing, for the publishing paths
 	timers     sync.WaitGroup // armed presence timers
@@ -241,6 +243,7 @@ func NewHub(opts ...HubOption) (*Hub, error) {
 			return nil, fmt.Errorf("tether: broker: %w", err)
 		}
 	}
+	h.breaker = newBreaker(h, cfg.breakerTrip)
 	return h, nil
 }
 
@@ -317,6 +320,10 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request) error {
 func (h *Hub) admit() (time.Duration, error) {
 	if h.isClosing() || h.draining.Load() {
 		return time.Second, ErrHubClosed
+	}
+	if h.overloaded.Load() {
+		// Back when the breaker may have closed, spread over 2 to 5 s.
+		return 2*time.Second + rand.N(3*time.Second), ErrOverloaded
 	}
 	if a := h.admission; a != nil {
 		if ok, wait := a.take(time.Now()); !ok {
@@ -786,6 +793,10 @@ func (h *Hub) fanOutLocked(t *topic, pos Position, raw, data []byte) {
 		v1 = msgEntry(t.name, pos.Epoch, pos.Seq, data)
 	}
 	prio, key := t.policy.Priority, t.key
+	if prio < PriorityNormal && h.overloaded.Load() {
+		h.count.shed.Add(uint64(len(t.subs)))
+		return
+	}
 	for _, c := range t.subs {
 		if c.coalesce {
 			c.enqueueAt(v1, prio, key)
@@ -1161,6 +1172,9 @@ func (h *Hub) unready() error {
 	if h.isClosing() || h.draining.Load() {
 		return ErrHubClosed
 	}
+	if h.overloaded.Load() {
+		return ErrOverloaded
+	}
 	if a := h.admission; a != nil && !a.spare(time.Now()) {
 		return ErrOverloaded
 	}
@@ -1270,6 +1284,7 @@ func (h *Hub) shutdown(ctx context.Context, graceful bool) error {
 		<-h.drained
 	}
 	h.stopTimers()
+	h.breaker.close()
 	if h.broker != nil {
 		if cerr := h.closeBroker(); err == nil {
 			err = cerr

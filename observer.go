@@ -52,6 +52,10 @@ type Observer struct {
 	// which Hub.Shutdown waits for: start a shutdown from it in a
 	// goroutine of its own.
 	Broker func(err error)
+	// Overload reports a hub's breaker (see [WithBreaker]) opening, with
+	// overloaded true, and closing, with false, and the scheduling
+	// latency that decided it. It runs on the breaker's goroutine.
+	Overload func(overloaded bool, latency time.Duration)
 
 	// State reports each new state of a [Client] and the error that caused
 	// it: the end of the previous conn when Reconnecting, why the client
@@ -84,6 +88,7 @@ func (o *Observer) add(p Observer) {
 	o.Drop = join2(o.Drop, p.Drop)
 	o.Presence = join1(o.Presence, p.Presence)
 	o.Broker = join1(o.Broker, p.Broker)
+	o.Overload = join2(o.Overload, p.Overload)
 	o.State = join2(o.State, p.State)
 	o.Resync = join1(o.Resync, p.Resync)
 	o.Error = join1(o.Error, p.Error)
@@ -132,7 +137,13 @@ type Stats struct {
 	RateLimited uint64 // inbound messages dropped by the rate limit
 	BadRequests uint64 // inbound messages the hub could not read
 	Denied      uint64 // subscriptions and publications refused by the application
-	Refused     uint64 // handshakes refused with 503: closing, full or past WithAdmission
+	Refused     uint64 // handshakes refused with 503: closing, full, overloaded or past WithAdmission
+
+	// With WithBreaker: whether the hub is overloaded now, how many times
+	// it was, and the deliveries of low-priority topics it shed meanwhile.
+	Overloaded bool
+	Overloads  uint64
+	Shed       uint64
 
 	// With a broker: times its link was lost, and publications and direct
 	// messages delivered on this node only because it was.
@@ -157,7 +168,7 @@ type stats struct {
 	conns, topics atomic.Int64
 	connects, disconnects, published, drops, evictions, deadPeers,
 	suspects, pings, rateLimited, badRequests, denied,
-	brokerOutages, localOnly, refused atomic.Uint64
+	brokerOutages, localOnly, refused, overloads, shed atomic.Uint64
 	rtt rttHistogram
 }
 
@@ -232,6 +243,9 @@ func (h *Hub) Stats() Stats {
 		BadRequests:   c.badRequests.Load(),
 		Denied:        c.denied.Load(),
 		Refused:       c.refused.Load(),
+		Overloaded:    h.overloaded.Load(),
+		Overloads:     c.overloads.Load(),
+		Shed:          c.shed.Load(),
 		BrokerOutages: c.brokerOutages.Load(),
 		LocalOnly:     c.localOnly.Load(),
 		RTT:           c.rtt.summary(),

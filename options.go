@@ -101,6 +101,7 @@ type hubConfig struct {
 	broker        adapter.Broker
 	presence      func(string) PresencePolicy // nil: the default for every topic
 	topicPolicy   func(string) TopicPolicy    // nil: the default for every topic
+	breakerTrip   time.Duration               // 0: no breaker
 }
 
 func newHubConfig(opts []HubOption) (*hubConfig, error) {
@@ -204,6 +205,21 @@ type TopicPolicy struct {
 // none. The default is normal priority, every message kept.
 func WithTopicPolicy(policy func(topic string) TopicPolicy) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.topicPolicy = policy })
+}
+
+// WithBreaker sheds load before the conns already there suffer from it.
+// The signal is the Go scheduler's latency: how long runnable goroutines
+// wait for a CPU, which is what delays heartbeats, pongs and writes when
+// the process has more work than CPU. When its 99th percentile over the
+// last second exceeds trip, the hub is overloaded: it stops delivering
+// low-priority topics ([TopicPolicy]), counted in [Stats].Shed, refuses
+// new conns with 503, [ErrOverloaded] and a Retry-After, and [Hub.Ready]
+// answers 503. It recovers once the latency has stayed under trip/2 for
+// 2 seconds. [Observer].Overload reports each change. 0, the default,
+// means no breaker; 50 ms suits most servers (an idle one sees well under
+// 1 ms).
+func WithBreaker(trip time.Duration) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.breakerTrip = trip })
 }
 
 // WithAdmission paces new connections: a token bucket of burst

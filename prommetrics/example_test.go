@@ -51,6 +51,8 @@ func Example() {
 	// tether_evictions_total COUNTER
 	// tether_heartbeat_rtt_seconds HISTOGRAM
 	// tether_local_only_total COUNTER
+	// tether_overloaded GAUGE
+	// tether_overloads_total COUNTER
 	// tether_pings_total COUNTER
 	// tether_published_total COUNTER
 	// tether_queue_drops_total COUNTER
@@ -58,6 +60,7 @@ func Example() {
 	// tether_queued_messages GAUGE
 	// tether_rate_limited_total COUNTER
 	// tether_refused_total COUNTER
+	// tether_shed_total COUNTER
 	// tether_suspects_total COUNTER
 	// tether_topics GAUGE
 }

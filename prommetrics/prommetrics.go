@@ -177,6 +177,13 @@ var statGauges = []stat{
 		func(s *tether.Stats) float64 { return float64(s.QueuedMessages) }},
 	{"queued_bytes", "Bytes waiting in the conns' send queues now (Hub.Stats).",
 		func(s *tether.Stats) float64 { return float64(s.QueuedBytes) }},
+	{"overloaded", "1 while a watched hub's breaker is open: shedding low-priority topics, refusing new conns (Hub.Stats).",
+		func(s *tether.Stats) float64 {
+			if s.Overloaded {
+				return 1
+			}
+			return 0
+		}},
 }
 
 var statCounters = []stat{
@@ -202,6 +209,10 @@ var statCounters = []stat{
 		func(s *tether.Stats) float64 { return float64(s.Denied) }},
 	{"refused_total", "Handshakes refused with 503: shutting down, full, or past the admission rate (Hub.Stats).",
 		func(s *tether.Stats) float64 { return float64(s.Refused) }},
+	{"overloads_total", "Times a breaker opened (Hub.Stats).",
+		func(s *tether.Stats) float64 { return float64(s.Overloads) }},
+	{"shed_total", "Deliveries of low-priority topics shed while overloaded (Hub.Stats).",
+		func(s *tether.Stats) float64 { return float64(s.Shed) }},
 	{"broker_outages_total", "Times the broker link was lost (Hub.Stats).",
 		func(s *tether.Stats) float64 { return float64(s.BrokerOutages) }},
 	{"local_only_total", "Publications and direct messages delivered on this node only, the broker being down (Hub.Stats).",
@@ -325,6 +336,8 @@ func addCounters(dst, src *tether.Stats) {
 	dst.BadRequests += src.BadRequests
 	dst.Denied += src.Denied
 	dst.Refused += src.Refused
+	dst.Overloads += src.Overloads
+	dst.Shed += src.Shed
 	dst.BrokerOutages += src.BrokerOutages
 	dst.LocalOnly += src.LocalOnly
 }
@@ -370,6 +383,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		s := h.Stats()
 		addCounters(&sum, &s)
 		sum.Conns += s.Conns
+		sum.Overloaded = sum.Overloaded || s.Overloaded
 		sum.Topics += s.Topics
 		sum.QueuedMessages += s.QueuedMessages
 		sum.QueuedBytes += s.QueuedBytes

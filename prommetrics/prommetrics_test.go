@@ -206,6 +206,9 @@ func TestTypes(t *testing.T) {
 		"tether_bad_requests_total":    dto.MetricType_COUNTER,
 		"tether_denied_total":          dto.MetricType_COUNTER,
 		"tether_refused_total":         dto.MetricType_COUNTER,
+		"tether_overloaded":            dto.MetricType_GAUGE,
+		"tether_overloads_total":       dto.MetricType_COUNTER,
+		"tether_shed_total":            dto.MetricType_COUNTER,
 		"tether_broker_outages_total":  dto.MetricType_COUNTER,
 		"tether_local_only_total":      dto.MetricType_COUNTER,
 	}

@@ -8,7 +8,7 @@
 // It serves, on one port:
 //
 //	/ws       the hub (protocol v1 clients and raw WebSocket peers)
-//	/ready    readiness: 503 while draining, full or past the admission rate
+//	/ready    readiness: 503 while draining, overloaded, full or past the admission rate
 //	/healthz  liveness: 200 while the process serves HTTP
 //	/metrics  Prometheus metrics (prommetrics), tether_connections included
 //
@@ -60,6 +60,7 @@ type config struct {
 	admission float64
 	burst     int
 	maxConns  int
+	breaker   time.Duration
 }
 
 // run serves until ctx ends, then drains and shuts down. Its first line
@@ -73,6 +74,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	fs.Float64Var(&cfg.admission, "admission", 500, "new conns admitted per second (0: no limit)")
 	fs.IntVar(&cfg.burst, "admission-burst", 1000, "new conns admitted at once")
 	fs.IntVar(&cfg.maxConns, "max-conns", 0, "conns held at most (0: no cap)")
+	fs.DurationVar(&cfg.breaker, "breaker", 50*time.Millisecond, "scheduling latency (p99) past which the gateway sheds low-priority topics and refuses new conns (0: never)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -90,6 +92,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	hub, err := tether.NewHub(
 		tether.WithAdmission(rate.Limit(cfg.admission), cfg.burst),
 		tether.WithMaxConns(cfg.maxConns),
+		tether.WithBreaker(cfg.breaker),
 		tether.WithLogger(log),
 		tether.WithObserver(metrics.Observer()),
 	)
