@@ -3,6 +3,7 @@ package tether
 import (
 	"math"
 	"runtime/metrics"
+	"sync"
 	"time"
 )
 
@@ -29,6 +30,7 @@ type breaker struct {
 	h     *Hub
 	trip  time.Duration
 	stop  chan struct{}
+	once  sync.Once // closes stop
 	done  chan struct{}
 	ring  [][]uint64 // the histogram's counts at the last samples
 	calm  int
@@ -45,12 +47,13 @@ func newBreaker(h *Hub, trip time.Duration) *breaker {
 	return b
 }
 
-// close stops the breaker's goroutine and waits for it.
+// close stops the breaker's goroutine and waits for it. It may be called
+// more than once (Shutdown, then Close).
 func (b *breaker) close() {
 	if b == nil {
 		return
 	}
-	close(b.stop)
+	b.once.Do(func() { close(b.stop) })
 	<-b.done
 }
 

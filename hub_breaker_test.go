@@ -152,3 +152,17 @@ func TestHubBreakerAtRest(t *testing.T) {
 		t.Error("Publish after Close")
 	}
 }
+
+// Shutdown then Close: the breaker stops once, and neither panics.
+func TestHubBreakerClosedTwice(t *testing.T) {
+	hub, err := tether.NewHub(tether.WithBreaker(20 * time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hub.Shutdown(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if err := hub.Close(); err != nil {
+		t.Fatal(err)
+	}
+}

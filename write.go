@@ -117,7 +117,7 @@ func (c *Conn) enqueueAt(msg []byte, prio Priority, key uint64) error {
 		go c.writeLoop()
 	}
 	c.mu.Unlock()
-	refused := !ok && (c.cfg.overflow == DropNewest || prio < PriorityNormal)
+	refused := !ok && (c.cfg.overflow != Disconnect || prio < PriorityNormal)
 	if dropped > 0 || refused {
 		if f := c.cfg.observer.Drop; f != nil {
 			f(c, max(dropped, 1))
@@ -149,14 +149,15 @@ func (c *Conn) makeRoomLocked(n int, prio Priority) (dropped int, ok bool) {
 			return dropped, true
 		}
 		switch {
-		case low != nil && drop(low):
-		case prio < PriorityNormal:
+		case low != nil && drop(low): // low priority goes first
+		case prio < PriorityNormal: // and never displaces the others
 			return dropped, false
 		case prio > PriorityNormal && drop(&c.queue):
 		case c.cfg.overflow != DropOldest:
 			return dropped, false
-		case drop(&c.queue):
-		case high != nil && drop(high):
+		// DropOldest: the oldest of the message's own priority.
+		case prio == PriorityNormal && drop(&c.queue):
+		case prio > PriorityNormal && high != nil && drop(high):
 		default:
 			return dropped, false
 		}
