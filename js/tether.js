@@ -1048,6 +1048,18 @@ class Link {
     }
     this.ws = ws
     try { ws.binaryType = 'arraybuffer' } catch {}
+    if (typeof ws.on === 'function' && typeof ws.terminate === 'function') {
+      // ws (Node) shows a refused handshake's response, which browsers
+      // hide: its status, and the Retry-After of a 429 or 503, honoured
+      // (spread over the second it names).
+      ws.on('unexpected-response', (req, res) => {
+        this.httpStatus = res.statusCode
+        const after = Number(res.headers?.['retry-after'])
+        if (Number.isInteger(after) && after > 0) this.retryAfterMs = Math.min(after * 1000, MAX_RETRY_HINT) + Math.random() * 1000
+        res.resume?.()
+        ws.terminate()
+      })
+    }
     // Handlers stay attached after the end (ws throws on an 'error' event
     // without a listener); they do nothing then.
     ws.onopen = () => this.onOpen()
@@ -1164,7 +1176,7 @@ class Link {
     if (this.ended) return
     const code = ev?.code ?? 1006
     const reason = typeof ev?.reason === 'string' ? ev.reason : ''
-    const retryMs = retryHint(reason)
+    const retryMs = this.retryAfterMs || retryHint(reason)
     const desc = `${code}${reason ? ' (' + reason + ')' : ''}`
     if (code === 4401) {
       this.end(new TetherError('unauthorized', `tether: the server closed the connection with ${desc}`, { closeCode: code, reason, terminal: true }), true)
@@ -1177,7 +1189,7 @@ class Link {
     if (!this.welcomed) {
       // Browsers hide a refused handshake's HTTP status; ws (Node) tells.
       const msg = String(this.sockErr?.message ?? this.sockErr?.error?.message ?? '')
-      const status = Number(/Unexpected server response: (\d{3})/.exec(msg)?.[1] ?? 0)
+      const status = this.httpStatus || Number(/Unexpected server response: (\d{3})/.exec(msg)?.[1] ?? 0)
       if (status === 401) return this.end(new TetherError('unauthorized', `tether: ${this.url}: HTTP 401`, { status, terminal: true }), true)
       if (status === 403) return this.end(new TetherError('forbidden', `tether: ${this.url}: HTTP 403`, { status, terminal: true }), true)
       if (status >= 400 && status < 500 && status !== 408 && status !== 425 && status !== 429) {
@@ -1188,7 +1200,7 @@ class Link {
         // where a browser opens the socket with protocol "".
         return this.end(new TetherError('rejected', `tether: ${this.url}: the server does not speak ${SUBPROTOCOL}: ${msg}`, { terminal: true }), true)
       }
-      const why = msg || `closed with ${desc}`
+      const why = this.httpStatus ? `HTTP ${this.httpStatus}` : msg || `closed with ${desc}`
       this.end(new TetherError('connect_failed', `tether: ${this.url}: ${why}`, { closeCode: code, reason, status: status || undefined, retryMs }), true)
       return
     }

@@ -27,6 +27,7 @@
 //	                           with PublishBinary
 //	/send?user=U&data=J        hub.SendToUser; or &b64=B: SendToUserBinary
 //	/conns?user=U              {"conns": n}: U's live conns
+//	/refused                   {"refused": n}: handshakes the hub refused with 503
 //	/kick?user=U               drop U's conns without a close frame
 //	/close?user=U&code=C&reason=R   close U's conns with code C
 //	/freeze?user=U             U's conns go silent: what they send is lost and
@@ -57,6 +58,7 @@ import (
 
 	"github.com/tether-ws/tether"
 	"github.com/tether-ws/tether/adapter"
+	"golang.org/x/time/rate"
 )
 
 type server struct {
@@ -67,6 +69,7 @@ type server struct {
 	grace    time.Duration
 	list     int // PresencePolicy.List
 	slow     bool
+	admit    float64
 
 	mu    sync.Mutex
 	hub   *tether.Hub
@@ -84,6 +87,7 @@ func main() {
 	flag.DurationVar(&s.grace, "grace", 100*time.Millisecond, "presence grace period")
 	flag.IntVar(&s.list, "presence-list", 0, "most members a topic lists in its presence (0: the hub's default; negative: counts only)")
 	flag.BoolVar(&s.slow, "slow", false, "a low rate limit: 20 messages/s, bursts of 10")
+	flag.Float64Var(&s.admit, "admission", 0, "handshakes admitted per second, bursts of 1 (0: no limit)")
 	flag.Parse()
 	log.SetPrefix("testserver: ")
 
@@ -160,6 +164,9 @@ func (s *server) newHub() error {
 			}
 		}),
 	}
+	if s.admit > 0 {
+		opts = append(opts, tether.WithAdmission(rate.Limit(s.admit), 1))
+	}
 	if s.slow {
 		opts = append(opts, tether.WithRateLimit(20, 10))
 	}
@@ -188,6 +195,9 @@ func (s *server) serve(ln net.Listener) {
 	mux.HandleFunc("/publish", s.publish)
 	mux.HandleFunc("/send", s.send)
 	mux.HandleFunc("/conns", s.count)
+	mux.HandleFunc("/refused", func(w http.ResponseWriter, _ *http.Request) {
+		reply(w, map[string]uint64{"refused": s.current().Stats().Refused})
+	})
 	mux.HandleFunc("/kick", s.kick)
 	mux.HandleFunc("/close", s.close)
 	mux.HandleFunc("/freeze", s.freeze)

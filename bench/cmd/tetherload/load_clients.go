@@ -329,6 +329,17 @@ type tetherClient struct{ cl *tether.Client }
 
 func (t tetherClient) stop() { t.cl.Close() }
 
+// gaveUp reports whether the client closed by itself: its Backoff gave up,
+// or it met a terminal error.
+func (t tetherClient) gaveUp() bool {
+	select {
+	case <-t.cl.Done():
+		return true
+	default:
+		return false
+	}
+}
+
 func (a *tetherAdapter) dialReconnecting(ctx context.Context, src *source, url string) (reconnecting, error) {
 	cl, err := tether.Dial(ctx, url, tether.WithHTTPClient(src.hc))
 	if err != nil {

@@ -24,6 +24,9 @@ type serverSpec struct {
 	room              bool   // serve -room (tether only)
 	noPresence        bool   // serve -nopresence (with room)
 	cpus              string // serve -cpus: the CPUs to pin the server to; "" none
+	overload          bool          // serve -overload (tether only), with -breaker breaker
+	breaker           time.Duration // 0: no breaker
+	admission         float64       // serve -admission (tether only); 0: none
 	// cmd is the server's command line, "serve" included; by default this
 	// very executable with "serve".
 	cmd []string
@@ -46,6 +49,12 @@ func (s serverSpec) args() []string {
 	}
 	if s.cpus != "" {
 		args = append(args, "-cpus", s.cpus)
+	}
+	if s.overload {
+		args = append(args, "-overload", "-breaker", s.breaker.String())
+	}
+	if s.admission > 0 {
+		args = append(args, "-admission", strconv.FormatFloat(s.admission, 'f', -1, 64))
 	}
 	if s.pprof {
 		args = append(args, "-pprof")

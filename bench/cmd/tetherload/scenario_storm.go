@@ -21,6 +21,9 @@ type stormConfig struct {
 	down   time.Duration // between the kill and the restart
 	wait   time.Duration // for every client to be back after the restart
 	window time.Duration // of the peak accept rate
+	// admission: the server's WithAdmission(admission, admission),
+	// handshakes per second (tether only); 0: none.
+	admission float64
 }
 
 func stormMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -35,6 +38,7 @@ func stormMain(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs.DurationVar(&cfg.down, "down", 0, "how long the server stays down between the SIGKILL and the restart (clients retry meanwhile)")
 	fs.DurationVar(&cfg.wait, "wait", 2*time.Minute, "time allowed for every client to be back after the restart")
 	fs.DurationVar(&cfg.window, "window", 100*time.Millisecond, "window of the peak connect rate")
+	fs.Float64Var(&cfg.admission, "admission", 0, "tether only: the server admits R handshakes per second in bursts of R (serve -admission R: WithAdmission; refused ones get 503 and a Retry-After, which tether.Client honours); 0: no admission control")
 	return s.run(ctx, args, cfg.validate, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
 		return runStorm(ctx, cfg, im, stderr)
 	})
@@ -48,8 +52,8 @@ func (cfg *stormConfig) validate() error {
 	if cfg.interval <= 0 || cfg.timeout <= cfg.interval {
 		errs = append(errs, fmt.Errorf("heartbeat %v/%v: need 0 < interval < timeout", cfg.interval, cfg.timeout))
 	}
-	if cfg.sources < 1 || cfg.sources > 253 || cfg.concurrency < 1 || cfg.setup <= 0 || cfg.wait <= 0 || cfg.window <= 0 || cfg.down < 0 {
-		errs = append(errs, errors.New("need -sources within 1..253, -down not negative, and positive -concurrency, -setup, -wait and -window"))
+	if cfg.sources < 1 || cfg.sources > 253 || cfg.concurrency < 1 || cfg.setup <= 0 || cfg.wait <= 0 || cfg.window <= 0 || cfg.down < 0 || cfg.admission < 0 {
+		errs = append(errs, errors.New("need -sources within 1..253, -down and -admission not negative, and positive -concurrency, -setup, -wait and -window"))
 	}
 	return errors.Join(errs...)
 }
@@ -74,6 +78,17 @@ type StormResult struct {
 	Peak        int     `json:"peak_accepts_per_window"`
 	Mean        float64 `json:"mean_accepts_per_window"` // over listening .. all back
 	DialsAfter  int64   `json:"client_dials"`            // TCP dials of the clients from the crash until all were back (or the wait ended)
+	// PeakPerSec is the most accepts in any 1 s, like Peak.
+	PeakPerSec int `json:"peak_accepts_per_second"`
+	// Admission is the server's -admission (0: none); Refused, the
+	// handshakes the restarted server refused with 503 until all were
+	// back (hub.Stats().Refused; tether only).
+	Admission float64 `json:"admission_per_second,omitempty"`
+	Refused   uint64  `json:"refused"`
+	// GaveUp is the clients that had closed by themselves by the end of
+	// the wait (tether.Client's Done: its Backoff gave up, or it met a
+	// terminal error); the other impls' clients retry for ever: 0.
+	GaveUp int `json:"clients_gave_up"`
 }
 
 // runStorm runs one storm scenario against a child server running im. It
@@ -84,6 +99,9 @@ func runStorm(ctx context.Context, cfg stormConfig, im implSpec, progress io.Wri
 	}
 	if im.name == "tether-conn" {
 		return nil, errors.New("storm needs a reconnecting client: not with tether-conn")
+	}
+	if cfg.admission > 0 && im.server != "tether" {
+		return nil, fmt.Errorf("-admission is for tether only, not %s", im.name)
 	}
 	ctx, cancel := context.WithTimeout(ctx, cfg.setup+cfg.down+cfg.wait+time.Minute)
 	defer cancel()
@@ -97,7 +115,7 @@ func runStorm(ctx context.Context, cfg stormConfig, im implSpec, progress io.Wri
 		return nil, err
 	}
 	spec := serverSpec{impl: im.server, addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)),
-		interval: cfg.interval, timeout: cfg.timeout, cmd: cfg.serverCmd}
+		interval: cfg.interval, timeout: cfg.timeout, cmd: cfg.serverCmd, admission: cfg.admission}
 	first, sc, err := startImpl(setupCtx, spec, progress)
 	if err != nil {
 		return nil, err
@@ -157,7 +175,8 @@ func runStorm(ctx context.Context, cfg stormConfig, im implSpec, progress io.Wri
 		}
 	}()
 	defer sc2.close()
-	res := &StormResult{Impl: im.name, Clients: cfg.n, Window: cfg.window.String(), Down: cfg.down.String(), StartSecs: listening.Sub(killed).Seconds()}
+	res := &StormResult{Impl: im.name, Clients: cfg.n, Window: cfg.window.String(), Down: cfg.down.String(), StartSecs: listening.Sub(killed).Seconds(),
+		Admission: cfg.admission}
 	switch im.server {
 	case "tether":
 		res.Client = "tether.Dial, default Backoff"
@@ -174,6 +193,13 @@ func runStorm(ctx context.Context, cfg stormConfig, im implSpec, progress io.Wri
 	if werr != nil && ctx.Err() != nil {
 		return nil, werr
 	}
+	mu.Lock()
+	for _, c := range clients {
+		if g, ok := c.(interface{ gaveUp() bool }); ok && g.gaveUp() {
+			res.GaveUp++
+		}
+	}
+	mu.Unlock()
 	ev, err := sc2.events(ctx)
 	if err != nil {
 		return nil, err
@@ -201,6 +227,8 @@ func runStorm(ctx context.Context, cfg stormConfig, im implSpec, progress io.Wri
 	}
 	res.AllBackSecs = max(end.Sub(listening).Seconds(), 0)
 	res.Peak = peakIn(accepts, cfg.window)
+	res.PeakPerSec = peakIn(accepts, time.Second)
+	res.Refused = st.HubRefused
 	if span := end.Sub(listening); span > 0 {
 		res.Mean = float64(len(accepts)) / (float64(span) / float64(cfg.window))
 	}
@@ -275,9 +303,17 @@ func (r *StormResult) print(w io.Writer) error {
 		back = fmt.Sprintf("only %d of %d back after %.3fs", r.Open, r.Clients, r.AllBackSecs)
 	}
 	_, err := fmt.Fprintf(w, "%d clients (%s), server SIGKILLed and restarted (listening %.3fs after the kill): %s\n"+
-		"%d accepts, peak %d per %s, mean %.1f per %s; %d client TCP dials (%.2f per client)\n",
-		r.Clients, r.Client, r.StartSecs, back, r.Accepts, r.Peak, r.Window, r.Mean, r.Window,
+		"%d accepts, peak %d per %s (%d per 1s), mean %.1f per %s; %d client TCP dials (%.2f per client)\n",
+		r.Clients, r.Client, r.StartSecs, back, r.Accepts, r.Peak, r.Window, r.PeakPerSec, r.Mean, r.Window,
 		r.DialsAfter, float64(r.DialsAfter)/float64(r.Clients))
+	if err != nil {
+		return err
+	}
+	admission := "no admission control"
+	if r.Admission > 0 {
+		admission = fmt.Sprintf("admission %g/s", r.Admission)
+	}
+	_, err = fmt.Fprintf(w, "%s: %d handshakes refused by the restarted server; %d clients gave up\n", admission, r.Refused, r.GaveUp)
 	return err
 }
 

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -31,6 +32,14 @@ type serveConfig struct {
 	room       bool
 	noPresence bool   // with room: presence off, to tell its cost from the rest of protocol v1's
 	cpus       string // CPUs to pin the process to, "0" or "0,1"; "" leaves it
+	// overload: tether only, the hub of the overload scenario: topic hi
+	// high priority, lo low priority, and WithBreaker(breaker) unless
+	// breaker is 0 (see serve_tether.go).
+	overload bool
+	breaker  time.Duration
+	// admission: tether only, WithAdmission(admission, burst admission):
+	// handshakes per second; 0: none.
+	admission float64
 }
 
 func serveMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -48,11 +57,24 @@ func serveMain(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		"WithAuth naming each conn's user by its ?user= query parameter, and raw peers subscribed to topic bench by the server on connect")
 	fs.BoolVar(&cfg.noPresence, "nopresence", false, "with -room: presence off on every topic, to tell its cost from the rest of protocol v1's")
 	fs.StringVar(&cfg.cpus, "cpus", "", "pin the process to these `CPUs` (a comma list, e.g. 0) and set GOMAXPROCS to their number; empty: no pinning")
+	fs.BoolVar(&cfg.overload, "overload", false, "tether only: the hub of the overload scenario: WithTopicPolicy making topic hi PriorityHigh and lo PriorityLow, and WithBreaker(-breaker)")
+	fs.DurationVar(&cfg.breaker, "breaker", 20*time.Millisecond, "with -overload: the breaker's trip, the Go scheduler latency p99 over 1 s past which the hub sheds low-priority topics and refuses new conns; 0: no breaker")
+	fs.Float64Var(&cfg.admission, "admission", 0, "tether only: WithAdmission(R, R): admit at most R handshakes per second, in bursts of R (refused: 503 with a Retry-After); 0: no admission control")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	if cfg.room && cfg.impl != "tether" || cfg.noPresence && !cfg.room {
+	breakerSet := false
+	fs.Visit(func(f *flag.Flag) { breakerSet = breakerSet || f.Name == "breaker" })
+	isTether := cfg.impl == "tether" || cfg.impl == "tether-raw"
+	switch {
+	case cfg.room && cfg.impl != "tether" || cfg.noPresence && !cfg.room:
 		fmt.Fprintf(stderr, "-room is for -impl tether only (here %q), -nopresence for -room only\n", cfg.impl)
+		return errUsage
+	case cfg.overload && (cfg.impl != "tether" || cfg.room), breakerSet && !cfg.overload:
+		fmt.Fprintf(stderr, "-overload is for -impl tether only (here %q), without -room; -breaker for -overload only\n", cfg.impl)
+		return errUsage
+	case cfg.breaker < 0 || cfg.admission < 0 || cfg.admission > 0 && !isTether:
+		fmt.Fprintf(stderr, "-breaker %v and -admission %v must not be negative, and -admission is for tether only (here %q)\n", cfg.breaker, cfg.admission, cfg.impl)
 		return errUsage
 	}
 	if cfg.cpus != "" {
@@ -146,9 +168,15 @@ func newServer(cfg serveConfig, stderr io.Writer) (*server, error) {
 
 // handlePublish publishes n messages of size bytes, at rate per second (0:
 // as fast as the impl's publish returns), each holding its publication time
-// in Unix nanoseconds as "t", and answers once they are all published.
+// in Unix nanoseconds as "t", and answers once they are all published with
+// the count published and the nanoseconds it took.
 //
-//	POST /publish?topic=bench&n=1000&size=64&rate=0
+//	POST /publish?topic=bench&n=1000&size=64&rate=0[&for=20s]
+//
+// With for, publishing also stops once that long has passed (n 0: no
+// count limit), so that a flood is bounded in time whatever the server
+// manages; it stops too when the request's client goes away. Requests run
+// concurrently: two topics can be published at once.
 //
 // Each message is a buffer of its own, since some impls keep it until every
 // subscriber has been sent it: every impl pays for that allocation alike.
@@ -158,12 +186,21 @@ func (s *server) handlePublish(w http.ResponseWriter, r *http.Request) {
 	n, err1 := strconv.Atoi(q.Get("n"))
 	size, err2 := strconv.Atoi(q.Get("size"))
 	perSec, err3 := strconv.ParseFloat(cmpOr(q.Get("rate"), "0"), 64)
-	if err := errors.Join(err1, err2, err3); err != nil || n < 0 || size < 0 || perSec < 0 {
-		http.Error(w, "bad n, size or rate", http.StatusBadRequest)
+	dur, err4 := time.ParseDuration(cmpOr(q.Get("for"), "0s"))
+	if err := errors.Join(err1, err2, err3, err4); err != nil || n < 0 || size < 0 || perSec < 0 || dur < 0 {
+		http.Error(w, "bad n, size, rate or for", http.StatusBadRequest)
 		return
 	}
+	if dur > 0 && n == 0 {
+		n = math.MaxInt
+	}
 	start := time.Now()
+	ctx := r.Context()
+	published := 0
 	for i := range n {
+		if dur > 0 && time.Since(start) >= dur || ctx.Err() != nil {
+			break
+		}
 		if perSec > 0 {
 			if d := time.Until(start.Add(time.Duration(float64(i) / perSec * float64(time.Second)))); d > 0 {
 				time.Sleep(d)
@@ -174,8 +211,9 @@ func (s *server) handlePublish(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
+		published++
 	}
-	fmt.Fprintf(w, "%d %d\n", n, time.Since(start).Nanoseconds())
+	fmt.Fprintf(w, "%d %d\n", published, time.Since(start).Nanoseconds())
 }
 
 func cmpOr(a, b string) string {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -30,6 +31,14 @@ import (
 // peers: the server subscribes each conn that did not ask for protocol v1
 // to bench as it connects (Observer.Connect), counting them in
 // room_subscribed, as an application picks a raw peer's topics.
+//
+// With -overload (the overload scenario), topic hi is PriorityHigh and lo
+// PriorityLow (WithTopicPolicy), and WithBreaker(-breaker) watches the
+// scheduler unless -breaker is 0; the clients, protocol v1 peers,
+// subscribe to both themselves. The breaker's openings are timed through
+// Observer.Overload (overload_open_seconds). With -admission R,
+// WithAdmission(R, R) paces handshakes (either impl, with or without
+// -overload).
 type tetherServer struct {
 	log    *serveLog
 	stderr io.Writer
@@ -41,6 +50,12 @@ type tetherServer struct {
 
 	acceptErrors   atomic.Int64
 	roomSubscribed atomic.Int64 // raw peers subscribed to bench by subscribeRaw (-room, tether-raw)
+
+	// The breaker's open time (-overload): the sum of its closed spells,
+	// and since when it is open now (zero: closed).
+	overMu    sync.Mutex
+	overTotal time.Duration
+	overSince time.Time
 }
 
 // tetherPeer is a conn as the server knows it. The Observer may report a
@@ -75,6 +90,15 @@ func newTetherServer(cfg serveConfig, log *serveLog, stderr io.Writer) (serveImp
 	if cfg.room {
 		hubOpts = s.roomOptions(cfg)
 	}
+	if cfg.overload {
+		hubOpts = append(hubOpts, tether.WithTopicPolicy(overloadPolicy), tether.WithObserver(tether.Observer{Overload: s.overloaded}))
+		if cfg.breaker > 0 {
+			hubOpts = append(hubOpts, tether.WithBreaker(cfg.breaker))
+		}
+	}
+	if cfg.admission > 0 {
+		hubOpts = append(hubOpts, tether.WithAdmission(rate.Limit(cfg.admission), max(int(math.Ceil(cfg.admission)), 1)))
+	}
 	hub, err := tether.NewHub(append(hubOpts,
 		obs,
 		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) { s.register(c, false) }}),
@@ -107,6 +131,45 @@ func (s *tetherServer) roomOptions(cfg serveConfig) []tether.HubOption {
 	}
 }
 
+// overloadPolicy is the topic policy of -overload: hi is high priority, lo
+// low, the rest normal.
+func overloadPolicy(topic string) tether.TopicPolicy {
+	switch topic {
+	case "hi":
+		return tether.TopicPolicy{Priority: tether.PriorityHigh}
+	case "lo":
+		return tether.TopicPolicy{Priority: tether.PriorityLow}
+	}
+	return tether.TopicPolicy{}
+}
+
+// overloaded is the Observer.Overload of -overload: it times the breaker's
+// open spells.
+func (s *tetherServer) overloaded(on bool, _ time.Duration) {
+	now := time.Now()
+	s.overMu.Lock()
+	defer s.overMu.Unlock()
+	switch {
+	case on && s.overSince.IsZero():
+		s.overSince = now
+	case !on && !s.overSince.IsZero():
+		s.overTotal += now.Sub(s.overSince)
+		s.overSince = time.Time{}
+	}
+}
+
+// overloadOpen returns how long the breaker has been open in all, the
+// spell going on now included.
+func (s *tetherServer) overloadOpen() time.Duration {
+	s.overMu.Lock()
+	defer s.overMu.Unlock()
+	d := s.overTotal
+	if !s.overSince.IsZero() {
+		d += time.Since(s.overSince)
+	}
+	return d
+}
+
 // subscribeRaw is the Observer.Connect of -room and of tether-raw: it
 // subscribes a raw peer (a conn without protocol v1) to bench, counting it
 // in room_subscribed. v1 peers subscribe by themselves.
@@ -137,6 +200,10 @@ func (s *tetherServer) fill(st *Stats) {
 	hs := s.hub.Stats()
 	st.HubConns, st.HubEvictions = int64(hs.Conns), int64(hs.Evictions)
 	st.RoomSubscribed = s.roomSubscribed.Load()
+	st.HubDrops, st.HubDeadPeers, st.HubRefused = hs.Drops, hs.DeadPeers, hs.Refused
+	st.HubShed, st.HubOverloaded, st.HubOverloads = hs.Shed, hs.Overloaded, hs.Overloads
+	st.HubQueued = int64(hs.QueuedMessages)
+	st.OverloadOpenSecs = s.overloadOpen().Seconds()
 }
 
 func (s *tetherServer) handleWS(w http.ResponseWriter, r *http.Request) {

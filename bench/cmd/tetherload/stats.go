@@ -38,6 +38,21 @@ type Stats struct {
 	// server has subscribed to bench itself (v1 peers subscribe by
 	// themselves).
 	RoomSubscribed int64 `json:"room_subscribed,omitempty"`
+	// tether's hub.Stats(): messages dropped by the queues' overflow (low
+	// priority ones first), conns dropped by the heartbeat, handshakes
+	// refused with 503 (admission, breaker), deliveries of low-priority
+	// topics shed by the breaker, whether it is open now and how many
+	// times it opened, and the messages queued now. OverloadOpenSecs is how
+	// long the breaker has been open in all (serve -overload, from
+	// Observer.Overload). 0 for the other impls.
+	HubDrops         uint64  `json:"hub_drops,omitempty"`
+	HubDeadPeers     uint64  `json:"hub_dead_peers,omitempty"`
+	HubRefused       uint64  `json:"hub_refused,omitempty"`
+	HubShed          uint64  `json:"hub_shed,omitempty"`
+	HubOverloaded    bool    `json:"hub_overloaded,omitempty"`
+	HubOverloads     uint64  `json:"hub_overloads,omitempty"`
+	HubQueued        int64   `json:"hub_queued_messages,omitempty"`
+	OverloadOpenSecs float64 `json:"overload_open_seconds,omitempty"`
 
 	CPUSeconds float64   `json:"cpu_seconds"` // user + system time of the process
 	Time       time.Time `json:"time"`
