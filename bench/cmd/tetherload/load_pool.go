@@ -21,9 +21,9 @@ type serverSpec struct {
 	queue             int // the per-conn send buffer in messages; 0 keeps the server's default
 	pprof             bool
 	memProfileRate    int
-	room              bool   // serve -room (tether only)
-	noPresence        bool   // serve -nopresence (with room)
-	cpus              string // serve -cpus: the CPUs to pin the server to; "" none
+	room              bool          // serve -room (tether only)
+	noPresence        bool          // serve -nopresence (with room)
+	cpus              string        // serve -cpus: the CPUs to pin the server to; "" none
 	overload          bool          // serve -overload (tether only), with -breaker breaker
 	breaker           time.Duration // 0: no breaker
 	admission         float64       // serve -admission (tether only); 0: none

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -269,6 +270,11 @@ func TestImplFlag(t *testing.T) {
 	if code := run([]string{"broadcast", "-pin", "0,0"}, &out, &out); code != 1 {
 		t.Errorf("broadcast -pin 0,0: exit %d, want 1", code)
 	}
+	for _, args := range [][]string{{"overload", "-pin", "0,0"}, {"overload", "-hirate", "0"}, {"overload", "-breaker", "-1s"}} {
+		if code := run(args, &out, &out); code != 1 {
+			t.Errorf("%q: exit %d, want 1", args, code)
+		}
+	}
 }
 
 func TestPeakIn(t *testing.T) {
@@ -413,5 +419,83 @@ func TestPresenceCount(t *testing.T) {
 		if got := presenceCount([]byte(c.line), c.prev, c.snapshot); got != c.want {
 			t.Errorf("presenceCount(%s, %d) = %d, want %d", c.line, c.prev, got, c.want)
 		}
+	}
+}
+
+// TestOverload floods lo at 2,000/s beside hi at 20/s to 50 v1 conns for
+// 2 s, with the breaker at 20 ms and without: every hi delivery arrives,
+// no conn is dropped, and without the breaker nothing is shed. Whether
+// the breaker opens depends on the machine: not checked.
+func TestOverload(t *testing.T) {
+	for _, trip := range []time.Duration{20 * time.Millisecond, 0} {
+		t.Run(fmt.Sprint("breaker=", trip), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(t.Context(), 40*time.Second)
+			defer cancel()
+			const n = 50
+			cfg := overloadConfig{
+				n: n, duration: 2 * time.Second, loRate: 2000, hiRate: 20, size: 64, breaker: trip, queue: 256,
+				deliver: 10 * time.Second, quiet: 3 * time.Second, sample: 100 * time.Millisecond, probe: 500 * time.Millisecond,
+				handshake: 10 * time.Second,
+				loadFlags: loadFlags{
+					interval: time.Second, timeout: 5 * time.Second,
+					sources: 49, concurrency: 16, setup: 15 * time.Second,
+				},
+			}
+			res, err := runOverload(ctx, cfg, t.Output())
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out bytes.Buffer
+			if err := res.print(&out); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("%s", out.String())
+			if res.HiPublished < 20 || res.HiReceived != res.HiExpected || res.HiMissing != 0 || res.HiExpected != res.HiPublished*n {
+				t.Errorf("hi: %d published, %d of %d received, %d missing; want every one", res.HiPublished, res.HiReceived, res.HiExpected, res.HiMissing)
+			}
+			if res.Dropped != 0 || res.HeartbeatTimeouts != 0 || res.Evictions != 0 || res.OpenAtEnd != n {
+				t.Errorf("%d conns dropped, %d heartbeat timeouts, %d evictions, %d open; want 0, 0, 0, %d",
+					res.Dropped, res.HeartbeatTimeouts, res.Evictions, res.OpenAtEnd, n)
+			}
+			if res.LoPublished == 0 || res.Samples == 0 || res.HiP99ms <= 0 {
+				t.Errorf("%d lo published, %d samples, hi p99 %.2f ms", res.LoPublished, res.Samples, res.HiP99ms)
+			}
+			if trip == 0 && (res.Shed != 0 || res.Overloads != 0 || res.ProbeRefused != 0) {
+				t.Errorf("no breaker, yet %d shed, %d openings, %d probes refused", res.Shed, res.Overloads, res.ProbeRefused)
+			}
+			if res.LoReceived+int64(res.Shed)+int64(res.QueueDrops) == 0 {
+				t.Error("lo neither received, shed nor dropped")
+			}
+		})
+	}
+}
+
+// TestStormAdmission is TestStorm against a tether server that admits 10
+// handshakes a second: every client back, some refused, none gave up.
+func TestStormAdmission(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 40*time.Second)
+	defer cancel()
+	const n = 30
+	cfg := stormConfig{
+		n: n, admission: 10,
+		loadFlags: loadFlags{
+			interval: time.Second, timeout: 5 * time.Second,
+			sources: 49, concurrency: 16, setup: 20 * time.Second,
+		},
+		wait: 15 * time.Second, window: 100 * time.Millisecond,
+	}
+	res, err := runStorm(ctx, cfg, implOf(t, "tether"), t.Output())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("all back after %.3fs, %d refused, peak %d per 1 s, %d gave up", res.AllBackSecs, res.Refused, res.PeakPerSec, res.GaveUp)
+	if !res.AllBack || res.Open != n || res.GaveUp != 0 {
+		t.Fatalf("%d of %d clients back, %d gave up", res.Open, n, res.GaveUp)
+	}
+	if res.Refused == 0 || res.Admission != 10 {
+		t.Errorf("%d handshakes refused at admission %v: want some", res.Refused, res.Admission)
+	}
+	if _, err := runStorm(ctx, cfg, implOf(t, "gorilla"), t.Output()); err == nil {
+		t.Error("storm -admission against gorilla: no error")
 	}
 }

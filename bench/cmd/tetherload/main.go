@@ -2,17 +2,24 @@
 // with the libraries a Go user would pick instead.
 //
 //	tetherload serve -impl tether|tether-raw|centrifuge|melody|gorilla|naive [-addr 127.0.0.1:0] [-interval 15s -timeout 30s] [-queue 256] [-pprof]
+//	                 [-overload [-breaker 20ms]] [-admission 0]
 //	tetherload idle -impl all -n 10000 -interval 15s -timeout 30s -hold 30s [-json]
 //	tetherload broadcast -impl all -n 1000 -m 1000 -size 64 [-rate 0] [-queue 256] [-pin 0,1] [-json]
 //	tetherload deadpeer -impl all -n 1000 -k 100 -interval 5s -timeout 10s [-json]
 //	tetherload churn -impl all -rate 100 -duration 60s -hold 1s [-n0 0] [-settle 10s] [-json]
-//	tetherload storm -impl all -n 1000 [-wait 2m] [-json]
+//	tetherload storm -impl all -n 1000 [-wait 2m] [-admission 0] [-json]
 //	tetherload room -n 19000 [-peers v1,raw,v1-nopresence] [-runs 3] [-pin 0,1] [-hold 0] [-json]
+//	tetherload overload -n 5000 -duration 20s -lorate 20000 -hirate 20 [-breaker 20ms] [-pin 0,1] [-json]
 //
 // serve runs the measured server (one impl per process): its /sub
 // endpoint, /publish, /stats (memory, goroutines, CPU time and conn counts
 // as JSON) and /events (every accept and every end). It prints its
-// listening address as its first line of standard output.
+// listening address as its first line of standard output. With -impl
+// tether, -overload makes topic hi high priority and lo low priority
+// (WithTopicPolicy) and adds WithBreaker(-breaker), and -admission R adds
+// WithAdmission(R, R); /stats then also reports the hub's drops, dead
+// peers, refusals, shed deliveries and the breaker's state, openings and
+// open time.
 //
 // Every other subcommand is a scenario. It starts serve as a child process
 // for each impl of -impl (a name, a comma list, "all" or "list"), one
@@ -36,11 +43,20 @@
 //     goroutines and open conns return to the baseline.
 //   - storm: n reconnecting clients, the server SIGKILLed and restarted on
 //     the same port: time until all are back and the peak accept rate.
+//     -admission R (tether only) paces the server's handshakes: the
+//     refusals and whether any client gave up.
 //   - room (tether only): n conns, each with a user ID of its own, join
 //     one topic of a hub with every option at its default (presence on,
 //     serve -room), as v1 peers, raw peers or v1 peers with presence off:
 //     the time to join them all, the conns lost, and the presence the v1
 //     peers were sent.
+//   - overload (tether only): n protocol v1 conns subscribed to hi and lo
+//     of a serve -overload hub; the server floods lo (-lorate, more than
+//     it can write) while hi gets -hirate timed publications: healthy
+//     conns dropped, hi deliveries and their latency, lo shed by the
+//     breaker and dropped by the queues, the breaker's openings and open
+//     time, new handshakes refused meanwhile, server CPU. -breaker 0 runs
+//     it without the breaker, for comparison.
 package main
 
 import (
@@ -69,10 +85,13 @@ const usage = `usage:
   tetherload churn [flags]   open and close conns at a fixed rate: does the server return to its baseline? (see tetherload churn -h)
   tetherload storm [flags]   crash and restart the server under reconnecting clients (see tetherload storm -h)
   tetherload room [flags]    join one big room of distinct users, v1 and raw peers, to a tether hub with presence on (see tetherload room -h)
+  tetherload overload [flags]
+                             flood a low-priority topic past what the server can write beside a high-priority one: the breaker, shedding, hi latency (see tetherload overload -h)
 
-Every scenario but room takes -impl NAME|list|all (default tether) and runs
-against each impl in turn, then prints the ratios tether/alternative; room
-runs tether alone, v1 and raw peers in turn, and prints the ratio v1/raw.
+Every scenario but room and overload takes -impl NAME|list|all (default
+tether) and runs against each impl in turn, then prints the ratios
+tether/alternative; room runs tether alone, v1 and raw peers in turn, and
+prints the ratio v1/raw; overload runs tether alone.
 `
 
 // run runs one subcommand and returns the process's exit code.
@@ -100,6 +119,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = stormMain(ctx, args[1:], stdout, stderr)
 	case "room":
 		err = roomMain(ctx, args[1:], stdout, stderr)
+	case "overload":
+		err = overloadMain(ctx, args[1:], stdout, stderr)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -325,6 +325,7 @@ func (r *StormResult) figures() []figure {
 	return []figure{
 		{"seconds until all back", all, "lower"},
 		{"peak accepts per " + r.Window, float64(r.Peak), "lower"},
+		{"peak accepts per 1s", float64(r.PeakPerSec), "lower"},
 		{"mean accepts per " + r.Window, r.Mean, "higher"},
 		{"client dials per client", float64(r.DialsAfter) / float64(r.Clients), "lower"},
 	}

@@ -708,7 +708,8 @@ func TestServeCentrifugeWarnings(t *testing.T) {
 	}
 }
 
-// TestServeImplFlags checks -impl, the heartbeat flags, -room and -cpus.
+// TestServeImplFlags checks -impl, the heartbeat flags, -room, -cpus,
+// -overload, -breaker and -admission.
 func TestServeImplFlags(t *testing.T) {
 	for _, args := range [][]string{
 		{"-impl", "nope"},
@@ -717,6 +718,12 @@ func TestServeImplFlags(t *testing.T) {
 		{"-impl", "gorilla", "-room"},
 		{"-impl", "tether-raw", "-room"},
 		{"-cpus", "x"},
+		{"-impl", "gorilla", "-overload"},
+		{"-overload", "-room"},
+		{"-breaker", "50ms"},
+		{"-overload", "-breaker", "-1s"},
+		{"-impl", "melody", "-admission", "100"},
+		{"-admission", "-1"},
 	} {
 		var out, errOut serveTestBuffer
 		err := serveMain(context.Background(), args, &out, &errOut)
