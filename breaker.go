@@ -2,21 +2,34 @@ package tether
 
 import (
 	"math"
+	"runtime"
 	"runtime/metrics"
 	"sync"
 	"time"
 )
 
 // This file is the hub's breaker (WithBreaker): it watches how long
-// runnable goroutines wait for a CPU, and while they wait too long it sheds
-// low-priority topics and refuses new conns, so that the heartbeats and
-// high-priority messages of the conns already there keep their time.
+// runnable goroutines wait for a CPU, and how busy the process keeps the
+// CPUs it may use, and while goroutines wait too long on saturated CPUs it
+// sheds low-priority topics and refuses new conns, so that the heartbeats
+// and high-priority messages of the conns already there keep their time.
+//
+// Latency alone is not enough: one message to 5,000 subscribers wakes
+// 5,000 writers at once, and the last waits for the others, tens of
+// milliseconds on one core, on a server that is otherwise idle. Such a
+// burst is the work, not an overload; a server that is overloaded also
+// has no CPU to spare.
 
 // The breaker's defaults and its hysteresis.
 const (
 	breakerEvery  = 250 * time.Millisecond // sampling period
 	breakerWindow = 4                      // samples the latency is taken over: 1 s
 	breakerCalm   = 8                      // calm samples in a row that close it: 2 s
+	// The CPU use, of what GOMAXPROCS allows, at which the CPUs count as
+	// saturated (the breaker may open), and below which they have room
+	// again (it may close).
+	busyOpen  = 0.85
+	busyClose = 0.6
 )
 
 // schedLatency is the runtime's histogram of how long goroutines waited,
@@ -32,7 +45,8 @@ type breaker struct {
 	stop  chan struct{}
 	once  sync.Once // closes stop
 	done  chan struct{}
-	ring  [][]uint64 // the histogram's counts at the last samples
+	ring  [][]uint64  // the histogram's counts at the last samples
+	cpu   []cpuSample // the process's CPU time at the same samples
 	calm  int
 	probe []metrics.Sample
 }
@@ -80,28 +94,34 @@ func (b *breaker) sample() {
 	hist := b.probe[0].Value.Float64Histogram()
 	counts := append([]uint64(nil), hist.Counts...)
 	b.ring = append(b.ring, counts)
+	used, known := processCPU()
+	b.cpu = append(b.cpu, cpuSample{used: used, at: time.Now(), known: known})
 	if len(b.ring) <= breakerWindow {
 		return // a full window first
 	}
-	from := b.ring[0]
-	b.ring = b.ring[1:]
+	from, cpuFrom := b.ring[0], b.cpu[0]
+	b.ring, b.cpu = b.ring[1:], b.cpu[1:]
 	p99 := quantile(hist.Buckets, from, counts, 0.99)
+	busy := 1.0 // unknown: latency alone decides
+	if now := b.cpu[len(b.cpu)-1]; now.known && cpuFrom.known {
+		busy = float64(now.used-cpuFrom.used) / (float64(now.at.Sub(cpuFrom.at)) * float64(runtime.GOMAXPROCS(0)))
+	}
 	h := b.h
 	switch {
-	case p99 > b.trip:
+	case p99 > b.trip && busy >= busyOpen:
 		b.calm = 0
 		if !h.overloaded.Swap(true) {
 			h.count.overloads.Add(1)
-			h.connCfg.logger.Warn("tether: overloaded: shedding low-priority topics and refusing new conns", "sched_latency_p99", p99)
+			h.connCfg.logger.Warn("tether: overloaded: shedding low-priority topics and refusing new conns", "sched_latency_p99", p99, "cpu_busy", busy)
 			if f := h.connCfg.observer.Overload; f != nil {
 				f(true, p99)
 			}
 		}
-	case p99 < b.trip/2 && h.overloaded.Load():
+	case (p99 < b.trip/2 || busy < busyClose) && h.overloaded.Load():
 		if b.calm++; b.calm >= breakerCalm {
 			b.calm = 0
 			h.overloaded.Store(false)
-			h.connCfg.logger.Info("tether: no longer overloaded", "sched_latency_p99", p99)
+			h.connCfg.logger.Info("tether: no longer overloaded", "sched_latency_p99", p99, "cpu_busy", busy)
 			if f := h.connCfg.observer.Overload; f != nil {
 				f(false, p99)
 			}
@@ -109,6 +129,13 @@ func (b *breaker) sample() {
 	default:
 		b.calm = 0
 	}
+}
+
+// cpuSample is the process's CPU time, read at a time.
+type cpuSample struct {
+	used  time.Duration
+	at    time.Time
+	known bool
 }
 
 // quantile returns the q-quantile of what the histogram counted between

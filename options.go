@@ -208,16 +208,20 @@ func WithTopicPolicy(policy func(topic string) TopicPolicy) HubOption {
 }
 
 // WithBreaker sheds load before the conns already there suffer from it.
-// The signal is the Go scheduler's latency: how long runnable goroutines
-// wait for a CPU, which is what delays heartbeats, pongs and writes when
-// the process has more work than CPU. When its 99th percentile over the
-// last second exceeds trip, the hub is overloaded: it stops delivering
-// low-priority topics ([TopicPolicy]), counted in [Stats].Shed, refuses
-// new conns with 503, [ErrOverloaded] and a Retry-After, and [Hub.Ready]
-// answers 503. It recovers once the latency has stayed under trip/2 for
-// 2 seconds. [Observer].Overload reports each change. 0, the default,
-// means no breaker; 50 ms suits most servers (an idle one sees well under
-// 1 ms).
+// The signal is the Go scheduler's latency, how long runnable goroutines
+// wait for a CPU, which is what delays heartbeats, pongs and writes,
+// together with how busy the process keeps the CPUs GOMAXPROCS gives it.
+// When the latency's 99th percentile over the last second exceeds trip
+// while those CPUs are at least 85 % busy, the hub is overloaded: it stops
+// delivering low-priority topics ([TopicPolicy]), counted in
+// [Stats].Shed, refuses new conns with 503, [ErrOverloaded] and a
+// Retry-After, and [Hub.Ready] answers 503. It recovers once, for 2
+// seconds in a row, the latency has stayed under trip/2 or the CPUs under
+// 60 % busy. [Observer].Overload reports each change. 0, the default,
+// means no breaker. Choose trip above the time one publication to your
+// biggest topic takes to go out (about 13 µs per subscriber per core, 65
+// ms for 5,000 on one): a burst of fan-out makes the latency spike on an
+// otherwise idle server. 100 ms suits most servers.
 func WithBreaker(trip time.Duration) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.breakerTrip = trip })
 }

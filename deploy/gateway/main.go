@@ -74,7 +74,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	fs.Float64Var(&cfg.admission, "admission", 500, "new conns admitted per second (0: no limit)")
 	fs.IntVar(&cfg.burst, "admission-burst", 1000, "new conns admitted at once")
 	fs.IntVar(&cfg.maxConns, "max-conns", 0, "conns held at most (0: no cap)")
-	fs.DurationVar(&cfg.breaker, "breaker", 50*time.Millisecond, "scheduling latency (p99) past which the gateway sheds low-priority topics and refuses new conns (0: never)")
+	fs.DurationVar(&cfg.breaker, "breaker", 100*time.Millisecond, "scheduling latency (p99) past which the gateway sheds low-priority topics and refuses new conns (0: never)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
