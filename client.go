@@ -37,12 +37,14 @@ import (
 // Send past the limit return [ErrRateLimited] instead of sending what the
 // server would refuse.
 type Client struct {
-	cfg    *dialConfig
-	ctx    context.Context // ends when the client closes
-	cancel context.CancelFunc
-	done   chan struct{}
-	wg     sync.WaitGroup // OnOffline calls
-	ids    atomic.Uint64
+	cfg      *dialConfig
+	ctx      context.Context // ends when the client closes
+	cancel   context.CancelFunc
+	done     chan struct{}
+	wg       sync.WaitGroup // OnOffline calls
+	ids      atomic.Uint64
+	idPrefix string // random, for ids unique to this client: see newID
+	dedupe   bool   // the last server drops repeated ids (its welcome said so)
 
 	mu       sync.Mutex // guards what follows
 	state    State
@@ -82,6 +84,7 @@ type subscription struct {
 // request is a protocol request sent, or to be sent, to the server.
 type request struct {
 	id    string
+	n     uint64 // the order requests were made in
 	op    string
 	topic string
 	line  []byte
@@ -111,6 +114,7 @@ func Dial(ctx context.Context, url string, opts ...DialOption) (*Client, error) 
 		done:     make(chan struct{}),
 		subs:     make(map[string]*subscription),
 		requests: make(map[string]*request),
+		idPrefix: newConnID() + ".",
 	}
 	cl.ctx, cl.cancel = context.WithCancel(context.Background())
 	cl.armOfflineLocked() // no one else has cl yet
@@ -292,10 +296,13 @@ func (cl *Client) Topics() []string {
 // send queue is full (the link is slower than the publisher). A refusal
 // by the server arrives later, at [Observer].Error.
 //
-// A message that was handed to a conn that then broke is sent again on
-// the next conn only if it had not been written yet: the buffer never
-// sends a message twice. What had been written, up to a frame of 32 KiB
-// of joined messages, may be lost with the conn: at most once.
+// A message that was handed to a conn that then broke, and that the server
+// had not acknowledged, is sent again on the next conn with the same id.
+// A hub that drops repeated ids (its welcome says for how long: every
+// tether hub from 2026-12, for 2 minutes) answers a repeat without
+// carrying it out, so each message takes effect exactly once. With a
+// server that does not, only messages not written yet are sent again, and
+// what had been written may be lost with the conn: at most once.
 func (cl *Client) Publish(ctx context.Context, topic string, data []byte) error {
 	return cl.request(ctx, wire.OpPub, topic, data, false, false)
 }
@@ -349,7 +356,8 @@ func (cl *Client) request(ctx context.Context, op, topic string, data []byte, bi
 	if err != nil {
 		return fmt.Errorf("tether: %s: %w", op, err)
 	}
-	req := &request{id: cl.newID(), op: op, topic: topic}
+	id, n := cl.newID()
+	req := &request{id: id, n: n, op: op, topic: topic}
 	buf := make([]byte, 0, len(body)+len(topic)+64)
 	if op == wire.OpPub {
 		req.line = appendEntry(buf, kind, func(b []byte) []byte { return wire.AppendPubOf(b, topic, kind, body, req.id) })
@@ -389,7 +397,13 @@ func (cl *Client) request(ctx context.Context, op, topic string, data []byte, bi
 	return nil
 }
 
-func (cl *Client) newID() string { return strconv.FormatUint(cl.ids.Add(1), 36) }
+// newID returns a request id unique to this client: a random prefix and a
+// count, so that a hub that drops repeated ids (PROTOCOL.md, "pub") can
+// tell this client's from any other's.
+func (cl *Client) newID() (string, uint64) {
+	n := cl.ids.Add(1)
+	return cl.idPrefix + strconv.FormatUint(n, 36), n
+}
 
 // subscribeLocked sends sub's subscription on c, from its position when
 // it has one.
@@ -398,7 +412,8 @@ func (cl *Client) subscribeLocked(c *Conn, sub *subscription) *request {
 	if sub.known {
 		since = &wire.Since{Epoch: sub.pos.Epoch, Seq: sub.pos.Seq}
 	}
-	req := &request{id: cl.newID(), op: wire.OpSub, topic: sub.topic, sub: sub, since: sub.known}
+	id, n := cl.newID()
+	req := &request{id: id, n: n, op: wire.OpSub, topic: sub.topic, sub: sub, since: sub.known}
 	req.line = wire.AppendSub(nil, sub.topic, since, req.id)
 	cl.requests[req.id] = req
 	c.enqueueAll(req.line)

@@ -280,10 +280,11 @@ type proxy struct {
 	ln     net.Listener
 	target string
 
-	mu     sync.Mutex
-	frozen []chan struct{} // one per pair; closed to freeze it
-	conns  []net.Conn
-	wg     sync.WaitGroup
+	mu      sync.Mutex
+	frozen  []chan struct{} // one per pair; closed to freeze it
+	replies []chan struct{} // one per pair; closed to stop the server's side alone
+	conns   []net.Conn
+	wg      sync.WaitGroup
 }
 
 func newProxy(t testing.TB, target string) *proxy {
@@ -313,27 +314,30 @@ func (p *proxy) accept() {
 			in.Close()
 			continue
 		}
-		freeze := make(chan struct{})
+		freeze, replies := make(chan struct{}), make(chan struct{})
 		p.mu.Lock()
 		p.frozen = append(p.frozen, freeze)
+		p.replies = append(p.replies, replies)
 		p.conns = append(p.conns, in, out)
 		p.mu.Unlock()
 		p.wg.Add(2)
-		go p.pipe(in, out, freeze)
-		go p.pipe(out, in, freeze)
+		go p.pipe(in, out, freeze, replies)
+		go p.pipe(out, in, freeze, nil)
 	}
 }
 
 // pipe copies until an error or a freeze. Once frozen it forwards
 // nothing more but keeps both sockets open: each side sees a live TCP
 // conn that carries nothing.
-func (p *proxy) pipe(dst, src net.Conn, freeze chan struct{}) {
+func (p *proxy) pipe(dst, src net.Conn, freeze, also chan struct{}) {
 	defer p.wg.Done()
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)
 		select {
 		case <-freeze:
+			return
+		case <-also: // nil: never
 			return
 		default:
 		}
@@ -358,6 +362,20 @@ func (p *proxy) freeze() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, f := range p.frozen {
+		select {
+		case <-f:
+		default:
+			close(f)
+		}
+	}
+}
+
+// freezeReplies stops forwarding from the server on every conn open now:
+// what the client sends still arrives, but no answer comes back.
+func (p *proxy) freezeReplies() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, f := range p.replies {
 		select {
 		case <-f:
 		default:

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"time"
 	"unicode/utf8"
 
 	"github.com/coder/websocket"
@@ -126,11 +127,16 @@ func (h *Hub) request(c *Conn, f wire.Frame) {
 			h.deny(c, f.ID, "publication refused")
 			return
 		}
+		if !h.dedupe.first(c.hc.user, f.ID, time.Now()) {
+			h.count.duplicates.Add(1)
+			break // published already: the repeat is acked, not published
+		}
 		stored := []byte(f.Data) // a JSON value is a copy the frame owns
 		if f.Kind != wire.KindJSON {
 			stored = wire.Store(f.Kind, f.Data)
 		}
 		if err := h.publish(f.Topic, stored, stored); err != nil {
+			h.dedupe.forget(c.hc.user, f.ID) // not published: a repeat must be
 			h.fail(c, f.ID, err)
 			return
 		}
@@ -138,6 +144,10 @@ func (h *Hub) request(c *Conn, f wire.Frame) {
 		if h.onMessage == nil {
 			h.deny(c, f.ID, "the server takes no direct messages")
 			return
+		}
+		if !h.dedupe.first(c.hc.user, f.ID, time.Now()) {
+			h.count.duplicates.Add(1)
+			break // handed over already
 		}
 		h.onMessage(c, Message{Data: f.Data, Binary: f.Kind == wire.KindBinary})
 	}

@@ -98,6 +98,7 @@ type Hub struct {
 
 	admission  *admission    // nil: every handshake is admitted
 	topicKeys  atomic.Uint64 // the last key given to a latest-value topic
+	dedupe     dedupe        // recent pub and send ids
 	draining   atomic.Bool   // Rebalance of every conn: refuse new ones
 	overloaded atomic.Bool   // the breaker is open
 	breaker    *breaker      // nil without WithBreaker
@@ -445,7 +446,7 @@ func (h *Hub) register(c *Conn) {
 		if h.cfg.rateLimit != rate.Inf {
 			limits = wire.Limits{PerSecond: float64(h.cfg.rateLimit), Burst: int64(h.cfg.rateBurst)}
 		}
-		c.enqueueControl(wire.AppendWelcome(nil, hc.id, interval, timeout, limits, nil))
+		c.enqueueControl(wire.AppendWelcome(nil, hc.id, interval, timeout, limits, dedupeWindow, nil))
 	}
 	if hc.user != "" {
 		// Before the registry: nothing sent to every conn (Broadcast) may

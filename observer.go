@@ -137,6 +137,7 @@ type Stats struct {
 	RateLimited uint64 // inbound messages dropped by the rate limit
 	BadRequests uint64 // inbound messages the hub could not read
 	Denied      uint64 // subscriptions and publications refused by the application
+	Duplicates  uint64 // pubs and sends a client sent again after a reconnect, acked and dropped
 	Refused     uint64 // handshakes refused with 503: closing, full, overloaded or past WithAdmission
 
 	// With WithBreaker: whether the hub is overloaded now, how many times
@@ -168,7 +169,7 @@ type stats struct {
 	conns, topics atomic.Int64
 	connects, disconnects, published, drops, evictions, deadPeers,
 	suspects, pings, rateLimited, badRequests, denied,
-	brokerOutages, localOnly, refused, overloads, shed atomic.Uint64
+	brokerOutages, localOnly, refused, overloads, shed, duplicates atomic.Uint64
 	rtt rttHistogram
 }
 
@@ -243,6 +244,7 @@ func (h *Hub) Stats() Stats {
 		BadRequests:   c.badRequests.Load(),
 		Denied:        c.denied.Load(),
 		Refused:       c.refused.Load(),
+		Duplicates:    c.duplicates.Load(),
 		Overloaded:    h.overloaded.Load(),
 		Overloads:     c.overloads.Load(),
 		Shed:          c.shed.Load(),

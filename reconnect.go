@@ -5,6 +5,7 @@ package tether
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -12,6 +13,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -288,6 +290,7 @@ func (cl *Client) connect(url string) (*Conn, error) {
 		return nil, fmt.Errorf("tether: dial %s: %w", url, net.ErrClosed)
 	}
 	cl.conn = c
+	cl.dedupe = welcome.Dedupe > 0
 	cl.lim = nil
 	if l := welcome.Limits; l.PerSecond > 0 {
 		// 90 % of the rate and the burst: the rest is for what is not
@@ -393,14 +396,29 @@ func (cl *Client) lost(c *Conn, reason error) {
 	c.mu.Unlock()
 	var back []*request
 	for _, line := range unsent {
-		// The lines are the client's own encoding; only publications and
-		// sends are kept, subscriptions are made afresh.
-		if f, err := wire.DecodeClient(line); err == nil && (f.Op == wire.OpPub || f.Op == wire.OpSend) {
-			if req := cl.requests[f.ID]; req != nil {
+		// The entries are the client's own encoding, one request each;
+		// only publications and sends are kept, subscriptions are made
+		// afresh.
+		body, bin := wire.Untag(line)
+		for f, err := range wire.ClientFrames(body, bin) {
+			if err == nil && (f.Op == wire.OpPub || f.Op == wire.OpSend) {
+				if req := cl.requests[f.ID]; req != nil && !slices.Contains(back, req) {
+					back = append(back, req)
+				}
+			}
+			break
+		}
+	}
+	if cl.dedupe {
+		// The server drops a repeated id: what was written but not yet
+		// answered goes again, and takes effect once.
+		for _, req := range cl.requests {
+			if (req.op == wire.OpPub || req.op == wire.OpSend) && !slices.Contains(back, req) {
 				back = append(back, req)
 			}
 		}
 	}
+	slices.SortFunc(back, func(a, b *request) int { return cmp.Compare(a.n, b.n) })
 	if len(back) > 0 && !cl.closed {
 		for _, req := range back {
 			cl.bufBytes += len(req.line)

@@ -109,6 +109,7 @@ type Frame struct {
 	Interval, Timeout time.Duration // welcome: the server's heartbeat, in whole ms
 	Resume            []Resume      // welcome; nil for none
 	Limits            Limits        // welcome; zero for none
+	Dedupe            time.Duration // welcome: how long a repeated pub or send id is dropped; 0 for never
 
 	Joins, Leaves []Member // presence; nil for none
 	Count         int64    // presence: the users present after it; -1 when absent
@@ -231,6 +232,9 @@ func decodeServer(d *lineDecoder, kind Kind, data []byte) Frame {
 		}
 		for _, elem := range get[[]json.RawMessage](d, "resume", m["resume"], false) {
 			f.Resume = append(f.Resume, d.resumeEntry(elem))
+		}
+		if raw := m["dedupe_ms"]; raw != nil && string(raw) != "null" {
+			f.Dedupe = d.millis("dedupe_ms", raw)
 		}
 		if lim := get[members](d, "limits", m["limits"], false); lim != nil {
 			f.Limits.PerSecond = get[float64](d, "limits.msgs_per_s", lim["msgs_per_s"], true)
@@ -544,7 +548,7 @@ func appendMsgHead(dst []byte, topic, epoch string, seq uint64) []byte {
 // AppendWelcome appends a welcome, the first message of a connection.
 // The heartbeat is written in whole milliseconds; resume is left out when
 // empty.
-func AppendWelcome(dst []byte, session string, interval, timeout time.Duration, limits Limits, resume []Resume) []byte {
+func AppendWelcome(dst []byte, session string, interval, timeout time.Duration, limits Limits, dedupe time.Duration, resume []Resume) []byte {
 	dst = appendJSONString(append(dst, `{"op":"welcome","session":`...), session)
 	dst = strconv.AppendInt(append(dst, `,"heartbeat":{"interval_ms":`...), interval.Milliseconds(), 10)
 	dst = strconv.AppendInt(append(dst, `,"timeout_ms":`...), timeout.Milliseconds(), 10)
@@ -553,6 +557,9 @@ func AppendWelcome(dst []byte, session string, interval, timeout time.Duration, 
 		dst = strconv.AppendFloat(append(dst, `,"limits":{"msgs_per_s":`...), limits.PerSecond, 'f', -1, 64)
 		dst = strconv.AppendInt(append(dst, `,"burst":`...), limits.Burst, 10)
 		dst = append(dst, '}')
+	}
+	if dedupe > 0 {
+		dst = strconv.AppendInt(append(dst, `,"dedupe_ms":`...), dedupe.Milliseconds(), 10)
 	}
 	if len(resume) > 0 {
 		dst = append(dst, `,"resume":[`...)

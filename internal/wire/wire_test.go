@@ -281,7 +281,7 @@ func TestEncodeRoundTrip(t *testing.T) {
 		add(AppendAck(nil, topic), Frame{Op: OpAck, ID: topic})
 		add(AppendSubAck(nil, topic, topic, 17), Frame{Op: OpAck, ID: topic, Epoch: topic, Seq: 17})
 		add(AppendError(nil, CodeForbidden, topic, topic), Frame{Op: OpError, Code: CodeForbidden, Reason: topic, ID: topic})
-		add(AppendWelcome(nil, topic, 15*time.Second, 30*time.Second, Limits{100, 200}, []Resume{{topic, topic, 7, ResumeOK}, {"b", "", 0, ResumeResync}}),
+		add(AppendWelcome(nil, topic, 15*time.Second, 30*time.Second, Limits{100, 200}, 0, []Resume{{topic, topic, 7, ResumeOK}, {"b", "", 0, ResumeResync}}),
 			Frame{Op: OpWelcome, Session: topic, Interval: 15 * time.Second, Timeout: 30 * time.Second, Limits: Limits{100, 200},
 				Resume: []Resume{{topic, topic, 7, ResumeOK}, {"b", "", 0, ResumeResync}}})
 	}
@@ -293,7 +293,7 @@ func TestEncodeRoundTrip(t *testing.T) {
 	add(AppendPresence(nil, "t", 20001, false, nil, nil), Frame{Op: OpPresence, Topic: "t", Count: 20001})
 	add(AppendPresence(nil, "t", -1, false, []Member{}, []Member{}), Frame{Op: OpPresence, Topic: "t", Count: -1})
 	add(AppendError(nil, CodeInternal, "", ""), Frame{Op: OpError, Code: CodeInternal})
-	add(AppendWelcome(nil, "", 1500*time.Microsecond, time.Hour, Limits{}, nil), Frame{Op: OpWelcome, Interval: time.Millisecond, Timeout: time.Hour})
+	add(AppendWelcome(nil, "", 1500*time.Microsecond, time.Hour, Limits{}, 2*time.Minute, nil), Frame{Op: OpWelcome, Interval: time.Millisecond, Timeout: time.Hour, Dedupe: 2 * time.Minute})
 	add(AppendPing(nil, math.MinInt64), Frame{Op: OpPing, TS: math.MinInt64})
 	add(AppendPong(nil, math.MaxInt64), Frame{Op: OpPong, TS: math.MaxInt64})
 	for _, tc := range cases {
@@ -342,9 +342,9 @@ func TestEncodeGolden(t *testing.T) {
 	for _, tc := range []struct{ got, want string }{
 		{string(AppendMsg(nil, "room:42", "e1", 18, json.RawMessage(`{"text":"hi"}`))), `{"op":"msg","topic":"room:42","epoch":"e1","seq":18,"data":{"text":"hi"}}`},
 		{string(AppendMsg(nil, "", "", 0, json.RawMessage(`{"text":"hi"}`))), `{"op":"msg","data":{"text":"hi"}}`},
-		{string(AppendWelcome(nil, "c9f1", 15*time.Second, 30*time.Second, Limits{}, []Resume{{"room:42", "e1", 20, ResumeOK}})),
+		{string(AppendWelcome(nil, "c9f1", 15*time.Second, 30*time.Second, Limits{}, 0, []Resume{{"room:42", "e1", 20, ResumeOK}})),
 			`{"op":"welcome","session":"c9f1","heartbeat":{"interval_ms":15000,"timeout_ms":30000},"resume":[{"topic":"room:42","epoch":"e1","seq":20,"status":"ok"}]}`},
-		{string(AppendWelcome(nil, "c9f1", 15*time.Second, 30*time.Second, Limits{0.5, 20}, nil)),
+		{string(AppendWelcome(nil, "c9f1", 15*time.Second, 30*time.Second, Limits{0.5, 20}, 0, nil)),
 			`{"op":"welcome","session":"c9f1","heartbeat":{"interval_ms":15000,"timeout_ms":30000},"limits":{"msgs_per_s":0.5,"burst":20}}`},
 		{string(AppendPing(nil, 1700000000000)), `{"op":"ping","ts":1700000000000}`},
 		{string(AppendPong(nil, 1700000000000)), `{"op":"pong","ts":1700000000000}`},
@@ -708,7 +708,7 @@ func protoEncode(f Frame) []byte {
 	case OpSend:
 		return AppendSend(nil, f.Data, f.ID)
 	case OpWelcome:
-		return AppendWelcome(nil, f.Session, f.Interval, f.Timeout, f.Limits, f.Resume)
+		return AppendWelcome(nil, f.Session, f.Interval, f.Timeout, f.Limits, f.Dedupe, f.Resume)
 	case OpMsg:
 		return AppendMsg(nil, f.Topic, f.Epoch, f.Seq, f.Data)
 	case OpPresence:

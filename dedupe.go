@@ -1,0 +1,85 @@
+package tether
+
+import (
+	"sync"
+	"time"
+
+	"github.com/tether-ws/tether/internal/shrink"
+)
+
+// This file is how a hub makes a client's pub or send take effect once
+// (PROTOCOL.md, "pub"): a client that sends one again after a reconnect,
+// not knowing whether it arrived, sends the same id, and the hub answers
+// the repeat with an ack without carrying it out.
+
+// The hub remembers ids for dedupeWindow, at most dedupeMax of them (the
+// oldest go first), and only ids of at least minDedupeID bytes, which a
+// client makes unique to itself (a random prefix): short ids, which
+// older clients number from 1, are not remembered.
+const (
+	dedupeWindow = 2 * time.Minute
+	dedupeMax    = 1 << 17
+	minDedupeID  = 16
+)
+
+// dedupe is the set of recent request ids, per user.
+type dedupe struct {
+	mu    sync.Mutex
+	seen  map[string]time.Time
+	peak  shrink.Peak
+	order []dedupeEntry // oldest first, a queue: head is where it starts
+	head  int
+}
+
+type dedupeEntry struct {
+	key string
+	at  time.Time
+}
+
+// first records id of user at now and reports whether it is new: false
+// for a repeat within the window.
+func (d *dedupe) first(user, id string, now time.Time) bool {
+	if len(id) < minDedupeID {
+		return true
+	}
+	key := user + "\x00" + id
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for d.head < len(d.order) {
+		e := d.order[d.head]
+		if now.Sub(e.at) < dedupeWindow && len(d.order)-d.head < dedupeMax {
+			break
+		}
+		if d.seen[e.key] == e.at {
+			delete(d.seen, e.key)
+		}
+		d.order[d.head] = dedupeEntry{}
+		d.head++
+	}
+	if d.head > len(d.order)/2 { // compact the queue now and then
+		d.order = append(d.order[:0], d.order[d.head:]...)
+		d.head = 0
+	}
+	if d.seen == nil {
+		d.seen = make(map[string]time.Time)
+	}
+	d.seen = shrink.Map(d.seen, &d.peak)
+	if at, ok := d.seen[key]; ok && now.Sub(at) < dedupeWindow {
+		return false
+	}
+	d.seen[key] = now
+	d.peak.Grew(len(d.seen))
+	d.order = append(d.order, dedupeEntry{key, now})
+	return true
+}
+
+// forget drops id of user: what it named was not carried out after all
+// (the publication failed), so a repeat must be.
+func (d *dedupe) forget(user, id string) {
+	if len(id) < minDedupeID {
+		return
+	}
+	d.mu.Lock()
+	delete(d.seen, user+"\x00"+id)
+	d.mu.Unlock()
+}
