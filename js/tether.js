@@ -342,9 +342,11 @@ export class TetherClient {
    * past the buffer's bounds it rejects with code 'buffer_full'. With
    * {volatile: true} it rejects with 'offline' instead of buffering. A
    * message sent on a conn that was then lost before the server's answer
-   * rejects with 'conn_lost' (it may or may not have been published)
-   * unless it was still unsent, in which case it is sent again on the next
-   * conn: never twice.
+   * is sent again on the next conn with the same id when the server drops
+   * repeated ids (its welcome has dedupe_ms, as every tether hub's): it
+   * takes effect exactly once. With a server that does not, it is sent
+   * again only if it was still unsent, and otherwise rejects with
+   * 'conn_lost' (it may or may not have been published): never twice.
    *
    * data is any JSON value, or bytes (an ArrayBuffer, a typed array or a
    * DataView), which subscribers get as bytes: a Uint8Array here, a
@@ -528,7 +530,9 @@ export class TetherClient {
     const back = []
     for (const req of link.requests.values()) {
       if (req.op === 'sub') continue // made afresh by the next conn; its waiter waits on
-      if (!this._closed && req.start >= unsentFrom) {
+      // A server that drops repeated ids takes what it had already once:
+      // everything unanswered goes again.
+      if (!this._closed && (link.dedupe || req.start >= unsentFrom)) {
         back.push(req)
       } else {
         req.reject?.(new TetherError('conn_lost', `tether: ${req.op}: the connection was lost before the server answered; the message may or may not have arrived`, { id: req.id, topic: req.topic, cause: err }))
@@ -661,9 +665,18 @@ export class TetherClient {
     })
   }
 
-  /** @internal */
+  /**
+   * @internal An id unique to this client: a random prefix and a count, so
+   * that a hub that drops repeated ids (PROTOCOL.md, "pub") tells it from
+   * any other client's.
+   */
   _newID () {
-    return (++this._ids).toString(36)
+    if (!this._idPrefix) {
+      const b = new Uint8Array(12)
+      globalThis.crypto.getRandomValues(b)
+      this._idPrefix = btoa(String.fromCharCode(...b)).replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '') + '.'
+    }
+    return this._idPrefix + (++this._ids).toString(36)
   }
 
   // --- Reading --------------------------------------------------------------
@@ -1151,6 +1164,7 @@ class Link {
   onWelcome (w) {
     const c = this.c
     this.welcomed = true
+    this.dedupe = Number.isSafeInteger(w.dedupe_ms) && w.dedupe_ms > 0
     for (const h of this.timers) c._clearTimeout(h) // the attempt's timeout
     this.timers.clear()
     this.upAt = c._now()

@@ -28,6 +28,9 @@
 //	/send?user=U&data=J        hub.SendToUser; or &b64=B: SendToUserBinary
 //	/conns?user=U              {"conns": n}: U's live conns
 //	/refused                   {"refused": n}: handshakes the hub refused with 503
+//	/mute?user=U               nothing reaches U's conns any more, but what they
+//	                           send is still handled (answers lost on the way)
+//	/duplicates                {"duplicates": n}: repeated pub and send ids dropped
 //	/kick?user=U               drop U's conns without a close frame
 //	/close?user=U&code=C&reason=R   close U's conns with code C
 //	/freeze?user=U             U's conns go silent: what they send is lost and
@@ -201,6 +204,10 @@ func (s *server) serve(ln net.Listener) {
 	mux.HandleFunc("/kick", s.kick)
 	mux.HandleFunc("/close", s.close)
 	mux.HandleFunc("/freeze", s.freeze)
+	mux.HandleFunc("/mute", s.mute)
+	mux.HandleFunc("/duplicates", func(w http.ResponseWriter, _ *http.Request) {
+		reply(w, map[string]uint64{"duplicates": s.current().Stats().Duplicates})
+	})
 	mux.HandleFunc("/restart", s.restart)
 	srv := &http.Server{
 		Handler:     mux,
@@ -354,6 +361,18 @@ func (s *server) freeze(w http.ResponseWriter, r *http.Request) {
 	reply(w, map[string]int{"frozen": n})
 }
 
+func (s *server) mute(w http.ResponseWriter, r *http.Request) {
+	user := r.URL.Query().Get("user")
+	s.mu.Lock()
+	n := 0
+	for fc := range s.socks[user] {
+		fc.muted.Store(true)
+		n++
+	}
+	s.mu.Unlock()
+	reply(w, map[string]int{"muted": n})
+}
+
 func (s *server) restart(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	delay, err := strconv.Atoi(q.Get("delay"))
@@ -416,6 +435,7 @@ func (l freezingListener) Accept() (net.Conn, error) {
 type freezable struct {
 	net.Conn
 	frozen  atomic.Bool
+	muted   atomic.Bool // what is written goes nowhere; what arrives is read
 	onClose func()
 	once    sync.Once
 }
@@ -433,7 +453,7 @@ func (c *freezable) Read(p []byte) (int, error) {
 }
 
 func (c *freezable) Write(p []byte) (int, error) {
-	if c.frozen.Load() {
+	if c.frozen.Load() || c.muted.Load() {
 		return len(p), nil
 	}
 	return c.Conn.Write(p)
