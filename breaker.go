@@ -2,7 +2,6 @@ package tether
 
 import (
 	"math"
-	"runtime"
 	"runtime/metrics"
 	"sync"
 	"time"
@@ -28,8 +27,8 @@ const (
 	// The CPU use, of what GOMAXPROCS allows, at which the CPUs count as
 	// saturated (the breaker may open), and below which they have room
 	// again (it may close).
-	busyOpen  = 0.85
-	busyClose = 0.6
+	busyOpen  = 0.7
+	busyClose = 0.45
 )
 
 // schedLatency is the runtime's histogram of how long goroutines waited,
@@ -40,15 +39,16 @@ const schedLatency = "/sched/latencies:seconds"
 // above trip, and closes after breakerCalm samples in a row below half of
 // it.
 type breaker struct {
-	h     *Hub
-	trip  time.Duration
-	stop  chan struct{}
-	once  sync.Once // closes stop
-	done  chan struct{}
-	ring  [][]uint64  // the histogram's counts at the last samples
-	cpu   []cpuSample // the process's CPU time at the same samples
-	calm  int
-	probe []metrics.Sample
+	h        *Hub
+	trip     time.Duration
+	stop     chan struct{}
+	once     sync.Once // closes stop
+	done     chan struct{}
+	ring     [][]uint64  // the histogram's counts at the last samples
+	cpu      []cpuSample // the process's CPU time at the same samples
+	capacity float64     // CPUs the process may use
+	calm     int
+	probe    []metrics.Sample
 }
 
 func newBreaker(h *Hub, trip time.Duration) *breaker {
@@ -56,7 +56,7 @@ func newBreaker(h *Hub, trip time.Duration) *breaker {
 		return nil
 	}
 	b := &breaker{h: h, trip: trip, stop: make(chan struct{}), done: make(chan struct{}),
-		probe: []metrics.Sample{{Name: schedLatency}}}
+		probe: []metrics.Sample{{Name: schedLatency}}, capacity: cpuCapacity()}
 	go b.run()
 	return b
 }
@@ -104,7 +104,7 @@ func (b *breaker) sample() {
 	p99 := quantile(hist.Buckets, from, counts, 0.99)
 	busy := 1.0 // unknown: latency alone decides
 	if now := b.cpu[len(b.cpu)-1]; now.known && cpuFrom.known {
-		busy = float64(now.used-cpuFrom.used) / (float64(now.at.Sub(cpuFrom.at)) * float64(runtime.GOMAXPROCS(0)))
+		busy = float64(now.used-cpuFrom.used) / (float64(now.at.Sub(cpuFrom.at)) * b.capacity)
 	}
 	h := b.h
 	switch {

@@ -155,7 +155,7 @@ func (h *Hub) resyncLocked(t *topic, epoch string) {
 			if msg == nil {
 				msg = wire.AppendResync(nil, t.name, epoch)
 			}
-			c.enqueue(msg)
+			c.enqueueAt(msg, t.policy.Priority, 0) // where the topic's messages go
 		}
 	}
 }

@@ -377,15 +377,18 @@ func (a *admission) take(now time.Time) (bool, time.Duration) {
 	} else {
 		a.next = a.next.Add(a.gap)
 	}
-	return false, min(a.next.Sub(now), maxAdmissionWait)
+	// The line forgets what is far ahead: refused clients that never come
+	// back for their slot (a browser cannot read it, a scanner does not
+	// care) must not make those who do wait long.
+	if a.next.Sub(now) > admissionHorizon {
+		a.next = now.Add(admissionHorizon)
+	}
+	return false, a.next.Sub(now)
 }
 
-// spare reports whether a handshake would be admitted at now.
-func (a *admission) spare(now time.Time) bool { return a.lim.TokensAt(now) >= 1 }
-
-// maxAdmissionWait caps the wait a refused handshake is given, as the
-// Client caps what it accepts.
-const maxAdmissionWait = time.Hour
+// admissionHorizon caps the wait a refused handshake is given: the slots
+// handed out reach at most this far ahead.
+const admissionHorizon = time.Minute
 
 // release counts a conn or handshake out.
 func (h *Hub) release() {
@@ -726,8 +729,9 @@ func (h *Hub) sendToUserLocked(userID string, raw, v1 []byte) bool {
 // queue is full is handled by the overflow policy.
 //
 // A JSON value reaches v1 peers inline in a protocol line (on one line:
-// a value that spans lines is compacted); other text, and binary data,
-// after the line in a binary message (PROTOCOL.md, "Binary messages").
+// a value that spans lines is compacted, and with a broker, raw peers get
+// it compacted too); other text, and binary data, after the line in a
+// binary message (PROTOCOL.md, "Binary messages").
 func (h *Hub) Publish(topic string, data []byte) error {
 	return h.publishData(topic, data, false)
 }
@@ -916,7 +920,7 @@ func (h *Hub) subscribeOnce(c *Conn, name string, since *wire.Since, id string, 
 		c.enqueueControl(wire.AppendAck(nil, id))
 	}
 	if catchUp != nil {
-		c.enqueueAll(catchUp...) // bounded by catchUp: it must not be lost
+		c.enqueueAllAt(t.policy.Priority, catchUp...) // bounded by catchUp: it must not be lost
 	}
 	if !already {
 		if hc.topics == nil {
@@ -1153,9 +1157,11 @@ func (h *Hub) Close() error {
 // Kubernetes readinessProbe: it answers 200 while the hub takes new conns
 // and 503, with a Retry-After, while it would refuse them: once
 // [Hub.Shutdown] or [Hub.Close] has begun, after [Hub.Rebalance] of all
-// conns, at [WithMaxConns], and while [WithAdmission] has no handshake to
-// spare. It says nothing about the conns already there, which are not
-// affected.
+// conns, while overloaded ([WithBreaker]), and at [WithMaxConns]. It says
+// nothing about the conns already there, which are not affected. An empty
+// [WithAdmission] bucket does not count: in a reconnect storm every node's
+// is, and a load balancer with no ready node would refuse everyone
+// without the Retry-After that spreads them.
 func (h *Hub) Ready() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if why := h.unready(); why != nil {
@@ -1176,9 +1182,6 @@ func (h *Hub) unready() error {
 	if h.overloaded.Load() {
 		return ErrOverloaded
 	}
-	if a := h.admission; a != nil && !a.spare(time.Now()) {
-		return ErrOverloaded
-	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.cfg.maxConns > 0 && h.live >= h.cfg.maxConns {
@@ -1195,8 +1198,9 @@ func (h *Hub) unready() error {
 // were. It returns how many it closed, when done or when ctx ends.
 //
 // With fraction 1 the hub drains: from the call on it refuses new conns
-// with 503 and [ErrHubClosed], and [Hub.Ready] answers 503. Call
-// [Hub.Shutdown] once it returns.
+// with 503 and [ErrHubClosed], and [Hub.Ready] answers 503, for good (also
+// when ctx ends first). Call [Hub.Shutdown] once it returns. Conns still
+// in their handshake are not moved; Shutdown closes them.
 func (h *Hub) Rebalance(ctx context.Context, fraction float64, over time.Duration) (int, error) {
 	if !(fraction >= 0 && fraction <= 1) {
 		return 0, fmt.Errorf("tether: rebalance: fraction %v is not between 0 and 1", fraction)
@@ -1216,7 +1220,8 @@ func (h *Hub) Rebalance(ctx context.Context, fraction float64, over time.Duratio
 	}()
 	for i, c := range all[:n] {
 		// The i-th goes at (i+1)/n of the period: the last at its end.
-		if wait := time.Until(start.Add(over * time.Duration(i+1) / time.Duration(n))); wait > 0 {
+		at := time.Duration(float64(over) * float64(i+1) / float64(n))
+		if wait := time.Until(start.Add(at)); wait > 0 {
 			if timer == nil {
 				timer = time.NewTimer(wait)
 			} else {

@@ -1,6 +1,7 @@
 package tether_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 )
 
 // This file checks topic policies (WithTopicPolicy): priorities decide
@@ -163,5 +165,51 @@ func TestHubLowPriorityNeverCloses(t *testing.T) {
 	}
 	if !errors.Is(c.Err(), tether.ErrQueueFull) {
 		t.Fatalf("after a normal flood: %v, want the conn ended with ErrQueueFull", c.Err())
+	}
+}
+
+// A high-priority topic resumed from its history by a conn that is behind:
+// the replay goes where the topic's live messages go, so they arrive in
+// order (the live one would otherwise overtake the replay, and a client
+// would take the replay for messages it had).
+func TestHubHighPriorityReplayInOrder(t *testing.T) {
+	hist := adapter.NewMemoryHistory(100, time.Hour)
+	_, last, _, _ := hist.Since(context.Background(), "hi", tether.Position{})
+	gate := make(chan struct{})
+	s := newHubServer(t,
+		tether.WithHistory(hist),
+		tether.WithLimits(tether.Limits{SendQueue: 64, SendQueueBytes: 16 << 20, WriteTimeout: time.Minute}),
+		tether.WithTopicPolicy(func(topic string) tether.TopicPolicy {
+			if topic == "hi" {
+				return tether.TopicPolicy{Priority: tether.PriorityHigh}
+			}
+			return tether.TopicPolicy{}
+		}))
+	hub := s.hub
+	for i := 1; i <= 3; i++ {
+		hub.Publish("hi", []byte(fmt.Sprint(i)))
+	}
+	peer := dialClient(t, s.url(), clientOpts{readGate: gate})
+	peer.send(`{"op":"sub","topic":"fill"}`)
+	waitFor(t, 5*time.Second, "the fill subscription", func() bool { return hub.Stats().Topics == 1 })
+	for fill := 0; hub.Stats().QueuedMessages <= 2; fill++ {
+		if fill > 2000 {
+			t.Fatal("the socket never filled")
+		}
+		hub.Publish("fill", []byte(fmt.Sprintf("%q", strings.Repeat("x", 64<<10))))
+		time.Sleep(20 * time.Millisecond)
+	}
+	peer.send(fmt.Sprintf(`{"op":"sub","topic":"hi","since":{"epoch":%q,"seq":0}}`, last.Epoch))
+	waitFor(t, 5*time.Second, "the hi subscription", func() bool { return hub.Stats().Topics == 2 })
+	hub.Publish("hi", []byte("4"))
+	close(gate)
+	var seqs []uint64
+	for len(seqs) < 4 {
+		if w := peer.next(30 * time.Second); w.Op == "msg" && w.Topic == "hi" {
+			seqs = append(seqs, w.Seq)
+		}
+	}
+	if fmt.Sprint(seqs) != "[1 2 3 4]" {
+		t.Errorf("hi arrived as seqs %v, want [1 2 3 4]", seqs)
 	}
 }

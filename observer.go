@@ -34,7 +34,9 @@ type Observer struct {
 	Suspect func(c *Conn)
 	// Pong reports the round trip of a heartbeat or [Conn.Ping].
 	Pong func(c *Conn, rtt time.Duration)
-	// Drop reports messages discarded by the overflow policy. It runs
+	// Drop reports messages discarded for a conn that fell behind: by the
+	// overflow policy, to make room for higher-priority ones, or replaced
+	// by a newer value of a latest-value topic ([TopicPolicy]). It runs
 	// inside the call that queued the message, which in a hub holds the
 	// locks of the topic or registry it is delivering to, and in a client
 	// the client's lock: it must not call methods of the Hub, the Client
@@ -54,7 +56,9 @@ type Observer struct {
 	Broker func(err error)
 	// Overload reports a hub's breaker (see [WithBreaker]) opening, with
 	// overloaded true, and closing, with false, and the scheduling
-	// latency that decided it. It runs on the breaker's goroutine.
+	// latency that decided it. It runs on the breaker's goroutine, which
+	// Hub.Shutdown waits for: start a shutdown from it in a goroutine of
+	// its own.
 	Overload func(overloaded bool, latency time.Duration)
 
 	// State reports each new state of a [Client] and the error that caused
@@ -129,7 +133,7 @@ type Stats struct {
 	Connects    uint64
 	Disconnects uint64
 	Published   uint64 // topic publications
-	Drops       uint64 // messages discarded by the overflow policy
+	Drops       uint64 // messages discarded for conns that fell behind (see Observer.Drop)
 	Evictions   uint64 // conns dropped for not reading: queue full or write timeout
 	DeadPeers   uint64 // conns dropped by the heartbeat
 	Suspects    uint64

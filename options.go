@@ -202,7 +202,8 @@ type TopicPolicy struct {
 
 // WithTopicPolicy sets each topic's [TopicPolicy], from its name: called
 // once when the topic gets its first subscriber, and again after it had
-// none. The default is normal priority, every message kept.
+// none, with a lock of the hub's held: it must not call the Hub. The
+// default is normal priority, every message kept.
 func WithTopicPolicy(policy func(topic string) TopicPolicy) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.topicPolicy = policy })
 }
@@ -210,14 +211,16 @@ func WithTopicPolicy(policy func(topic string) TopicPolicy) HubOption {
 // WithBreaker sheds load before the conns already there suffer from it.
 // The signal is the Go scheduler's latency, how long runnable goroutines
 // wait for a CPU, which is what delays heartbeats, pongs and writes,
-// together with how busy the process keeps the CPUs GOMAXPROCS gives it.
-// When the latency's 99th percentile over the last second exceeds trip
-// while those CPUs are at least 85 % busy, the hub is overloaded: it stops
+// together with how busy the process keeps the CPUs it may use
+// (GOMAXPROCS, or a cgroup's CPU quota when lower). When the latency's
+// 99th percentile over the last second exceeds trip while those CPUs are
+// at least 70 % busy, the hub is overloaded: it stops
 // delivering low-priority topics ([TopicPolicy]), counted in
 // [Stats].Shed, refuses new conns with 503, [ErrOverloaded] and a
 // Retry-After, and [Hub.Ready] answers 503. It recovers once, for 2
 // seconds in a row, the latency has stayed under trip/2 or the CPUs under
-// 60 % busy. [Observer].Overload reports each change. 0, the default,
+// 45 % busy. A process starved by others on its machine (CPU steal, a
+// noisy neighbour) does not look busy, and does not trip it. [Observer].Overload reports each change. 0, the default,
 // means no breaker. Choose trip above the time one publication to your
 // biggest topic takes to go out (about 13 µs per subscriber per core, 65
 // ms for 5,000 on one): a burst of fan-out makes the latency spike on an
@@ -230,8 +233,9 @@ func WithBreaker(trip time.Duration) HubOption {
 // handshakes refilled at perSecond. A handshake past it is refused before
 // any work is done for it (before [WithAuth]), with 503,
 // [ErrOverloaded] and a Retry-After that gives each refused client its own
-// slot at the admission rate, so that a crowd reconnecting after an
-// outage comes back spread out instead of all at once. [Client] waits for
+// slot at the admission rate, up to a minute ahead, so that a crowd
+// reconnecting after an outage comes back spread out instead of all at
+// once. [Client] waits for
 // its slot (plus up to a second of jitter). The default, perSecond 0 or
 // rate.Inf, admits every handshake.
 func WithAdmission(perSecond rate.Limit, burst int) HubOption {

@@ -91,16 +91,7 @@ func (c *Conn) enqueueAt(msg []byte, prio Priority, key uint64) error {
 		// The caller's mistake, not a slow peer: nothing to drop or close.
 		return fmt.Errorf("%w: a message of %d bytes exceeds the queue's %d", ErrQueueFull, len(msg), c.cfg.queueBytes)
 	}
-	lane := &c.queue
-	if prio != PriorityNormal {
-		if c.lanes == nil {
-			c.lanes = new(lanes)
-		}
-		lane = &c.lanes.low
-		if prio > PriorityNormal {
-			lane = &c.lanes.high
-		}
-	}
+	lane := c.laneLocked(prio)
 	dropped, ok := 0, true
 	switch {
 	case key != 0 && lane.Replace(key, msg):
@@ -130,6 +121,21 @@ func (c *Conn) enqueueAt(msg []byte, prio Priority, key uint64) error {
 		c.end(ErrQueueFull, endPolicy, StatusSlowConsumer, "slow consumer")
 	}
 	return ErrQueueFull
+}
+
+// laneLocked returns the queue of priority prio, making the lanes if
+// needed.
+func (c *Conn) laneLocked(prio Priority) *queue.Queue {
+	if prio == PriorityNormal {
+		return &c.queue
+	}
+	if c.lanes == nil {
+		c.lanes = new(lanes)
+	}
+	if prio > PriorityNormal {
+		return &c.lanes.high
+	}
+	return &c.lanes.low
 }
 
 // makeRoomLocked makes room in the data lanes for one more message of n
@@ -209,14 +215,19 @@ func (c *Conn) enqueueControl(msg []byte) error {
 // queue, so a peer too slow to take the backlog is handled by the
 // overflow policy as usual.
 // It reports false, queueing nothing, if the conn has ended.
-func (c *Conn) enqueueAll(msgs ...[]byte) bool {
+func (c *Conn) enqueueAll(msgs ...[]byte) bool { return c.enqueueAllAt(PriorityNormal, msgs...) }
+
+// enqueueAllAt is enqueueAll onto the lane of priority prio: a topic's
+// replay goes where its live messages go, so that they stay in order.
+func (c *Conn) enqueueAllAt(prio Priority, msgs ...[]byte) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.err != nil {
 		return false
 	}
+	lane := c.laneLocked(prio)
 	for _, m := range msgs {
-		c.queue.Push(m, math.MaxInt, math.MaxInt, false)
+		lane.PushKey(m, 0)
 	}
 	if !c.writing && len(msgs) > 0 {
 		c.writing = true

@@ -48,8 +48,8 @@ const sweepBatch = 64
 //
 // A topic that never had a message, which Since learnt of (a subscription
 // to a topic nobody publishes to), is forgotten after 10 minutes, and at
-// most 16,384 such topics are kept, the oldest going first: whatever
-// topics clients subscribe to, they hold 1.6 MiB at most. This costs their
+// most 8,192 such topics are kept, the oldest going first: whatever
+// topics clients subscribe to, they hold about 1.6 MiB at most. This costs their
 // subscribers nothing while they stay (the first message, seq 1 of a new
 // epoch, follows on from seq 0); one that reconnects after it was
 // forgotten resyncs.
@@ -249,10 +249,11 @@ func (h *memoryHistory) idle(r *histRecord, now time.Duration) bool {
 	return h.forgetAfter > 0 && now-r.touched > h.forgetAfter
 }
 
-// Bounds on the records of topics that never had a message: about 100
-// bytes each, so 1.6 MiB at most, whatever clients subscribe to.
+// Bounds on the records of topics that never had a message: about 200
+// bytes each with the index's share, so 1.6 MiB at most, whatever clients
+// subscribe to.
 const (
-	maxEmptyRecords  = 1 << 14
+	maxEmptyRecords  = 1 << 13
 	emptyForgetAfter = 10 * time.Minute
 )
 

@@ -392,7 +392,7 @@ func ExampleNewMemoryHistory() {
 
 // A topic nobody publishes to, which a subscription made known to the
 // history, is forgotten after 10 minutes (a topic with messages keeps its
-// epoch for an hour), and at most 16,384 of them are kept, the oldest
+// epoch for an hour), and at most 8,192 of them are kept, the oldest
 // going first: subscriptions to made-up topics cannot fill the history.
 // Forgetting one costs its subscribers nothing: the first message of a
 // new epoch has seq 1.
@@ -412,21 +412,21 @@ func TestMemoryHistoryEmptyTopicsBounded(t *testing.T) {
 
 		// The cap: the oldest empty topics go, those with messages stay.
 		_, first, _, _ := h.Since(ctx, "first", adapter.Position{})
-		for i := range 1<<14 + 100 {
+		for i := range 1<<13 + 100 {
 			h.Since(ctx, "made-up-"+strconv.Itoa(i), adapter.Position{})
 		}
 		if _, last, _, _ := h.Since(ctx, "first", first); last.Epoch == first.Epoch {
-			t.Error("the oldest empty topic is still kept past the cap of 16,384")
+			t.Error("the oldest empty topic is still kept past the cap of 8,192")
 		}
-		_, recent, _, _ := h.Since(ctx, "made-up-"+strconv.Itoa(1<<14+99), adapter.Position{})
-		if _, last, ok := since(t, h, "made-up-"+strconv.Itoa(1<<14+99), recent); !ok || last != recent {
+		_, recent, _, _ := h.Since(ctx, "made-up-"+strconv.Itoa(1<<13+99), adapter.Position{})
+		if _, last, ok := since(t, h, "made-up-"+strconv.Itoa(1<<13+99), recent); !ok || last != recent {
 			t.Errorf("the newest empty topic: %+v, ok %v; want it kept", last, ok)
 		}
 		if _, last, ok := since(t, h, "used", used); !ok || last != used {
 			t.Errorf("a topic with a message after the flood: %+v, ok %v; want %+v", last, ok, used)
 		}
 		// An empty topic that gets a message is kept like any other.
-		pos := appendAll(t, h, "made-up-"+strconv.Itoa(1<<14+99), "y")
+		pos := appendAll(t, h, "made-up-"+strconv.Itoa(1<<13+99), "y")
 		if pos != (adapter.Position{Epoch: recent.Epoch, Seq: 1}) {
 			t.Errorf("first message of a known empty topic: %+v, want {%s 1}", pos, recent.Epoch)
 		}

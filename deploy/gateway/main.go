@@ -8,7 +8,7 @@
 // It serves, on one port:
 //
 //	/ws       the hub (protocol v1 clients and raw WebSocket peers)
-//	/ready    readiness: 503 while draining, overloaded, full or past the admission rate
+//	/ready    readiness: 503 while draining, overloaded or full
 //	/healthz  liveness: 200 while the process serves HTTP
 //	/metrics  Prometheus metrics (prommetrics), tether_connections included
 //

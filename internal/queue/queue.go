@@ -66,7 +66,8 @@ func (q *Queue) PushKey(msg []byte, key uint64) {
 
 // Replace puts msg in the place of the queued message pushed with key,
 // which must not be 0, and reports whether there was one. It scans the
-// queue: O(length).
+// queue: O(length). It checks no bound: a larger msg may take the queue
+// past the bytes it was pushed within, until it drains.
 func (q *Queue) Replace(key uint64, msg []byte) bool {
 	c, i := q.head, q.hi
 	for range q.n {
