@@ -4,6 +4,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tether-ws/tether/adapter"
 	"github.com/tether-ws/tether/internal/shrink"
 )
 
@@ -42,7 +43,7 @@ func (d *dedupe) first(user, id string, now time.Time) bool {
 	if len(id) < minDedupeID {
 		return true
 	}
-	key := user + "\x00" + id
+	key := dedupeKey(user, id)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for d.head < len(d.order) {
@@ -80,6 +81,38 @@ func (d *dedupe) forget(user, id string) {
 		return
 	}
 	d.mu.Lock()
-	delete(d.seen, user+"\x00"+id)
+	delete(d.seen, dedupeKey(user, id))
 	d.mu.Unlock()
 }
+
+// once reports whether the request id of user is new: on every node
+// through the broker when it can (adapter.Deduper), else on this node.
+func (h *Hub) once(user, id string) bool {
+	if len(id) < minDedupeID {
+		return true
+	}
+	if d, ok := h.broker.(adapter.Deduper); ok && !h.brokerDown.Load() {
+		ctx, cancel := brokerContext()
+		first, err := d.Once(ctx, dedupeKey(user, id), dedupeWindow)
+		cancel()
+		if err == nil {
+			return first
+		}
+	}
+	return h.dedupe.first(user, id, time.Now())
+}
+
+// forgetID undoes once for a request that was not carried out.
+func (h *Hub) forgetID(user, id string) {
+	if len(id) < minDedupeID {
+		return
+	}
+	h.dedupe.forget(user, id)
+	if d, ok := h.broker.(adapter.Deduper); ok && !h.brokerDown.Load() {
+		ctx, cancel := brokerContext()
+		_ = d.Forget(ctx, dedupeKey(user, id)) // the window ends it anyway
+		cancel()
+	}
+}
+
+func dedupeKey(user, id string) string { return user + "\x00" + id }

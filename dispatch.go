@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
-	"time"
 	"unicode/utf8"
 
 	"github.com/coder/websocket"
@@ -127,7 +126,7 @@ func (h *Hub) request(c *Conn, f wire.Frame) {
 			h.deny(c, f.ID, "publication refused")
 			return
 		}
-		if !h.dedupe.first(c.hc.user, f.ID, time.Now()) {
+		if !h.once(c.hc.user, f.ID) {
 			h.count.duplicates.Add(1)
 			break // published already: the repeat is acked, not published
 		}
@@ -136,7 +135,7 @@ func (h *Hub) request(c *Conn, f wire.Frame) {
 			stored = wire.Store(f.Kind, f.Data)
 		}
 		if err := h.publish(f.Topic, stored, stored); err != nil {
-			h.dedupe.forget(c.hc.user, f.ID) // not published: a repeat must be
+			h.forgetID(c.hc.user, f.ID) // not published: a repeat must be
 			h.fail(c, f.ID, err)
 			return
 		}
@@ -145,7 +144,7 @@ func (h *Hub) request(c *Conn, f wire.Frame) {
 			h.deny(c, f.ID, "the server takes no direct messages")
 			return
 		}
-		if !h.dedupe.first(c.hc.user, f.ID, time.Now()) {
+		if !h.once(c.hc.user, f.ID) {
 			h.count.duplicates.Add(1)
 			break // handed over already
 		}

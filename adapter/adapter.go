@@ -16,6 +16,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"time"
 )
 
 // Position is a place in a topic's history: its epoch and the seq of a
@@ -172,6 +173,19 @@ type Broker interface {
 	// Members returns the users present on topic on every node, sorted
 	// by user ID, each with their conns on all nodes.
 	Members(ctx context.Context, topic string) ([]Member, error)
+}
+
+// Deduper is what a [Broker] may also implement so that a client's
+// request takes effect once across nodes: a client that reconnects to
+// another node sends its unanswered publications again with the same ids
+// (PROTOCOL.md, "pub"). Without it, each node remembers only the ids it
+// saw itself.
+type Deduper interface {
+	// Once records key for ttl and reports whether it is new: false when
+	// it was recorded within ttl, by any node.
+	Once(ctx context.Context, key string, ttl time.Duration) (bool, error)
+	// Forget drops key: what it named was not carried out after all.
+	Forget(ctx context.Context, key string) error
 }
 
 // RemoteMember is a user's presence on a topic at another node: present

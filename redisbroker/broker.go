@@ -1216,6 +1216,27 @@ func (b *Broker) Online(ctx context.Context, userID string) (bool, error) {
 	return n == 1, err
 }
 
+// Once implements [adapter.Deduper]: a key set with NX and a TTL, so that
+// a client's request repeated on another node takes effect once.
+func (b *Broker) Once(ctx context.Context, key string, ttl time.Duration) (bool, error) {
+	ctx, done, err := b.call(ctx)
+	if err != nil {
+		return false, err
+	}
+	defer done()
+	return b.rdb.SetNX(ctx, b.key("d", key), 1, ttl).Result()
+}
+
+// Forget implements [adapter.Deduper].
+func (b *Broker) Forget(ctx context.Context, key string) error {
+	ctx, done, err := b.call(ctx)
+	if err != nil {
+		return err
+	}
+	defer done()
+	return b.rdb.Del(ctx, b.key("d", key)).Err()
+}
+
 // newEpoch returns a random epoch, offered to Redis for a topic that has
 // none: 64 bits, in base64url as the core's own.
 func newEpoch() string {

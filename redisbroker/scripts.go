@@ -19,6 +19,8 @@ import "github.com/redis/go-redis/v9"
 //	P:nodes zset   every node, scored by when it expires (ms, Redis clock)
 //	P:nu:N  set    the users node N has recorded, for when it dies
 //	P:np:N  set    the presences node N has recorded ("<len(T)>:<T><U>")
+//	P:d:K   string a client request's id (K: user, NUL, id), for 2 minutes:
+//	               a repeat on any node is dropped (Broker.Once)
 
 // nowMs is the Redis clock in ms, so that nodes with skewed clocks agree
 // on expiries.
