@@ -25,9 +25,16 @@ type Backoff struct {
 	// Jitter is how a delay is drawn under its ceiling. Default FullJitter.
 	Jitter Jitter
 	// MaxRetries is how many attempts in a row may fail before the client
-	// gives up and closes; 0 retries forever. With [WithFallbackURLs], an
-	// attempt is one round through every URL.
+	// gives up and closes, or, with Quiet, pauses; 0 retries forever. With
+	// [WithFallbackURLs], an attempt is one round through every URL.
 	MaxRetries int
+	// Quiet, with MaxRetries, turns giving up into a pause: after
+	// MaxRetries failed attempts in a row the client waits Quiet, still
+	// Reconnecting, then starts another round as from its first failure
+	// (the next attempt comes Quiet after the last). A server that is down
+	// for long sees a few attempts per client per Quiet, not a steady
+	// trickle at Max. 0, the default, gives up.
+	Quiet time.Duration
 	// StableAfter is how long a conn must stay up before the attempt count
 	// returns to zero, so that a server that accepts and then drops every
 	// conn at once is not hammered at the base delay. Default 10 s.
@@ -106,6 +113,8 @@ func (b Backoff) validate() error {
 		return fmt.Errorf("%w: unknown %v", errInvalidOption, b.Jitter)
 	case b.MaxRetries < 0:
 		return fmt.Errorf("%w: backoff max retries %d must not be negative", errInvalidOption, b.MaxRetries)
+	case b.Quiet < 0:
+		return fmt.Errorf("%w: backoff quiet %v must not be negative", errInvalidOption, b.Quiet)
 	}
 	return nil
 }

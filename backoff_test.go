@@ -357,6 +357,7 @@ func TestBackoffValidate(t *testing.T) {
 		{"jitter above range", Backoff{Jitter: NoJitter + 1}},
 		{"negative jitter", Backoff{Jitter: -1}},
 		{"negative max retries", Backoff{MaxRetries: -1}},
+		{"negative quiet", Backoff{MaxRetries: 3, Quiet: -time.Second}},
 	}
 	for _, tt := range invalid {
 		err := tt.b.validate()

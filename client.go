@@ -99,7 +99,7 @@ type request struct {
 // another 4xx but 408, 425 and 429; close code 4401 or 4403): the error
 // wraps [ErrUnauthorized], [ErrForbidden] or [ErrRejected]. Other failures
 // are retried with backoff until ctx ends, or until [Backoff].MaxRetries
-// attempts in a row have failed. Dial returns an error that starts
+// attempts in a row have failed (without [Backoff].Quiet). Dial returns an error that starts
 // "tether: invalid option" for options that make no sense.
 //
 // After Dial, the client stays connected in the background until

@@ -57,8 +57,14 @@ func (cl *Client) run(first chan<- error) {
 				return
 			}
 			if b.MaxRetries > 0 && failures >= b.MaxRetries {
-				cl.finish(fmt.Errorf("tether: gave up after %d attempts: %w", failures, err), first)
-				return
+				if b.Quiet <= 0 {
+					cl.finish(fmt.Errorf("tether: gave up after %d attempts: %w", failures, err), first)
+					return
+				}
+				// A pause, then another round from the first delay.
+				cl.cfg.conn.logger.Info("tether: connect failed; quiet before another round", "attempts", failures, "quiet", b.Quiet, "err", err)
+				failures, attempt, wait = 0, 0, b.Quiet
+				continue
 			}
 			wait = b.Delay(attempt)
 			if after := retryAfter(err); after > 0 {

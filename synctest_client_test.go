@@ -329,3 +329,62 @@ func TestSynctestPresenceLeaveAfterGrace(t *testing.T) {
 		}
 	})
 }
+
+// With MaxRetries and Quiet, the client tries a round of MaxRetries
+// attempts, waits Quiet, and tries another round from the first delay:
+// exactly, never giving up.
+func TestSynctestClientQuietBetweenRounds(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := newBubbleHub(t)
+		defer b.stop()
+		backoff := tether.Backoff{Base: time.Second, Max: 8 * time.Second, Jitter: tether.NoJitter, MaxRetries: 5, Quiet: time.Minute}
+		var states stateLog
+		cl, err := tether.Dial(t.Context(), "ws://pipe/", tether.WithHTTPClient(b.httpClient()),
+			tether.WithBackoff(backoff), tether.WithObserver(states.observer()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cl.Close()
+
+		time.Sleep(time.Second)
+		b.stop()
+		synctest.Wait()
+		lost := states.last(tether.Reconnecting)
+		if lost.IsZero() {
+			t.Fatal("the client did not see its conn go")
+		}
+		time.Sleep(3 * time.Minute)
+		synctest.Wait()
+		// The first round: Delay(0) to Delay(4) after the loss. Each next
+		// round: a minute after the last failure, then Delay(0) to Delay(3).
+		var want []time.Duration
+		var at time.Duration
+		for i := range backoff.MaxRetries {
+			at += backoff.Delay(i)
+			want = append(want, at)
+		}
+		for at+backoff.Quiet <= 3*time.Minute {
+			at += backoff.Quiet
+			want = append(want, at)
+			for i := range backoff.MaxRetries - 1 {
+				if at+backoff.Delay(i) > 3*time.Minute {
+					break
+				}
+				at += backoff.Delay(i)
+				want = append(want, at)
+			}
+		}
+		if got := b.attemptsSince(lost); !slices.Equal(got, want) {
+			t.Fatalf("attempts at %v after the loss, want %v", got, want)
+		}
+		if s := cl.State(); s != tether.Reconnecting {
+			t.Fatalf("state %v after three rounds, want reconnecting still", s)
+		}
+		b.start()
+		time.Sleep(2 * time.Minute)
+		synctest.Wait()
+		if s := cl.State(); s != tether.Connected {
+			t.Fatalf("state %v after the hub came back, want connected", s)
+		}
+	})
+}
