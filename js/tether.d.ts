@@ -22,6 +22,8 @@ export interface BackoffOptions {
   stableAfter?: number
   /** Rounds of attempts in a row that may fail before the client closes with 'gave_up'; 0 (default) retries forever. */
   maxRetries?: number
+  /** With maxRetries: after that many failed rounds in a row, wait this long (ms), then start another round instead of giving up. 0 (the default) gives up. */
+  quiet?: number
 }
 
 /** The constructor of a WHATWG WebSocket: the browser's, or the ws package's in Node. */
@@ -58,6 +60,8 @@ export interface TetherOptions {
   /** The heartbeat until a welcome gives the server's, ms; timeout also bounds each attempt. Default 15000 / 30000. */
   heartbeat?: { interval?: number, timeout?: number }
   /** How long a probe (a ping when the page becomes visible, the network comes back, or probe()) waits for an answer, ms, bounded by timeout − interval. Default 2000. */
+  /** How long the client may be without a conn before it emits 'offline', once per outage, ms. Default 5000; 0: never. */
+  offlineAfter?: number
   probeGrace?: number
   /** Clock and timers, for tests: now() is wall-clock ms (default Date.now). */
   timers?: {
@@ -122,6 +126,8 @@ export interface TetherEvents {
   state: (state: TetherState, err: TetherError | undefined) => void
   /** A direct message from the server application: a JSON value, a string for text that is not JSON, or a Uint8Array for bytes. */
   message: (data: any) => void
+  /** The client has not been connected for offlineAfter ms: once per outage. */
+  offline: () => void
   /** A presence message of a subscribed topic, applied to presence(topic) before the event. */
   presence: (topic: string, change: PresenceChange) => void
   /** The client cannot resume topic: reload its state; live messages follow. */

@@ -85,10 +85,11 @@ export const SUBPROTOCOL = 'tether.v1'
 
 const OPEN = 1 // WebSocket.OPEN, the same in browsers and in ws
 
-const DEFAULT_BACKOFF = { base: 500, max: 30000, factor: 2, jitter: 'full', stableAfter: 10000, maxRetries: 0 }
+const DEFAULT_BACKOFF = { base: 500, max: 30000, factor: 2, jitter: 'full', stableAfter: 10000, maxRetries: 0, quiet: 0 }
 const DEFAULT_HEARTBEAT = { interval: 15000, timeout: 30000 }
 const DEFAULT_BUFFER = { messages: 256, bytes: 1 << 20 }
 const DEFAULT_PROBE_GRACE = 2000
+const DEFAULT_OFFLINE_AFTER = 5000
 const MAX_RETRY_HINT = 3600000 // what a server may ask a client to wait, at most (1 h)
 
 /**
@@ -136,6 +137,10 @@ export class TetherError extends Error {
  *   goes on.
  * - `rtt` (ms): the round trip of a protocol ping.
  * - `welcome` (welcome): the welcome of each new conn, as the server sent it.
+ * - `offline` (): the client has not been connected for offlineAfter ms
+ *   (default 5000), once per outage, counted from the start or from
+ *   leaving 'connected': to show "offline" without flickering at every
+ *   brief reconnect.
  */
 export class TetherClient {
   /**
@@ -166,6 +171,9 @@ export class TetherClient {
     /** @internal */ this._buf = buffer
     /** @internal */ this._hb = hb
     /** @internal */ this._probeGrace = o.probeGrace ?? DEFAULT_PROBE_GRACE
+    /** @internal */ this._offlineAfter = o.offlineAfter ?? DEFAULT_OFFLINE_AFTER
+    if (!(this._offlineAfter >= 0)) throw new TypeError('tether: offlineAfter must not be negative')
+    /** @internal */ this._offlineTimer = null // runs while not connected, until offline is emitted
     /** @internal */ this._token = o.token
     /** @internal */ this._now = t.now ?? (() => Date.now())
     /** @internal */ this._setTimeout = t.setTimeout ?? ((fn, ms) => globalThis.setTimeout(fn, ms))
@@ -173,6 +181,7 @@ export class TetherClient {
 
     /** @internal @type {Map<string, Set<Function>>} */ this._listeners = new Map()
     /** @internal */ this._state = 'connecting'
+    this._armOffline() // the outage runs from the start too
     /** @internal */ this._closed = false
     /** @internal @type {Link | null} */ this._link = null // the conn being made or up
     /** @internal */ this._live = false // the link is resubscribed and flushed: send on it
@@ -434,7 +443,14 @@ export class TetherClient {
     this._failures++
     const b = this._backoff
     if (b.maxRetries > 0 && this._failures >= b.maxRetries) {
-      this._finish(new TetherError('gave_up', `tether: gave up after ${this._failures} attempts: ${err.message}`, { cause: err }))
+      if (!(b.quiet > 0)) {
+        this._finish(new TetherError('gave_up', `tether: gave up after ${this._failures} attempts: ${err.message}`, { cause: err }))
+        return
+      }
+      // A pause, then another round from the first delay.
+      this._failures = 0
+      this._attempt = 0
+      this._schedule(b.quiet, false)
       return
     }
     const d = backoffDelay(b, this._attempt)
@@ -924,8 +940,27 @@ export class TetherClient {
   /** @internal */
   _setState (state, err) {
     if (this._state === state) return
+    const was = this._state
     this._state = state
+    if (state === 'connected' || state === 'closed') {
+      if (this._offlineTimer) this._clearTimeout(this._offlineTimer)
+      this._offlineTimer = null
+    } else if (was === 'connected') {
+      this._armOffline()
+    }
     this._emit('state', state, err)
+  }
+
+  /**
+   * @internal Emits 'offline' once the client has not been connected for
+   * offlineAfter, once per outage.
+   */
+  _armOffline () {
+    if (this._offlineTimer || !(this._offlineAfter > 0)) return
+    this._offlineTimer = this._setTimeout(() => {
+      if (this._state !== 'connected' && this._state !== 'closed') this._emit('offline')
+    }, this._offlineAfter)
+    this._offlineTimer?.unref?.()
   }
 
   /** @internal */
@@ -1416,6 +1451,7 @@ function checkBackoff (b) {
   if (!(b.factor >= 1) || !Number.isFinite(b.factor)) bad('factor must be a number of at least 1')
   if (!['full', 'equal', 'none', 'decorrelated'].includes(b.jitter)) bad(`unknown jitter ${JSON.stringify(b.jitter)}`)
   if (!(b.maxRetries >= 0)) bad('maxRetries must not be negative')
+  if (!(b.quiet >= 0)) bad('quiet must not be negative')
 }
 
 /** The retry_ms hint of a close reason, or 0. */

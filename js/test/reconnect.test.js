@@ -137,3 +137,35 @@ test('a dropped conn is retried with backoff and the client keeps its subscripti
   await until(() => got.length > 0, 2000, 'the message')
   assert.deepEqual(got, ['still here'])
 })
+
+test('maxRetries with quiet: a round, a pause, another round, never giving up', async () => {
+  const bad = await refusedURL()
+  const rec = recordingWebSocket()
+  const c = client(bad, { WebSocket: rec.WebSocket, backoff: { base: 50, max: 50, jitter: 'none', maxRetries: 3, quiet: 600 } })
+  await until(() => rec.urls.length >= 6, 5000, 'two rounds')
+  assert.notEqual(c.state, 'closed')
+  const t = rec.times
+  // Within a round 50 ms apart; between rounds the quiet 600 ms.
+  assert.ok(t[1] - t[0] < 400 && t[2] - t[1] < 400, `within the first round: ${t[1] - t[0]}, ${t[2] - t[1]} ms`)
+  assert.ok(t[3] - t[2] >= 590, `the pause: ${t[3] - t[2]} ms, want the quiet 600`)
+  assert.ok(t[4] - t[3] < 400, `the second round: ${t[4] - t[3]} ms`)
+})
+
+test("'offline' once per outage, after offlineAfter, and not for a short one", async () => {
+  const c = client(srv.url('olga'), { offlineAfter: 400, backoff: { base: 50, max: 50, jitter: 'none' } })
+  let offline = 0
+  c.on('offline', () => offline++)
+  await state(c, 'connected')
+  // A short outage: kicked, back within 50 ms.
+  const back = next(c, 'state', (s) => s === 'connected')
+  await srv.ctl('kick', { user: 'olga' })
+  await back
+  await sleep(600)
+  assert.equal(offline, 0, 'a short outage emitted offline')
+  // A long one: the server gone for a second.
+  await srv.ctl('restart', { delay: 1200 })
+  await until(() => offline === 1, 3000, 'offline')
+  await state(c, 'connected', 5000)
+  await sleep(500)
+  assert.equal(offline, 1, 'offline emitted more than once for one outage')
+})
