@@ -199,6 +199,23 @@ func (cl *Client) Close() error {
 // Subscribe from a handler: it waits for the server, whose answer the
 // handler holds up.
 func (cl *Client) Subscribe(ctx context.Context, topic string, handler func(Message)) error {
+	return cl.subscribe(ctx, topic, nil, handler)
+}
+
+// SubscribeFrom is [Client.Subscribe] from a position the application
+// kept, across a restart of its process say: the [Message].Position of
+// the last message of topic it handled. The server replays what came
+// after it, then live messages; when its history no longer holds them,
+// [Observer].Resync reports the topic (reload it), and live messages
+// follow. A zero from is Subscribe.
+func (cl *Client) SubscribeFrom(ctx context.Context, topic string, from Position, handler func(Message)) error {
+	if from.Epoch == "" {
+		return cl.subscribe(ctx, topic, nil, handler)
+	}
+	return cl.subscribe(ctx, topic, &from, handler)
+}
+
+func (cl *Client) subscribe(ctx context.Context, topic string, from *Position, handler func(Message)) error {
 	if err := checkTopic(topic); err != nil {
 		return fmt.Errorf("tether: subscribe: %w", err)
 	}
@@ -207,6 +224,9 @@ func (cl *Client) Subscribe(ctx context.Context, topic string, handler func(Mess
 	}
 	answer := make(chan error, 1)
 	sub := &subscription{topic: topic, handler: handler, waiter: answer}
+	if from != nil {
+		sub.pos, sub.known = *from, true
+	}
 	cl.mu.Lock()
 	switch {
 	case cl.closed:

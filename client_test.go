@@ -886,3 +886,85 @@ func TestClientSendsTakeEffectOnce(t *testing.T) {
 		t.Errorf("%d publications, want 1", pub)
 	}
 }
+
+// SubscribeFrom resumes from a position a previous client kept: the
+// messages after it, then live ones; from a position the history cannot
+// serve, a resync, then live ones.
+func TestClientSubscribeFrom(t *testing.T) {
+	s := newSite(t)
+	ctx := context.Background()
+	for i := 1; i <= 5; i++ {
+		if err := s.Hub().Publish("saved", numbered(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first := dial(t, s.url())
+	got := make(chan tether.Message, 10)
+	if err := first.SubscribeFrom(ctx, "saved", tether.Position{}, func(m tether.Message) { got <- m }); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Hub().Publish("saved", numbered(6)); err != nil {
+		t.Fatal(err)
+	}
+	m := recvWithin(t, got) // live only: the zero position is a plain Subscribe
+	if m.Position.Seq != 6 {
+		t.Fatalf("a plain subscription got seq %d first, want the live 6", m.Position.Seq)
+	}
+	kept := tether.Position{Epoch: m.Position.Epoch, Seq: 3}
+	first.Close()
+
+	resyncs := make(chan string, 4)
+	again := dial(t, s.url(), tether.WithObserver(tether.Observer{Resync: func(topic string) { resyncs <- topic }}))
+	replay := make(chan tether.Message, 10)
+	if err := again.SubscribeFrom(ctx, "saved", kept, func(m tether.Message) { replay <- m }); err != nil {
+		t.Fatal(err)
+	}
+	for want := uint64(4); want <= 6; want++ {
+		select {
+		case m := <-replay:
+			if m.Position != (tether.Position{Epoch: kept.Epoch, Seq: want}) || string(m.Data) != string(numbered(int(want))) {
+				t.Fatalf("got %+v %s, want seq %d", m.Position, m.Data, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("seq %d never came", want)
+		}
+	}
+	select {
+	case topic := <-resyncs:
+		t.Fatalf("resync of %q from a position the history holds", topic)
+	default:
+	}
+
+	stale := dial(t, s.url(), tether.WithObserver(tether.Observer{Resync: func(topic string) { resyncs <- topic }}))
+	live := make(chan tether.Message, 10)
+	if err := stale.SubscribeFrom(ctx, "saved", tether.Position{Epoch: "gone", Seq: 2}, func(m tether.Message) { live <- m }); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case topic := <-resyncs:
+		if topic != "saved" {
+			t.Fatalf("resync of %q", topic)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no resync from a position of an epoch the server never had")
+	}
+	if err := s.Hub().Publish("saved", numbered(7)); err != nil {
+		t.Fatal(err)
+	}
+	if m := recvWithin(t, live); m.Position.Seq != 7 {
+		t.Fatalf("after the resync got seq %d, want the live 7", m.Position.Seq)
+	}
+}
+
+// recvWithin receives from ch within 5 s, or fails the test.
+func recvWithin[T any](t *testing.T, ch <-chan T) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(5 * time.Second):
+		t.Fatal("nothing received within 5 s")
+	}
+	var zero T
+	return zero
+}

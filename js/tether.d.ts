@@ -188,7 +188,7 @@ export declare class TetherClient {
   off<E extends keyof TetherEvents> (event: E, fn: TetherEvents[E]): this
 
   /** Resolves on the server's ack (rejects with its error code); the handler gets the messages from then on, resumed across reconnects: a JSON value, a string for text that is not JSON, or a Uint8Array for bytes. */
-  subscribe (topic: string, handler: (data: any, meta: MessageMeta) => void): Promise<SubscribePosition>
+  subscribe (topic: string, handler: (data: any, meta: MessageMeta) => void, options?: { since?: { epoch: string, seq: number } }): Promise<SubscribePosition>
   /** Also forgets the topic's presence. */
   unsubscribe (topic: string): void
   /** Who is on topic, as the server last told; undefined when not subscribed to it, or no presence of it has come yet (a topic that tracks none sends none). Kept across reconnects until the new conn's snapshot replaces it. */

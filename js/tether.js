@@ -270,13 +270,22 @@ export class TetherClient {
    * from the last message handler received, so that it gets exactly what
    * it missed, or a 'resync' event when the server no longer has it.
    * While offline, it waits for the next conn. Rejects with a TetherError
-   * carrying the server's code (forbidden, ...) when refused.
+   * carrying the server's code (forbidden, ...) when refused. With
+   * {since: {epoch, seq}}, the meta of the last message the application
+   * handled (kept in localStorage, say), it starts from there: the
+   * messages after it first, or a 'resync' event when the server no
+   * longer has them.
    * @param {string} topic
    * @param {(data: any, meta: {topic: string, epoch: string, seq: number}) => void} handler
+   * @param {{since?: {epoch: string, seq: number}}} [options]
    * @returns {Promise<{topic: string, epoch?: string, seq?: number}>}
    */
-  subscribe (topic, handler) {
+  subscribe (topic, handler, options) {
     if (this._closed) return Promise.reject(closedError('subscribe'))
+    const since = options?.since
+    if (since != null && (typeof since.epoch !== 'string' || !isUint(since.seq))) {
+      return Promise.reject(new TypeError('tether: subscribe: since must be {epoch: string, seq: integer}, the meta of a message'))
+    }
     const problem = topicProblem(topic)
     if (problem) return Promise.reject(new TetherError('bad_request', `tether: subscribe: ${problem}`, { topic }))
     if (typeof handler !== 'function') return Promise.reject(new TypeError('tether: subscribe: handler must be a function'))
@@ -284,6 +293,13 @@ export class TetherClient {
     return new Promise((resolve, reject) => {
       /** @type {Sub} */
       const sub = { topic, handler, epoch: '', seq: 0, known: false, acked: false, waiter: { resolve, reject }, retry: null, retries: 0, pres: null, presFirst: true }
+      if (since?.epoch) {
+        // From a position the application kept: the server replays what
+        // came after it, or answers with a resync.
+        sub.epoch = since.epoch
+        sub.seq = since.seq
+        sub.known = true
+      }
       this._subs.set(topic, sub)
       const link = this._link
       // A conn already welcomed has taken its list of topics: this one

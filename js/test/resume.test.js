@@ -201,3 +201,33 @@ test('publications in flight when the conn drops: each settles, none arrives twi
     if (settled[i] === 'ok') assert.ok(values.includes(i), `acked ${i} not delivered`)
   }
 })
+
+test('subscribe from a position the application kept: what came after it, or a resync', async () => {
+  await srv.publish('kept:a', ...range(1, 5).map((i) => ({ i })))
+  const first = client(srv.url('kim'))
+  const metas = []
+  await first.subscribe('kept:a', (data, m) => metas.push(m))
+  await srv.publish('kept:a', { i: 6 })
+  await until(() => metas.length === 1, 2000, 'a live message')
+  const kept = { epoch: metas[0].epoch, seq: 3 }
+  await first.close()
+
+  const again = client(srv.url('kim'))
+  const got = []
+  const resyncs = []
+  again.on('resync', (t) => resyncs.push(t))
+  await again.subscribe('kept:a', (data, m) => got.push([data.i, m.seq]), { since: kept })
+  await until(() => got.length === 3, 2000, 'the messages after the kept position')
+  assert.deepEqual(got, [[4, 4], [5, 5], [6, 6]])
+  assert.deepEqual(resyncs, [])
+
+  const stale = client(srv.url('kim'))
+  const events = []
+  stale.on('resync', (t) => events.push(['resync', t]))
+  await stale.subscribe('kept:a', (data) => events.push(['msg', data.i]), { since: { epoch: 'gone', seq: 2 } })
+  await until(() => events.length === 1, 2000, 'the resync')
+  await srv.publish('kept:a', { i: 7 })
+  await until(() => events.length === 2, 2000, 'the next live message')
+  assert.deepEqual(events, [['resync', 'kept:a'], ['msg', 7]])
+  await assert.rejects(stale.subscribe('kept:b', () => {}, { since: { epoch: 1 } }), TypeError)
+})
