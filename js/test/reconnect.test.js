@@ -152,20 +152,20 @@ test('maxRetries with quiet: a round, a pause, another round, never giving up', 
 })
 
 test("'offline' once per outage, after offlineAfter, and not for a short one", async () => {
-  const c = client(srv.url('olga'), { offlineAfter: 400, backoff: { base: 50, max: 50, jitter: 'none' } })
+  const c = client(srv.url('olga'), { offlineAfter: 1500, backoff: { base: 50, max: 50, jitter: 'none' } })
   let offline = 0
   c.on('offline', () => offline++)
   await state(c, 'connected')
-  // A short outage: kicked, back within 50 ms.
+  // A short outage: kicked, back after a 50 ms backoff and a handshake.
   const back = next(c, 'state', (s) => s === 'connected')
   await srv.ctl('kick', { user: 'olga' })
   await back
-  await sleep(600)
+  await sleep(1700)
   assert.equal(offline, 0, 'a short outage emitted offline')
-  // A long one: the server gone for a second.
-  await srv.ctl('restart', { delay: 1200 })
-  await until(() => offline === 1, 3000, 'offline')
-  await state(c, 'connected', 5000)
+  // A long one: the server gone for 3 s.
+  await srv.ctl('restart', { delay: 3000 })
+  await until(() => offline === 1, 5000, 'offline')
+  await state(c, 'connected', 8000)
   await sleep(500)
   assert.equal(offline, 1, 'offline emitted more than once for one outage')
 })
