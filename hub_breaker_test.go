@@ -42,6 +42,10 @@ func burn(n int) (stop func()) {
 // Ready answers 503, and the conns already there stay. Once the load is
 // gone it closes, and everything flows again.
 func TestHubBreaker(t *testing.T) {
+	// One CPU: the breaker measures busy CPUs against what the process may
+	// use, and on a machine shared with other processes this one may not
+	// get 70 % of two, but gets one.
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
 	var hub *tether.Hub
 	var mu sync.Mutex
 	var changes []bool
@@ -88,7 +92,7 @@ func TestHubBreaker(t *testing.T) {
 		t.Fatal("overloaded at rest")
 	}
 
-	stop := burn(32 * runtime.GOMAXPROCS(0))
+	stop := burn(32)
 	stopped := false
 	defer func() {
 		if !stopped {
