@@ -58,8 +58,10 @@ func TestHubTopicPriorities(t *testing.T) {
 		if err := hub.Publish("fill", []byte(fmt.Sprintf("fill %d %s", fill, strings.Repeat("x", 64<<10)))); err != nil {
 			t.Fatal(err)
 		}
+		// Queued for half a second: the writer is blocked on a full
+		// socket, not merely waiting for a CPU.
 		stuck := true
-		for deadline := time.Now().Add(200 * time.Millisecond); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		for deadline := time.Now().Add(500 * time.Millisecond); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 			if hub.Stats().QueuedMessages == 0 {
 				stuck = false
 				break
