@@ -69,6 +69,11 @@ func appendEntry(dst []byte, kind wire.Kind, msg func([]byte) []byte) []byte {
 // msgEntry returns a v1 peer's queue entry for a msg of stored data.
 func msgEntry(topic, epoch string, seq uint64, stored []byte) []byte {
 	kind, data := wire.Load(stored)
+	return msgEntryOf(topic, epoch, seq, kind, data)
+}
+
+// msgEntryOf is msgEntry for data of kind.
+func msgEntryOf(topic, epoch string, seq uint64, kind wire.Kind, data []byte) []byte {
 	dst := make([]byte, 0, len(data)+len(topic)+len(epoch)+64)
 	return appendEntry(dst, kind, func(b []byte) []byte { return wire.AppendMsgOf(b, topic, epoch, seq, kind, data) })
 }
@@ -85,7 +90,7 @@ func directEntry(raw []byte) ([]byte, bool) {
 		}
 		data = compact
 	}
-	return msgEntry("", "", 0, wire.Store(kind, data)), true
+	return msgEntryOf("", "", 0, kind, data), true
 }
 
 // joiner joins v1 queue entries, with newlines, into entries of up to

@@ -621,22 +621,10 @@ func (r *overloadRun) probes(ctx context.Context, res *OverloadResult) {
 // waits for the readers.
 func (r *overloadRun) closeAll() {
 	r.closing.Store(true)
-	peers := r.list()
-	work := make(chan *overloadPeer)
-	var wg sync.WaitGroup
-	for range min(64, len(peers)) {
-		wg.Go(func() {
-			for p := range work {
-				_ = p.c.CloseNow()
-				<-p.done
-			}
-		})
-	}
-	for _, p := range peers {
-		work <- p
-	}
-	close(work)
-	wg.Wait()
+	forEach64(r.list(), func(p *overloadPeer) {
+		_ = p.c.CloseNow()
+		<-p.done
+	})
 }
 
 func (r *OverloadResult) print(w io.Writer) error {

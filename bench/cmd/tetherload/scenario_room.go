@@ -685,22 +685,10 @@ func presenceCount(line []byte, prev int64, snapshot bool) int64 {
 // waits for the readers.
 func (r *roomRun) closeAll() {
 	r.closing.Store(true)
-	peers := r.list()
-	work := make(chan *roomPeer)
-	var wg sync.WaitGroup
-	for range min(64, len(peers)) {
-		wg.Go(func() {
-			for p := range work {
-				_ = p.c.CloseNow()
-				<-p.done
-			}
-		})
-	}
-	for _, p := range peers {
-		work <- p
-	}
-	close(work)
-	wg.Wait()
+	forEach64(r.list(), func(p *roomPeer) {
+		_ = p.c.CloseNow()
+		<-p.done
+	})
 }
 
 func (r *RoomResult) print(w io.Writer) error {
