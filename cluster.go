@@ -2,7 +2,14 @@ package tether
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
 	"time"
+
+	"github.com/coder/websocket"
 
 	"github.com/tether-ws/tether/adapter"
 	"github.com/tether-ws/tether/internal/wire"
@@ -42,6 +49,8 @@ func (n *node) Presence(topic string, members []adapter.RemoteMember, snapshot b
 }
 
 func (n *node) Health(err error) { n.h.brokerHealth(err) }
+
+func (n *node) Relay(cmd []byte) { n.h.relayed(cmd) }
 
 // publishShared publishes data through the broker, which delivers it back
 // to this node along with every other node's. While the broker cannot be
@@ -172,7 +181,15 @@ func (h *Hub) catchUpSharedLocked(c *Conn, t *topic, since *wire.Since, id strin
 			if since == nil {
 				return nil, Position{}, nil // a plain ack: no position to give
 			}
-			return nil, Position{}, err
+			// The broker cannot be reached, so nothing can be replayed:
+			// the client resyncs, to where this node's own history
+			// numbers what it publishes meanwhile (it resyncs again
+			// when the link is back).
+			_, last, _, err := h.cfg.history.Since(context.Background(), t.name, Position{})
+			if err != nil {
+				return nil, Position{}, err
+			}
+			return [][]byte{wire.AppendResync(nil, t.name, last.Epoch)}, last, nil
 		}
 		t.pos = last
 	}
@@ -190,10 +207,9 @@ func (h *Hub) catchUpSharedLocked(c *Conn, t *topic, since *wire.Since, id strin
 	ctx, cancel := brokerContext()
 	entries, last, ok, err := h.broker.Since(ctx, t.name, pos)
 	cancel()
-	switch {
-	case err != nil:
-		return nil, t.pos, err
-	case !ok || last.Epoch != t.pos.Epoch || last.Seq < t.pos.Seq:
+	if err != nil || !ok || last.Epoch != t.pos.Epoch || last.Seq < t.pos.Seq {
+		// Not replayable, or not now (the broker cannot be reached): the
+		// client resyncs rather than fail to subscribe.
 		return resync, t.pos, nil
 	}
 	// Live messages go on after t.pos: replay up to there. A client
@@ -293,4 +309,169 @@ func (h *Hub) closeBroker() error {
 	var err error
 	h.brokerClose.Do(func() { err = h.broker.Close() })
 	return err
+}
+
+// What a hub relays to the other nodes through a broker that implements
+// adapter.Relay, so that an operation on every conn, or on all of a
+// user's conns, reaches them wherever they are.
+type relayCmd struct {
+	Op     string `json:"op"` // one of the relay* constants
+	User   string `json:"user,omitempty"`
+	Topic  string `json:"topic,omitempty"`
+	Data   []byte `json:"data,omitempty"`
+	Binary bool   `json:"binary,omitempty"`
+	Code   int    `json:"code,omitempty"`
+	Reason string `json:"reason,omitempty"`
+}
+
+const (
+	relayBroadcast   = "broadcast"
+	relayDisconnect  = "disconnect"
+	relaySubscribe   = "subscribe"
+	relayUnsubscribe = "unsubscribe"
+)
+
+// relay sends cmd to the other nodes: all of them, or those of cmd.User.
+// Without a broker that relays, there are none to reach. While the
+// broker's link is down it fails with ErrBrokerDown.
+func (h *Hub) relay(cmd relayCmd) error {
+	r, ok := h.broker.(adapter.Relay)
+	if !ok {
+		return nil
+	}
+	if h.brokerDown.Load() {
+		return fmt.Errorf("tether: %s: %w", cmd.Op, ErrBrokerDown)
+	}
+	b, err := json.Marshal(cmd)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := brokerContext()
+	defer cancel()
+	if err := r.Relay(ctx, cmd.User, b); err != nil {
+		return fmt.Errorf("tether: %s: %w: %w", cmd.Op, ErrBrokerDown, err)
+	}
+	return nil
+}
+
+// relayed is Node.Relay: it carries out what another node's hub relayed.
+// A subscription may wait on the broker, so it is made by a goroutine of
+// its own, which Shutdown and Close wait for.
+func (h *Hub) relayed(b []byte) {
+	var cmd relayCmd
+	if err := json.Unmarshal(b, &cmd); err != nil {
+		h.connCfg.logger.Warn("tether: malformed relayed command", "err", err)
+		return
+	}
+	switch cmd.Op {
+	case relayBroadcast:
+		if err := h.broadcast(cmd.Data, cmd.Binary); err != nil && !errors.Is(err, ErrHubClosed) {
+			h.connCfg.logger.Warn("tether: relayed broadcast", "err", err)
+		}
+	case relayDisconnect:
+		h.disconnectUser(cmd.User, websocket.StatusCode(cmd.Code), cmd.Reason)
+	case relaySubscribe, relayUnsubscribe:
+		h.relayMu.Lock()
+		defer h.relayMu.Unlock()
+		if h.relayStopped {
+			return
+		}
+		h.relays.Add(1)
+		go func() {
+			defer h.relays.Done()
+			h.subscribeUser(cmd.User, cmd.Topic, cmd.Op == relaySubscribe)
+		}()
+	default:
+		h.connCfg.logger.Warn("tether: unknown relayed command", "op", cmd.Op)
+	}
+}
+
+// stopRelays waits for the relayed subscriptions under way and refuses
+// new ones.
+func (h *Hub) stopRelays() {
+	h.relayMu.Lock()
+	h.relayStopped = true
+	h.relayMu.Unlock()
+	h.relays.Wait()
+}
+
+// userConns returns the user's live conns on this node.
+func (h *Hub) userConns(userID string) []*Conn {
+	u := &h.users[h.shard(userID)]
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return slices.Clone(u.m[userID])
+}
+
+// DisconnectUser closes every conn of the user, on this node and, with a
+// broker, on every other, with code and reason as [Conn.Close] does: to
+// sign a user out everywhere, or after revoking their access. It returns
+// how many conns it closed on this node; an error says that the other
+// nodes could not be reached (the broker's link is down) or that code or
+// reason is invalid, which closes nothing.
+func (h *Hub) DisconnectUser(userID string, code websocket.StatusCode, reason string) (int, error) {
+	if !validCloseCode(code) || len(reason) > maxCloseReason {
+		return 0, fmt.Errorf("tether: disconnect: invalid code %d or reason of %d bytes", code, len(reason))
+	}
+	n := h.disconnectUser(userID, code, reason)
+	if h.broker == nil {
+		return n, nil
+	}
+	return n, h.relay(relayCmd{Op: relayDisconnect, User: userID, Code: int(code), Reason: reason})
+}
+
+func (h *Hub) disconnectUser(userID string, code websocket.StatusCode, reason string) int {
+	n := 0
+	for _, c := range h.userConns(userID) {
+		if c.Close(code, reason) == nil {
+			n++
+		}
+	}
+	return n
+}
+
+// SubscribeUser subscribes every conn of the user, on this node and, with
+// a broker, on every other, to topic, as [Hub.Subscribe] does for one: to
+// add a user to a room from the server. Conns the user opens later are
+// not subscribed by it. An error says that the topic is invalid or that
+// the other nodes could not be reached.
+func (h *Hub) SubscribeUser(userID, topic string) error {
+	return h.userTopic(userID, topic, true)
+}
+
+// UnsubscribeUser is the reverse of [Hub.SubscribeUser].
+func (h *Hub) UnsubscribeUser(userID, topic string) error {
+	return h.userTopic(userID, topic, false)
+}
+
+func (h *Hub) userTopic(userID, topic string, sub bool) error {
+	if err := checkTopic(topic); err != nil {
+		return err
+	}
+	if h.isClosing() {
+		return ErrHubClosed
+	}
+	h.subscribeUser(userID, topic, sub)
+	if h.broker == nil {
+		return nil
+	}
+	op := relayUnsubscribe
+	if sub {
+		op = relaySubscribe
+	}
+	return h.relay(relayCmd{Op: op, User: userID, Topic: topic})
+}
+
+func (h *Hub) subscribeUser(userID, topic string, sub bool) {
+	for _, c := range h.userConns(userID) {
+		var err error
+		if sub {
+			err = h.Subscribe(c, topic)
+		} else {
+			err = h.Unsubscribe(c, topic)
+		}
+		if err != nil && !errors.Is(err, net.ErrClosed) {
+			h.connCfg.logger.Debug("tether: subscribe user", "user", userID, "topic", topic, "err", err)
+		}
+	}
 }

@@ -90,6 +90,12 @@ var (
 	// text message must be (RFC 6455, section 5.6). Send bytes as binary.
 	ErrInvalidUTF8 = errors.New("tether: text is not valid UTF-8")
 
+	// ErrBrokerDown: an operation that reaches every node
+	// ([Hub.Broadcast], [Hub.DisconnectUser], [Hub.SubscribeUser]) could
+	// not reach the other nodes: the broker's link is down. This node's
+	// conns were reached.
+	ErrBrokerDown = errors.New("tether: broker unreachable")
+
 	// ErrOffline: a volatile message found the [Client] not Connected and
 	// was dropped.
 	ErrOffline = errors.New("tether: offline")

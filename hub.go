@@ -84,6 +84,9 @@ type Hub struct {
 	brokerDown   atomic.Bool
 	brokerLinked atomic.Bool // the broker has reported its link up once
 	brokerClose  sync.Once
+	relayMu      sync.Mutex     // guards relayStopped
+	relayStopped bool           // Shutdown or Close waits for relays
+	relays       sync.WaitGroup // subscriptions relayed by other nodes
 
 	conns  [shards]connShard
 	topics [shards]topicShard
@@ -612,14 +615,24 @@ func (h *Hub) Conn(id string) *Conn {
 
 // Broadcast sends data, text in valid UTF-8 ([ErrInvalidUTF8] otherwise),
 // to every conn of the hub: as a direct message to protocol v1 peers, and
-// byte for byte in a text message to raw peers. Broadcast keeps no
-// reference to data. It never blocks: a conn whose queue is full is
-// handled by the overflow policy.
-func (h *Hub) Broadcast(data []byte) error { return h.broadcast(data, false) }
+// byte for byte in a text message to raw peers. With a broker that
+// relays (redisbroker does), it reaches every conn of every node: this
+// node's at once, the others' once the broker has taken it, which
+// Broadcast waits for; [ErrBrokerDown] says the other nodes could not be
+// reached. Broadcast keeps no reference to data. It never waits on a
+// conn: one whose queue is full is handled by the overflow policy.
+func (h *Hub) Broadcast(data []byte) error { return h.broadcastAll(data, false) }
 
 // BroadcastBinary is [Hub.Broadcast] for bytes, which raw peers get in a
 // binary message.
-func (h *Hub) BroadcastBinary(data []byte) error { return h.broadcast(data, true) }
+func (h *Hub) BroadcastBinary(data []byte) error { return h.broadcastAll(data, true) }
+
+func (h *Hub) broadcastAll(data []byte, binary bool) error {
+	if err := h.broadcast(data, binary); err != nil || h.broker == nil {
+		return err
+	}
+	return h.relay(relayCmd{Op: relayBroadcast, Data: data, Binary: binary})
+}
 
 func (h *Hub) broadcast(data []byte, binary bool) error {
 	raw, v1, err := h.encodeDirect(data, binary)
@@ -1291,6 +1304,7 @@ func (h *Hub) shutdown(ctx context.Context, graceful bool) error {
 	}
 	h.stopTimers()
 	h.breaker.close()
+	h.stopRelays()
 	if h.broker != nil {
 		if cerr := h.closeBroker(); err == nil {
 			err = cerr

@@ -550,7 +550,31 @@ func (h *Hub) Online(userID string) bool {
 // of its live conns, or when its last conn ended. ok is false for a user
 // the hub does not know, or has forgotten (it remembers 131,072 offline
 // users, forgetting the longest gone first).
+//
+// With a broker that relays (redisbroker does), a user with no conn here
+// is looked up on every node: one online elsewhere was heard from within
+// a heartbeat, and LastSeen returns the time of the call; one gone from
+// every node was last seen when their last conn on any node ended. While
+// the broker cannot be reached it answers from this node alone.
 func (h *Hub) LastSeen(userID string) (at time.Time, ok bool) {
+	at, ok, here := h.lastSeenHere(userID)
+	r, relays := h.broker.(adapter.Relay)
+	if here || !relays || h.brokerDown.Load() {
+		return at, ok
+	}
+	ctx, cancel := brokerContext()
+	defer cancel()
+	if on, err := h.broker.Online(ctx, userID); err == nil && on {
+		return time.Now(), true
+	}
+	if t, found, err := r.LastSeen(ctx, userID); err == nil && found && t.After(at) {
+		return t, true
+	}
+	return at, ok
+}
+
+// lastSeenHere is LastSeen on this node; here reports a live conn.
+func (h *Hub) lastSeenHere(userID string) (at time.Time, ok, here bool) {
 	u := &h.users[h.shard(userID)]
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -560,8 +584,8 @@ func (h *Hub) LastSeen(userID string) (at time.Time, ok bool) {
 				at = t
 			}
 		}
-		return at, true
+		return at, true, true
 	}
 	at, ok = u.seen[userID]
-	return at, ok
+	return at, ok, false
 }

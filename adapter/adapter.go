@@ -188,6 +188,22 @@ type Deduper interface {
 	Forget(ctx context.Context, key string) error
 }
 
+// Relay is what a [Broker] may also implement so that the hub's
+// operations on every conn, or on all of a user's conns, reach every
+// node: tether.Hub's Broadcast, DisconnectUser, SubscribeUser and
+// UnsubscribeUser, and LastSeen for users gone from every node. Without
+// it they reach this node's conns only.
+type Relay interface {
+	// Relay hands cmd to [Node.Relay] on every other live node or, when
+	// userID is not empty, on every other node where the user has a conn.
+	// It is best effort: a node it cannot reach misses cmd, and no error
+	// says so. cmd is opaque to the broker.
+	Relay(ctx context.Context, userID string, cmd []byte) error
+	// LastSeen returns when the user's last conn on a node ended, as the
+	// cluster remembers it; ok is false when it remembers none.
+	LastSeen(ctx context.Context, userID string) (at time.Time, ok bool, err error)
+}
+
 // RemoteMember is a user's presence on a topic at another node: present
 // with Conns, or gone when Conns is empty.
 type RemoteMember struct {
@@ -217,6 +233,9 @@ type Node interface {
 	// whole presence of the other nodes on topic, replacing what the node
 	// knew.
 	Presence(topic string, members []RemoteMember, snapshot bool)
+	// Relay hands the node a command that another node's hub sent with
+	// [Relay.Relay]. The hub keeps cmd.
+	Relay(cmd []byte)
 	// Health reports the broker's link: err when it is lost, nil once it
 	// is back and Hold's promises hold again. The hub reports it to its
 	// observer, keeps delivering to its own conns meanwhile, and once the

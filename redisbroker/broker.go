@@ -1,29 +1,42 @@
-// Package redisbroker links tether hubs in several processes through a
-// Redis server: it is a [adapter.Broker].
+// Package redisbroker links tether hubs in several processes through
+// Redis: one server, one behind Sentinel, or a Redis Cluster. It is a
+// [adapter.Broker].
 //
-//	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:6379"})
+//	rdb := redis.NewUniversalClient(&redis.UniversalOptions{Addrs: []string{"127.0.0.1:6379"}})
 //	hub, err := tether.NewHub(tether.WithBroker(redisbroker.New(rdb)))
 //	...
 //	hub.Shutdown(ctx) // closes the broker
 //	rdb.Close()
 //
+// The same constructor takes a [redis.Client], a failover client of
+// Sentinel ([redis.NewFailoverClient], or UniversalOptions with
+// MasterName) or a [redis.ClusterClient] (UniversalOptions with several
+// Addrs). It needs Redis 7.0 or later, for sharded pub/sub.
+//
 // A topic's publications are numbered and kept in a Redis stream by one
-// Lua script, which also publishes them on the topic's pub/sub channel,
-// so every node sees one order. A node subscribes to a topic's channel
-// only while one of its conns holds the topic. Direct messages go to the
+// Lua script, which also publishes them on the topic's channel with
+// SPUBLISH, so every node sees one order. A node subscribes (SSUBSCRIBE)
+// to a topic's channel only while one of its conns holds the topic, so in
+// a cluster it receives only the topics it holds, from the masters that
+// serve them, over one connection per master. Direct messages go to the
 // channel of each node where the user has a conn, or to the user's
 // offline stream. Presence lives in a hash per topic, written by each
 // node for its own users; each node renews its own expiry in a sorted set
 // (its heartbeat), and when a node stops renewing, another removes what
 // it recorded and announces its users' leaves.
 //
-// When Redis cannot be reached the broker says so to the hub, which goes
-// on delivering to its own conns, and reconnects with the backoff of
-// [WithBackoff]; once back it re-subscribes, writes its users and
-// presence again, and the hub catches up every topic it holds.
+// Every key and channel of one topic (or user, or node) carries the same
+// hash tag, so that each script touches one slot of a cluster; the tag is
+// a hash of the name, so names spread evenly over the slots, and so over
+// the masters, whatever they look like.
 //
-// Redis Cluster is not supported: the scripts touch keys of several
-// slots. A single server, or one behind Sentinel, is.
+// When Redis cannot be reached, or a master of the cluster fails, the
+// broker says so to the hub, which goes on delivering to its own conns,
+// and reconnects with the backoff of [WithBackoff]; once back it
+// re-subscribes, writes its users and presence again, and the hub catches
+// up every topic it holds: it replays what it missed or, when a failover
+// lost messages, tells the topic's clients to resync (see "run_id" in
+// scripts.go).
 package redisbroker
 
 import (
@@ -33,6 +46,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"maps"
 	"slices"
@@ -52,9 +66,10 @@ var ErrUnavailable = errors.New("redisbroker: redis unavailable")
 // Broker is a [adapter.Broker] over Redis. Create it with [New] and pass
 // it to [tether.WithBroker]; it serves one hub.
 type Broker struct {
-	rdb redis.UniversalClient
-	cfg config
-	log *slog.Logger
+	rdb     redis.UniversalClient
+	cluster *redis.ClusterClient // rdb, when it is a cluster's
+	cfg     config
+	log     *slog.Logger
 
 	node adapter.Node
 	id   string
@@ -63,8 +78,8 @@ type Broker struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu        sync.Mutex // guards the fields below
-	ps        *redis.PubSub
+	mu        sync.Mutex      // guards the fields below
+	sess      *session        // nil between sessions
 	live      context.Context // ends with the session; valid while up
 	gen       uint64          // counts sessions: a Hold waiting on one that ended gives up
 	up        bool            // subscribed and reconciled: calls go to Redis
@@ -74,7 +89,8 @@ type Broker struct {
 	snapshots map[string]*pendingSnapshot                // by marker
 	ops       []op                                       // for the writer, in order
 	held      []string                                   // direct messages received before up, in order
-	run       string                                     // the Redis server's run_id, read at each session
+	run       string                                     // the run_id of the server (not a cluster), read at each session
+	runs      map[string]string                          // a cluster's masters' run_ids, by address, read once a session
 	directMu  sync.Mutex                                 // orders direct deliveries with reconcile's
 	wake      chan struct{}
 	closing   bool
@@ -82,12 +98,29 @@ type Broker struct {
 	writerStop, writerDone chan struct{}
 }
 
-// hold is a topic's references and the SUBSCRIBEs sent for it.
+// session is one run of the broker's link to Redis: a pub/sub connection
+// to each server it subscribes to channels of (one server, or in a
+// cluster the masters of the slots of those channels). The connections
+// end together: when one fails, or a cluster moves a slot away, the next
+// session subscribes again to wherever the channels are then.
+type session struct {
+	ctx       context.Context
+	cancel    context.CancelFunc
+	subs      map[string]*redis.PubSub // by server address; "" for a server that is not a cluster's
+	unsubs    map[string]int           // SUNSUBSCRIBEs sent and not yet confirmed, by channel
+	nodeReady chan struct{}            // closed when the node's channel is subscribed
+	err       error                    // why it ended
+	receivers sync.WaitGroup
+}
+
+// hold is a topic's references and the SSUBSCRIBEs sent for it.
 type hold struct {
 	n               int
 	sent, confirmed uint64
 	changed         chan struct{} // closed and replaced at each confirmation
 	channel         string
+	server          string // the address its SSUBSCRIBE went to in this session
+	subscribed      bool   // whether it went
 }
 
 // op is a write that the writer goroutine makes in order. An op made for
@@ -116,7 +149,8 @@ type opResult struct {
 }
 
 // New returns a broker over rdb, configured by opts. It does not own rdb:
-// close rdb after the hub has shut down.
+// close rdb after the hub has shut down. rdb may be a [redis.Client], a
+// Sentinel failover client or a [redis.ClusterClient].
 func New(rdb redis.UniversalClient, opts ...Option) *Broker {
 	cfg := defaults()
 	for _, o := range opts {
@@ -126,8 +160,10 @@ func New(rdb redis.UniversalClient, opts ...Option) *Broker {
 	if log == nil {
 		log = slog.Default()
 	}
+	cluster, _ := rdb.(*redis.ClusterClient)
 	return &Broker{
 		rdb:       rdb,
+		cluster:   cluster,
 		cfg:       cfg,
 		log:       log,
 		holds:     make(map[string]*hold),
@@ -138,9 +174,37 @@ func New(rdb redis.UniversalClient, opts ...Option) *Broker {
 	}
 }
 
-func (b *Broker) key(kind, name string) string     { return b.cfg.prefix + ":" + kind + ":" + name }
+// names are the keys and channels of one topic, user or node: P:{tag}:K:N
+// for prefix P, kind K and name N. They share the hash tag, so that a
+// script may touch all of them in a cluster; the tag is a 64-bit hash of
+// the name, so that names spread evenly over the cluster's slots however
+// alike they are, and a name holding braces cannot break the tag.
+type names struct{ base, name string }
+
+func (b *Broker) names(name string) names {
+	h := fnv.New64a()
+	h.Write([]byte(name))
+	return names{b.cfg.prefix + ":{" + strconv.FormatUint(h.Sum64(), 36) + "}:", name}
+}
+
+func (n names) key(kind string) string { return n.base + kind + ":" + n.name }
+
+func (b *Broker) key(kind, name string) string     { return b.names(name).key(kind) }
 func (b *Broker) topicChannel(topic string) string { return b.key("t", topic) }
 func (b *Broker) nodeChannel(id string) string     { return b.key("n", id) }
+func (b *Broker) nodesKey() string                 { return b.cfg.prefix + ":nodes" }
+
+// parseChannel splits a channel's name into its kind and name.
+func (b *Broker) parseChannel(channel string) (kind, name string, ok bool) {
+	rest, ok := strings.CutPrefix(channel, b.cfg.prefix+":{")
+	if !ok {
+		return "", "", false
+	}
+	if _, rest, ok = strings.Cut(rest, "}:"); !ok {
+		return "", "", false
+	}
+	return strings.Cut(rest, ":")
+}
 
 // Open implements [adapter.Broker]: it starts the broker's goroutines. It
 // does not wait for Redis: until the broker is linked, the hub delivers
@@ -195,8 +259,8 @@ func (b *Broker) Close() error {
 	}
 	b.cancel()
 	b.mu.Lock()
-	if b.ps != nil {
-		b.ps.Close() // ends the receive loop
+	if b.sess != nil {
+		b.endLocked(b.sess, errors.New("closed")) // ends the receive loops
 	}
 	b.mu.Unlock()
 	b.wg.Wait()
@@ -235,20 +299,55 @@ func (b *Broker) link() {
 
 // session subscribes to this node's channel and every held topic's,
 // reconciles the node's records in Redis, reports the link up, and
-// receives until the connection fails.
+// receives until a connection fails.
 func (b *Broker) session() error {
-	ps := b.rdb.Subscribe(b.ctx)
-	ctx, cancel := context.WithCancel(b.ctx)
+	s := &session{
+		subs:      make(map[string]*redis.PubSub),
+		unsubs:    make(map[string]int),
+		nodeReady: make(chan struct{}),
+	}
+	s.ctx, s.cancel = context.WithCancel(b.ctx)
+	defer s.cancel()
+	nodeChannel := b.nodeChannel(b.id)
+
+	// Where each channel goes is asked of the cluster before taking mu.
+	b.mu.Lock()
+	channels := []string{nodeChannel}
+	for _, h := range b.holds {
+		if h.n > 0 {
+			channels = append(channels, h.channel)
+		}
+	}
+	b.mu.Unlock()
+	servers := make(map[string]server, len(channels))
+	for _, ch := range channels {
+		srv, err := b.serverFor(s.ctx, ch)
+		if err != nil {
+			return err
+		}
+		servers[ch] = srv
+	}
+	run := ""
+	if b.cluster == nil {
+		info, err := b.rdb.Info(s.ctx, "server").Result()
+		if err != nil {
+			return err
+		}
+		var ok bool
+		if run, ok = infoField(info, "run_id"); !ok {
+			return errors.New("redisbroker: INFO server has no run_id")
+		}
+	}
+
 	b.mu.Lock()
 	if b.closing {
 		b.mu.Unlock()
-		cancel()
-		ps.Close()
 		return errors.New("closing")
 	}
-	b.ps, b.live = ps, ctx
+	b.sess, b.live = s, s.ctx
 	b.gen++
 	gen := b.gen
+	b.run, b.runs = run, make(map[string]string)
 	// Ops of the last session are covered by the records reconcile
 	// writes, but for messages to keep offline.
 	b.ops = slices.DeleteFunc(b.ops, func(o op) bool {
@@ -257,28 +356,45 @@ func (b *Broker) session() error {
 		}
 		return !o.durable
 	})
-	channels := []string{b.nodeChannel(b.id)}
+	err := b.subscribeLocked(s, nodeChannel, servers[nodeChannel])
 	var tickets []ticket
 	for topic, h := range b.holds {
 		// A new connection: the counts start again.
-		h.sent, h.confirmed = 0, 0
+		h.sent, h.confirmed, h.subscribed = 0, 0, false
 		if h.n == 0 {
 			delete(b.holds, topic)
 			continue
 		}
 		h.sent = 1
-		channels = append(channels, h.channel)
 		tickets = append(tickets, ticket{h, 1})
+		if err != nil {
+			continue
+		}
+		srv, ok := servers[h.channel]
+		if !ok { // held while the others were resolved: rare
+			b.mu.Unlock()
+			srv, err = b.serverFor(s.ctx, h.channel)
+			b.mu.Lock()
+			if err != nil || b.sess != s {
+				continue
+			}
+		}
+		err = b.subscribeHoldLocked(s, h, srv)
+	}
+	if err != nil {
+		b.endLocked(s, err)
 	}
 	b.mu.Unlock()
 
 	var ready sync.WaitGroup
 	defer func() {
-		cancel()
-		ps.Close()
-		ready.Wait()
 		b.mu.Lock()
-		b.ps, b.up = nil, false
+		b.endLocked(s, errors.New("session over"))
+		b.mu.Unlock()
+		ready.Wait()
+		s.receivers.Wait()
+		b.mu.Lock()
+		b.sess, b.up = nil, false
 		b.gen++
 		for _, h := range b.holds {
 			close(h.changed) // wakes Holds waiting on this session
@@ -286,32 +402,81 @@ func (b *Broker) session() error {
 		}
 		b.mu.Unlock()
 	}()
-	info, err := b.rdb.Info(ctx, "server").Result()
-	if err != nil {
-		return err
-	}
-	run, ok := infoField(info, "run_id")
-	if !ok {
-		return errors.New("redisbroker: INFO server has no run_id")
-	}
-	b.mu.Lock()
-	b.run = run
-	b.mu.Unlock()
-	nodeReady := make(chan struct{})
-	if err := ps.Subscribe(ctx, channels...); err != nil {
-		return err
-	}
 	ready.Add(1)
 	go func() {
 		defer ready.Done()
-		if err := b.reconcile(ctx, gen, nodeReady, tickets); err != nil {
-			if ctx.Err() == nil {
+		if err := b.reconcile(s.ctx, gen, s.nodeReady, tickets); err != nil {
+			if s.ctx.Err() == nil {
 				b.log.Warn("redisbroker: reconcile", "err", err)
 			}
-			ps.Close()
+			b.mu.Lock()
+			b.endLocked(s, err)
+			b.mu.Unlock()
 		}
 	}()
-	return b.receive(ctx, ps, nodeReady)
+	<-s.ctx.Done()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if s.err == nil {
+		return b.ctx.Err()
+	}
+	return s.err
+}
+
+// server is where a channel's subscription goes: a cluster's master, or
+// the one server.
+type server struct {
+	client redis.UniversalClient
+	addr   string
+}
+
+// serverFor returns the server that serves channel: in a cluster, the
+// master of its slot, as the client last learnt the cluster's layout.
+func (b *Broker) serverFor(ctx context.Context, channel string) (server, error) {
+	if b.cluster == nil {
+		return server{client: b.rdb}, nil
+	}
+	c, err := b.cluster.MasterForKey(ctx, channel)
+	if err != nil {
+		return server{}, err
+	}
+	return server{client: c, addr: c.Options().Addr}, nil
+}
+
+// subscribeLocked sends SSUBSCRIBE channel to srv in session s, opening
+// the session's connection to srv on first use.
+func (b *Broker) subscribeLocked(s *session, channel string, srv server) error {
+	if s.err != nil {
+		return s.err
+	}
+	ps := s.subs[srv.addr]
+	if ps == nil {
+		ps = srv.client.SSubscribe(s.ctx)
+		s.subs[srv.addr] = ps
+		s.receivers.Add(1)
+		go b.receive(s, srv.addr, ps)
+	}
+	// Sent under mu, so that SSUBSCRIBE and SUNSUBSCRIBE reach Redis in
+	// the order of Hold and Release.
+	return ps.SSubscribe(s.ctx, channel)
+}
+
+func (b *Broker) subscribeHoldLocked(s *session, h *hold, srv server) error {
+	h.server, h.subscribed = srv.addr, true
+	return b.subscribeLocked(s, h.channel, srv)
+}
+
+// endLocked ends session s, if it has not ended, because of err: its
+// connections close, which ends their receive loops.
+func (b *Broker) endLocked(s *session, err error) {
+	if s.err != nil {
+		return
+	}
+	s.err = err
+	s.cancel()
+	for _, ps := range s.subs {
+		ps.Close()
+	}
 }
 
 type ticket struct {
@@ -319,40 +484,65 @@ type ticket struct {
 	n uint64
 }
 
-// receive reads the session's messages until the connection fails.
-func (b *Broker) receive(ctx context.Context, ps *redis.PubSub, nodeReady chan struct{}) error {
+// receive reads the messages of one of the session's connections until it
+// fails.
+func (b *Broker) receive(s *session, addr string, ps *redis.PubSub) {
+	defer s.receivers.Done()
 	nodeChannel := b.nodeChannel(b.id)
-	topicPrefix := b.key("t", "")
 	for {
-		msg, err := ps.Receive(ctx)
+		msg, err := ps.Receive(s.ctx)
 		if err != nil {
-			return err
+			b.mu.Lock()
+			b.endLocked(s, err)
+			b.mu.Unlock()
+			return
 		}
 		switch m := msg.(type) {
 		case *redis.Subscription:
-			if m.Kind != "subscribe" {
-				continue
-			}
-			if m.Channel == nodeChannel {
+			switch {
+			case m.Kind == "ssubscribe" && m.Channel == nodeChannel:
 				select {
-				case <-nodeReady:
+				case <-s.nodeReady:
 				default:
-					close(nodeReady)
+					close(s.nodeReady)
 				}
-				continue
+			case m.Kind == "ssubscribe":
+				if kind, topic, ok := b.parseChannel(m.Channel); ok && kind == "t" {
+					b.confirm(topic)
+				}
+			case m.Kind == "sunsubscribe":
+				b.unsubscribed(s, addr, m.Channel)
 			}
-			b.confirm(strings.TrimPrefix(m.Channel, topicPrefix))
 		case *redis.Message:
-			if m.Channel == nodeChannel {
-				b.direct(m.Payload)
-			} else if topic, ok := strings.CutPrefix(m.Channel, topicPrefix); ok {
-				b.topicMessage(ctx, topic, m.Payload)
+			switch kind, name, _ := b.parseChannel(m.Channel); {
+			case m.Channel == nodeChannel:
+				b.nodeMessage(m.Payload)
+			case kind == "t":
+				b.topicMessage(s.ctx, name, m.Payload)
 			}
 		}
 	}
 }
 
-// confirm counts a SUBSCRIBE of topic's channel as in effect.
+// unsubscribed takes an SUNSUBSCRIBE of channel: the confirmation of one
+// that Release sent or, when none was, the server's notice that it no
+// longer serves the channel's slot (a cluster moved it): the session
+// ends, and the next subscribes where the slot is now.
+func (b *Broker) unsubscribed(s *session, addr, channel string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if n := s.unsubs[channel]; n > 0 {
+		if n == 1 {
+			delete(s.unsubs, channel)
+		} else {
+			s.unsubs[channel] = n - 1
+		}
+		return
+	}
+	b.endLocked(s, fmt.Errorf("%w: %s no longer serves %s (its slot moved)", ErrUnavailable, addr, channel))
+}
+
+// confirm counts an SSUBSCRIBE of topic's channel as in effect.
 func (b *Broker) confirm(topic string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -366,6 +556,16 @@ func (b *Broker) confirm(topic string) {
 	if h.n == 0 && h.confirmed >= h.sent {
 		delete(b.holds, topic)
 	}
+}
+
+// nodeMessage takes a message on this node's channel: a direct message
+// for one of its users, or a relayed command of another node's hub.
+func (b *Broker) nodeMessage(payload string) {
+	if cmd, ok := strings.CutPrefix(payload, "c"); ok {
+		b.node.Relay([]byte(cmd))
+		return
+	}
+	b.direct(payload)
 }
 
 // direct hands a direct message to the node, keeping it offline if the
@@ -584,7 +784,7 @@ func (b *Broker) rewrite(ctx context.Context, users []string, joins []presenceRe
 	}
 	for _, r := range recorded {
 		if topic, user, ok := parsePresenceKey(r); ok && !keep[r] {
-			if err := b.leave(ctx, topic, user); err != nil {
+			if err := b.leave(ctx, b.id, topic, user); err != nil {
 				return err
 			}
 		}
@@ -599,7 +799,7 @@ func (b *Broker) rewrite(ctx context.Context, users []string, joins []presenceRe
 	}
 	for _, u := range here {
 		if !isUser[u] {
-			if err := b.disconnect(ctx, u); err != nil {
+			if err := b.disconnect(ctx, b.id, u); err != nil {
 				return err
 			}
 		}
@@ -667,7 +867,7 @@ func (b *Broker) heartbeat() {
 			return
 		}
 		b.mu.Lock()
-		up, ps := b.up, b.ps
+		up, sess := b.up, b.sess
 		b.mu.Unlock()
 		if !up {
 			continue
@@ -682,25 +882,56 @@ func (b *Broker) heartbeat() {
 		cancel()
 		if err != nil && b.ctx.Err() == nil {
 			b.log.Warn("redisbroker: heartbeat", "err", err)
-			ps.Close()
+			b.mu.Lock()
+			b.endLocked(sess, err)
+			b.mu.Unlock()
 		}
 	}
 }
 
 func (b *Broker) beat(ctx context.Context) ([]string, error) {
-	return heartbeatScript.Run(ctx, b.rdb, []string{b.cfg.prefix + ":nodes"},
+	return heartbeatScript.Run(ctx, b.rdb, []string{b.nodesKey()},
 		b.id, b.cfg.nodeTTL.Milliseconds()).StringSlice()
 }
 
 // reap removes node and what it recorded, announcing its users' leaves;
-// force removes it even before it expires (a node leaving).
+// force removes it even before it expires (a node leaving). The node's
+// records, its users' and the topics' are in different slots of a
+// cluster, so this takes several calls: the node leaves the set of nodes
+// last, so that if this reaper fails midway, the next one starts again.
+// Two reapers at once do the same work twice, which is harmless.
 func (b *Broker) reap(ctx context.Context, node string, force bool) error {
 	f := "0"
 	if force {
 		f = "1"
 	}
-	n, err := reapScript.Run(ctx, b.rdb, []string{b.cfg.prefix + ":nodes", b.key("nu", node), b.key("np", node)},
-		node, b.cfg.prefix, f).Int()
+	if n, err := expiredScript.Run(ctx, b.rdb, []string{b.nodesKey()}, node, f).Int(); err != nil || n == 0 {
+		return err
+	}
+	users, err := b.rdb.SMembers(ctx, b.key("nu", node)).Result()
+	if err != nil {
+		return err
+	}
+	for _, u := range users {
+		if err := b.disconnect(ctx, node, u); err != nil {
+			return err
+		}
+	}
+	records, err := b.rdb.SMembers(ctx, b.key("np", node)).Result()
+	if err != nil {
+		return err
+	}
+	for _, r := range records {
+		if topic, user, ok := parsePresenceKey(r); ok {
+			if err := b.leave(ctx, node, topic, user); err != nil {
+				return err
+			}
+		}
+	}
+	if err := b.rdb.Del(ctx, b.key("nu", node), b.key("np", node)).Err(); err != nil {
+		return err
+	}
+	n, err := forgetNodeScript.Run(ctx, b.rdb, []string{b.nodesKey()}, node, f).Int()
 	if err == nil && n == 1 && node != b.id {
 		b.log.Info("redisbroker: reaped a node that stopped renewing", "node", node)
 	}
@@ -785,7 +1016,7 @@ func (b *Broker) signal() {
 // records in full, unless it is durable.
 func (b *Broker) enqueue(o op) bool {
 	b.mu.Lock()
-	if b.closing || b.ps == nil && !o.durable {
+	if b.closing || b.sess == nil && !o.durable {
 		b.mu.Unlock()
 		return false
 	}
@@ -800,11 +1031,44 @@ func (b *Broker) unavailable() error {
 	return fmt.Errorf("%w: reconnecting", ErrUnavailable)
 }
 
-// runID returns the run_id of the Redis server of the session.
-func (b *Broker) runID() string {
+// topicServer returns the server that runs the scripts of a topic whose
+// keys include key, and that server's run_id. In a cluster the scripts
+// run on the slot's master itself, following no redirection: a script
+// sent to a master that failed, and retried by the client on the replica
+// promoted in its place, would carry the failed master's run_id, which
+// the topic's record also holds (it was replicated), and the new master
+// would go on numbering where its copy stopped, reusing seqs that
+// clients may already have for other messages.
+func (b *Broker) topicServer(ctx context.Context, key string) (redis.Scripter, string, error) {
+	if b.cluster == nil {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return b.rdb, b.run, nil
+	}
+	c, err := b.cluster.MasterForKey(ctx, key)
+	if err != nil {
+		return nil, "", err
+	}
+	addr := c.Options().Addr
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.run
+	run, ok := b.runs[addr]
+	b.mu.Unlock()
+	if ok {
+		return c, run, nil
+	}
+	info, err := c.Info(ctx, "server").Result()
+	if err != nil {
+		return nil, "", err
+	}
+	if run, ok = infoField(info, "run_id"); !ok {
+		return nil, "", errors.New("redisbroker: INFO server has no run_id")
+	}
+	b.mu.Lock()
+	if b.runs != nil {
+		b.runs[addr] = run
+	}
+	b.mu.Unlock()
+	return c, run, nil
 }
 
 // infoField returns a field of an INFO reply.
@@ -830,7 +1094,7 @@ func (b *Broker) call(ctx context.Context) (context.Context, context.CancelFunc,
 func (b *Broker) callIn(ctx context.Context, starting bool) (context.Context, context.CancelFunc, error) {
 	b.mu.Lock()
 	up, live := b.up, b.live
-	if starting && b.ps != nil {
+	if starting && b.sess != nil {
 		up = true
 	}
 	b.mu.Unlock()
@@ -855,12 +1119,31 @@ func (b *Broker) Publish(ctx context.Context, topic string, data []byte) (adapte
 		return adapter.Position{}, err
 	}
 	defer done()
-	res, err := publishScript.Run(ctx, b.rdb, []string{b.key("h", topic), b.key("x", topic)},
-		data, newEpoch(), b.cfg.historyLen, b.ttl(b.cfg.historyAge), b.topicChannel(topic), b.runID()).Slice()
+	n := b.names(topic)
+	srv, run, err := b.topicServer(ctx, n.key("h"))
 	if err != nil {
 		return adapter.Position{}, err
 	}
+	res, err := publishScript.Run(ctx, srv, []string{n.key("h"), n.key("x")},
+		data, newEpoch(), b.cfg.historyLen, b.ttl(b.cfg.historyAge), n.key("t"), run).Slice()
+	if err != nil {
+		b.forgetRuns()
+		return adapter.Position{}, err
+	}
 	return position(res)
+}
+
+// forgetRuns drops the run_ids read in this session, after a call that
+// failed: the server may have restarted at the same address.
+func (b *Broker) forgetRuns() {
+	if b.cluster == nil {
+		return
+	}
+	b.mu.Lock()
+	if b.runs != nil {
+		clear(b.runs)
+	}
+	b.mu.Unlock()
 }
 
 func position(res []any) (adapter.Position, error) {
@@ -879,9 +1162,15 @@ func (b *Broker) Since(ctx context.Context, topic string, pos adapter.Position) 
 		return nil, adapter.Position{}, false, err
 	}
 	defer done()
-	res, err := sinceScript.Run(ctx, b.rdb, []string{b.key("h", topic), b.key("x", topic)},
-		pos.Epoch, pos.Seq, newEpoch(), b.ttl(b.cfg.historyAge), b.cfg.historyAge.Milliseconds(), b.runID()).Slice()
+	n := b.names(topic)
+	srv, run, err := b.topicServer(ctx, n.key("h"))
 	if err != nil {
+		return nil, adapter.Position{}, false, err
+	}
+	res, err := sinceScript.Run(ctx, srv, []string{n.key("h"), n.key("x")},
+		pos.Epoch, pos.Seq, newEpoch(), b.ttl(b.cfg.historyAge), b.cfg.historyAge.Milliseconds(), run).Slice()
+	if err != nil {
+		b.forgetRuns()
 		return nil, adapter.Position{}, false, err
 	}
 	last, err := position(res)
@@ -911,29 +1200,49 @@ func (b *Broker) Hold(ctx context.Context, topic string) error {
 	}
 	h.n++
 	first := h.n == 1
-	ps, gen := b.ps, b.gen
-	if ps == nil {
+	s, gen := b.sess, b.gen
+	if s == nil {
 		b.mu.Unlock()
 		return b.unavailable() // the next session subscribes
 	}
-	if first {
-		h.sent++
-		// Sent under mu, so that SUBSCRIBE and UNSUBSCRIBE reach Redis
-		// in the order of Hold and Release.
-		if err := ps.Subscribe(ctx, h.channel); err != nil {
-			b.mu.Unlock()
-			return err
+	if !first {
+		t := ticket{h, h.sent}
+		b.mu.Unlock()
+		return b.waitConfirmed(ctx, gen, t)
+	}
+	// The SSUBSCRIBE is counted now, so that another Hold waits for it,
+	// and sent once the channel's server is known, which may take a
+	// question to the cluster: not under mu.
+	h.sent++
+	t := ticket{h, h.sent}
+	b.mu.Unlock()
+	srv, err := b.serverFor(ctx, h.channel)
+	b.mu.Lock()
+	switch {
+	case b.gen != gen:
+		// The session ended: the next subscribes to held topics.
+	case h.n == 0:
+		// Released meanwhile: nothing to subscribe to.
+		h.confirmed = max(h.confirmed, t.n)
+		close(h.changed)
+		h.changed = make(chan struct{})
+		if h.confirmed >= h.sent {
+			delete(b.holds, topic)
+		}
+	case err != nil:
+		// The cluster cannot say where the channel is: the session
+		// ends, and the next subscribes to it.
+		b.endLocked(s, err)
+	default:
+		if err = b.subscribeHoldLocked(s, h, srv); err != nil {
+			b.endLocked(s, err)
 		}
 	}
-	t := ticket{h, h.sent}
 	b.mu.Unlock()
 	if err := b.waitConfirmed(ctx, gen, t); err != nil {
 		return err
 	}
-	if first {
-		return b.snapshot(ctx, topic)
-	}
-	return nil
+	return b.snapshot(ctx, topic)
 }
 
 // Release implements [adapter.Broker]: the last reference unsubscribes.
@@ -951,10 +1260,18 @@ func (b *Broker) Release(topic string) {
 	if h.confirmed >= h.sent {
 		delete(b.holds, topic)
 	}
-	if b.ps != nil {
-		// A failure breaks the session, whose successor subscribes to
+	s := b.sess
+	if s == nil || s.err != nil || !h.subscribed {
+		return
+	}
+	h.subscribed = false
+	if ps := s.subs[h.server]; ps != nil {
+		// A failure ends the session, whose successor subscribes to
 		// held topics only.
-		_ = b.ps.Unsubscribe(b.ctx, h.channel)
+		s.unsubs[h.channel]++
+		if err := ps.SUnsubscribe(s.ctx, h.channel); err != nil {
+			b.endLocked(s, err)
+		}
 	}
 }
 
@@ -1021,8 +1338,12 @@ func (b *Broker) applySnapshot(ctx context.Context, topic, marker string) {
 // members returns the presence on topic at every live node; with a
 // marker, it also publishes it on the topic's channel.
 func (b *Broker) members(ctx context.Context, topic, marker string) ([]adapter.RemoteMember, error) {
-	res, err := membersScript.Run(ctx, b.rdb, []string{b.key("p", topic), b.cfg.prefix + ":nodes"},
-		b.topicChannel(topic), marker).StringSlice()
+	live, err := b.liveNodes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	n := b.names(topic)
+	res, err := membersScript.Run(ctx, b.rdb, []string{n.key("p")}, n.key("t"), marker).StringSlice()
 	if err != nil {
 		return nil, err
 	}
@@ -1030,12 +1351,25 @@ func (b *Broker) members(ctx context.Context, topic, marker string) ([]adapter.R
 	for i := 0; i+1 < len(res); i += 2 {
 		node, user, ok := strings.Cut(res[i], ":")
 		var conns []adapter.MemberConn
-		if !ok || json.Unmarshal([]byte(res[i+1]), &conns) != nil || len(conns) == 0 {
+		if !ok || !live[node] || json.Unmarshal([]byte(res[i+1]), &conns) != nil || len(conns) == 0 {
 			continue
 		}
 		out = append(out, adapter.RemoteMember{Node: node, Member: adapter.Member{UserID: user, Conns: noNullMeta(conns)}})
 	}
 	return out, nil
+}
+
+// liveNodes returns the nodes whose heartbeat has not expired.
+func (b *Broker) liveNodes(ctx context.Context) (map[string]bool, error) {
+	ids, err := liveScript.Run(ctx, b.rdb, []string{b.nodesKey()}).StringSlice()
+	if err != nil {
+		return nil, err
+	}
+	live := make(map[string]bool, len(ids))
+	for _, id := range ids {
+		live[id] = true
+	}
+	return live, nil
 }
 
 // Members implements [adapter.Broker].
@@ -1096,10 +1430,13 @@ func (b *Broker) Leave(topic, userID string) {
 	}
 	b.mu.Unlock()
 	b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) {
-		return nil, b.leave(ctx, topic, userID)
+		return nil, b.leave(ctx, b.id, topic, userID)
 	}})
 }
 
+// join records a user's presence on a topic: first in the node's
+// records, so that if the node dies the reaper finds it, then in the
+// topic's hash, announced on its channel.
 func (b *Broker) join(ctx context.Context, topic, user string, conns []adapter.MemberConn) error {
 	cj, err := json.Marshal(conns)
 	if err != nil {
@@ -1109,17 +1446,27 @@ func (b *Broker) join(ctx context.Context, topic, user string, conns []adapter.M
 	if err != nil {
 		return err
 	}
-	return joinScript.Run(ctx, b.rdb, []string{b.key("p", topic), b.key("np", b.id)},
-		b.id+":"+user, cj, presenceKey(topic, user), b.topicChannel(topic), append([]byte("p"), ev...)).Err()
+	if err := b.rdb.SAdd(ctx, b.key("np", b.id), presenceKey(topic, user)).Err(); err != nil {
+		return err
+	}
+	n := b.names(topic)
+	return joinScript.Run(ctx, b.rdb, []string{n.key("p")},
+		b.id+":"+user, cj, n.key("t"), append([]byte("p"), ev...)).Err()
 }
 
-func (b *Broker) leave(ctx context.Context, topic, user string) error {
-	ev, err := json.Marshal(presenceEvent{Node: b.id, User: user})
+// leave removes a user's presence on a topic at node, announcing it, then
+// from the node's records.
+func (b *Broker) leave(ctx context.Context, node, topic, user string) error {
+	ev, err := json.Marshal(presenceEvent{Node: node, User: user})
 	if err != nil {
 		return err
 	}
-	return leaveScript.Run(ctx, b.rdb, []string{b.key("p", topic), b.key("np", b.id)},
-		b.id+":"+user, presenceKey(topic, user), b.topicChannel(topic), append([]byte("p"), ev...)).Err()
+	n := b.names(topic)
+	if err := leaveScript.Run(ctx, b.rdb, []string{n.key("p")},
+		node+":"+user, n.key("t"), append([]byte("p"), ev...)).Err(); err != nil {
+		return err
+	}
+	return b.rdb.SRem(ctx, b.key("np", node), presenceKey(topic, user)).Err()
 }
 
 // presenceKey names a user's presence on a topic in a node's records.
@@ -1131,7 +1478,10 @@ func parsePresenceKey(k string) (topic, user string, ok bool) {
 	return parseSized(k)
 }
 
-// SendToUser implements [adapter.Broker].
+// SendToUser implements [adapter.Broker]: the message goes to the channel
+// of each node where the user has a conn and, when none took it, to the
+// user's offline stream, unless a node recorded the user meanwhile: then
+// it tries again.
 func (b *Broker) SendToUser(ctx context.Context, userID string, data []byte) error {
 	ctx, done, err := b.call(ctx)
 	if err != nil {
@@ -1139,15 +1489,53 @@ func (b *Broker) SendToUser(ctx context.Context, userID string, data []byte) err
 	}
 	defer done()
 	payload := appendDirect(make([]byte, 0, len(data)+len(userID)+8), userID, data)
-	n, err := sendScript.Run(ctx, b.rdb, []string{b.key("u", userID), b.cfg.prefix + ":nodes", b.key("o", userID)},
-		payload, data, b.cfg.offlineLen, b.ttl(b.cfg.offlineAge), b.key("n", "")).Int()
-	if err != nil {
-		return err
+	u := b.names(userID)
+	for range 3 {
+		nodes, err := b.rdb.SMembers(ctx, u.key("u")).Result()
+		if err != nil {
+			return err
+		}
+		if n, err := b.publishTo(ctx, nodes, payload); err != nil || n > 0 {
+			return err
+		}
+		args := []any{data, b.cfg.offlineLen, b.ttl(b.cfg.offlineAge)}
+		for _, n := range nodes {
+			args = append(args, n)
+		}
+		n, err := keepScript.Run(ctx, b.rdb, []string{u.key("o"), u.key("u")}, args...).Int()
+		switch {
+		case err != nil:
+			return err
+		case n == -1:
+			return fmt.Errorf("%w: the broker keeps no offline messages", adapter.ErrOfflineFull)
+		case n == 0:
+			return nil
+		}
 	}
-	if n < 0 {
-		return fmt.Errorf("%w: the broker keeps no offline messages", adapter.ErrOfflineFull)
+	return fmt.Errorf("%w: the user's nodes kept changing", ErrUnavailable)
+}
+
+// publishTo publishes payload on the channels of nodes and returns how
+// many subscribers took it.
+func (b *Broker) publishTo(ctx context.Context, nodes []string, payload []byte) (int64, error) {
+	if len(nodes) == 0 {
+		return 0, nil
 	}
-	return nil
+	cmds := make([]*redis.IntCmd, len(nodes))
+	_, err := b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, n := range nodes {
+			cmds[i] = p.SPublish(ctx, b.nodeChannel(n), payload)
+		}
+		return nil
+	})
+	var sum int64
+	for _, c := range cmds {
+		sum += c.Val()
+	}
+	if sum > 0 {
+		return sum, nil // taken, if not by all: as with a node that just died
+	}
+	return 0, err
 }
 
 // Connect implements [adapter.Broker].
@@ -1175,9 +1563,16 @@ func (b *Broker) Connect(ctx context.Context, userID string) ([][]byte, error) {
 	}
 }
 
+// connect records the user in the node's records first, so that if the
+// node dies the reaper finds it, then the node in the user's, taking the
+// user's offline messages in the same script.
 func (b *Broker) connect(ctx context.Context, user string) ([][]byte, error) {
-	res, err := connectScript.Run(ctx, b.rdb, []string{b.key("u", user), b.key("nu", b.id), b.key("o", user)},
-		b.id, user, b.cfg.offlineAge.Milliseconds()).StringSlice()
+	if err := b.rdb.SAdd(ctx, b.key("nu", b.id), user).Err(); err != nil {
+		return nil, err
+	}
+	u := b.names(user)
+	res, err := connectScript.Run(ctx, b.rdb, []string{u.key("u"), u.key("o")},
+		b.id, b.cfg.offlineAge.Milliseconds()).StringSlice()
 	if err != nil {
 		return nil, err
 	}
@@ -1193,16 +1588,26 @@ func (b *Broker) Disconnect(userID string) {
 	b.mu.Lock()
 	delete(b.users, userID)
 	b.mu.Unlock()
-	b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) { return nil, b.disconnect(ctx, userID) }})
+	b.enqueue(op{run: func(ctx context.Context) ([][]byte, error) { return nil, b.disconnect(ctx, b.id, userID) }})
 }
 
-func (b *Broker) disconnect(ctx context.Context, user string) error {
-	return disconnectScript.Run(ctx, b.rdb, []string{b.key("u", user), b.key("nu", b.id)}, b.id, user).Err()
+// disconnect removes node from the user's records, noting when the user
+// was last seen, then the user from the node's.
+func (b *Broker) disconnect(ctx context.Context, node, user string) error {
+	u := b.names(user)
+	if err := disconnectScript.Run(ctx, b.rdb, []string{u.key("u"), u.key("s")}, node, lastSeenTTL.Milliseconds()).Err(); err != nil {
+		return err
+	}
+	return b.rdb.SRem(ctx, b.key("nu", node), user).Err()
 }
+
+// lastSeenTTL is how long Redis remembers when a user was last seen.
+const lastSeenTTL = 30 * 24 * time.Hour
 
 // keep keeps data in the user's offline stream.
 func (b *Broker) keep(ctx context.Context, user string, data []byte) error {
-	return keepScript.Run(ctx, b.rdb, []string{b.key("o", user)}, data, b.cfg.offlineLen, b.ttl(b.cfg.offlineAge)).Err()
+	u := b.names(user)
+	return keepScript.Run(ctx, b.rdb, []string{u.key("o"), u.key("u")}, data, b.cfg.offlineLen, b.ttl(b.cfg.offlineAge), "*").Err()
 }
 
 // Online implements [adapter.Broker].
@@ -1212,8 +1617,63 @@ func (b *Broker) Online(ctx context.Context, userID string) (bool, error) {
 		return false, err
 	}
 	defer done()
-	n, err := onlineScript.Run(ctx, b.rdb, []string{b.key("u", userID), b.cfg.prefix + ":nodes"}).Int()
-	return n == 1, err
+	nodes, err := b.userNodes(ctx, userID)
+	return len(nodes) > 0, err
+}
+
+// userNodes returns the live nodes where the user has a conn.
+func (b *Broker) userNodes(ctx context.Context, userID string) ([]string, error) {
+	nodes, err := b.rdb.SMembers(ctx, b.key("u", userID)).Result()
+	if err != nil || len(nodes) == 0 {
+		return nil, err
+	}
+	live, err := b.liveNodes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return slices.DeleteFunc(nodes, func(n string) bool { return !live[n] }), nil
+}
+
+// LastSeen implements [adapter.Relay]: when the user's last conn on a
+// node ended, as Redis remembers it (for 30 days).
+func (b *Broker) LastSeen(ctx context.Context, userID string) (time.Time, bool, error) {
+	ctx, done, err := b.call(ctx)
+	if err != nil {
+		return time.Time{}, false, err
+	}
+	defer done()
+	ms, err := b.rdb.Get(ctx, b.key("s", userID)).Int64()
+	if errors.Is(err, redis.Nil) {
+		return time.Time{}, false, nil
+	}
+	if err != nil {
+		return time.Time{}, false, err
+	}
+	return time.UnixMilli(ms), true, nil
+}
+
+// Relay implements [adapter.Relay]: cmd goes to the channel of every
+// other live node or, for a user, of every other node where the user has
+// a conn.
+func (b *Broker) Relay(ctx context.Context, userID string, cmd []byte) error {
+	ctx, done, err := b.call(ctx)
+	if err != nil {
+		return err
+	}
+	defer done()
+	var nodes []string
+	if userID == "" {
+		live, err := b.liveNodes(ctx)
+		if err != nil {
+			return err
+		}
+		nodes = slices.Collect(maps.Keys(live))
+	} else if nodes, err = b.userNodes(ctx, userID); err != nil {
+		return err
+	}
+	nodes = slices.DeleteFunc(nodes, func(n string) bool { return n == b.id })
+	_, err = b.publishTo(ctx, nodes, append([]byte("c"), cmd...))
+	return err
 }
 
 // Once implements [adapter.Deduper]: a key set with NX and a TTL, so that

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/redisbroker"
 )
 
 // publisher is a way to publish on one node: in this process, or in the
@@ -144,7 +145,7 @@ func TestTopicInterest(t *testing.T) {
 	n1 := startHub(t, "n1", srv.Addr())
 	n2 := startHub(t, "n2", srv.Addr())
 	n3 := startHub(t, "n3", srv.Addr())
-	chanA, chanB := "tether:t:A", "tether:t:B"
+	chanA, chanB := redisbroker.KeyOf("t", "A"), redisbroker.KeyOf("t", "B")
 
 	a1cl, a1 := dialRecorded(t, n1.url("a1"))
 	subscribe(t, a1cl, "A", a1)

@@ -396,9 +396,9 @@ func numSub(t testing.TB, rdb *redis.Client, channel string) int64 {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	m, err := rdb.PubSubNumSub(ctx, channel).Result()
+	m, err := rdb.PubSubShardNumSub(ctx, channel).Result()
 	if err != nil {
-		t.Fatalf("PUBSUB NUMSUB %s: %v", channel, err)
+		t.Fatalf("PUBSUB SHARDNUMSUB %s: %v", channel, err)
 	}
 	return m[channel]
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/redisbroker"
 	"github.com/tether-ws/tether/redisbroker/internal/redistest"
 )
 
@@ -324,7 +325,7 @@ func TestRestartFromDiskStartsNewEpochs(t *testing.T) {
 	}
 
 	srv.Restart(t)
-	if s, err := rdb.HGet(context.Background(), "tether:h:"+topic, "s").Result(); err != nil || s != "3" {
+	if s, err := rdb.HGet(context.Background(), redisbroker.KeyOf("h", topic), "s").Result(); err != nil || s != "3" {
 		t.Fatalf("after the restart the topic's seq is %q (%v): the append-only file did not keep it, so this test proves nothing", s, err)
 	}
 	// Catching up once linked, n1 finds the new epoch and tells the

@@ -4,23 +4,29 @@ import "github.com/redis/go-redis/v9"
 
 // The broker's Redis operations that must be atomic are Lua scripts:
 // Redis runs each alone, so a topic's numbering, its history and its
-// pub/sub fan-out happen in one order on every node.
+// pub/sub fan-out happen in one order on every node. Each script touches
+// the keys of one name only (a topic, a user, or the set of nodes), which
+// share one hash tag and so one slot of a cluster; what spans several
+// names takes several calls, ordered so that a failure midway leaves
+// nothing that the next call, or the node's next session, does not mend.
 //
 // Keys, under the prefix P (T a topic, U a user, N a node ID, which is
-// base64url and so never holds a colon):
+// base64url and so never holds a colon; {t} the name's hash tag, see
+// Broker.names):
 //
-//	P:h:T   hash   the topic's epoch (e) and last seq (s)
-//	P:x:T   stream the topic's history; entry IDs are <seq>-0, fields d (data), t (ms)
-//	P:t:T   channel the topic's messages ("m<epoch>:<seq>:<data>") and presence ("p<json>")
-//	P:n:N   channel direct messages for node N's users ("u<len>:<user><data>")
-//	P:p:T   hash   presence on the topic: field N:U, value the conns (JSON)
-//	P:o:U   stream the user's offline messages (auto IDs: their ms is their age)
-//	P:u:U   set    the nodes where the user has a conn
-//	P:nodes zset   every node, scored by when it expires (ms, Redis clock)
-//	P:nu:N  set    the users node N has recorded, for when it dies
-//	P:np:N  set    the presences node N has recorded ("<len(T)>:<T><U>")
-//	P:d:K   string a client request's id (K: user, NUL, id), for 2 minutes:
-//	               a repeat on any node is dropped (Broker.Once)
+//	P:{t}:h:T   hash    the topic's epoch (e), last seq (s), and the run_id of the server that numbered it (r)
+//	P:{t}:x:T   stream  the topic's history; entry IDs are <seq>-0, fields d (data), t (ms)
+//	P:{t}:t:T   channel the topic's messages ("m<epoch>:<seq>:<data>"), presence ("p<json>") and snapshot markers ("s<marker>"), with SPUBLISH
+//	P:{t}:p:T   hash    presence on the topic: field N:U, value the conns (JSON)
+//	P:{t}:n:N   channel node N's direct messages ("u<len>:<user><data>") and relayed commands ("c<cmd>")
+//	P:{t}:o:U   stream  the user's offline messages (auto IDs: their ms is their age)
+//	P:{t}:u:U   set     the nodes where the user has a conn
+//	P:{t}:s:U   string  when the user's last conn on a node ended (ms), for 30 days
+//	P:{t}:nu:N  set     the users node N has recorded, for when it dies
+//	P:{t}:np:N  set     the presences node N has recorded ("<len(T)>:<T><U>")
+//	P:nodes     zset    every node, scored by when it expires (ms, Redis clock)
+//	P:{t}:d:K   string  a client request's id (K: user, NUL, id), for 2 minutes:
+//	                    a repeat on any node is dropped (Broker.Once)
 
 // nowMs is the Redis clock in ms, so that nodes with skewed clocks agree
 // on expiries.
@@ -33,8 +39,12 @@ end
 
 // An epoch belongs to one run of the Redis server (its run_id, in the
 // topic's hash as r): a server restarted from a snapshot, or a replica
-// promoted by Sentinel, may have lost the last writes, and its seqs would
-// repeat ones clients already have. Such a topic starts a new epoch.
+// promoted by Sentinel or by a cluster's failover, may have lost the last
+// writes, and its seqs would repeat ones clients already have. Such a
+// topic starts a new epoch, and the hub tells its clients to resync.
+// The caller passes the run_id of the server the script runs on
+// (Broker.topicServer): a script reading INFO itself would halve the
+// rate of publications.
 
 // publishScript: KEYS meta, stream; ARGV data, candidate epoch, history
 // length, key ttl ms, channel, run_id. Returns {epoch, seq}.
@@ -58,7 +68,7 @@ if tonumber(ARGV[3]) > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[5], 'm' .. e .. ':' .. id .. ':' .. ARGV[1])
+redis.call('SPUBLISH', ARGV[5], 'm' .. e .. ':' .. id .. ':' .. ARGV[1])
 return {e, s}
 `)
 
@@ -108,54 +118,38 @@ end
 return out
 `)
 
-// sendScript: KEYS user's nodes, nodes, user's offline stream; ARGV data
-// payload for nodes, data, offline length, offline ttl ms, node channel
-// prefix. Returns the number of nodes that took it, 0 when it was kept
-// offline, -1 when it could not be kept.
-var sendScript = redis.NewScript(nowMs + `
-local now = now_ms()
-local n = 0
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local exp = redis.call('ZSCORE', KEYS[2], id)
-  if exp and tonumber(exp) >= now then
-    n = n + redis.call('PUBLISH', ARGV[5] .. id, ARGV[1])
-  else
-    redis.call('SREM', KEYS[1], id)
-  end
-end
-if n > 0 then
-  return n
-end
-if tonumber(ARGV[3]) <= 0 then
-  return -1
-end
-redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[3], '*', 'd', ARGV[2])
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
-return 0
-`)
-
-// keepScript: KEYS offline stream; ARGV data, offline length, ttl ms.
+// keepScript: KEYS offline stream, user's nodes; ARGV data, offline
+// length, ttl ms, then the nodes the caller found ("*": keep whatever
+// they are). Keeps data offline unless the user now has a node that the
+// caller did not find (it connected meanwhile: -2, try again); -1 when
+// nothing is kept offline.
 var keepScript = redis.NewScript(`
 if tonumber(ARGV[2]) <= 0 then
   return -1
+end
+if ARGV[4] ~= '*' then
+  local seen = {}
+  for i = 4, #ARGV do seen[ARGV[i]] = true end
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    if not seen[id] then return -2 end
+  end
 end
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 'd', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 0
 `)
 
-// connectScript: KEYS user's nodes, node's users, user's offline stream;
-// ARGV node, user, max age ms (0: none). Returns the offline messages,
-// oldest first, and forgets them.
+// connectScript: KEYS user's nodes, user's offline stream; ARGV node, max
+// age ms (0: none). Returns the offline messages, oldest first, and
+// forgets them.
 var connectScript = redis.NewScript(nowMs + `
 redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
 local oldest = 0
-if tonumber(ARGV[3]) > 0 then
-  oldest = now_ms() - tonumber(ARGV[3])
+if tonumber(ARGV[2]) > 0 then
+  oldest = now_ms() - tonumber(ARGV[2])
 end
 local out = {}
-for _, en in ipairs(redis.call('XRANGE', KEYS[3], '-', '+')) do
+for _, en in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
   local ms = tonumber(string.match(en[1], '^(%d+)'))
   if ms >= oldest then
     local f = en[2]
@@ -164,31 +158,29 @@ for _, en in ipairs(redis.call('XRANGE', KEYS[3], '-', '+')) do
     end
   end
 end
-redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[2])
 return out
 `)
 
-// disconnectScript: KEYS user's nodes, node's users; ARGV node, user.
-var disconnectScript = redis.NewScript(`
+// disconnectScript: KEYS user's nodes, user's last seen; ARGV node, ttl
+// ms.
+var disconnectScript = redis.NewScript(nowMs + `
 redis.call('SREM', KEYS[1], ARGV[1])
-redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[2], now_ms(), 'PX', ARGV[2])
 return 0
 `)
 
-// joinScript: KEYS topic's presence, node's presences; ARGV field, conns,
-// record, channel, event.
+// joinScript: KEYS topic's presence; ARGV field, conns, channel, event.
 var joinScript = redis.NewScript(`
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+redis.call('SPUBLISH', ARGV[3], ARGV[4])
 return 0
 `)
 
-// leaveScript: as joinScript, without conns.
+// leaveScript: KEYS topic's presence; ARGV field, channel, event.
 var leaveScript = redis.NewScript(`
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('SREM', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+redis.call('SPUBLISH', ARGV[2], ARGV[3])
 return 0
 `)
 
@@ -200,70 +192,39 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, 16)
 `)
 
-// reapScript: KEYS nodes, node's users, node's presences; ARGV node,
-// prefix, force (1: even if not expired, for a node leaving). Removes a
-// dead node and everything it recorded, announcing its users' leaves;
-// returns 0 when another node did it first.
-var reapScript = redis.NewScript(nowMs + `
+// expiredScript: KEYS nodes; ARGV node, force. Returns 1 if the node is
+// to be reaped: it expired, or force is 1 (a node leaving).
+var expiredScript = redis.NewScript(nowMs + `
 local exp = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if ARGV[3] ~= '1' and (not exp or tonumber(exp) >= now_ms()) then
-  return 0
-end
-redis.call('ZREM', KEYS[1], ARGV[1])
-local p = ARGV[2]
-for _, u in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  redis.call('SREM', p .. ':u:' .. u, ARGV[1])
-end
-redis.call('DEL', KEYS[2])
-for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  local i = string.find(m, ':', 1, true)
-  local n = tonumber(string.sub(m, 1, i - 1))
-  local topic = string.sub(m, i + 1, i + n)
-  local user = string.sub(m, i + n + 1)
-  redis.call('HDEL', p .. ':p:' .. topic, ARGV[1] .. ':' .. user)
-  redis.call('PUBLISH', p .. ':t:' .. topic, 'p' .. cjson.encode({n = ARGV[1], u = user}))
-end
-redis.call('DEL', KEYS[3])
-return 1
-`)
-
-// membersScript: KEYS topic's presence, nodes; ARGV topic's channel,
-// marker ("": none). Returns field, conns pairs of the live nodes, and
-// publishes the marker, so that subscribers know where in the channel's
-// stream the snapshot was read. Each node's liveness is looked up once,
-// not once per member: a room of 20,000 on a few nodes is read in a
-// third of the time.
-var membersScript = redis.NewScript(nowMs + `
-local now = now_ms()
-if ARGV[2] ~= '' then
-  redis.call('PUBLISH', ARGV[1], 's' .. ARGV[2])
-end
-local all = redis.call('HGETALL', KEYS[1])
-local out = {}
-local live = {}
-for i = 1, #all, 2 do
-  local node = string.match(all[i], '^([^:]*):')
-  if live[node] == nil then
-    local exp = redis.call('ZSCORE', KEYS[2], node)
-    live[node] = exp ~= false and tonumber(exp) >= now
-  end
-  if live[node] then
-    out[#out + 1] = all[i]
-    out[#out + 1] = all[i + 1]
-  end
-end
-return out
-`)
-
-// onlineScript: KEYS user's nodes, nodes. Returns 1 if a live node has
-// the user.
-var onlineScript = redis.NewScript(nowMs + `
-local now = now_ms()
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local exp = redis.call('ZSCORE', KEYS[2], id)
-  if exp and tonumber(exp) >= now then
-    return 1
-  end
+if ARGV[2] == '1' or (exp and tonumber(exp) < now_ms()) then
+  return 1
 end
 return 0
+`)
+
+// forgetNodeScript: KEYS nodes; ARGV node, force. Removes the node from
+// the nodes once it is reaped, unless it renewed its heartbeat meanwhile
+// (force 0); returns 1 if it removed it.
+var forgetNodeScript = redis.NewScript(nowMs + `
+local exp = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not exp or (ARGV[2] ~= '1' and tonumber(exp) >= now_ms()) then
+  return 0
+end
+return redis.call('ZREM', KEYS[1], ARGV[1])
+`)
+
+// liveScript: KEYS nodes. Returns the nodes that have not expired.
+var liveScript = redis.NewScript(nowMs + `
+return redis.call('ZRANGEBYSCORE', KEYS[1], now_ms(), '+inf')
+`)
+
+// membersScript: KEYS topic's presence; ARGV topic's channel, marker ("":
+// none). Returns field, conns pairs, and publishes the marker, so that
+// subscribers know where in the channel's stream the snapshot was read.
+// The caller drops the members of nodes that are not live.
+var membersScript = redis.NewScript(`
+if ARGV[2] ~= '' then
+  redis.call('SPUBLISH', ARGV[1], 's' .. ARGV[2])
+end
+return redis.call('HGETALL', KEYS[1])
 `)
