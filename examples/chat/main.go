@@ -13,6 +13,10 @@
 // cookie or a token in WithAuth. For the same reason the name shown with
 // a message is the one the sender's page put in it.
 //
+// The footer of every page shows the same server-wide figures: the server
+// pushes them to all pages at once (see pushStats) rather than each page
+// asking on a timer of its own, which left each showing another moment.
+//
 // The page is embedded (static/); the client, js/tether.js, is served
 // from the repository on disk so that it is never a stale copy: the
 // command finds it by walking up from the working directory, the
@@ -107,6 +111,15 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	// The pages' figures (pushStats) stop before the hub does, on both
+	// ways out below.
+	pushCtx, stopPush := context.WithCancel(ctx)
+	pushed := make(chan struct{})
+	go func() {
+		defer close(pushed)
+		s.pushStats(pushCtx, statsEvery)
+	}()
+	stopPushing := func() { stopPush(); <-pushed }
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	base := "http://" + ln.Addr().String()
@@ -117,9 +130,11 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	case <-ctx.Done():
 		log.Info("shutting down")
 	case err := <-served: // the listener failed
+		stopPushing()
 		s.hub.Close()
 		return err
 	}
+	stopPushing()
 	shutdown, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	// http.Server.Shutdown leaves hijacked conns alone: the hub closes its
@@ -149,18 +164,19 @@ func roomOf(topic string) string {
 // server is the chat: a hub, what the application keeps of each room,
 // and the HTTP routes.
 type server struct {
-	hub   *tether.Hub
-	rooms *rooms
-	mux   *http.ServeMux
-	js    string
-	log   *slog.Logger
+	hub    *tether.Hub
+	rooms  *rooms
+	online *online
+	mux    *http.ServeMux
+	js     string
+	log    *slog.Logger
 }
 
 //go:embed static
 var static embed.FS
 
 func newServer(cfg config, js string, log *slog.Logger) (*server, error) {
-	s := &server{rooms: newRooms(), mux: http.NewServeMux(), js: js, log: log}
+	s := &server{rooms: newRooms(), online: newOnline(), mux: http.NewServeMux(), js: js, log: log}
 	hub, err := tether.NewHub(
 		// Demo-only: whoever says ?user=ann is ann.
 		tether.WithAuth(func(r *http.Request) (string, error) {
@@ -194,9 +210,11 @@ func newServer(cfg config, js string, log *slog.Logger) (*server, error) {
 			log.Info("presence", "topic", e.Topic, "joins", userIDs(e.Joins), "leaves", userIDs(e.Leaves))
 		}}),
 		tether.WithObserver(tether.Observer{Connect: func(c *tether.Conn) {
+			s.online.add(c.UserID(), 1)
 			log.Info("connect", "user", c.UserID(), "remote", c.RemoteAddr())
 		}}),
 		tether.WithObserver(tether.Observer{Disconnect: func(c *tether.Conn, reason error) {
+			s.online.add(c.UserID(), -1)
 			log.Info("disconnect", "user", c.UserID(), "reason", reason, "rtt", c.RTT())
 		}}),
 		tether.WithLogger(log),
@@ -219,6 +237,13 @@ func newServer(cfg config, js string, log *slog.Logger) (*server, error) {
 		s.serveStatic(page, r.PathValue("file"))(w, r)
 	})
 	s.mux.HandleFunc("GET /tether.js", s.serveClient)
+	// The page names its icon inline (index.html), but browsers and other
+	// clients still ask for /favicon.ico now and then: nothing, rather
+	// than a 404 in their console.
+	s.mux.HandleFunc("GET /favicon.ico", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Cache-Control", "max-age=86400")
+		w.WriteHeader(http.StatusNoContent)
+	})
 	s.mux.HandleFunc("GET /api/rooms/{room}/messages", s.serveTranscript)
 	s.mux.HandleFunc("GET /api/rooms/{room}/people", s.servePeople)
 	s.mux.HandleFunc("GET /api/stats", s.serveStats)
@@ -340,17 +365,116 @@ func (s *server) servePeople(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, answer)
 }
 
-// serveStats answers GET /api/stats with a few of the hub's counters.
-func (s *server) serveStats(w http.ResponseWriter, _ *http.Request) {
+// figures are the server-wide numbers of the pages' footer: a few of the
+// hub's Stats and how many users are connected. The type is comparable,
+// so that pushStats sees when they change.
+type figures struct {
+	Conns      int     `json:"conns"`
+	Users      int     `json:"users"` // with at least one conn
+	Topics     int     `json:"topics"`
+	Published  uint64  `json:"published"`
+	DeadPeers  uint64  `json:"dead_peers"`
+	RTTSamples uint64  `json:"rtt_samples"`
+	RTTP50ms   float64 `json:"rtt_p50_ms"`
+	// Connects counts the conns ever made: it changes with every new
+	// conn, even one that takes the place of another within a tick, so
+	// that each new page gets the figures.
+	Connects uint64 `json:"connects"`
+}
+
+func (s *server) figures() figures {
 	st := s.hub.Stats()
-	writeJSON(w, map[string]any{
-		"conns":       st.Conns,
-		"topics":      st.Topics,
-		"published":   st.Published,
-		"dead_peers":  st.DeadPeers,
-		"rtt_samples": st.RTT.Samples,
-		"rtt_p50_ms":  float64(st.RTT.P50.Microseconds()) / 1000,
-	})
+	return figures{
+		Conns:      st.Conns,
+		Users:      s.online.users(),
+		Topics:     st.Topics,
+		Published:  st.Published,
+		DeadPeers:  st.DeadPeers,
+		RTTSamples: st.RTT.Samples,
+		RTTP50ms:   float64(st.RTT.P50.Microseconds()) / 1000,
+		Connects:   st.Connects,
+	}
+}
+
+// serveStats answers GET /api/stats with the figures as they are now
+// (the pages get them pushed: see pushStats):
+//
+//	{"conns":2,"users":2,"topics":1,"published":5,"dead_peers":0,"rtt_samples":3,"rtt_p50_ms":0.128,"connects":2}
+func (s *server) serveStats(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, s.figures())
+}
+
+// statsEvery is how often pushStats looks at the figures.
+const statsEvery = time.Second
+
+// pushStats sends the figures to every conn, as a direct message
+//
+//	{"stats":{"conns":2,"users":2,...}}
+//
+// each time they have changed, looking every interval, until ctx ends.
+// Every page is sent the same figures at the same moment, so two pages
+// show the same; when each page asked GET /api/stats on a timer of its
+// own, each showed the server at another moment (the page opened first
+// said "1 conns" while the second said 2, for up to the timer's 5 s, and
+// so on after each change). A new conn changes Connects, so it gets the
+// figures within an interval, counting itself: the hub counts a conn
+// once it is registered, and Broadcast reaches every registered conn.
+//
+// Broadcast sends direct messages, which are not publications: the
+// pushes do not count themselves in Published, and need no topic that
+// pages subscribe to.
+func (s *server) pushStats(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	var last figures // nothing to say before the first conn
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		f := s.figures()
+		if f == last {
+			continue
+		}
+		msg, err := json.Marshal(struct {
+			Stats figures `json:"stats"`
+		}{f})
+		if err != nil {
+			s.log.Error("stats", "err", err)
+			return
+		}
+		if err := s.hub.Broadcast(msg); err != nil {
+			return // the hub is closing
+		}
+		last = f
+	}
+}
+
+// online counts the conns of each connected user, from the hub's Connect
+// and Disconnect observers.
+type online struct {
+	mu sync.Mutex
+	m  map[string]int
+}
+
+func newOnline() *online { return &online{m: make(map[string]int)} }
+
+// add adds n, 1 or -1, to user's conns.
+func (o *online) add(user string, n int) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.m[user] += n
+	if o.m[user] <= 0 {
+		delete(o.m, user)
+	}
+}
+
+// users returns how many users have a conn.
+func (o *online) users() int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return len(o.m)
 }
 
 func writeJSON(w http.ResponseWriter, v any) {

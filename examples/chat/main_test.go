@@ -131,6 +131,10 @@ func TestServesPageAndClient(t *testing.T) {
 			t.Errorf("GET %s: the body lacks %.60q", c.path, c.contains)
 		}
 	}
+	// Browsers ask for it whatever the page says: no 404.
+	if res, body := get(t, base+"/favicon.ico"); res.StatusCode != http.StatusNoContent || len(body) != 0 {
+		t.Errorf("GET /favicon.ico: %s, %d bytes, want 204 and none", res.Status, len(body))
+	}
 	for _, path := range []string{"/static/nope.js", "/static/", "/nope", "/api/rooms/bad%20name/messages"} {
 		if res, _ := get(t, base+path); res.StatusCode != http.StatusNotFound {
 			t.Errorf("GET %s: %s, want 404", path, res.Status)
@@ -314,10 +318,95 @@ func TestStats(t *testing.T) {
 	base := startChat(t)
 	var stats map[string]any
 	getJSON(t, base+"/api/stats", &stats)
-	for _, k := range []string{"conns", "topics", "published", "dead_peers", "rtt_samples", "rtt_p50_ms"} {
+	for _, k := range []string{"conns", "users", "topics", "published", "dead_peers", "rtt_samples", "rtt_p50_ms", "connects"} {
 		if _, ok := stats[k]; !ok {
 			t.Errorf("stats lack %q: %v", k, stats)
 		}
+	}
+}
+
+// pushed collects the figures the server pushes to a client.
+type pushed struct {
+	mu   sync.Mutex
+	all  []figures
+	more chan struct{} // a value after each push
+}
+
+func (p *pushed) option() tether.Option {
+	return tether.OnMessage(func(_ *tether.Conn, m tether.Message) {
+		var push struct{ Stats *figures }
+		if m.Topic != "" || json.Unmarshal(m.Data, &push) != nil || push.Stats == nil {
+			return
+		}
+		p.mu.Lock()
+		p.all = append(p.all, *push.Stats)
+		p.mu.Unlock()
+		select {
+		case p.more <- struct{}{}:
+		default:
+		}
+	})
+}
+
+// wait returns the first figures pushed that satisfy ok, failing after a
+// bound.
+func (p *pushed) wait(t *testing.T, what string, ok func(figures) bool) figures {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for seen := 0; ; {
+		p.mu.Lock()
+		all := p.all
+		p.mu.Unlock()
+		for ; seen < len(all); seen++ {
+			if ok(all[seen]) {
+				return all[seen]
+			}
+		}
+		select {
+		case <-p.more:
+		case <-deadline:
+			t.Fatalf("no push of the figures with %s in 10 s; pushed: %+v", what, all)
+		}
+	}
+}
+
+// Every conn is pushed the server-wide figures when they change, a new
+// conn too, counting itself; the pushes are not publications.
+func TestStatsPushed(t *testing.T) {
+	base := startChat(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	url := "ws" + strings.TrimPrefix(base, "http") + "/ws?user="
+	dialPushed := func(user string) *pushed {
+		p := &pushed{more: make(chan struct{}, 1)}
+		c, err := tether.Dial(ctx, url+user, p.option())
+		if err != nil {
+			t.Fatalf("%s: %v", user, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return p
+	}
+
+	ann := dialPushed("ann")
+	ann.wait(t, "ann's conn", func(f figures) bool { return f.Conns == 1 && f.Users == 1 && f.Connects == 1 })
+	bob := dialPushed("bob")
+	for _, p := range []*pushed{ann, bob} {
+		p.wait(t, "ann's and bob's conns", func(f figures) bool { return f.Conns == 2 && f.Users == 2 })
+	}
+	// A second tab of ann's: one more conn, no more users.
+	dialPushed("ann")
+	want := func(f figures) bool { return f.Conns == 3 && f.Users == 2 && f.Connects == 3 }
+	got := ann.wait(t, "ann's second conn", want)
+	if other := bob.wait(t, "ann's second conn", want); other != got {
+		t.Errorf("ann was pushed %+v, bob %+v", got, other)
+	}
+	if got.Published != 0 {
+		t.Errorf("%d publications after pushes alone, want 0: a push is a direct message", got.Published)
+	}
+	var now figures
+	getJSON(t, base+"/api/stats", &now)
+	if now.Conns != 3 || now.Users != 2 {
+		t.Errorf("GET /api/stats: %+v, want 3 conns of 2 users", now)
 	}
 }
 

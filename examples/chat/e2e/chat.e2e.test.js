@@ -1,8 +1,11 @@
-// Browser end-to-end test of examples/chat: two Chromium pages, ann and
-// bob, chat in one room; the server is killed (SIGKILL) and started again
-// on the same port a second later; what both typed while it was down is
-// kept by the browser client and reaches both pages once they have
-// reconnected by themselves.
+// Browser end-to-end tests of examples/chat. First, two Chromium pages,
+// ann and bob, chat in one room; the server is killed (SIGKILL) and
+// started again on the same port a second later; what both typed while it
+// was down is kept by the browser client and reaches both pages once they
+// have reconnected by themselves. Second, a page at a phone's size (390 x
+// 844) logs in and chats with nothing cut off or overflowing, no request
+// of its own or of a desktop page gets a 404, and the two pages' footers
+// show the same server-wide figures.
 //
 //	cd examples/chat/e2e && npm ci && npm test
 //
@@ -158,42 +161,103 @@ async function say(page, text) {
   await page.press("#text", "Enter");
 }
 
-test("two pages chat through a restart of the server", { timeout: TEST_TIMEOUT }, async (t) => {
-  const t0 = Date.now();
+// footer reads the server-wide figures a page's footer shows: its text,
+// and the numbers the page keeps in data- attributes.
+async function footer(page) {
+  return page.$eval("#stats", (e) => ({
+    text: e.textContent,
+    stale: e.classList.contains("stale"),
+    conns: Number(e.dataset.conns ?? NaN),
+    users: Number(e.dataset.users ?? NaN),
+    published: Number(e.dataset.published ?? NaN),
+  }));
+}
+
+// sameFigures waits until every page's footer shows the same server-wide
+// figures, up to timeout, and ok(figures) holds; it fails if they never
+// do, saying what each showed last.
+async function sameFigures(pages, timeout, ok = () => true) {
+  const deadline = Date.now() + timeout;
+  let last = [];
+  for (;;) {
+    last = await Promise.all(pages.map(footer));
+    const agree = last.every((f) => f.text === last[0].text && !f.stale && Number.isFinite(f.conns));
+    if (agree && ok(last[0])) return last[0];
+    if (Date.now() > deadline) {
+      assert.fail(`the footers did not agree within ${timeout} ms: ${JSON.stringify(last)}`);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+// box returns where a selector's element is in the viewport.
+async function box(page, selector) {
+  const b = await page.$eval(selector, (e) => {
+    const r = e.getBoundingClientRect();
+    return { left: r.left, top: r.top, right: r.right, bottom: r.bottom, width: r.width };
+  });
+  return b;
+}
+
+// assertInViewport checks that each selector's element is wholly inside
+// the page's viewport.
+async function assertInViewport(page, selectors) {
+  const { width, height } = page.viewportSize();
+  for (const sel of selectors) {
+    const b = await box(page, sel);
+    assert.ok(b.width > 0 && b.left >= 0 && b.top >= 0 && b.right <= width + 0.5 && b.bottom <= height + 0.5,
+      `${sel} at ${JSON.stringify(b)}, outside the ${width} x ${height} viewport`);
+  }
+}
+
+async function assertNoHorizontalOverflow(page, what) {
+  const { scroll, inner } = await page.evaluate(() => ({
+    scroll: document.documentElement.scrollWidth,
+    inner: window.innerWidth,
+  }));
+  assert.ok(scroll <= inner, `${what}: the page is ${scroll} px wide in a ${inner} px window`);
+}
+
+// launch builds the chat, runs it on a free port and starts Chromium,
+// all stopped by cleanup.
+async function launch(t, t0, log) {
   assert.ok(
     existsSync(CHROMIUM),
     `no Chromium at ${CHROMIUM}: install Debian's (apt-get install -y chromium; .ci/run does), or set $CHROMIUM. ` +
       "This test never downloads a browser and never skips.",
   );
-
   const work = mkdtempSync(path.join(os.tmpdir(), "tether-chat-e2e-"));
-  const shots = mkdtempSync(path.join(os.tmpdir(), "tether-chat-screens-"));
   cleanups.push(() => rmSync(work, { recursive: true, force: true }));
   const bin = path.join(work, "chat");
   await build(bin);
   t.diagnostic(`built the chat in ${since(t0)}`);
 
-  const log = [];
   const server = new Server(bin, await freePort(), log);
   cleanups.push(() => server.kill());
-  const errors = [];
-  let browser = null;
+  const env = { server, log, base: `http://127.0.0.1:${server.port}`, browser: null };
   cleanups.push(async () => {
-    if (!browser) return;
+    if (!env.browser) return;
     // A browser that does not close in 5 s is killed.
-    const proc = browser.process?.();
+    const proc = env.browser.process?.();
     let timer;
-    await Promise.race([browser.close(), new Promise((r) => { timer = setTimeout(r, 5000); })]);
+    await Promise.race([env.browser.close(), new Promise((r) => { timer = setTimeout(r, 5000); })]);
     clearTimeout(timer);
     proc?.kill("SIGKILL");
   });
-  try {
-    await server.start();
-    const base = `http://127.0.0.1:${server.port}`;
-    t.diagnostic(`chat on ${base} after ${since(t0)}`);
+  await server.start();
+  t.diagnostic(`chat on ${env.base} after ${since(t0)}`);
+  env.browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, timeout: 20_000 });
+  t.diagnostic(`Chromium ${env.browser.version()} up after ${since(t0)}`);
+  return env;
+}
 
-    browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, timeout: 20_000 });
-    t.diagnostic(`Chromium ${browser.version()} up after ${since(t0)}`);
+test("two pages chat through a restart of the server", { timeout: TEST_TIMEOUT }, async (t) => {
+  const t0 = Date.now();
+  const shots = mkdtempSync(path.join(os.tmpdir(), "tether-chat-screens-"));
+  const errors = [];
+  const log = [];
+  try {
+    const { server, base, browser } = await launch(t, t0, log);
 
     const open = async (user) => {
       const context = await browser.newContext({ viewport: { width: 900, height: 560 } });
@@ -288,7 +352,11 @@ test("two pages chat through a restart of the server", { timeout: TEST_TIMEOUT }
       }
       assert.equal(await p.$$eval("#log li.pending", (els) => els.length), 0, "nothing is left pending");
       assert.match(await p.$eval("#rtt", (e) => e.textContent), /^\d+ ms$/, "the page shows the round-trip time");
+      assert.ok(Number(await p.$eval("#reconnects", (e) => e.textContent)) >= 1, "the page counts its reconnect");
     }
+    // The restarted server's figures, pushed to both.
+    await sameFigures(pages, 10_000, (f) => f.conns >= 2);
+    t.diagnostic(`both footers agree ${Date.now() - restarted} ms after the restart`);
 
     for (const [name, p] of [["ann", ann], ["bob", bob]]) {
       const file = path.join(shots, `${name}.png`);
@@ -300,6 +368,114 @@ test("two pages chat through a restart of the server", { timeout: TEST_TIMEOUT }
       const notes = await p.$$eval("#log li.note", (els) => els.map((e) => e.textContent));
       assert.deepEqual(notes.filter((n) => /could not load|cannot|error/.test(n)), [], "no failure noted in the page");
     }
+    assert.deepEqual(errors, [], "no script error in the pages");
+    t.diagnostic(`done in ${since(t0)}`);
+  } catch (err) {
+    console.error(`--- chat server log:\n${log.join("\n")}`);
+    throw err;
+  } finally {
+    const c0 = Date.now();
+    await cleanup();
+    t.diagnostic(`browser and server stopped in ${Date.now() - c0} ms`);
+  }
+});
+
+test("a phone-sized page chats; no 404; two pages' footers agree", { timeout: TEST_TIMEOUT }, async (t) => {
+  const t0 = Date.now();
+  const shots = mkdtempSync(path.join(os.tmpdir(), "tether-chat-screens-"));
+  const errors = [];
+  const missing = []; // responses with 404
+  const log = [];
+  try {
+    const { base, browser } = await launch(t, t0, log);
+    const room = "e2e-phone";
+
+    const open = async (name, options, url) => {
+      const context = await browser.newContext(options);
+      const page = await context.newPage();
+      page.on("pageerror", (err) => errors.push(`${name}: ${err.stack ?? err}`));
+      page.on("response", (res) => {
+        if (res.status() === 404) missing.push(`${name}: ${res.request().method()} ${res.url()}`);
+      });
+      await page.goto(url);
+      return page;
+    };
+
+    // A phone: its viewport, and the page's meta viewport honoured.
+    const phone = await open("phone", { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true }, `${base}/`);
+    assert.deepEqual(await phone.evaluate(() => window.innerWidth), 390, "the page is laid out at the phone's width");
+    // The login form, whole.
+    await phone.waitForSelector("#login:not([hidden])", { timeout: 10_000 });
+    await assertInViewport(phone, ["#login", "#name", "#roomname", "#login button"]);
+    await assertNoHorizontalOverflow(phone, "the login form at 390 px");
+    await phone.screenshot({ path: path.join(shots, "phone-login.png") });
+    await phone.fill("#name", "ann");
+    await phone.fill("#roomname", room);
+    await Promise.all([phone.waitForURL(/[?&]user=ann/, { timeout: 10_000 }), phone.click("#login button")]);
+    await waitState(phone, "connected", 10_000);
+    await phone.waitForSelector("#log li.note", { timeout: 10_000 }); // "you joined ..."
+    t.diagnostic(`the phone logged in and joined after ${since(t0)}`);
+
+    // Sends and sees its message.
+    const hello = "hello from a phone, with a line long enough to wrap at 390 px: " + "x".repeat(80);
+    await say(phone, hello);
+    await waitDelivered(phone, [hello], 10_000);
+    await assertInViewport(phone, ["#text", "#say button", "#people-toggle"]);
+    const logWidth = (await box(phone, "#log")).width;
+    assert.ok(logWidth >= 300, `the messages are ${logWidth} px wide at 390 px, want at least 300`);
+    await assertNoHorizontalOverflow(phone, "the chat at 390 px");
+
+    // The list of people, a drawer over the messages.
+    await phone.click("#people-toggle");
+    await phone.waitForSelector('#present li[data-user="ann"]', { state: "visible", timeout: 10_000 });
+    await assertInViewport(phone, ["#people"]);
+    assert.ok((await box(phone, "#log")).width >= 300, "the open drawer does not squeeze the messages");
+    await assertNoHorizontalOverflow(phone, "the drawer open at 390 px");
+    await phone.screenshot({ path: path.join(shots, "phone-people.png") });
+    await phone.click("#people-toggle");
+    await phone.waitForSelector("#people", { state: "hidden", timeout: 10_000 });
+
+    // A desktop page in the same room: the list of people beside the
+    // messages, as ever.
+    const desk = await open("desk", { viewport: { width: 1280, height: 800 } }, `${base}/?user=bob&room=${room}`);
+    await waitState(desk, "connected", 10_000);
+    await waitDelivered(desk, [hello], 10_000);
+    const [deskLog, deskPeople] = [await box(desk, "#log"), await box(desk, "#people")];
+    assert.ok(deskLog.width >= 800 && deskPeople.left >= deskLog.right - 1, `desktop: messages ${JSON.stringify(deskLog)}, people ${JSON.stringify(deskPeople)}`);
+    assert.equal(await desk.$eval("#people-toggle", (e) => getComputedStyle(e).display), "none", "no drawer button on a desktop");
+    await assertNoHorizontalOverflow(desk, "the chat at 1280 px");
+    await say(desk, "hi ann, bob at a desk");
+    await waitDelivered(phone, ["hi ann, bob at a desk"], 10_000);
+
+    // The favicon: named inline, and /favicon.ico is no 404 either.
+    for (const p of [phone, desk]) {
+      assert.ok(await p.$eval('link[rel="icon"]', (e) => e.href.startsWith("data:image/svg+xml")), "an inline icon");
+      assert.equal(await p.evaluate(async () => (await fetch("/favicon.ico")).status), 204);
+    }
+
+    // Both footers show the same server-wide figures, the ones of both
+    // pages and both messages, and label this page's own as such.
+    const pages = [phone, desk];
+    const figures = await sameFigures(pages, 10_000, (f) => f.conns >= 2 && f.users >= 2 && f.published >= 2);
+    t.diagnostic(`both footers show ${JSON.stringify(figures.text)} after ${since(t0)}`);
+    for (const p of pages) {
+      assert.match(await p.$eval("#mine", (e) => e.textContent), /^this page: rtt (\d+ ms|–) · \d+ reconnects$/);
+    }
+    // A change reaches both.
+    await say(phone, "one more");
+    await waitDelivered(desk, ["one more"], 10_000);
+    await sameFigures(pages, 10_000, (f) => f.published >= figures.published + 1);
+    // The footer fits the phone too.
+    await assertInViewport(phone, ["footer"]);
+    await assertNoHorizontalOverflow(phone, "the chat at 390 px, at the end");
+
+    for (const [name, p] of [["phone-390x844", phone], ["desk-1280x800", desk]]) {
+      const file = path.join(shots, `${name}.png`);
+      await p.screenshot({ path: file });
+      console.log(`screenshot of the ${name} page: ${file}`);
+      t.diagnostic(`screenshot of the ${name} page: ${file}`);
+    }
+    assert.deepEqual(missing, [], "no response with 404");
     assert.deepEqual(errors, [], "no script error in the pages");
     t.diagnostic(`done in ${since(t0)}`);
   } catch (err) {

@@ -152,6 +152,7 @@ function renderPeople() {
     li.append(small);
     ul.append(li);
   }
+  $("here-count").textContent = String(present.size);
   const away = $("away");
   away.textContent = "";
   for (const p of people.away) {
@@ -181,7 +182,7 @@ function refreshPeople(delay = 250) {
       people = answer;
       present.clear();
       for (const p of answer.present) present.set(p.user, p.meta ?? null);
-      document.querySelector("aside").classList.remove("stale");
+      $("people").classList.remove("stale");
       renderPeople();
     } catch {
       // The server is away; the client's state says so.
@@ -189,19 +190,45 @@ function refreshPeople(delay = 250) {
   }, delay);
 }
 
+// --- The footer ----------------------------------------------------------
+
+// The server's figures are the same for every page: the server pushes
+// them to all pages at once (a direct message {"stats": {...}}) when they
+// change. This page's figures (its round trip, its reconnects) are its
+// own, and labelled so.
+
+const plural = (n, one, many = one + "s") => `${n} ${n === 1 ? one : many}`;
+
+function showStats(s) {
+  const el = $("stats");
+  const rtt = s.rtt_samples > 0 ? `heartbeat rtt p50 ≤ ${s.rtt_p50_ms} ms` : "no heartbeat ping needed yet";
+  el.textContent = `server: ${plural(s.users, "user")} · ${plural(s.conns, "conn")} · ${plural(s.topics, "topic")} · ` +
+    `${plural(s.published, "message")} published · ${rtt} · ${plural(s.dead_peers, "dead peer")} dropped`;
+  el.dataset.conns = String(s.conns);
+  el.dataset.users = String(s.users);
+  el.dataset.published = String(s.published);
+  el.classList.toggle("stale", client.state !== "connected");
+}
+
+let connectedBefore = false;
+let reconnects = 0;
+
 // --- The connection ------------------------------------------------------
 
 function showState(state, err) {
   const el = $("state");
   el.dataset.state = state;
   el.textContent = err && state !== "connected" ? `${state} (${err.message ?? err})` : state;
-  document.querySelector("aside").classList.toggle("stale", state !== "connected");
+  $("people").classList.toggle("stale", state !== "connected");
+  // Until the server pushes them again, the figures are those of before.
+  $("stats").classList.toggle("stale", state !== "connected");
   for (const li of document.querySelectorAll("#log .pending:not(.failed) .at")) {
     li.dataset.status = state === "connected" ? "sending" : "queued until back online";
   }
   if (state === "connected") {
+    if (connectedBefore) $("reconnects").textContent = String(++reconnects);
+    connectedBefore = true;
     refreshPeople(0);
-    refreshStats();
     // The client pings after a silence of the heartbeat interval (15 s):
     // one ping now shows the round trip without waiting for it.
     client.probe();
@@ -235,18 +262,6 @@ async function join(name) {
   refreshPeople(0);
 }
 
-async function refreshStats() {
-  try {
-    const res = await fetch("/api/stats");
-    const s = await res.json();
-    const rtt = s.rtt_samples > 0 ? `heartbeat rtt p50 ≤ ${s.rtt_p50_ms} ms` : "no heartbeat ping needed yet";
-    $("stats").textContent = `server: ${s.conns} conns · ${s.topics} topics · ${s.published} messages published · ` +
-      `${rtt} · ${s.dead_peers} dead peers dropped`;
-  } catch {
-    $("stats").textContent = "server: unreachable";
-  }
-}
-
 function start() {
   $("me").textContent = user;
   const scheme = location.protocol === "https:" ? "wss" : "ws";
@@ -255,6 +270,9 @@ function start() {
   window.chat = { client }; // for the console
   client.on("state", showState);
   client.on("rtt", (ms) => { $("rtt").textContent = `${Math.round(ms)} ms`; });
+  client.on("message", (data) => {
+    if (data && typeof data === "object" && data.stats) showStats(data.stats);
+  });
   client.on("presence", (t, { joins = [], leaves = [], snapshot = false } = {}) => {
     if (t !== topic) return;
     // A snapshot replaces the list: it opens each subscription, so it
@@ -286,10 +304,16 @@ function start() {
     const name = $("room").value.trim();
     if (NAME.test(name) && name !== room) join(name);
   };
+  // On a narrow screen the list of people is a drawer.
+  const drawer = (open) => {
+    $("people").classList.toggle("open", open);
+    $("people-toggle").setAttribute("aria-expanded", String(open));
+  };
+  $("people-toggle").onclick = () => drawer(!$("people").classList.contains("open"));
+  $("log").addEventListener("click", () => drawer(false));
+  document.addEventListener("keydown", (e) => { if (e.key === "Escape") drawer(false); });
   setInterval(renderPeople, 1000); // "x s ago"
   setInterval(() => { if (client.state === "connected") refreshPeople(0); }, 10000);
-  refreshStats();
-  setInterval(refreshStats, 5000);
   join(NAME.test(params.get("room") ?? "") ? params.get("room") : "lobby");
 }
 
@@ -299,6 +323,8 @@ if (user && NAME.test(user)) {
   // No name yet: ask for one. Anyone may pick any name (demo only).
   $("say").hidden = true;
   $("rooms").hidden = true;
+  $("people-toggle").hidden = true;
+  document.querySelector("footer").hidden = true;
   $("state").textContent = "pick a name";
   $("login").hidden = false;
   $("name").focus();
