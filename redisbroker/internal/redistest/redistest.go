@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -28,6 +29,7 @@ type Server struct {
 	bin  string
 	port int
 	dir  string
+	conf string // config file given first on the command line, or ""
 	args []string
 
 	mu   sync.Mutex
@@ -41,14 +43,26 @@ type Server struct {
 // the command line ("--maxmemory", "10mb", ...).
 func Start(t testing.TB, extra ...string) *Server {
 	t.Helper()
-	s, err := Launch(t.TempDir(), extra...)
+	return startWith(t, t.TempDir(), freePort, "", extra...)
+}
+
+// startWith is Start with a port chooser and a config file, in dir.
+func startWith(t testing.TB, dir string, pick func() (int, error), conf string, extra ...string) *Server {
+	t.Helper()
+	s, err := launch(dir, pick, conf, extra...)
 	if err != nil {
 		t.Fatalf("redistest: %v", err)
+	}
+	kind := "redis-server"
+	if slices.Contains(extra, "--sentinel") {
+		kind = "sentinel"
+	} else if slices.Contains(extra, "--cluster-enabled") {
+		kind = "cluster node"
 	}
 	t.Cleanup(func() {
 		s.Stop()
 		if t.Failed() {
-			t.Logf("redistest: redis-server %s output:\n%s", s.Addr(), s.out.String())
+			t.Logf("redistest: %s %s output:\n%s", kind, s.Addr(), s.out.String())
 		}
 	})
 	return s
@@ -57,14 +71,21 @@ func Start(t testing.TB, extra ...string) *Server {
 // Launch is Start without a test, for examples: the caller stops the
 // server. dir is its working directory.
 func Launch(dir string, extra ...string) (*Server, error) {
+	return launch(dir, freePort, "", extra...)
+}
+
+// launch starts a redis-server on a port chosen by pick, trying again on
+// another port if it cannot start (the port was taken meanwhile). conf, if
+// not "", is the config file, given first on the command line.
+func launch(dir string, pick func() (int, error), conf string, extra ...string) (*Server, error) {
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
 		return nil, fmt.Errorf("redis-server is not on PATH (%v): install redis-server: apt-get install redis-server; .ci/run does", err)
 	}
-	s := &Server{bin: bin, dir: dir, args: extra, out: &syncBuffer{}}
+	s := &Server{bin: bin, dir: dir, conf: conf, args: extra, out: &syncBuffer{}}
 	var last error
 	for attempt := 0; attempt < 5; attempt++ {
-		port, err := freePort()
+		port, err := pick()
 		if err != nil {
 			return nil, fmt.Errorf("no free port: %w", err)
 		}
@@ -114,7 +135,8 @@ func (s *Server) Stop() {
 	<-done
 }
 
-// Kill is Stop.
+// Kill is Stop: kill -9, the way to make a master fail in a cluster or
+// under sentinels.
 func (s *Server) Kill() { s.Stop() }
 
 // Restart stops the server, if running, and starts a new one on the same
@@ -167,7 +189,11 @@ func (s *Server) Output() string { return s.out.String() }
 // start starts the process on s.port and waits for PING; on failure the
 // process is gone.
 func (s *Server) start() error {
-	args := append([]string{
+	var args []string
+	if s.conf != "" {
+		args = append(args, s.conf)
+	}
+	args = append(args,
 		"--port", strconv.Itoa(s.port),
 		"--bind", "127.0.0.1",
 		"--save", "",
@@ -176,7 +202,8 @@ func (s *Server) start() error {
 		"--daemonize", "no",
 		"--databases", "1",
 		"--loglevel", "warning",
-	}, s.args...)
+	)
+	args = append(args, s.args...)
 	cmd := exec.Command(s.bin, args...)
 	cmd.Stdout = s.out
 	cmd.Stderr = s.out
