@@ -283,6 +283,7 @@ func (b *Broker) link() {
 			return
 		}
 		b.node.Health(fmt.Errorf("%w: %w", ErrUnavailable, err))
+		b.relearn()
 		if time.Since(start) > stable {
 			failures = 0
 		}
@@ -1134,7 +1135,8 @@ func (b *Broker) Publish(ctx context.Context, topic string, data []byte) (adapte
 }
 
 // forgetRuns drops the run_ids read in this session, after a call that
-// failed: the server may have restarted at the same address.
+// failed: the server may have restarted at the same address, or its
+// slots moved.
 func (b *Broker) forgetRuns() {
 	if b.cluster == nil {
 		return
@@ -1144,6 +1146,17 @@ func (b *Broker) forgetRuns() {
 		clear(b.runs)
 	}
 	b.mu.Unlock()
+	b.relearn()
+}
+
+// relearn has a cluster's client read again which master serves which
+// slot, in the background: go-redis does so by itself only on a MOVED
+// reply or once a minute, and a master that died answers nothing, so
+// after a failover it would go on sending there.
+func (b *Broker) relearn() {
+	if b.cluster != nil {
+		b.cluster.ReloadState(b.ctx)
+	}
 }
 
 func position(res []any) (adapter.Position, error) {

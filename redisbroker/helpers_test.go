@@ -36,7 +36,7 @@ type hubNode struct {
 	t      testing.TB
 	name   string
 	hub    *tether.Hub
-	rdb    *redis.Client
+	rdb    redis.UniversalClient
 	srv    *http.Server
 	addr   string
 	served sync.WaitGroup
@@ -51,9 +51,16 @@ type hubNode struct {
 // Redis client.
 func startHub(t testing.TB, name, redisAddr string, extra ...tether.HubOption) *hubNode {
 	t.Helper()
+	return startHubOn(t, name, newRedisClient(redisAddr), extra...)
+}
+
+// startHubOn is startHub on a client of any kind (a cluster's, a
+// Sentinel's), which the node owns.
+func startHubOn(t testing.TB, name string, rdb redis.UniversalClient, extra ...tether.HubOption) *hubNode {
+	t.Helper()
 	n := &hubNode{t: t, name: name, logs: &logBuffer{}, events: &eventLog{}, health: &healthLog{}}
 	logger := slog.New(slog.NewTextHandler(n.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	n.rdb = newRedisClient(redisAddr)
+	n.rdb = rdb
 	opts := append(nodeOptions(n.rdb, logger),
 		tether.WithObserver(tether.Observer{Presence: n.events.add}),
 		tether.WithObserver(tether.Observer{Broker: n.health.add}),

@@ -58,6 +58,16 @@ func newRedisClient(addr string) *redis.Client {
 	return redis.NewClient(&redis.Options{Addr: addr, DialTimeout: time.Second})
 }
 
+// newClusterClient is the Redis client of a node on a cluster.
+func newClusterClient(addrs []string) *redis.ClusterClient {
+	return redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs, DialTimeout: time.Second})
+}
+
+// newSentinelClient is the Redis client of a node behind Sentinel.
+func newSentinelClient(master string, sentinels []string) *redis.Client {
+	return redis.NewFailoverClient(&redis.FailoverOptions{MasterName: master, SentinelAddrs: sentinels, DialTimeout: time.Second})
+}
+
 // nodeOptions are the hub options of every node: the Redis broker with
 // short settings, users from the query parameter "user", presence on
 // every topic, fast heartbeats.
