@@ -1128,22 +1128,31 @@ func (b *Broker) Publish(ctx context.Context, topic string, data []byte) (adapte
 	res, err := publishScript.Run(ctx, srv, []string{n.key("h"), n.key("x")},
 		data, newEpoch(), b.cfg.historyLen, b.ttl(b.cfg.historyAge), n.key("t"), run).Slice()
 	if err != nil {
-		b.forgetRuns()
+		b.topicFailed(err)
 		return adapter.Position{}, err
 	}
 	return position(res)
 }
 
-// forgetRuns drops the run_ids read in this session, after a call that
-// failed: the server may have restarted at the same address, or its
-// slots moved.
-func (b *Broker) forgetRuns() {
+// topicFailed follows a topic script that failed on a cluster's master:
+// the run_ids read in this session are dropped (the server may have
+// restarted at the same address) and the slots read again. A master that
+// answers MOVED or ASK no longer serves the slot, or not all of its keys:
+// the session ends, since this node's subscriptions to the slot's
+// channels went with it, and the hub catches up once the next session
+// is linked, which tells clients to resync if the move changed the
+// topic's epoch (a slot moved to another master carries the first
+// master's run_id, so it does).
+func (b *Broker) topicFailed(err error) {
 	if b.cluster == nil {
 		return
 	}
 	b.mu.Lock()
 	if b.runs != nil {
 		clear(b.runs)
+	}
+	if s := b.sess; s != nil && (redis.HasErrorPrefix(err, "MOVED") || redis.HasErrorPrefix(err, "ASK") || redis.HasErrorPrefix(err, "TRYAGAIN")) {
+		b.endLocked(s, fmt.Errorf("%w: %w", ErrUnavailable, err))
 	}
 	b.mu.Unlock()
 	b.relearn()
@@ -1183,7 +1192,7 @@ func (b *Broker) Since(ctx context.Context, topic string, pos adapter.Position) 
 	res, err := sinceScript.Run(ctx, srv, []string{n.key("h"), n.key("x")},
 		pos.Epoch, pos.Seq, newEpoch(), b.ttl(b.cfg.historyAge), b.cfg.historyAge.Milliseconds(), run).Slice()
 	if err != nil {
-		b.forgetRuns()
+		b.topicFailed(err)
 		return nil, adapter.Position{}, false, err
 	}
 	last, err := position(res)

@@ -475,3 +475,101 @@ func testRelay(t *testing.T, nodes []*hubNode, numSub func(channel string) int64
 		t.Errorf("LastSeen of a user never seen is ok")
 	}
 }
+
+// TestClusterSlotMoved: the slot of a streaming topic moves to another
+// master (CLUSTER SETSLOT MIGRATING/IMPORTING, MIGRATE of its keys, then
+// SETSLOT NODE, as redis-cli --cluster reshard does). The nodes meet
+// MOVED, ASK or the server's notice that it dropped their subscriptions,
+// link again to the new master, and every subscriber got every message
+// or was told to resync.
+func TestClusterSlotMoved(t *testing.T) {
+	cl, nodes := startClusterHubs(t, 3, 2)
+	const topic = "moving"
+	var recs []*recorder
+	for _, n := range nodes {
+		c, r := dialRecorded(t, n.url("watcher-"+n.name))
+		subscribe(t, c, topic, r)
+		recs = append(recs, r)
+	}
+	s := startStream(t, nodes[0], topic)
+	waitUntil(t, 10*time.Second, "the stream to start", func() bool { return recs[1].len() >= 20 })
+
+	key := redisbroker.KeyOf("h", topic)
+	slot := redistest.KeySlot(key)
+	from := cl.MasterFor(t, key)
+	var to *redistest.Server
+	for _, m := range cl.Masters(t) {
+		if m != from {
+			to = m
+			break
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	src, dst := newTestClient(t, from.Addr()), newTestClient(t, to.Addr())
+	srcID, err1 := src.ClusterMyID(ctx).Result()
+	dstID, err2 := dst.ClusterMyID(ctx).Result()
+	if err := errors.Join(err1, err2); err != nil {
+		t.Fatal(err)
+	}
+	must := func(what string, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+	}
+	must("IMPORTING", dst.Do(ctx, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID).Err())
+	must("MIGRATING", src.Do(ctx, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID).Err())
+	moved := 0
+	for {
+		keys, err := src.ClusterGetKeysInSlot(ctx, slot, 100).Result()
+		must("GETKEYSINSLOT", err)
+		if len(keys) == 0 {
+			break
+		}
+		args := []any{"MIGRATE", "127.0.0.1", to.Port(), "", 0, 5000, "KEYS"}
+		for _, k := range keys {
+			args = append(args, k)
+		}
+		must("MIGRATE", src.Do(ctx, args...).Err())
+		moved += len(keys)
+	}
+	for _, m := range cl.Masters(t) {
+		must("SETSLOT NODE", newTestClient(t, m.Addr()).Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", dstID).Err())
+	}
+	t.Logf("moved slot %d (%d keys) from %s to %s at message %d", slot, moved, from.Addr(), to.Addr(), s.sent.Load())
+	if moved == 0 {
+		t.Fatalf("no key of the topic was in slot %d: the test moved nothing", slot)
+	}
+
+	for _, n := range nodes {
+		waitUntil(t, 30*time.Second, n.name+"'s broker to be linked", func() bool { return brokerUp(n.hub) })
+	}
+	if got := cl.MasterFor(t, key); got != to {
+		t.Fatalf("after the move the topic's master is %s, want %s", got.Addr(), to.Addr())
+	}
+	linkedAt := s.sent.Load()
+	waitUntil(t, 20*time.Second, "messages after the move at every subscriber", func() bool {
+		for _, r := range recs {
+			msgs := r.messages()
+			if len(msgs) == 0 {
+				return false
+			}
+			if n, _ := strconv.Atoi(string(msgs[len(msgs)-1].Data)); n <= int(linkedAt)+20 {
+				return false
+			}
+		}
+		return true
+	})
+	s.end()
+	for i, r := range recs {
+		s.check("subscriber on "+nodes[i].name, r)
+	}
+	if got := numSubOn(t, to.Addr(), redisbroker.KeyOf("t", topic)); got != 2 {
+		t.Errorf("the new master has %d subscriptions to the topic's channel, want 2", got)
+	}
+}
+
+func numSubOn(t testing.TB, addr, channel string) int64 {
+	return numSub(t, newTestClient(t, addr), channel)
+}
