@@ -85,13 +85,14 @@ func (d *dedupe) forget(user, id string) {
 	d.mu.Unlock()
 }
 
-// once reports whether the request id of user is new: on every node
-// through the broker when it can (adapter.Deduper), else on this node.
+// once reports whether the request id of user is new: where the hub's
+// memory is not enough when it can (see sharedDeduper), else on this
+// node.
 func (h *Hub) once(user, id string) bool {
 	if len(id) < minDedupeID {
 		return true
 	}
-	if d, ok := h.broker.(adapter.Deduper); ok && !h.brokerDown.Load() {
+	if d := h.sharedDeduper(); d != nil {
 		ctx, cancel := brokerContext()
 		first, err := d.Once(ctx, dedupeKey(user, id), dedupeWindow)
 		cancel()
@@ -108,11 +109,28 @@ func (h *Hub) forgetID(user, id string) {
 		return
 	}
 	h.dedupe.forget(user, id)
-	if d, ok := h.broker.(adapter.Deduper); ok && !h.brokerDown.Load() {
+	if d := h.sharedDeduper(); d != nil {
 		ctx, cancel := brokerContext()
 		_ = d.Forget(ctx, dedupeKey(user, id)) // the window ends it anyway
 		cancel()
 	}
+}
+
+// sharedDeduper returns where request ids are remembered beyond this
+// hub's memory, if anywhere: by the broker, for every node, while it can
+// be reached; without a broker, by the history when it implements
+// adapter.Deduper (a store on disk does), so that a client resending its
+// unanswered publications after a restart of the process does not
+// publish them twice.
+func (h *Hub) sharedDeduper() adapter.Deduper {
+	if h.broker != nil {
+		if d, ok := h.broker.(adapter.Deduper); ok && !h.brokerDown.Load() {
+			return d
+		}
+		return nil
+	}
+	d, _ := h.cfg.history.(adapter.Deduper)
+	return d
 }
 
 func dedupeKey(user, id string) string { return user + "\x00" + id }

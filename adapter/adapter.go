@@ -179,7 +179,8 @@ type Broker interface {
 // request takes effect once across nodes: a client that reconnects to
 // another node sends its unanswered publications again with the same ids
 // (PROTOCOL.md, "pub"). Without it, each node remembers only the ids it
-// saw itself.
+// saw itself. A [History] kept on disk may implement it too, so that a
+// hub without a broker remembers them across its own restarts.
 type Deduper interface {
 	// Once records key for ttl and reports whether it is new: false when
 	// it was recorded within ttl, by any node.
