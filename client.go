@@ -70,6 +70,7 @@ type subscription struct {
 	pos     Position    // of the last message delivered
 	known   bool        // pos holds one; else subscribe without since
 	acked   bool        // the server has accepted it once
+	latest  bool        // ask for the topic's last message, until acked
 	waiter  chan error  // the first Subscribe waits here; nil once answered
 	retry   *time.Timer // re-sends a re-subscription refused for a while
 	retries int         // refusals in a row, for the retry's backoff
@@ -199,7 +200,19 @@ func (cl *Client) Close() error {
 // Subscribe from a handler: it waits for the server, whose answer the
 // handler holds up.
 func (cl *Client) Subscribe(ctx context.Context, topic string, handler func(Message)) error {
-	return cl.subscribe(ctx, topic, nil, handler)
+	return cl.subscribe(ctx, topic, nil, false, handler)
+}
+
+// SubscribeLatest is [Client.Subscribe] with the topic's current value:
+// handler first receives the topic's last message, when the server's
+// history still holds it, then the live messages, without a gap or a
+// repeat between them. When the topic has had no message, or history
+// keeps it no longer, handler receives live messages only, as with
+// Subscribe. After a reconnect the client resumes from the last message
+// handler received, as Subscribe does: the latest is not sent again.
+// A server from before this option ignores it (PROTOCOL.md, "sub").
+func (cl *Client) SubscribeLatest(ctx context.Context, topic string, handler func(Message)) error {
+	return cl.subscribe(ctx, topic, nil, true, handler)
 }
 
 // SubscribeFrom is [Client.Subscribe] from a position the application
@@ -210,12 +223,12 @@ func (cl *Client) Subscribe(ctx context.Context, topic string, handler func(Mess
 // follow. A zero from is Subscribe.
 func (cl *Client) SubscribeFrom(ctx context.Context, topic string, from Position, handler func(Message)) error {
 	if from.Epoch == "" {
-		return cl.subscribe(ctx, topic, nil, handler)
+		return cl.subscribe(ctx, topic, nil, false, handler)
 	}
-	return cl.subscribe(ctx, topic, &from, handler)
+	return cl.subscribe(ctx, topic, &from, false, handler)
 }
 
-func (cl *Client) subscribe(ctx context.Context, topic string, from *Position, handler func(Message)) error {
+func (cl *Client) subscribe(ctx context.Context, topic string, from *Position, latest bool, handler func(Message)) error {
 	if err := checkTopic(topic); err != nil {
 		return fmt.Errorf("tether: subscribe: %w", err)
 	}
@@ -223,7 +236,7 @@ func (cl *Client) subscribe(ctx context.Context, topic string, from *Position, h
 		return errors.New("tether: subscribe: nil handler")
 	}
 	answer := make(chan error, 1)
-	sub := &subscription{topic: topic, handler: handler, waiter: answer}
+	sub := &subscription{topic: topic, handler: handler, waiter: answer, latest: latest}
 	if from != nil {
 		sub.pos, sub.known = *from, true
 	}
@@ -426,7 +439,8 @@ func (cl *Client) newID() (string, uint64) {
 }
 
 // subscribeLocked sends sub's subscription on c, from its position when
-// it has one.
+// it has one; else, for SubscribeLatest not yet accepted, asking for the
+// topic's last message.
 func (cl *Client) subscribeLocked(c *Conn, sub *subscription) *request {
 	var since *wire.Since
 	if sub.known {
@@ -434,7 +448,7 @@ func (cl *Client) subscribeLocked(c *Conn, sub *subscription) *request {
 	}
 	id, n := cl.newID()
 	req := &request{id: id, n: n, op: wire.OpSub, topic: sub.topic, sub: sub, since: sub.known}
-	req.line = wire.AppendSub(nil, sub.topic, since, req.id)
+	req.line = wire.AppendSub(nil, sub.topic, since, sub.latest && !sub.known && !sub.acked, req.id)
 	cl.requests[req.id] = req
 	c.enqueueAll(req.line)
 	return req

@@ -171,8 +171,10 @@ func (h *Hub) resyncLocked(t *topic, epoch string) {
 
 // catchUpSharedLocked is catchUp with a broker, t locked: it returns what c
 // resuming at since (nil: not resuming) must receive before live
-// messages, and t's cursor, where they start.
-func (h *Hub) catchUpSharedLocked(c *Conn, t *topic, since *wire.Since, id string) ([][]byte, Position, error) {
+// messages, or, with latest and no since, the topic's last message; and
+// the position the ack gives: t's cursor, where live messages start, or
+// the one before the latest message, which ends there.
+func (h *Hub) catchUpSharedLocked(c *Conn, t *topic, since *wire.Since, latest bool) ([][]byte, Position, error) {
 	if t.pos.Epoch == "" {
 		ctx, cancel := brokerContext()
 		_, last, _, err := h.broker.Since(ctx, t.name, Position{})
@@ -194,6 +196,9 @@ func (h *Hub) catchUpSharedLocked(c *Conn, t *topic, since *wire.Since, id strin
 		t.pos = last
 	}
 	if since == nil {
+		if latest && t.pos.Seq > 0 {
+			return h.latestSharedLocked(t)
+		}
 		return nil, t.pos, nil
 	}
 	pos := Position{Epoch: since.Epoch, Seq: since.Seq}
@@ -220,6 +225,27 @@ func (h *Hub) catchUpSharedLocked(c *Conn, t *topic, since *wire.Since, id strin
 		n++
 	}
 	return replay(c, t.name, entries[:n], t.pos), t.pos, nil
+}
+
+// latestSharedLocked returns t's last message as of its cursor, from the
+// broker's history, and the position before it; or nothing and the
+// cursor when the broker no longer has it, or cannot be reached (the
+// subscription is not refused for a message it may do without).
+func (h *Hub) latestSharedLocked(t *topic) ([][]byte, Position, error) {
+	ctx, cancel := brokerContext()
+	entries, last, ok, err := h.broker.Since(ctx, t.name, Position{Epoch: t.pos.Epoch, Seq: t.pos.Seq - 1})
+	cancel()
+	if err != nil || !ok || last.Epoch != t.pos.Epoch {
+		return nil, t.pos, nil
+	}
+	// The broker may have more than the cursor (on its way to this node):
+	// live messages go on after the cursor, so the latest is at it.
+	for i, e := range entries {
+		if e.Seq == t.pos.Seq {
+			return latestEntry(t.name, entries[i:i+1], t.pos, true)
+		}
+	}
+	return nil, t.pos, nil
 }
 
 // registerShared adds c, whose user is set, to the user index and queues

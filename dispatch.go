@@ -112,7 +112,7 @@ func (h *Hub) request(c *Conn, f wire.Frame) {
 			return
 		}
 		// subscribe queues the ack itself, ahead of the replay.
-		if err := h.subscribe(c, f.Topic, f.Since, f.ID); err != nil {
+		if err := h.subscribe(c, f.Topic, f.Since, f.Latest, f.ID); err != nil {
 			h.fail(c, f.ID, err)
 		}
 		return

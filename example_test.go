@@ -232,6 +232,40 @@ func ExampleDial() {
 	// state: closed
 }
 
+// A dashboard that shows a topic's current value at once, with no HTTP
+// endpoint of its own for it: the topic's last message comes first, then
+// the live ones.
+func ExampleClient_SubscribeLatest() {
+	hub, err := tether.NewHub()
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv := httptest.NewServer(hub)
+	defer srv.Close()
+	defer hub.Close()
+	hub.Publish("price:eur", []byte(`{"bid":1.0839}`))
+	hub.Publish("price:eur", []byte(`{"bid":1.0842}`)) // published before the client came
+
+	ctx := context.Background()
+	client, err := tether.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer client.Close()
+	got := make(chan tether.Message, 2)
+	if err := client.SubscribeLatest(ctx, "price:eur", func(m tether.Message) { got <- m }); err != nil {
+		log.Fatal(err)
+	}
+	m := <-got
+	fmt.Printf("current #%d %s\n", m.Position.Seq, m.Data)
+	hub.Publish("price:eur", []byte(`{"bid":1.0845}`))
+	m = <-got
+	fmt.Printf("live #%d %s\n", m.Position.Seq, m.Data)
+	// Output:
+	// current #2 {"bid":1.0842}
+	// live #3 {"bid":1.0845}
+}
+
 // Every event hook is a field of Observer, and WithObserver may be given
 // more than once: here the application's hooks pick a raw peer's topic and
 // report its end, beside a second observer that counts connects.

@@ -834,7 +834,7 @@ func (h *Hub) Subscribe(c *Conn, topic string) error {
 	if err := checkTopic(topic); err != nil {
 		return err
 	}
-	return h.subscribe(c, topic, nil, "")
+	return h.subscribe(c, topic, nil, false, "")
 }
 
 // errNotMember refuses an operation on a conn of another hub, or on a conn
@@ -842,22 +842,23 @@ func (h *Hub) Subscribe(c *Conn, topic string) error {
 var errNotMember = errors.New("tether: the conn does not belong to this hub")
 
 // subscribe subscribes c to name and, for a client's request, queues the
-// ack (when id is set), then the replay or resync for since, then the
-// topic's presence, all before any live message of the topic.
-func (h *Hub) subscribe(c *Conn, name string, since *wire.Since, id string) error {
+// ack (when id is set), then the replay or resync for since, or else the
+// topic's last message when latest is set, then the topic's presence, all
+// before any live message of the topic.
+func (h *Hub) subscribe(c *Conn, name string, since *wire.Since, latest bool, id string) error {
 	hc := c.hc
 	if hc == nil || hc.hub != h {
 		return errNotMember
 	}
 	if h.broker == nil {
-		_, err := h.subscribeOnce(c, name, since, id, false)
+		_, err := h.subscribeOnce(c, name, since, latest, id, false)
 		return err
 	}
 	hc.mu.Lock()
 	_, already := hc.topics[name]
 	hc.mu.Unlock()
 	if already {
-		_, err := h.subscribeOnce(c, name, since, id, false)
+		_, err := h.subscribeOnce(c, name, since, latest, id, false)
 		return err
 	}
 	// The broker is asked to hold the topic without any lock held; the
@@ -871,7 +872,7 @@ func (h *Hub) subscribe(c *Conn, name string, since *wire.Since, id string) erro
 		h.connCfg.logger.Debug("tether: broker hold", "topic", name, "err", err)
 	}
 	cancel()
-	added, err := h.subscribeOnce(c, name, since, id, true)
+	added, err := h.subscribeOnce(c, name, since, latest, id, true)
 	if !added {
 		h.broker.Release(name)
 	}
@@ -881,7 +882,7 @@ func (h *Hub) subscribe(c *Conn, name string, since *wire.Since, id string) erro
 // subscribeOnce carries out subscribe under c's and the topic's locks,
 // and reports whether it added c to the topic's subscribers. pinned is
 // set when subscribe has pinned the topic.
-func (h *Hub) subscribeOnce(c *Conn, name string, since *wire.Since, id string, pinned bool) (bool, error) {
+func (h *Hub) subscribeOnce(c *Conn, name string, since *wire.Since, latest bool, id string, pinned bool) (bool, error) {
 	hc := c.hc
 	hc.mu.Lock()
 	defer hc.mu.Unlock()
@@ -907,15 +908,20 @@ func (h *Hub) subscribeOnce(c *Conn, name string, since *wire.Since, id string, 
 	if t == nil {
 		t = h.lockTopic(name)
 	}
+	// since wins over latest: a replay holds the latest message already.
+	// Raw peers never get one (they cannot ask, and Hub.Subscribe does not).
+	latest = latest && since == nil && c.coalesce
 	var catchUp [][]byte
 	var last Position
 	var err error
 	switch {
 	case already:
 	case h.broker != nil:
-		catchUp, last, err = h.catchUpSharedLocked(c, t, since, id)
+		catchUp, last, err = h.catchUpSharedLocked(c, t, since, latest)
 	case since != nil:
 		catchUp, last, err = h.catchUp(c, name, since)
+	case latest:
+		catchUp, last, err = h.catchUpLatest(name)
 	case id != "" && c.coalesce:
 		// The ack tells the client where live messages start, so that it
 		// can resume from there even if none arrive before a reconnect.
@@ -982,6 +988,37 @@ func (h *Hub) catchUp(c *Conn, name string, since *wire.Since) ([][]byte, Positi
 		return [][]byte{wire.AppendResync(nil, name, last.Epoch)}, last, nil
 	}
 	return replay(c, name, entries, last), last, nil
+}
+
+// catchUpLatest returns the last message of topic name, for a v1 client
+// that asked for it on subscribing, when history still holds it, and the
+// position the ack gives: the one just before that message, which thus
+// follows as the next one and moves the client's position to its own.
+// Without such a message it returns nothing, and the topic's position.
+// The topic must be locked.
+func (h *Hub) catchUpLatest(name string) ([][]byte, Position, error) {
+	ctx := context.Background()
+	_, last, _, err := h.cfg.history.Since(ctx, name, Position{})
+	if err != nil || last.Seq == 0 {
+		return nil, last, err
+	}
+	entries, last, ok, err := h.cfg.history.Since(ctx, name, Position{Epoch: last.Epoch, Seq: last.Seq - 1})
+	if err != nil {
+		return nil, last, err
+	}
+	return latestEntry(name, entries, last, ok)
+}
+
+// latestEntry picks, from what History.Since returned, the message at
+// last (the topic's last) and returns it encoded with the position before
+// it; or nothing and last when it is not there: the history no longer
+// keeps it, or keeps no messages.
+func latestEntry(name string, entries []adapter.HistoryEntry, last Position, ok bool) ([][]byte, Position, error) {
+	if !ok || last.Seq == 0 || len(entries) == 0 || entries[len(entries)-1].Seq != last.Seq {
+		return nil, last, nil
+	}
+	e := entries[len(entries)-1]
+	return [][]byte{msgEntry(name, last.Epoch, e.Seq, e.Data)}, Position{Epoch: last.Epoch, Seq: last.Seq - 1}, nil
 }
 
 // replay encodes entries of topic name, which end at last, for c: joined

@@ -78,7 +78,15 @@ export interface MessageMeta {
   seq: number
 }
 
-/** The answer to subscribe(): the topic's position when the subscription took effect, when the server gave one. */
+/** Options of subscribe(). */
+export interface SubscribeOptions {
+  /** Start after this message (the meta of the last one the application handled): the server replays what came after it, or the client gets a 'resync' event. Wins over latest. */
+  since?: { epoch: string, seq: number }
+  /** Receive the topic's last message first, when the server's history still holds it (its current value), then the live ones; nothing more when the topic has had none. Only on the first subscription: a reconnect resumes with since. */
+  latest?: boolean
+}
+
+/** The answer to subscribe(): the topic's position when the subscription took effect, when the server gave one (with latest, the position before the latest message, which follows). */
 export interface SubscribePosition {
   topic: string
   epoch?: string
@@ -188,7 +196,7 @@ export declare class TetherClient {
   off<E extends keyof TetherEvents> (event: E, fn: TetherEvents[E]): this
 
   /** Resolves on the server's ack (rejects with its error code); the handler gets the messages from then on, resumed across reconnects: a JSON value, a string for text that is not JSON, or a Uint8Array for bytes. */
-  subscribe (topic: string, handler: (data: any, meta: MessageMeta) => void, options?: { since?: { epoch: string, seq: number } }): Promise<SubscribePosition>
+  subscribe (topic: string, handler: (data: any, meta: MessageMeta) => void, options?: SubscribeOptions): Promise<SubscribePosition>
   /** Also forgets the topic's presence. */
   unsubscribe (topic: string): void
   /** Who is on topic, as the server last told; undefined when not subscribed to it, or no presence of it has come yet (a topic that tracks none sends none). Kept across reconnects until the new conn's snapshot replaces it. */

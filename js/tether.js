@@ -274,10 +274,16 @@ export class TetherClient {
    * {since: {epoch, seq}}, the meta of the last message the application
    * handled (kept in localStorage, say), it starts from there: the
    * messages after it first, or a 'resync' event when the server no
-   * longer has them.
+   * longer has them. With {latest: true}, handler first receives the
+   * topic's last message, when the server's history still holds it (its
+   * current value: no HTTP endpoint needed for it), then the live ones;
+   * nothing more when the topic has had no message. The position it
+   * resolves with is then the one before that message. since wins over
+   * latest; after a reconnect the client resumes with since, and the
+   * latest is not sent again.
    * @param {string} topic
    * @param {(data: any, meta: {topic: string, epoch: string, seq: number}) => void} handler
-   * @param {{since?: {epoch: string, seq: number}}} [options]
+   * @param {{since?: {epoch: string, seq: number}, latest?: boolean}} [options]
    * @returns {Promise<{topic: string, epoch?: string, seq?: number}>}
    */
   subscribe (topic, handler, options) {
@@ -286,13 +292,17 @@ export class TetherClient {
     if (since != null && (typeof since.epoch !== 'string' || !isUint(since.seq))) {
       return Promise.reject(new TypeError('tether: subscribe: since must be {epoch: string, seq: integer}, the meta of a message'))
     }
+    const latest = options?.latest
+    if (latest != null && typeof latest !== 'boolean') {
+      return Promise.reject(new TypeError('tether: subscribe: latest must be a boolean'))
+    }
     const problem = topicProblem(topic)
     if (problem) return Promise.reject(new TetherError('bad_request', `tether: subscribe: ${problem}`, { topic }))
     if (typeof handler !== 'function') return Promise.reject(new TypeError('tether: subscribe: handler must be a function'))
     if (this._subs.has(topic)) return Promise.reject(new TetherError('already_subscribed', `tether: subscribe: already subscribed to ${JSON.stringify(topic)}`, { topic }))
     return new Promise((resolve, reject) => {
       /** @type {Sub} */
-      const sub = { topic, handler, epoch: '', seq: 0, known: false, acked: false, waiter: { resolve, reject }, retry: null, retries: 0, pres: null, presFirst: true }
+      const sub = { topic, handler, epoch: '', seq: 0, known: false, acked: false, latest: latest === true, waiter: { resolve, reject }, retry: null, retries: 0, pres: null, presFirst: true }
       if (since?.epoch) {
         // From a position the application kept: the server replays what
         // came after it, or answers with a resync.
@@ -543,6 +553,7 @@ export class TetherClient {
     const id = this._newID()
     const msg = { op: 'sub', topic: sub.topic }
     if (sub.known) msg.since = { epoch: sub.epoch, seq: sub.seq }
+    else if (sub.latest && !sub.acked) msg.latest = true // the first sub only: a reconnect resumes with since
     msg.id = id
     /** @type {Req} */
     const req = { id, op: 'sub', topic: sub.topic, line: '', bytes: 0, sub, since: sub.known, batch }
@@ -1556,6 +1567,7 @@ function utf8Length (s) {
  * @property {number} seq
  * @property {boolean} known the position holds one; else subscribe without since
  * @property {boolean} acked the server has accepted it once
+ * @property {boolean} latest ask for the topic's last message, until acked
  * @property {{resolve: Function, reject: Function} | null} waiter the first subscribe()
  * @property {any} retry re-sends a re-subscription refused for a while
  * @property {number} retries

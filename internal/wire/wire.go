@@ -95,15 +95,16 @@ const maxHeartbeatMS = math.MaxInt64 / int64(time.Millisecond)
 // A decoded Frame owns its memory: its data and meta values are copies,
 // so the caller may reuse the line's buffer.
 type Frame struct {
-	Op    string
-	ID    string          // sub, unsub, pub, send, ack, error; "" for none
-	Topic string          // sub, unsub, pub, msg, presence, resync; "" in a direct msg
-	Since *Since          // sub: where to resume; nil for live messages only
-	Data  json.RawMessage // pub, send, msg: a JSON value, never re-encoded, or the bytes of Kind
-	Kind  Kind            // pub, send, msg: what Data is
-	Epoch string          // msg, resync, ack of a sub
-	Seq   uint64          // msg, ack of a sub; 0 in a direct msg
-	TS    int64           // ping, pong
+	Op     string
+	ID     string          // sub, unsub, pub, send, ack, error; "" for none
+	Topic  string          // sub, unsub, pub, msg, presence, resync; "" in a direct msg
+	Since  *Since          // sub: where to resume; nil for live messages only
+	Latest bool            // sub: the topic's last message first, when Since is nil
+	Data   json.RawMessage // pub, send, msg: a JSON value, never re-encoded, or the bytes of Kind
+	Kind   Kind            // pub, send, msg: what Data is
+	Epoch  string          // msg, resync, ack of a sub
+	Seq    uint64          // msg, ack of a sub; 0 in a direct msg
+	TS     int64           // ping, pong
 
 	Session           string        // welcome
 	Interval, Timeout time.Duration // welcome: the server's heartbeat, in whole ms
@@ -190,6 +191,7 @@ func decodeClient(d *lineDecoder, kind Kind, data []byte) Frame {
 				Seq:   get[uint64](d, "since.seq", obj["seq"], true),
 			}
 		}
+		f.Latest = get[bool](d, "latest", m["latest"], false)
 	case OpUnsub:
 		d.noData(kind)
 		f.ID = d.requestID()
@@ -661,14 +663,17 @@ func AppendResync(dst []byte, topic, epoch string) []byte {
 	return append(dst, '}')
 }
 
-// AppendSub appends a client's sub; since and id are left out when nil
-// and empty.
-func AppendSub(dst []byte, topic string, since *Since, id string) []byte {
+// AppendSub appends a client's sub; since, latest and id are left out
+// when nil, false and empty. With since, a server ignores latest.
+func AppendSub(dst []byte, topic string, since *Since, latest bool, id string) []byte {
 	dst = appendJSONString(append(dst, `{"op":"sub","topic":`...), topic)
 	if since != nil {
 		dst = appendJSONString(append(dst, `,"since":{"epoch":`...), since.Epoch)
 		dst = strconv.AppendUint(append(dst, `,"seq":`...), since.Seq, 10)
 		dst = append(dst, '}')
+	}
+	if latest {
+		dst = append(dst, `,"latest":true`...)
 	}
 	return appendID(dst, id)
 }

@@ -39,6 +39,12 @@ var clientCases = []protoCase{
 	{name: "sub since max seq", line: `{"op":"sub","topic":"t","since":{"epoch":"","seq":18446744073709551615}}`,
 		want: Frame{Op: OpSub, Topic: "t", Since: &Since{Seq: math.MaxUint64}}},
 	{name: "sub null since", line: `{"op":"sub","topic":"t","since":null,"id":null}`, want: Frame{Op: OpSub, Topic: "t"}},
+	{name: "sub latest", line: `{"op":"sub","topic":"room:42","latest":true,"id":"s2"}`,
+		want: Frame{Op: OpSub, Topic: "room:42", ID: "s2", Latest: true}},
+	{name: "sub latest false", line: `{"op":"sub","topic":"t","latest":false}`, want: Frame{Op: OpSub, Topic: "t"}},
+	{name: "sub null latest", line: `{"op":"sub","topic":"t","latest":null}`, want: Frame{Op: OpSub, Topic: "t"}},
+	{name: "sub latest and since", line: `{"op":"sub","topic":"t","latest":true,"since":{"epoch":"e1","seq":3}}`,
+		want: Frame{Op: OpSub, Topic: "t", Since: &Since{Epoch: "e1", Seq: 3}, Latest: true}},
 	{name: "unsub", line: `{"op":"unsub","topic":"room:42","id":"u1"}`, want: Frame{Op: OpUnsub, Topic: "room:42", ID: "u1"}},
 	{name: "pub", line: `{"op":"pub","topic":"chat","data":{"text":"hi","n":[1,2.5,null]},"id":"p1"}`,
 		want: Frame{Op: OpPub, Topic: "chat", ID: "p1", Data: json.RawMessage(`{"text":"hi","n":[1,2.5,null]}`)}},
@@ -116,6 +122,8 @@ var clientCases = []protoCase{
 	{name: "id a number", line: `{"op":"sub","topic":"t","id":5}`, code: CodeBadRequest},
 	{name: "id 65 bytes", line: `{"op":"sub","topic":"t","id":"` + strings.Repeat("i", 65) + `"}`, code: CodeBadRequest},
 	{name: "since a string", line: `{"op":"sub","topic":"t","since":"e1:5","id":"s"}`, code: CodeBadRequest, id: "s"},
+	{name: "latest a string", line: `{"op":"sub","topic":"t","latest":"true","id":"s"}`, code: CodeBadRequest, id: "s"},
+	{name: "latest a number", line: `{"op":"sub","topic":"t","latest":1}`, code: CodeBadRequest},
 	{name: "seq negative", line: `{"op":"sub","topic":"t","since":{"epoch":"e","seq":-1}}`, code: CodeBadRequest},
 	{name: "seq a string", line: `{"op":"sub","topic":"t","since":{"epoch":"e","seq":"5"}}`, code: CodeBadRequest},
 	{name: "seq a fraction", line: `{"op":"sub","topic":"t","since":{"epoch":"e","seq":1.5}}`, code: CodeBadRequest},
@@ -319,6 +327,8 @@ func TestEncodeClientRoundTrip(t *testing.T) {
 		for _, f := range []Frame{
 			{Op: OpSub, Topic: topic},
 			{Op: OpSub, Topic: topic, ID: "s1", Since: &Since{Epoch: topic, Seq: 99}},
+			{Op: OpSub, Topic: topic, ID: "s2", Latest: true},
+			{Op: OpSub, Topic: topic, Since: &Since{Epoch: topic, Seq: 1}, Latest: true},
 			{Op: OpUnsub, Topic: topic, ID: strings.Repeat("i", 64)},
 			{Op: OpPub, Topic: topic, Data: json.RawMessage(`[1,"two"]`), ID: topic[:min(len(topic), 64)]},
 			{Op: OpSend, Data: json.RawMessage(`{}`)},
@@ -358,7 +368,9 @@ func TestEncodeGolden(t *testing.T) {
 		{string(AppendPresence(nil, "room:42", 250, true, nil, nil)), `{"op":"presence","topic":"room:42","count":250,"snapshot":true,"joins":[]}`},
 		{string(AppendPresence(nil, "room:42", 251, false, nil, nil)), `{"op":"presence","topic":"room:42","count":251}`},
 		{string(AppendResync(nil, "room:42", "e2")), `{"op":"resync","topic":"room:42","epoch":"e2"}`},
-		{string(AppendSub(nil, "room:42", &Since{"e1", 17}, "s1")), `{"op":"sub","topic":"room:42","since":{"epoch":"e1","seq":17},"id":"s1"}`},
+		{string(AppendSub(nil, "room:42", &Since{"e1", 17}, false, "s1")), `{"op":"sub","topic":"room:42","since":{"epoch":"e1","seq":17},"id":"s1"}`},
+		{string(AppendSub(nil, "room:42", nil, true, "s2")), `{"op":"sub","topic":"room:42","latest":true,"id":"s2"}`},
+		{string(AppendSub(nil, "t", nil, false, "")), `{"op":"sub","topic":"t"}`},
 		{string(AppendUnsub(nil, "room:42", "")), `{"op":"unsub","topic":"room:42"}`},
 		{string(AppendPub(nil, "room:42", json.RawMessage(`{"text":"hi"}`), "p1")), `{"op":"pub","topic":"room:42","data":{"text":"hi"},"id":"p1"}`},
 		{string(AppendSend(nil, json.RawMessage(`{"cmd":"typing"}`), "")), `{"op":"send","data":{"cmd":"typing"}}`},
@@ -700,7 +712,7 @@ func protoEncode(f Frame) []byte {
 	case OpPong:
 		return AppendPong(nil, f.TS)
 	case OpSub:
-		return AppendSub(nil, f.Topic, f.Since, f.ID)
+		return AppendSub(nil, f.Topic, f.Since, f.Latest, f.ID)
 	case OpUnsub:
 		return AppendUnsub(nil, f.Topic, f.ID)
 	case OpPub:
