@@ -376,11 +376,13 @@ func TestRelayAcrossNodes(t *testing.T) {
 		for i := range 3 {
 			nodes = append(nodes, startHub(t, "n"+strconv.Itoa(i+1), srv.Addr()))
 		}
-		testRelay(t, nodes, func(ch string) int64 { return numSub(t, newTestClient(t, srv.Addr()), ch) })
+		testRelay(t, nodes, newTestClient(t, srv.Addr()), func(ch string) int64 { return numSub(t, newTestClient(t, srv.Addr()), ch) })
 	})
 	t.Run("cluster", func(t *testing.T) {
 		cl, nodes := startClusterHubs(t, 3, 3)
-		testRelay(t, nodes, func(ch string) int64 {
+		rdb := newClusterClient(cl.Addrs())
+		t.Cleanup(func() { rdb.Close() })
+		testRelay(t, nodes, rdb, func(ch string) int64 {
 			return numSub(t, newTestClient(t, cl.MasterFor(t, ch).Addr()), ch)
 		})
 	})
@@ -392,7 +394,7 @@ func newTestClient(t testing.TB, addr string) *redis.Client {
 	return c
 }
 
-func testRelay(t *testing.T, nodes []*hubNode, numSub func(channel string) int64) {
+func testRelay(t *testing.T, nodes []*hubNode, rdb redis.UniversalClient, numSub func(channel string) int64) {
 	n1, n2, n3 := nodes[0], nodes[1], nodes[2]
 	alice1, alice2 := dialClosing(t, n1.url("alice")), dialClosing(t, n2.url("alice"))
 	bob := dialClosing(t, n3.url("bob"))
@@ -400,7 +402,12 @@ func testRelay(t *testing.T, nodes []*hubNode, numSub func(channel string) int64
 
 	// SubscribeUser on n3 reaches alice's conns on n1 and n2.
 	const room = "room"
-	waitUntil(t, limit, "n3 to see alice online", func() bool { return n3.hub.Online("alice") })
+	// A relay reaches the nodes where the user is recorded: both of
+	// alice's, once their brokers have written her in.
+	waitUntil(t, limit, "alice recorded on n1 and n2", func() bool {
+		n, err := rdb.SCard(context.Background(), redisbroker.KeyOf("u", "alice")).Result()
+		return err == nil && n == 2
+	})
 	if err := n3.hub.SubscribeUser("alice", room); err != nil {
 		t.Fatalf("SubscribeUser: %v", err)
 	}
