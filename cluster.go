@@ -348,6 +348,8 @@ type relayCmd struct {
 	Binary bool   `json:"binary,omitempty"`
 	Code   int    `json:"code,omitempty"`
 	Reason string `json:"reason,omitempty"`
+	Epoch  string `json:"epoch,omitempty"` // inbox
+	Seq    uint64 `json:"seq,omitempty"`   // inbox
 }
 
 const (
@@ -355,6 +357,7 @@ const (
 	relayDisconnect  = "disconnect"
 	relaySubscribe   = "subscribe"
 	relayUnsubscribe = "unsubscribe"
+	relayInbox       = "inbox"
 )
 
 // relay sends cmd to the other nodes: all of them, or those of cmd.User.
@@ -396,6 +399,13 @@ func (h *Hub) relayed(b []byte) {
 		}
 	case relayDisconnect:
 		h.disconnectUser(cmd.User, websocket.StatusCode(cmd.Code), cmd.Reason)
+	case relayInbox:
+		if h.cfg.inbox == nil {
+			return
+		}
+		if entry, ok := inboxEntry(Position{Epoch: cmd.Epoch, Seq: cmd.Seq}, cmd.Data); ok {
+			h.deliverInbox(cmd.User, cmd.Data, entry)
+		}
 	case relaySubscribe, relayUnsubscribe:
 		h.relayMu.Lock()
 		defer h.relayMu.Unlock()

@@ -149,6 +149,11 @@ func (h *Hub) request(c *Conn, f wire.Frame) {
 			break // handed over already
 		}
 		h.onMessage(c, Message{Data: f.Data, Binary: f.Kind == wire.KindBinary})
+	case wire.OpReceived:
+		if err := h.received(c, Position{Epoch: f.Epoch, Seq: f.Seq}, f.ID); err != nil {
+			h.fail(c, f.ID, err)
+			return
+		}
 	}
 	if f.ID != "" {
 		c.enqueueControl(wire.AppendAck(nil, f.ID))

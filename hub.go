@@ -87,6 +87,9 @@ type Hub struct {
 	relayMu      sync.Mutex     // guards relayStopped
 	relayStopped bool           // Shutdown or Close waits for relays
 	relays       sync.WaitGroup // subscriptions relayed by other nodes
+	// inboxMu orders, per user (striped), what is appended to a user's
+	// inbox with its delivery and with the replay to a new conn.
+	inboxMu [shards]sync.Mutex
 
 	conns  [shards]connShard
 	topics [shards]topicShard
@@ -183,6 +186,10 @@ type hubConn struct {
 	// direct messages that arrive meanwhile, to queue after it. Guarded
 	// by the user's shard lock.
 	backlog *[][]byte
+	// With an inbox, while the user's unacknowledged messages are
+	// fetched: inbox messages sent meanwhile (v1 entries), which follow
+	// them. Guarded by the user shard's lock.
+	inboxLater *[][]byte
 }
 
 // maxSubscriptions bounds one conn's topics, so that a client cannot grow
@@ -455,6 +462,14 @@ func (h *Hub) register(c *Conn) {
 		c.enqueueControl(wire.AppendWelcome(nil, hc.id, interval, timeout, limits, dedupeWindow, nil))
 	}
 	if hc.user != "" {
+		inbox := h.cfg.inbox != nil && hc.v1
+		if inbox {
+			// The replay of the inbox comes before any inbox message sent
+			// from now on: those sent here wait (inboxMu), those relayed
+			// from other nodes queue behind it (inboxLater).
+			h.inboxMu[h.shard(hc.user)].Lock()
+			hc.inboxLater = new([][]byte)
+		}
 		// Before the registry: nothing sent to every conn (Broadcast) may
 		// overtake what was sent to this user earlier.
 		if h.broker != nil {
@@ -467,6 +482,11 @@ func (h *Hub) register(c *Conn) {
 			delete(u.seen, hc.user)
 			h.takeOffline(c, nil, nil)
 			u.mu.Unlock()
+		}
+		if inbox {
+			// Before the registry too, and so before any broadcast.
+			h.replayInbox(c)
+			h.inboxMu[h.shard(hc.user)].Unlock()
 		}
 	}
 
@@ -690,6 +710,9 @@ func (h *Hub) sendToUser(userID string, data []byte, binary bool) error {
 	raw, v1, err := h.encodeDirect(data, binary)
 	if err != nil {
 		return err
+	}
+	if h.cfg.inbox != nil {
+		return h.sendToInbox(userID, raw)
 	}
 	if h.broker != nil && !h.brokerDown.Load() {
 		ctx, cancel := brokerContext()

@@ -98,6 +98,7 @@ type hubConfig struct {
 	subscribeAuth func(*Conn, string) bool
 	history       adapter.History
 	offline       adapter.OfflineStore
+	inbox         adapter.Inbox // nil: none
 	broker        adapter.Broker
 	presence      func(string) PresencePolicy // nil: the default for every topic
 	topicPolicy   func(string) TopicPolicy    // nil: the default for every topic
@@ -282,11 +283,35 @@ func WithOfflineStore(s adapter.OfflineStore) HubOption {
 	return hubOptionFunc(func(h *hubConfig) { h.offline = s })
 }
 
+// WithInbox gives each user an inbox (PROTOCOL.md, "The inbox"):
+// [Hub.SendToUser] numbers each direct message in the user's inbox and
+// keeps it there until a client of the user acknowledges it, and every
+// new protocol v1 conn of the user gets the messages not yet
+// acknowledged first, so a message sent while the user's only conn was
+// dying, or while the user had none, is not lost. The Go [Client] and
+// tether.js acknowledge, and drop what they had already handed over.
+// The offline store is then not used by SendToUser. Raw peers get direct
+// messages only while connected, at most once, since they cannot
+// acknowledge; so an inbox suits applications whose users connect with
+// v1 clients.
+//
+// The inbox is per user: an acknowledgement from any of the user's
+// clients drops the messages for all of them. A full inbox refuses the
+// message: SendToUser returns an error wrapping [adapter.ErrInboxFull].
+// [adapter.NewMemoryInbox] keeps inboxes in memory, diskstore on disk;
+// with a broker, use an inbox every node shares (redisbroker's), since
+// a user may come back on any node.
+func WithInbox(inbox adapter.Inbox) HubOption {
+	return hubOptionFunc(func(h *hubConfig) { h.inbox = inbox })
+}
+
 // WithBroker links the hub with the hubs of other processes through b
 // (see [adapter.Broker]; tether/redisbroker is one over Redis): topics, direct
 // messages, history, offline messages and presence are then shared, and
 // [Hub.Publish], [Hub.SendToUser], [Hub.Presence] and [Hub.Online] answer
-// for every node. [Hub.Broadcast] and [Hub.LastSeen] stay this hub's own.
+// for every node; with a broker that relays (adapter.Relay), so do
+// [Hub.Broadcast], [Hub.LastSeen], [Hub.DisconnectUser] and
+// [Hub.SubscribeUser].
 // The hub opens b in NewHub and closes it when it is shut down. NewHub
 // does not wait for the broker to link up (a few milliseconds on a LAN):
 // until it has, as while it is down, the hub serves its own conns only.

@@ -73,6 +73,7 @@ const (
 	OpUnsub    = "unsub"
 	OpPub      = "pub"
 	OpSend     = "send"
+	OpReceived = "received"
 	OpMsg      = "msg"
 	OpPresence = "presence"
 	OpResync   = "resync"
@@ -149,7 +150,8 @@ type Member struct {
 }
 
 // DecodeClient decodes one line a client sent to the server. Only the ops a
-// client may send are accepted: ping, pong, sub, unsub, pub and send. A
+// client may send are accepted: ping, pong, sub, unsub, pub, send and
+// received. A
 // failure is a *Error, with the request's id when it could be read.
 // The frame does not alias line.
 func DecodeClient(line []byte) (Frame, error) {
@@ -203,6 +205,11 @@ func decodeClient(d *lineDecoder, kind Kind, data []byte) Frame {
 	case OpSend:
 		f.ID = d.requestID()
 		f.Data, f.Kind = d.data(kind, data), kind
+	case OpReceived:
+		d.noData(kind)
+		f.ID = d.requestID()
+		f.Epoch = get[string](d, "epoch", m["epoch"], true)
+		f.Seq = get[uint64](d, "seq", m["seq"], true)
 	case OpWelcome, OpMsg, OpPresence, OpResync, OpAck, OpError:
 		d.fail(CodeUnknownOp, "op %q is sent by the server only", d.op)
 	default:
@@ -278,7 +285,7 @@ func decodeServer(d *lineDecoder, kind Kind, data []byte) Frame {
 		f.ID = get[string](d, "id", m["id"], false)
 		f.Code = Code(get[string](d, "code", m["code"], true))
 		f.Reason = get[string](d, "reason", m["reason"], false)
-	case OpSub, OpUnsub, OpPub, OpSend:
+	case OpSub, OpUnsub, OpPub, OpSend, OpReceived:
 		d.fail(CodeUnknownOp, "op %q is sent by clients only", d.op)
 	default:
 		d.fail(CodeUnknownOp, "unknown op %q", shorten(d.op))
@@ -694,6 +701,14 @@ func AppendPub(dst []byte, topic string, data json.RawMessage, id string) []byte
 // AppendSend appends a client's send; id is left out when empty.
 func AppendSend(dst []byte, data json.RawMessage, id string) []byte {
 	dst = appendRaw(append(dst, `{"op":"send","data":`...), data)
+	return appendID(dst, id)
+}
+
+// AppendReceived appends a received: the client has handed its user's
+// inbox messages up to seq of epoch to the application.
+func AppendReceived(dst []byte, epoch string, seq uint64, id string) []byte {
+	dst = appendJSONString(append(dst, `{"op":"received","epoch":`...), epoch)
+	dst = strconv.AppendUint(append(dst, `,"seq":`...), seq, 10)
 	return appendID(dst, id)
 }
 

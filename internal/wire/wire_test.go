@@ -52,6 +52,8 @@ var clientCases = []protoCase{
 	{name: "pub string data", line: `{"op":"pub","topic":"chat","data":"a\"}b"}`, want: Frame{Op: OpPub, Topic: "chat", Data: json.RawMessage(`"a\"}b"`)}},
 	{name: "send", line: `{"op":"send","data":[true,false]}`, want: Frame{Op: OpSend, Data: json.RawMessage(`[true,false]`)}},
 	{name: "send with id", line: `{"op":"send","data":7,"id":"x"}`, want: Frame{Op: OpSend, ID: "x", Data: json.RawMessage(`7`)}},
+	{name: "received", line: `{"op":"received","epoch":"i7","seq":3}`, want: Frame{Op: OpReceived, Epoch: "i7", Seq: 3}},
+	{name: "received with id", line: `{"op":"received","seq":9,"epoch":"e","id":"r"}`, want: Frame{Op: OpReceived, ID: "r", Epoch: "e", Seq: 9}},
 
 	// Liberal in what is accepted.
 	{name: "op not first", line: `{"topic":"t","op":"sub"}`, want: Frame{Op: OpSub, Topic: "t"}},
@@ -107,6 +109,9 @@ var clientCases = []protoCase{
 	{name: "pub without topic", line: `{"op":"pub","data":1,"id":"p"}`, code: CodeBadRequest, id: "p"},
 	{name: "pub without data", line: `{"op":"pub","topic":"t","id":"p"}`, code: CodeBadRequest, id: "p"},
 	{name: "send without data", line: `{"op":"send","id":"d"}`, code: CodeBadRequest, id: "d"},
+	{name: "received without seq", line: `{"op":"received","epoch":"e","id":"r"}`, code: CodeBadRequest, id: "r"},
+	{name: "received without epoch", line: `{"op":"received","seq":1}`, code: CodeBadRequest},
+	{name: "received with a negative seq", line: `{"op":"received","epoch":"e","seq":-1}`, code: CodeBadRequest},
 	{name: "since without seq", line: `{"op":"sub","topic":"t","since":{"epoch":"e"},"id":"s"}`, code: CodeBadRequest, id: "s"},
 	{name: "since without epoch", line: `{"op":"sub","topic":"t","since":{"seq":1}}`, code: CodeBadRequest},
 
@@ -374,6 +379,7 @@ func TestEncodeGolden(t *testing.T) {
 		{string(AppendUnsub(nil, "room:42", "")), `{"op":"unsub","topic":"room:42"}`},
 		{string(AppendPub(nil, "room:42", json.RawMessage(`{"text":"hi"}`), "p1")), `{"op":"pub","topic":"room:42","data":{"text":"hi"},"id":"p1"}`},
 		{string(AppendSend(nil, json.RawMessage(`{"cmd":"typing"}`), "")), `{"op":"send","data":{"cmd":"typing"}}`},
+		{string(AppendReceived(nil, "i7", 3, "")), `{"op":"received","epoch":"i7","seq":3}`},
 	} {
 		if tc.got != tc.want {
 			t.Errorf("got  %s\nwant %s", tc.got, tc.want)
@@ -719,6 +725,8 @@ func protoEncode(f Frame) []byte {
 		return AppendPub(nil, f.Topic, f.Data, f.ID)
 	case OpSend:
 		return AppendSend(nil, f.Data, f.ID)
+	case OpReceived:
+		return AppendReceived(nil, f.Epoch, f.Seq, f.ID)
 	case OpWelcome:
 		return AppendWelcome(nil, f.Session, f.Interval, f.Timeout, f.Limits, f.Dedupe, f.Resume)
 	case OpMsg:
