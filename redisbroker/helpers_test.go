@@ -16,6 +16,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/redisbroker"
 	"github.com/tether-ws/tether/redisbroker/internal/redistest"
 )
 
@@ -58,10 +59,20 @@ func startHub(t testing.TB, name, redisAddr string, extra ...tether.HubOption) *
 // Sentinel's), which the node owns.
 func startHubOn(t testing.TB, name string, rdb redis.UniversalClient, extra ...tether.HubOption) *hubNode {
 	t.Helper()
+	return startHubWith(t, name, rdb, nil, extra...)
+}
+
+// startHubWith is startHubOn with options that need the node's broker.
+func startHubWith(t testing.TB, name string, rdb redis.UniversalClient, withBroker func(*redisbroker.Broker) []tether.HubOption, extra ...tether.HubOption) *hubNode {
+	t.Helper()
 	n := &hubNode{t: t, name: name, logs: &logBuffer{}, events: &eventLog{}, health: &healthLog{}}
 	logger := slog.New(slog.NewTextHandler(n.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	n.rdb = rdb
-	opts := append(nodeOptions(n.rdb, logger),
+	base, broker := nodeBroker(n.rdb, logger)
+	if withBroker != nil {
+		base = append(base, withBroker(broker)...)
+	}
+	opts := append(base,
 		tether.WithObserver(tether.Observer{Presence: n.events.add}),
 		tether.WithObserver(tether.Observer{Broker: n.health.add}),
 	)

@@ -44,6 +44,7 @@ const (
 	hbInterval    = 50 * time.Millisecond
 	hbTimeout     = 1500 * time.Millisecond
 	historyLen    = 1000
+	inboxLen      = 50
 	probeTopic    = "probe"
 )
 
@@ -72,19 +73,27 @@ func newSentinelClient(master string, sentinels []string) *redis.Client {
 // short settings, users from the query parameter "user", presence on
 // every topic, fast heartbeats.
 func nodeOptions(rdb redis.UniversalClient, logger *slog.Logger) []tether.HubOption {
+	opts, _ := nodeBroker(rdb, logger)
+	return opts
+}
+
+// nodeBroker is nodeOptions, with the node's broker.
+func nodeBroker(rdb redis.UniversalClient, logger *slog.Logger) ([]tether.HubOption, *redisbroker.Broker) {
+	b := redisbroker.New(rdb,
+		redisbroker.WithNodeTTL(nodeTTL),
+		redisbroker.WithBackoff(brokerBackoff),
+		redisbroker.WithHistory(historyLen, time.Minute),
+		redisbroker.WithOffline(100, time.Hour),
+		redisbroker.WithInbox(inboxLen, time.Hour),
+		redisbroker.WithLogger(logger),
+	)
 	return []tether.HubOption{
-		tether.WithBroker(redisbroker.New(rdb,
-			redisbroker.WithNodeTTL(nodeTTL),
-			redisbroker.WithBackoff(brokerBackoff),
-			redisbroker.WithHistory(historyLen, time.Minute),
-			redisbroker.WithOffline(100, time.Hour),
-			redisbroker.WithLogger(logger),
-		)),
+		tether.WithBroker(b),
 		tether.WithAuth(func(r *http.Request) (string, error) { return r.URL.Query().Get("user"), nil }),
 		tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Grace: presenceGrace} }),
 		tether.WithHeartbeat(hbInterval, hbTimeout),
 		tether.WithLogger(logger),
-	}
+	}, b
 }
 
 // brokerUp reports whether the hub's broker is linked: a publication

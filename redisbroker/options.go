@@ -16,6 +16,8 @@ type config struct {
 	historyAge time.Duration
 	offlineLen int
 	offlineAge time.Duration
+	inboxLen   int
+	inboxAge   time.Duration
 	nodeTTL    time.Duration
 	backoff    tether.Backoff
 	logger     *slog.Logger
@@ -27,6 +29,8 @@ const (
 	defaultHistoryAge = 10 * time.Minute
 	defaultOfflineLen = 100
 	defaultOfflineAge = 24 * time.Hour
+	defaultInboxLen   = 1000
+	defaultInboxAge   = 7 * 24 * time.Hour
 	defaultNodeTTL    = 15 * time.Second
 )
 
@@ -37,8 +41,19 @@ func defaults() config {
 		historyAge: defaultHistoryAge,
 		offlineLen: defaultOfflineLen,
 		offlineAge: defaultOfflineAge,
+		inboxLen:   defaultInboxLen,
+		inboxAge:   defaultInboxAge,
 		nodeTTL:    defaultNodeTTL,
 		backoff:    tether.Backoff{Base: 100 * time.Millisecond, Max: 5 * time.Second},
+	}
+}
+
+// WithInbox sets the bounds of the users' inboxes that [Broker.Inbox]
+// keeps: at most messages unacknowledged messages per user, by default
+// 1,000, each for at most maxAge, by default 7 days.
+func WithInbox(messages int, maxAge time.Duration) Option {
+	return func(c *config) {
+		c.inboxLen, c.inboxAge = messages, maxAge
 	}
 }
 
