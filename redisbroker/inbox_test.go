@@ -145,4 +145,3 @@ func TestInboxNewEpochAfterRestart(t *testing.T) {
 		t.Fatalf("after a restart of Redis: %s (before: %s); want seq 1 of a new epoch", m.line, first.line)
 	}
 }
-
