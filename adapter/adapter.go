@@ -6,9 +6,13 @@
 // tether.WithHistory or tether.WithOfflineStore, and needs nothing else
 // from this package.
 //
+// An [Inbox] keeps a user's direct messages until a client acknowledges
+// them (tether.WithInbox); a Broker may also implement [Relay] and
+// [Deduper].
+//
 // [NewMemoryHistory] and [NewMemoryOfflineStore] are the in-process
 // defaults a hub uses when it is given none: their bounds can be chosen
-// here. Adapters for shared storage (tether/redisbroker) live in modules
+// here. [NewMemoryInbox] keeps inboxes in the process. Adapters for shared storage (tether/redisbroker) live in modules
 // of their own.
 package adapter
 

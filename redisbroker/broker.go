@@ -25,6 +25,12 @@
 // (its heartbeat), and when a node stops renewing, another removes what
 // it recorded and announces its users' leaves.
 //
+// Beyond [adapter.Broker], it relays the hub's operations on every conn
+// or on a user's conns to the other nodes ([adapter.Relay]: Broadcast,
+// DisconnectUser, SubscribeUser, LastSeen), drops a client's repeated
+// request on any node ([adapter.Deduper]), and keeps the users' inboxes
+// for tether.WithInbox ([Broker.Inbox]).
+//
 // Every key and channel of one topic (or user, or node) carries the same
 // hash tag, so that each script touches one slot of a cluster; the tag is
 // a hash of the name, so names spread evenly over the slots, and so over
