@@ -186,6 +186,34 @@ func (s *streamCheck) end() {
 	<-s.done
 }
 
+// finish waits until every node's broker is linked and every subscriber
+// (recs[i] on nodes[i]) got messages published after that, ends the
+// stream and checks what each received.
+func (s *streamCheck) finish(nodes []*hubNode, recs []*recorder) {
+	t := s.t
+	t.Helper()
+	for _, n := range nodes {
+		waitUntil(t, 30*time.Second, n.name+"'s broker to be linked", func() bool { return brokerUp(n.hub) })
+	}
+	linkedAt := s.sent.Load()
+	waitUntil(t, 20*time.Second, "messages after the link is back at every subscriber", func() bool {
+		for _, r := range recs {
+			msgs := r.messages()
+			if len(msgs) == 0 {
+				return false
+			}
+			if n, _ := strconv.Atoi(string(msgs[len(msgs)-1].Data)); n <= int(linkedAt)+20 {
+				return false
+			}
+		}
+		return true
+	})
+	s.end()
+	for i, r := range recs {
+		s.check("subscriber on "+nodes[i].name, r)
+	}
+}
+
 // check verifies what r received of the stream: increasing numbers, and
 // with no resync every number from its first to its last.
 func (s *streamCheck) check(who string, r *recorder) {
@@ -236,26 +264,7 @@ func TestClusterMasterKilled(t *testing.T) {
 	killedAt := s.sent.Load()
 	promoted := cl.WaitFailover(t, master, 60*time.Second)
 	t.Logf("killed %s at message %d; %s promoted", master.Addr(), killedAt, promoted.Addr())
-	for _, n := range nodes {
-		waitUntil(t, 30*time.Second, n.name+"'s broker to link again", func() bool { return brokerUp(n.hub) })
-	}
-	linkedAt := s.sent.Load()
-	waitUntil(t, 20*time.Second, "messages after the failover at every subscriber", func() bool {
-		for _, r := range recs {
-			msgs := r.messages()
-			if len(msgs) == 0 {
-				return false
-			}
-			if n, _ := strconv.Atoi(string(msgs[len(msgs)-1].Data)); n <= int(linkedAt)+20 {
-				return false
-			}
-		}
-		return true
-	})
-	s.end()
-	for i, r := range recs {
-		s.check("subscriber on "+nodes[i].name, r)
-	}
+	s.finish(nodes, recs)
 }
 
 // TestSentinelFailover: the same stream on a master behind three
@@ -280,26 +289,7 @@ func TestSentinelFailover(t *testing.T) {
 	master.Kill()
 	promoted := sen.WaitFailover(t, master, 60*time.Second)
 	t.Logf("killed %s; %s promoted", master.Addr(), promoted.Addr())
-	for _, n := range nodes {
-		waitUntil(t, 30*time.Second, n.name+"'s broker to link again", func() bool { return brokerUp(n.hub) })
-	}
-	linkedAt := s.sent.Load()
-	waitUntil(t, 20*time.Second, "messages after the failover at every subscriber", func() bool {
-		for _, r := range recs {
-			msgs := r.messages()
-			if len(msgs) == 0 {
-				return false
-			}
-			if n, _ := strconv.Atoi(string(msgs[len(msgs)-1].Data)); n <= int(linkedAt)+20 {
-				return false
-			}
-		}
-		return true
-	})
-	s.end()
-	for i, r := range recs {
-		s.check("subscriber on "+nodes[i].name, r)
-	}
+	s.finish(nodes, recs)
 }
 
 // closingPeer is a raw peer that records its messages and how its conn
@@ -549,28 +539,9 @@ func TestClusterSlotMoved(t *testing.T) {
 		t.Fatalf("no key of the topic was in slot %d: the test moved nothing", slot)
 	}
 
-	for _, n := range nodes {
-		waitUntil(t, 30*time.Second, n.name+"'s broker to be linked", func() bool { return brokerUp(n.hub) })
-	}
+	s.finish(nodes, recs)
 	if got := cl.MasterFor(t, key); got != to {
-		t.Fatalf("after the move the topic's master is %s, want %s", got.Addr(), to.Addr())
-	}
-	linkedAt := s.sent.Load()
-	waitUntil(t, 20*time.Second, "messages after the move at every subscriber", func() bool {
-		for _, r := range recs {
-			msgs := r.messages()
-			if len(msgs) == 0 {
-				return false
-			}
-			if n, _ := strconv.Atoi(string(msgs[len(msgs)-1].Data)); n <= int(linkedAt)+20 {
-				return false
-			}
-		}
-		return true
-	})
-	s.end()
-	for i, r := range recs {
-		s.check("subscriber on "+nodes[i].name, r)
+		t.Errorf("after the move the topic's master is %s, want %s", got.Addr(), to.Addr())
 	}
 	if got := numSubOn(t, to.Addr(), redisbroker.KeyOf("t", topic)); got != 2 {
 		t.Errorf("the new master has %d subscriptions to the topic's channel, want 2", got)
