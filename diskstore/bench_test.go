@@ -29,7 +29,9 @@ import (
 // goroutines, and the p50 and p99 of one call's latency.
 //
 // BenchmarkHubPublish is end to end over loopback: a hub with the store
-// (or the memory defaults), 100 subscribers (tether.Clients) of each
+// (disk; disk-ids-in-memory hides from the hub that the history is a
+// Deduper, to show what remembering the publications' ids costs) or
+// the memory defaults, 100 subscribers (tether.Clients) of each
 // topic, and pubs publishers speaking the protocol over bare WebSockets,
 // each publishing to a topic of its own and waiting for each ack before
 // the next publication. Reported: acked publications/s, the p50 and p99
@@ -92,13 +94,20 @@ func reportLatency(b *testing.B, lat []time.Duration, prefix string) {
 
 func BenchmarkHubPublish(b *testing.B) {
 	const subs = 100
-	for _, kind := range []string{"memory", "disk"} {
+	for _, kind := range []string{"memory", "disk", "disk-ids-in-memory"} {
 		for _, pubs := range []int{1, 8} {
 			b.Run(fmt.Sprintf("%s/subs=%d/pubs=%d", kind, subs, pubs), func(b *testing.B) {
 				var opts []tether.HubOption
-				if kind == "disk" {
+				switch kind {
+				case "disk":
 					opts = helperHubOptions(open(b, tempPath(b)))
-				} else {
+				case "disk-ids-in-memory":
+					// The history without its Deduper: the hub remembers
+					// the publications' ids in memory, as before the
+					// store kept them.
+					st := open(b, tempPath(b))
+					opts = append(helperHubOptions(st), tether.WithHistory(struct{ adapter.History }{st.History()}))
+				default:
 					// The same without the store: the hub's memory defaults.
 					opts = helperHubOptions(nil)
 				}
@@ -197,6 +206,52 @@ func benchSubscriber(b *testing.B, url string, topics []string, n *atomic.Int64)
 	for _, topic := range topics {
 		if err := cl.Subscribe(ctx, topic, func(tether.Message) { n.Add(1) }); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkAppendOnce times what a publication with an id costs the
+// store: Once(user+id, 2 minutes), then Append, as the hub calls them,
+// against Append alone; topics goroutines, a topic each, 64-byte
+// messages, ids of 32 bytes. Reported as BenchmarkAppend.
+func BenchmarkAppendOnce(b *testing.B) {
+	for _, kind := range []string{"append", "once+append"} {
+		for _, topics := range []int{1, 8, 64} {
+			b.Run(fmt.Sprintf("%s/topics=%d", kind, topics), func(b *testing.B) {
+				st := open(b, tempPath(b))
+				h, d := st.History(), st.History().(adapter.Deduper)
+				ctx := context.Background()
+				lat := make([][]time.Duration, topics)
+				var next atomic.Int64
+				var wg sync.WaitGroup
+				b.ResetTimer()
+				start := time.Now()
+				for g := range topics {
+					wg.Go(func() {
+						topic := fmt.Sprintf("topic-%d", g)
+						for i := next.Add(1); i <= int64(b.N); i = next.Add(1) {
+							t0 := time.Now()
+							if kind == "once+append" {
+								key := fmt.Sprintf("user-%d\x00%016x.%d", g, uint64(g)*0x9e3779b97f4a7c15, i)
+								if first, err := d.Once(ctx, key, 2*time.Minute); err != nil || !first {
+									b.Errorf("Once: %v, %v", first, err)
+									return
+								}
+							}
+							if _, err := h.Append(ctx, topic, benchData); err != nil {
+								b.Error(err)
+								return
+							}
+							lat[g] = append(lat[g], time.Since(t0))
+						}
+					})
+				}
+				wg.Wait()
+				elapsed := time.Since(start)
+				b.StopTimer()
+				reportLatency(b, slices.Concat(lat...), "")
+				b.ReportMetric(float64(b.N)/elapsed.Seconds(), "appends/s")
+			})
 		}
 	}
 }

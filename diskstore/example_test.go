@@ -58,3 +58,40 @@ func ExampleOpen() {
 	// 2 "world"
 	// 1 message kept for ann
 }
+
+// A hub whose users' inboxes are in the file: a direct message is kept
+// until a client of the user acknowledges it, across a restart too, in
+// the same epoch, so a client's position in it stays valid.
+func ExampleStore_Inbox() {
+	dir, _ := os.MkdirTemp("", "tether")
+	defer os.RemoveAll(dir)
+	path := filepath.Join(dir, "tether.db")
+
+	st, err := diskstore.Open(path)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	hub, err := tether.NewHub(tether.WithHistory(st.History()), tether.WithInbox(st.Inbox()))
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	hub.SendToUser("ann", []byte(`"see you at 3"`)) // ann is away
+	hub.Close()
+	st.Close()
+
+	// The process restarts.
+	st, err = diskstore.Open(path)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer st.Close()
+	epoch, pending, _ := st.Inbox().Pending(context.Background(), "ann")
+	for _, e := range pending {
+		fmt.Println(e.Seq, string(e.Data), epoch != "")
+	}
+	// Output:
+	// 1 "see you at 3" true
+}

@@ -5,3 +5,8 @@ package diskstore
 func WithCaps(topics, empty int) Option {
 	return func(c *config) { c.maxTopics, c.maxEmpty = topics, empty }
 }
+
+// WithDedupeCap sets the cap on request ids on disk, 131,072 by default.
+func WithDedupeCap(n int) Option {
+	return func(c *config) { c.dedupeKeys = n }
+}

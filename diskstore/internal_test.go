@@ -201,3 +201,152 @@ func TestEpochRollover(t *testing.T) {
 		t.Errorf("file after the new epoch: %v; want its 2 messages only", n)
 	}
 }
+
+// TestFileDedupe checks when request ids reach the file: with the first
+// write called after Once, or on their own after keyFlushDelay; that the
+// file holds at most the bound of them, and that expired ones leave it.
+func TestFileDedupe(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		st := openInternal(t, WithSync(SyncNever), WithDedupeCap(100))
+		defer st.Close()
+		h := st.hist
+		ctx := context.Background()
+		once := func(key string) {
+			t.Helper()
+			if first, err := h.Once(ctx, key, time.Minute); err != nil || !first {
+				t.Fatalf("Once(%q) = %v, %v; want new", key, first, err)
+			}
+		}
+		dkeys := func() int {
+			t.Helper()
+			n := keys(t, st)["dexp"]
+			st.keys.mu.Lock()
+			onDisk := st.keys.onDisk
+			st.keys.mu.Unlock()
+			if onDisk != n {
+				t.Fatalf("%d ids counted on disk, %d in the file", onDisk, n)
+			}
+			return n
+		}
+		// The ids known in memory: those on disk, and those on their way.
+		known := func() int {
+			st.keys.mu.Lock()
+			defer st.keys.mu.Unlock()
+			return len(st.keys.known)
+		}
+
+		// With the next write: the Append of the publication it guards.
+		once("k1")
+		if n := dkeys(); n != 0 {
+			t.Fatalf("%d ids in the file before any write, want 0", n)
+		}
+		if _, err := h.Append(ctx, "t", []byte("m")); err != nil {
+			t.Fatal(err)
+		}
+		if n := dkeys(); n != 1 {
+			t.Fatalf("%d ids in the file once the next Append returned, want 1", n)
+		}
+		// Alone, after keyFlushDelay.
+		once("k2")
+		time.Sleep(keyFlushDelay - time.Millisecond)
+		if n := dkeys(); n != 1 {
+			t.Fatalf("%d ids in the file before the delay, want 1", n)
+		}
+		time.Sleep(2 * time.Millisecond)
+		synctest.Wait()
+		if n := dkeys(); n != 2 {
+			t.Fatalf("%d ids in the file after the delay, want 2", n)
+		}
+
+		// The bound: the oldest go.
+		for i := range 250 {
+			once("b" + strconv.Itoa(i))
+			h.Append(ctx, "t", []byte("m"))
+		}
+		if n := dkeys(); n != 100 {
+			t.Fatalf("%d ids in the file after 252, want the bound, 100", n)
+		}
+		if n := known(); n != 100 {
+			t.Fatalf("%d ids known in memory after 252, want those in the file, 100", n)
+		}
+		if first, _ := h.Once(ctx, "b0", time.Minute); !first {
+			t.Error("the oldest id, pushed out by the bound: not new")
+		}
+		if first, _ := h.Once(ctx, "b249", time.Minute); first {
+			t.Error("the newest id: new")
+		}
+
+		// Expired ids leave as new ones come, as many as come and
+		// sweepBatch more per commit.
+		time.Sleep(2 * time.Minute)
+		once("late1")
+		h.Append(ctx, "t", []byte("m"))
+		if n := dkeys(); n != 101-1-sweepBatch {
+			t.Fatalf("%d ids in the file after one commit past the expiry, want %d", n, 101-1-sweepBatch)
+		}
+		once("late2")
+		h.Append(ctx, "t", []byte("m"))
+		if n := dkeys(); n != 2 {
+			t.Fatalf("%d ids in the file after two commits past the expiry, want 2", n)
+		}
+		if n := known(); n != 2 {
+			t.Fatalf("%d ids known in memory after two commits past the expiry, want 2", n)
+		}
+	})
+}
+
+// TestFileInboxBounded checks that acknowledged and expired messages
+// leave the file, with their index entries and their users' records, and
+// the total comes back to 0.
+func TestFileInboxBounded(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		st := openInternal(t, WithInbox(10, time.Minute, 1<<20))
+		defer st.Close()
+		ib := st.Inbox()
+		ctx := context.Background()
+		epochs := make(map[string]string)
+		for i := range 50 {
+			user := "u" + strconv.Itoa(i%10)
+			pos, err := ib.Append(ctx, user, []byte("x"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			epochs[user] = pos.Epoch
+		}
+		for i := range 5 {
+			user := "u" + strconv.Itoa(i)
+			if err := ib.Ack(ctx, user, adapter.Position{Epoch: epochs[user], Seq: 5}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if n := keys(t, st); n["imsgs"] != 25 || n["iage"] != 25 || n["iusers"] != 5 {
+			t.Errorf("after 5 users of 10 acknowledged their 5: %v", n)
+		}
+		itotal := func() uint64 {
+			var v uint64
+			st.db.View(func(tx *bolt.Tx) error {
+				v, _ = counter(tx, keyITotal)
+				return nil
+			})
+			return v
+		}
+		if got := itotal(); got != 25*(1+inboxMsgOverhead) {
+			t.Errorf("total %d, want %d", got, 25*(1+inboxMsgOverhead))
+		}
+		time.Sleep(2 * time.Minute)
+		if _, err := ib.Append(ctx, "late", []byte("y")); err != nil {
+			t.Fatal(err)
+		}
+		if n := keys(t, st); n["imsgs"] != 1 || n["iage"] != 1 || n["iusers"] != 1 {
+			t.Errorf("after the rest expired: %v", n)
+		}
+		e, _, _ := ib.Pending(ctx, "late")
+		ib.Ack(ctx, "late", adapter.Position{Epoch: e, Seq: 1})
+		if n := keys(t, st); n["imsgs"] != 0 || n["iage"] != 0 || n["iusers"] != 0 {
+			t.Errorf("once all is acknowledged: %v", n)
+		}
+		if got := itotal(); got != 0 {
+			t.Errorf("total %d once empty, want 0", got)
+		}
+	})
+}

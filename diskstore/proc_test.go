@@ -19,6 +19,7 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 	"github.com/tether-ws/tether/diskstore"
 	"golang.org/x/time/rate"
 )
@@ -53,9 +54,11 @@ func helperHubOptions(st *diskstore.Store) []tether.HubOption {
 }
 
 // TestHelperServer is not a test: it is the hub process of the tests
-// below, which start it. It serves the hub on /ws, and SendToUser on
-// /send?user=&data=, prints its address, and runs until its stdin closes
-// or it is killed.
+// below, which start it. It serves the hub on /ws, SendToUser on
+// /send?user=&data=, the hub's Stats on /stats, the store's Inbox on /inbox?user=&data= (Append:
+// answers the position as JSON) and /pending?user= (Pending: answers
+// {"epoch":..., "entries":[{"Seq":1,"Data":"<base64>"}]}), prints its
+// address, and runs until its stdin closes or it is killed.
 func TestHelperServer(t *testing.T) {
 	path := os.Getenv(helperEnv)
 	if path == "" {
@@ -78,6 +81,26 @@ func TestHelperServer(t *testing.T) {
 		if err := hub.SendToUser(q.Get("user"), []byte(q.Get("data"))); err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 		}
+	})
+	mux.HandleFunc("/stats", func(w http.ResponseWriter, _ *http.Request) {
+		json.NewEncoder(w).Encode(hub.Stats())
+	})
+	mux.HandleFunc("/inbox", func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		pos, err := st.Inbox().Append(r.Context(), q.Get("user"), []byte(q.Get("data")))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		json.NewEncoder(w).Encode(pos)
+	})
+	mux.HandleFunc("/pending", func(w http.ResponseWriter, r *http.Request) {
+		epoch, entries, err := st.Inbox().Pending(r.Context(), r.URL.Query().Get("user"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		json.NewEncoder(w).Encode(inboxPending{epoch, entries})
 	})
 	var ln net.Listener
 	for start := time.Now(); ; time.Sleep(20 * time.Millisecond) {
@@ -183,6 +206,23 @@ func (p *helperProc) url(user string) string {
 	return "ws://" + p.addr + "/ws?user=" + url.QueryEscape(user)
 }
 
+// duplicates returns how many publications the hub process acked as
+// repeats without publishing them (Stats.Duplicates), or -1 if it cannot
+// tell.
+func (p *helperProc) duplicates() int64 {
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := client.Get("http://" + p.addr + "/stats")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	var st tether.Stats
+	if json.NewDecoder(resp.Body).Decode(&st) != nil {
+		return -1
+	}
+	return int64(st.Duplicates)
+}
+
 // sendToUser makes the hub process call SendToUser.
 func (p *helperProc) sendToUser(t *testing.T, user, data string) {
 	t.Helper()
@@ -197,6 +237,12 @@ func (p *helperProc) sendToUser(t *testing.T, user, data string) {
 		b, _ := io.ReadAll(resp.Body)
 		t.Fatalf("SendToUser: %s: %s", resp.Status, b)
 	}
+}
+
+// inboxPending is the answer of the helper's /pending.
+type inboxPending struct {
+	Epoch   string
+	Entries []adapter.InboxEntry
 }
 
 type syncBuffer struct {

@@ -24,6 +24,15 @@ import (
 //	users    "n", user ID                userRec
 //	omsgs    user id, n                  message: at, data
 //	oage     at, user id, n              user ID
+//	iusers   "n", user ID                inboxRec
+//	imsgs    inbox id, seq               message: at, data
+//	iage     at, inbox id, seq           user ID
+//	dexp     expiry, request id          -
+//	meta     "itotal"                    uint64 counter
+//
+// The buckets from iusers on came after the first files of this format,
+// which hold none: Open creates them, and a version that does not know
+// them leaves them alone.
 
 // formatVersion names the layout above; Open refuses a file with another.
 const formatVersion = "tether-diskstore 1"
@@ -38,13 +47,19 @@ var (
 	bucketUsers  = []byte("users")
 	bucketOMsgs  = []byte("omsgs")
 	bucketOAge   = []byte("oage")
+	bucketIUsers = []byte("iusers")
+	bucketIMsgs  = []byte("imsgs")
+	bucketIAge   = []byte("iage")
+	bucketDExp   = []byte("dexp")
 
-	allBuckets = [][]byte{bucketMeta, bucketTopics, bucketMsgs, bucketHIdx, bucketHEmpty, bucketGC, bucketUsers, bucketOMsgs, bucketOAge}
+	allBuckets = [][]byte{bucketMeta, bucketTopics, bucketMsgs, bucketHIdx, bucketHEmpty, bucketGC, bucketUsers, bucketOMsgs, bucketOAge,
+		bucketIUsers, bucketIMsgs, bucketIAge, bucketDExp}
 
 	keyFormat  = []byte("format")
 	keyNTopics = []byte("ntopics")
 	keyNEmpty  = []byte("nempty")
 	keyOTotal  = []byte("ototal")
+	keyITotal  = []byte("itotal")
 )
 
 // errCorrupt reports a record the store cannot read.
@@ -149,7 +164,53 @@ func decodeUserRec(b []byte) (userRec, error) {
 	return r, nil
 }
 
-// A message, in msgs or omsgs: the unix ns it was kept at, then its data.
+// inboxRec is a user's inbox record: their unacknowledged messages are
+// those of imsgs under id, seqs from head to next-1, oldest first, in
+// epoch. A user without messages has no record, so that their next
+// message starts a new epoch.
+type inboxRec struct {
+	id         uint64
+	head, next uint64
+	lastAt     int64 // unix ns of the newest message, so that ats never go back
+	epoch      string
+}
+
+const inboxRecFixed = 1 + 8 + 8 + 8 + 8 + 1 // version, id, head, next, lastAt, len(epoch)
+
+func (r inboxRec) n() int { return int(r.next - r.head) }
+
+func (r inboxRec) encode() []byte {
+	b := make([]byte, inboxRecFixed, inboxRecFixed+len(r.epoch))
+	b[0] = recVersion
+	binary.BigEndian.PutUint64(b[1:], r.id)
+	binary.BigEndian.PutUint64(b[9:], r.head)
+	binary.BigEndian.PutUint64(b[17:], r.next)
+	binary.BigEndian.PutUint64(b[25:], uint64(r.lastAt))
+	b[33] = byte(len(r.epoch))
+	return append(b, r.epoch...)
+}
+
+func decodeInboxRec(b []byte) (inboxRec, error) {
+	if len(b) < inboxRecFixed || b[0] != recVersion {
+		return inboxRec{}, corrupt("inbox record of %d bytes", len(b))
+	}
+	r := inboxRec{
+		id:     binary.BigEndian.Uint64(b[1:]),
+		head:   binary.BigEndian.Uint64(b[9:]),
+		next:   binary.BigEndian.Uint64(b[17:]),
+		lastAt: int64(binary.BigEndian.Uint64(b[25:])),
+	}
+	n := int(b[33])
+	// A user with a record has at least one message, and no more than
+	// an int counts.
+	if n == 0 || len(b) != inboxRecFixed+n || r.id == 0 || r.head == 0 || r.head >= r.next || r.next-r.head > 1<<31 {
+		return inboxRec{}, corrupt("inbox record: id %d, messages %d to %d, epoch of %d bytes in %d", r.id, r.head, r.next, n, len(b))
+	}
+	r.epoch = string(b[inboxRecFixed:])
+	return r, nil
+}
+
+// A message, in msgs, omsgs or imsgs: the unix ns it was kept at, then its data.
 const msgAtLen = 8
 
 func encodeMsg(at int64, data []byte) []byte {

@@ -13,6 +13,8 @@ func FuzzRecords(f *testing.F) {
 	f.Add(topicRec{id: 1, seq: 5, touched: 1e18, appended: true, epoch: "AAAAAAAAAAA"}.encode())
 	f.Add(topicRec{id: 1 << 40, seq: maxSeq, epoch: "e"}.encode())
 	f.Add(userRec{id: 3, head: 1, tail: 4, bytes: 12, lastAt: 1e18}.encode())
+	f.Add(inboxRec{id: 2, head: 3, next: 9, lastAt: 1e18, epoch: "AAAAAAAAAAA"}.encode())
+	f.Add(expKey(1e18, "ann\x00abcdefghijklmnop.1"))
 	f.Add(encodeMsg(1e18, []byte(`{"n":1}`)))
 	f.Add(key3(1, 2, 3))
 	f.Add(key2(1, 2))
@@ -42,6 +44,18 @@ func FuzzRecords(f *testing.F) {
 			t.Fatalf("user record %x decoded to an impossible %+v", b, u)
 		}
 		check("user record", u.encode(), err)
+
+		ir, err := decodeInboxRec(b)
+		if err == nil && (ir.epoch == "" || ir.id == 0 || ir.head == 0 || ir.head >= ir.next || ir.n() <= 0) {
+			t.Fatalf("inbox record %x decoded to an impossible %+v", b, ir)
+		}
+		check("inbox record", ir.encode(), err)
+
+		exp, key, err := decodeExpKey(b)
+		if err == nil && exp < 0 {
+			t.Fatalf("request id entry %x decoded to an expiry of %d", b, exp)
+		}
+		check("request id entry", expKey(exp, key), err)
 
 		at, data, err := decodeMsg(b)
 		if err == nil {

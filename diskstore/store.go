@@ -3,7 +3,10 @@
 // topic's messages and its epoch are still there when the process comes
 // back, so its clients resume (PROTOCOL.md, section 10) instead of
 // reloading, and direct messages kept for users who were away still
-// reach them.
+// reach them. The history also remembers the ids of clients'
+// publications ([adapter.Deduper]), so that one sent again after a
+// restart takes effect once, and the store has an [adapter.Inbox]
+// ([Store.Inbox]) for users' direct messages until they are acknowledged.
 //
 //	st, err := diskstore.Open("/var/lib/myapp/tether.db")
 //	...
@@ -17,14 +20,14 @@
 //
 // # Durability
 //
-// By default ([SyncAlways]) an Append, a Store and a Take are on disk when
-// they return: their transaction is committed and the file fsynced
-// (fdatasync), so what a hub acknowledged to a client survives kill -9,
-// a kernel panic and a power cut. Calls made at the same time share one
-// commit and one fsync (group commit): while one commit is being written,
-// the calls that arrive queue up, and the next commit takes them all, so
-// many topics published at once cost few fsyncs, and a call alone waits
-// for nothing but its own. A hub calls Append for a topic one call at a
+// By default ([SyncAlways]) an Append, a Store and a Take, and an
+// Inbox's Append and Ack, are on disk when they return: their transaction
+// is committed and the file fsynced (fdatasync), so what a hub
+// acknowledged to a client survives kill -9, a kernel panic and a power
+// cut. Calls made at the same time share one commit and one fsync (group
+// commit): while one commit is being written, the calls that arrive queue
+// up, and the next commit takes them all, so many topics published at
+// once cost few fsyncs, and a call alone waits for nothing but its own. A hub calls Append for a topic one call at a
 // time, and handles a client's publications one at a time, so one topic,
 // or one publishing client, is held to one publication per fsync;
 // publications to many topics, or from many clients, are grouped. The
@@ -35,22 +38,34 @@
 // "Disk store". [SyncNever] skips the fsync (see there for what it
 // risks).
 //
+// A request id given to the history's Once is not written at once: it
+// goes to disk in the commit of the next write called after it (for a
+// publication, its own Append), or within 50 ms on its own, so that an id
+// and the publication it guards are on disk together (see dedupe.go for
+// why, and for what remains of the window between them).
+//
 // # Bounds
 //
-// The store honours the contracts of [adapter.History] and
-// [adapter.OfflineStore] with the bounds and behaviour of
-// [adapter.NewMemoryHistory] and [adapter.NewMemoryOfflineStore], and the
-// same defaults as a hub without it: 256 messages for 2 minutes per topic
-// ([WithHistory]); 100 messages and 256 KiB per user for 24 hours, 64 MiB in
-// all ([WithOffline]). A topic's old messages are trimmed in the
+// The store honours the contracts of [adapter.History],
+// [adapter.OfflineStore] and [adapter.Inbox] with the bounds and behaviour
+// of [adapter.NewMemoryHistory], [adapter.NewMemoryOfflineStore] and
+// [adapter.NewMemoryInbox], and the same defaults as a hub without it:
+// 256 messages for 2 minutes per topic ([WithHistory]); 100 messages and
+// 256 KiB per user for 24 hours, 64 MiB in all ([WithOffline]). The inbox
+// keeps 1,000 unacknowledged messages per user for 7 days, 64 MiB in all
+// ([WithInbox]). Request ids are kept for the ttl the hub gives (2
+// minutes), at most 131,072 of them as the hub keeps in memory, past which
+// the one closest to expiry goes; the store holds them in memory too,
+// where Once looks them up. A topic's old messages are trimmed in the
 // transaction that appends (up to 64 per call: the bound holds from the
 // next call on, even after a reopen with a smaller one), expired messages
 // and idle records dropped lazily by the calls that write, a few at a time
-// (up to 64 records of each kind, 256 messages of forgotten topics and 64
-// expired offline messages per call), with no goroutine but the
-// committer. Whatever the file still holds, Since and Take never return
-// what the bounds exclude. The file grows to hold what the bounds allow
-// and does not shrink: freed pages are reused.
+// (up to 64 records of each kind, 256 messages of forgotten topics, 64
+// expired offline and inbox messages per call, and as many expired
+// request ids as a commit writes plus 64), with no goroutine but the
+// committer. Whatever the file still holds, Since, Take and Pending never
+// return what the bounds exclude. The file grows to hold what the bounds
+// allow and does not shrink: freed pages are reused.
 //
 // Reads do not wait for writes: Since of a topic the store knows, and
 // Take for a user with nothing kept, read a snapshot. Since of a topic it
@@ -58,7 +73,9 @@
 // epoch, a commit, so that the epoch it returns survives a restart. A
 // Take is on disk when it returns: what it took is not given again, even
 // if the process dies before the hub delivered it (at most once, as with
-// the memory store).
+// the memory store). An inbox's Pending reads a snapshot, and so does an
+// Ack that drops nothing (of another epoch, or already acknowledged), and
+// the history's Once, which writes nothing itself (see Durability).
 //
 // # Epochs
 //
@@ -67,9 +84,13 @@
 // one: when its record is forgotten (idle for an hour, or maxAge when
 // longer; 10 minutes for a topic that never had a message; the one
 // appended to least recently beyond 2^20 topics, the oldest beyond 8,192
-// topics without a message), or when its seq would reach 2^53. If the file is lost or replaced, every
-// topic starts a new random epoch: a client's old position is unknown, so
-// it resyncs, which is right.
+// topics without a message), or when its seq would reach 2^53. If the
+// file is lost or replaced, every topic starts a new random epoch: a
+// client's old position is unknown, so it resyncs, which is right.
+//
+// A user's inbox has a random epoch of its own too, kept by a restart; the
+// inbox is forgotten once all its messages are acknowledged or expired,
+// and the user's next message starts a new epoch, as in memory.
 //
 // # Why bbolt
 //
@@ -101,10 +122,10 @@ import (
 // ErrClosed is returned, wrapped, by calls made after [Store.Close].
 var ErrClosed = errors.New("diskstore: store closed")
 
-// Store is a history and an offline store in one file. Create it with
-// [Open], give [Store.History] and [Store.Offline] to a hub, and close it
-// after the hub. It is safe for concurrent use; one process at a time
-// opens a file.
+// Store is a history, an offline store and an inbox in one file. Create
+// it with [Open], give [Store.History], [Store.Offline] (and
+// [Store.Inbox]) to a hub, and close it after the hub. It is safe for
+// concurrent use; one process at a time opens a file.
 //
 // The calls check their context on entry only: once a write is queued it
 // is carried out, and the call returns how it went.
@@ -114,12 +135,15 @@ type Store struct {
 	path string
 	hist *history
 	off  *offline
+	ib   *inbox
+	keys dedupeKeys // the request ids known, on disk and on their way (dedupe.go)
 
-	mu     sync.Mutex // guards queue and closed
-	queue  []*op
-	closed bool
-	wake   chan struct{} // cap 1: the committer has work
-	done   chan struct{} // closed when the committer has returned
+	mu       sync.Mutex // guards queue, enqueued and closed
+	queue    []*op
+	enqueued uint64 // ops ever queued: the idx of the last one
+	closed   bool
+	wake     chan struct{} // cap 1: the committer has work
+	done     chan struct{} // closed when the committer has returned
 }
 
 // Sync is the durability of the store's writes: see [WithSync].
@@ -160,10 +184,14 @@ type config struct {
 	offBytes     int
 	offAge       time.Duration
 	offTotal     int
+	inMessages   int
+	inAge        time.Duration
+	inTotal      int
 	sync         Sync
 	lockTimeout  time.Duration
-	// Caps on topic records, variables for the tests.
+	// Caps on topic records and request ids, variables for the tests.
 	maxTopics, maxEmpty int
+	dedupeKeys          int
 }
 
 // Defaults: those of a tether hub without a store of its own.
@@ -223,9 +251,13 @@ func Open(path string, opts ...Option) (*Store, error) {
 		offBytes:     defaultOfflineBytes,
 		offAge:       defaultOfflineAge,
 		offTotal:     defaultOfflineTotal,
+		inMessages:   defaultInboxLen,
+		inAge:        defaultInboxAge,
+		inTotal:      defaultInboxTotal,
 		lockTimeout:  defaultLockTimeout,
 		maxTopics:    maxHistoryRecords,
 		maxEmpty:     maxEmptyRecords,
+		dedupeKeys:   defaultDedupeKeys,
 	}
 	for _, o := range opts {
 		if o != nil {
@@ -249,10 +281,6 @@ func Open(path string, opts ...Option) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("diskstore: open %s: %w", path, err)
 	}
-	if err := db.Update(initFile); err != nil {
-		db.Close()
-		return nil, fmt.Errorf("diskstore: open %s: %w", path, err)
-	}
 	s := &Store{
 		db:   db,
 		cfg:  cfg,
@@ -260,8 +288,19 @@ func Open(path string, opts ...Option) (*Store, error) {
 		wake: make(chan struct{}, 1),
 		done: make(chan struct{}),
 	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		if err := initFile(tx); err != nil {
+			return err
+		}
+		return s.keys.load(tx, time.Now().UnixNano())
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("diskstore: open %s: %w", path, err)
+	}
 	s.hist = &history{s: s}
 	s.off = &offline{s: s}
+	s.ib = &inbox{s: s}
 	go s.commitLoop()
 	return s, nil
 }
@@ -289,6 +328,8 @@ func initFile(tx *bolt.Tx) error {
 }
 
 // History returns the store's [adapter.History], for tether.WithHistory.
+// It is also an [adapter.Deduper], which a hub without a broker uses to
+// remember its clients' request ids across restarts.
 func (s *Store) History() adapter.History { return s.hist }
 
 // Offline returns the store's [adapter.OfflineStore], for
@@ -321,6 +362,7 @@ func (s *Store) Close() error {
 type op struct {
 	fn  func(tx *bolt.Tx) error
 	err chan error // buffered
+	idx uint64     // its place in the order of calls, from 1
 }
 
 // maxBatch bounds the calls in one transaction, so that a crowd of them
@@ -339,6 +381,8 @@ func (s *Store) update(ctx context.Context, fn func(tx *bolt.Tx) error) error {
 		s.mu.Unlock()
 		return ErrClosed
 	}
+	s.enqueued++
+	o.idx = s.enqueued
 	s.queue = append(s.queue, o)
 	s.mu.Unlock()
 	s.signal()
@@ -371,10 +415,19 @@ func (s *Store) signal() {
 
 // commitLoop is the committer: it commits what is queued, all of it in
 // one transaction (up to maxBatch), as soon as the previous commit is
-// done. It returns once Close was called and the queue is empty.
+// done, with the request ids recorded before (see dedupeKeys.take). Ids
+// that no write took along it commits on its own after keyFlushDelay.
+// It returns once Close was called, the queue is empty and the ids are
+// written.
 func (s *Store) commitLoop() {
 	defer close(s.done)
-	for range s.wake {
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	for {
+		select {
+		case <-s.wake:
+		case <-timer.C:
+		}
 		for {
 			s.mu.Lock()
 			n := min(len(s.queue), maxBatch)
@@ -386,36 +439,72 @@ func (s *Store) commitLoop() {
 			closed := s.closed && n == 0
 			s.mu.Unlock()
 			if closed {
+				s.commit(nil, s.keys.take(func(pendingKey) bool { return true }))
 				return
 			}
 			if n == 0 {
 				break
 			}
-			s.commit(batch)
+			last := batch[n-1].idx
+			s.commit(batch, s.keys.take(func(p pendingKey) bool { return p.after < last }))
+		}
+		// Ids that waited long enough for a write, or too many of them.
+		now := time.Now()
+		s.commit(nil, s.keys.take(func(p pendingKey) bool { return now.Sub(p.added) >= keyFlushDelay }))
+		if next, ok := s.keys.oldest(); ok {
+			timer.Reset(max(keyFlushDelay-time.Since(next), 0))
 		}
 	}
 }
 
-// commit runs the ops of batch in one transaction. If one fails, the
-// transaction is rolled back and each op runs again in one of its own, so
-// that one failure fails only its call.
-func (s *Store) commit(batch []*op) {
+// commit runs the ops of batch in one transaction, then writes keys, the
+// request ids that go with it. If one op fails, the transaction is rolled
+// back and each op runs again in one of its own, so that one failure
+// fails only its call, and the ids in one of theirs. Ids not written wait
+// for the next commit.
+func (s *Store) commit(batch []*op, keys flushKeys) {
+	dropped, onDisk := []keyWrite(nil), keys.onDisk
+	if len(batch) == 0 && len(keys.writes) == 0 {
+		s.keys.written(keys, dropped, onDisk) // stale entries, if any
+		return
+	}
+	write := func(tx *bolt.Tx) error {
+		if len(keys.writes) == 0 {
+			return nil
+		}
+		var err error
+		dropped, onDisk, err = keys.writeTx(tx, time.Now().UnixNano(), s.cfg.dedupeKeys)
+		return err
+	}
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		for _, o := range batch {
 			if err := o.fn(tx); err != nil {
 				return err
 			}
 		}
-		return nil
+		return write(tx)
 	})
-	if err == nil || len(batch) == 1 {
+	if err == nil {
+		s.keys.written(keys, dropped, onDisk)
 		for _, o := range batch {
-			o.err <- err
+			o.err <- nil
 		}
 		return
 	}
-	for _, o := range batch {
-		o.err <- s.db.Update(o.fn)
+	if len(batch) == 1 && len(keys.writes) == 0 {
+		s.keys.written(keys, nil, keys.onDisk)
+		batch[0].err <- err
+		return
+	}
+	errs := make([]error, len(batch))
+	for i, o := range batch {
+		errs[i] = s.db.Update(o.fn)
+	}
+	if len(keys.writes) == 0 || s.db.Update(write) == nil {
+		s.keys.written(keys, dropped, onDisk)
+	}
+	for i, o := range batch {
+		o.err <- errs[i]
 	}
 }
 

@@ -3,10 +3,16 @@
 // page shows who is here and when the others were last seen, the state of
 // the connection and its round-trip time, and it keeps working through a
 // restart of the server: what you type while it is down is sent when it
-// is back, and what the others said meanwhile is shown.
+// is back, and what the others said meanwhile is shown. With -data, the
+// rooms' messages are kept on disk (tether/diskstore), so that after a
+// restart the pages resume where they were instead of reloading.
 //
-//	go run ./examples/chat                 # then open http://127.0.0.1:8080/?user=ann
-//	go run ./examples/chat -addr :9000 -grace 2s
+// It is a module of its own (it depends on tether/diskstore); from the
+// repository's root:
+//
+//	go run -C examples/chat .                        # then open http://127.0.0.1:8080/?user=ann
+//	go run -C examples/chat . -data /tmp/chat-data   # rooms kept across restarts
+//	go run -C examples/chat . -addr :9000 -grace 2s
 //
 // Users are named by the ?user= query parameter, which anybody can set:
 // demo-only authentication. A real server names users from a session
@@ -49,6 +55,7 @@ import (
 
 	"github.com/tether-ws/tether"
 	"github.com/tether-ws/tether/adapter"
+	"github.com/tether-ws/tether/diskstore"
 )
 
 func main() {
@@ -72,6 +79,7 @@ type config struct {
 	addr  string
 	js    string // tether.js; "" to find it
 	grace time.Duration
+	data  string // the directory of the store; "" for memory
 }
 
 // run parses args and serves the chat until ctx ends, then shuts down
@@ -85,6 +93,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	fs.StringVar(&cfg.addr, "addr", "127.0.0.1:8080", "HTTP listen address")
 	fs.StringVar(&cfg.js, "js", "", "path of the browser client tether.js (default: js/tether.js of the repository, found from the working directory, the executable or the source)")
 	fs.DurationVar(&cfg.grace, "grace", 5*time.Second, "how long a user who left stays present, so that a reload or a reconnect does not flicker (negative: not at all)")
+	fs.StringVar(&cfg.data, "data", "", "keep the rooms' last "+fmt.Sprint(keptMessages)+" messages, and the offline messages, in `DIR`/chat.db (DIR created if need be), so that they survive a restart (default: in memory, lost at exit)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -97,7 +106,19 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	out := &lockedWriter{w: stdout}
 	log := slog.New(slog.NewTextHandler(out, nil))
-	s, err := newServer(cfg, js, log)
+	var st *diskstore.Store
+	if cfg.data != "" {
+		if st, err = openStore(cfg.data); err != nil {
+			return err
+		}
+		// After the hub, on every way out.
+		defer func() {
+			if err := st.Close(); err != nil {
+				log.Error("closing the store", "err", err)
+			}
+		}()
+	}
+	s, err := newServer(cfg, js, log, st)
 	if err != nil {
 		return err
 	}
@@ -124,7 +145,11 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	go func() { served <- srv.Serve(ln) }()
 	base := "http://" + ln.Addr().String()
 	fmt.Fprintf(out, "chat on %s/ - open %s/?user=ann and %s/?user=bob\n", base, base, base)
-	log.Info("listening", "addr", ln.Addr().String(), "client", js)
+	if st != nil {
+		log.Info("listening", "addr", ln.Addr().String(), "client", js, "data", st.Path())
+	} else {
+		log.Info("listening", "addr", ln.Addr().String(), "client", js, "data", "in memory")
+	}
 
 	select {
 	case <-ctx.Done():
@@ -145,6 +170,26 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		err = errors.Join(err, serr)
 	}
 	return errors.Join(err, s.hub.Shutdown(shutdown))
+}
+
+// keptMessages is how many messages of each room the store keeps with
+// -data, however old: a page that comes back after a restart, or
+// after hours, resumes from them, and a page that joins shows the last
+// transcriptLen.
+const keptMessages = 256
+
+// openStore opens the store in dir, creating dir if need be. It fails
+// when another process has the file open (another chat on the same
+// directory), after a second.
+func openStore(dir string) (*diskstore.Store, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("-data: %w", err)
+	}
+	st, err := diskstore.Open(filepath.Join(dir, "chat.db"), diskstore.WithHistory(keptMessages, 0))
+	if err != nil {
+		return nil, fmt.Errorf("-data: %w", err)
+	}
+	return st, nil
 }
 
 // Names of users and rooms: what the demo accepts.
@@ -175,9 +220,16 @@ type server struct {
 //go:embed static
 var static embed.FS
 
-func newServer(cfg config, js string, log *slog.Logger) (*server, error) {
+// newServer makes the chat; with st, its history and offline messages are
+// kept there (the caller closes st after the hub).
+func newServer(cfg config, js string, log *slog.Logger, st *diskstore.Store) (*server, error) {
 	s := &server{rooms: newRooms(), online: newOnline(), mux: http.NewServeMux(), js: js, log: log}
-	hub, err := tether.NewHub(
+	var kept []tether.HubOption
+	if st != nil {
+		s.rooms.kept = st.History()
+		kept = append(kept, tether.WithOfflineStore(st.Offline()))
+	}
+	hub, err := tether.NewHub(append(kept,
 		// Demo-only: whoever says ?user=ann is ann.
 		tether.WithAuth(func(r *http.Request) (string, error) {
 			user := r.URL.Query().Get("user")
@@ -204,7 +256,8 @@ func newServer(cfg config, js string, log *slog.Logger) (*server, error) {
 		tether.WithClientPublish(func(_ *tether.Conn, topic string) bool { return roomOf(topic) != "" }),
 		tether.WithPresence(func(string) tether.PresencePolicy { return tether.PresencePolicy{Grace: cfg.grace} }),
 		// The hub's history, resumes use it, and the room's transcript,
-		// which a page reloads when it cannot resume.
+		// which a page reloads when it cannot resume: in memory, or the
+		// store's with -data.
 		tether.WithHistory(s.rooms.history()),
 		tether.WithObserver(tether.Observer{Presence: func(e tether.PresenceEvent) {
 			log.Info("presence", "topic", e.Topic, "joins", userIDs(e.Joins), "leaves", userIDs(e.Leaves))
@@ -221,7 +274,7 @@ func newServer(cfg config, js string, log *slog.Logger) (*server, error) {
 		// METRICS: the Prometheus metrics (prommetrics) will be wired in
 		// here, their observer among these options and their handler on
 		// the mux below. Nothing is wired yet.
-	)
+	)...)
 	if err != nil {
 		return nil, err
 	}
@@ -307,9 +360,15 @@ func (s *server) serveTranscript(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "no such room", http.StatusNotFound)
 		return
 	}
+	messages, err := s.rooms.transcript(r.Context(), room)
+	if err != nil {
+		s.log.Error("transcript", "room", room, "err", err)
+		http.Error(w, "the room's messages cannot be read", http.StatusInternalServerError)
+		return
+	}
 	writeJSON(w, struct {
 		Messages []message `json:"messages"`
-	}{s.rooms.transcript(room)})
+	}{messages})
 }
 
 // person is one user in the answer of servePeople.
@@ -519,13 +578,17 @@ type message struct {
 
 // rooms is what the application keeps of each room: its latest messages,
 // for pages that reload, and who came lately, for their last-seen times.
+// With -data the messages are those of the store's history, kept, and
+// the transcripts are read from it.
 type rooms struct {
+	kept adapter.History // the store's; nil: in memory
+
 	mu sync.Mutex
 	m  map[string]*room
 }
 
 type room struct {
-	messages []message            // oldest first
+	messages []message            // oldest first; none with kept
 	visitors map[string]time.Time // user -> when they last arrived
 	touched  time.Time
 }
@@ -585,20 +648,55 @@ func (rs *rooms) visitors(name string) []string {
 	return out
 }
 
-// transcript returns room's latest messages, oldest first.
-func (rs *rooms) transcript(name string) []message {
+// transcript returns room's latest messages, oldest first, at most
+// transcriptLen.
+func (rs *rooms) transcript(ctx context.Context, name string) ([]message, error) {
+	out := []message{} // [] rather than null in JSON
+	if rs.kept != nil {
+		return rs.keptTranscript(ctx, roomPrefix+name, out)
+	}
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
-	out := []message{} // [] rather than null in JSON
 	if r := rs.m[name]; r != nil {
 		out = append(out, r.messages...)
 	}
-	return out
+	return out, nil
 }
 
-// history returns the hub's History: tether's in-memory one, which also
-// records each room's messages in its transcript.
+// keptTranscript appends to out the latest messages of topic in the
+// store's history, at most transcriptLen: the history tells the topic's
+// position, then replays what follows the position transcriptLen
+// before. (The store keeps messages however old, so it still has them.)
+// A room the store does not know gets a record there, and an epoch, as
+// a subscription would.
+func (rs *rooms) keptTranscript(ctx context.Context, topic string, out []message) ([]message, error) {
+	_, last, _, err := rs.kept.Since(ctx, topic, adapter.Position{})
+	if err != nil || last.Seq == 0 {
+		return out, err
+	}
+	from := adapter.Position{Epoch: last.Epoch, Seq: last.Seq - min(last.Seq, transcriptLen)}
+	entries, _, ok, err := rs.kept.Since(ctx, topic, from)
+	if err != nil || !ok {
+		return out, err // !ok: a new epoch came between the calls
+	}
+	for _, e := range entries {
+		// The transcript is JSON, as recordingHistory keeps it.
+		if json.Valid(e.Data) {
+			out = append(out, message{Epoch: last.Epoch, Seq: e.Seq, Data: e.Data})
+		}
+	}
+	return out, nil
+}
+
+// history returns the hub's History: the store's with -data, which the
+// transcripts read; else tether's in-memory one, which also records each
+// room's messages in its transcript.
 func (rs *rooms) history() adapter.History {
+	if rs.kept != nil {
+		// As it is: the hub also finds in it an adapter.Deduper, which
+		// remembers the ids of clients' publications across restarts.
+		return rs.kept
+	}
 	return &recordingHistory{History: adapter.NewMemoryHistory(256, 2*time.Minute), rooms: rs}
 }
 
@@ -633,11 +731,13 @@ func (h *recordingHistory) Append(ctx context.Context, topic string, data []byte
 const modulePath = "github.com/tether-ws/tether"
 
 // findClient returns the path of the browser client: explicit if set,
-// else js/tether.js in the root of the module, found by walking up from
-// the working directory (go run ./examples/chat in a checkout), from the
-// executable (a binary built into the checkout) and from this source file
-// as the compiler saw it (a binary run from elsewhere on the machine that
-// built it).
+// else js/tether.js in the root of the module github.com/tether-ws/tether
+// (the repository's root: this command's own module, examples/chat, is
+// skipped on the way), found by walking up from the working directory
+// (go run -C examples/chat . from the root, or go run . in
+// examples/chat), from the executable (a binary built into the checkout)
+// and from this source file as the compiler saw it (a binary run from
+// elsewhere on the machine that built it).
 func findClient(explicit string) (string, error) {
 	if explicit != "" {
 		if _, err := os.Stat(explicit); err != nil {

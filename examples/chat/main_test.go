@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -44,37 +45,52 @@ func (s *syncBuffer) String() string {
 // and returns its base URL (http://127.0.0.1:port).
 func startChat(t *testing.T, args ...string) string {
 	t.Helper()
+	base, stop := runChat(t, "127.0.0.1:0", args...)
+	t.Cleanup(stop)
+	return base
+}
+
+// runChat runs the command on addr until stop is called, and returns its
+// base URL (http://127.0.0.1:port). stop waits for run to return, and
+// fails the test if it returned an error.
+func runChat(t *testing.T, addr string, args ...string) (base string, stop func()) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	var out syncBuffer
 	done := make(chan error, 1)
 	go func() {
-		done <- run(ctx, append([]string{"-addr", "127.0.0.1:0"}, args...), &out)
+		done <- run(ctx, append([]string{"-addr", addr}, args...), &out)
 	}()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("run: %v\n%s", err, out.String())
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Errorf("run: %v\n%s", err, out.String())
+				}
+			case <-time.After(15 * time.Second):
+				t.Errorf("run did not return after its context ended\n%s", out.String())
 			}
-		case <-time.After(15 * time.Second):
-			t.Errorf("run did not return after its context ended\n%s", out.String())
-		}
-	})
+		})
+	}
 	listening := regexp.MustCompile(`chat on (http://127\.0\.0\.1:\d+)/`)
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		if m := listening.FindStringSubmatch(out.String()); m != nil {
-			return m[1]
+			return m[1], stop
 		}
 		select {
 		case err := <-done:
+			cancel()
 			t.Fatalf("run returned before listening: %v\n%s", err, out.String())
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
+	stop()
 	t.Fatalf("the chat did not say where it listens:\n%s", out.String())
-	return ""
+	return "", nil
 }
 
 func get(t *testing.T, url string) (*http.Response, []byte) {
@@ -493,5 +509,177 @@ func TestFindClient(t *testing.T) {
 		if got := declares(gomod, modulePath); got != want {
 			t.Errorf("declares(%q) = %v", gomod, got)
 		}
+	}
+}
+
+// member is a client in a room that records what it receives and its
+// resyncs.
+type member struct {
+	cl      *tether.Client
+	mu      sync.Mutex
+	got     []tether.Message
+	resyncs []string
+}
+
+func (m *member) messages() []tether.Message {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Clone(m.got)
+}
+
+func (m *member) resynced() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Clone(m.resyncs)
+}
+
+// await waits until m has n messages.
+func (m *member) await(t *testing.T, who string, n int) []tether.Message {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if got := m.messages(); len(got) >= n {
+			return got
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s has %d messages after 10 s, want %d", who, len(m.messages()), n)
+		}
+	}
+}
+
+// join dials base as user, with a fast reconnect, and subscribes to
+// topic from from (the zero Position: from now on).
+func join(t *testing.T, base, user, topic string, from tether.Position) *member {
+	t.Helper()
+	m := &member{}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cl, err := tether.Dial(ctx, "ws"+strings.TrimPrefix(base, "http")+"/ws?user="+user,
+		tether.WithBackoff(tether.Backoff{Base: 20 * time.Millisecond, Max: 200 * time.Millisecond}),
+		tether.WithObserver(tether.Observer{Resync: func(topic string) {
+			m.mu.Lock()
+			m.resyncs = append(m.resyncs, topic)
+			m.mu.Unlock()
+		}}))
+	if err != nil {
+		t.Fatalf("%s: %v", user, err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	m.cl = cl
+	if err := cl.SubscribeFrom(ctx, topic, from, func(msg tether.Message) {
+		m.mu.Lock()
+		m.got = append(m.got, msg)
+		m.mu.Unlock()
+	}); err != nil {
+		t.Fatalf("%s: subscribe: %v", user, err)
+	}
+	return m
+}
+
+// With -data, a room's messages survive a restart of the chat: a page
+// that stayed open resumes where it was, without a resync, a page that
+// joins afterwards gets them in the transcript, and a client subscribing
+// from the start of the room's epoch gets them replayed. In memory
+// (without -data) the same restart makes the page resync, and the
+// messages are gone.
+func TestDataKeepsRooms(t *testing.T) {
+	for _, kept := range []bool{true, false} {
+		t.Run(fmt.Sprintf("data=%v", kept), func(t *testing.T) {
+			var args []string
+			if kept {
+				args = []string{"-data", filepath.Join(t.TempDir(), "new-dir")}
+			}
+			base, stop := runChat(t, "127.0.0.1:0", args...)
+			t.Cleanup(stop)
+			const topic = "room:kept"
+			ann := join(t, base, "ann", topic, tether.Position{})
+			bob := join(t, base, "bob", topic, tether.Position{})
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			text := func(i int) string {
+				return fmt.Sprintf(`{"id":"m%d","user":"bob","text":"message %d","ts":1700000000000}`, i, i)
+			}
+			for i := 1; i <= 3; i++ {
+				if err := bob.cl.Publish(ctx, topic, []byte(text(i))); err != nil {
+					t.Fatal(err)
+				}
+			}
+			before := ann.await(t, "ann", 3)
+			epoch := before[0].Position.Epoch
+
+			// The restart, on the same address (and directory): the
+			// clients reconnect by themselves.
+			addr := strings.TrimPrefix(base, "http://")
+			stop()
+			base, stop = runChat(t, addr, args...)
+			t.Cleanup(stop)
+			if err := bob.cl.Publish(ctx, topic, []byte(text(4))); err != nil {
+				t.Fatal(err)
+			}
+			type transcript struct {
+				Messages []struct {
+					Epoch string
+					Seq   uint64
+					Data  json.RawMessage
+				}
+			}
+			if !kept {
+				// As before -data: a new history, so the page resyncs, and
+				// reloads a transcript that has only what came after.
+				for deadline := time.Now().Add(10 * time.Second); len(ann.resynced()) == 0; time.Sleep(10 * time.Millisecond) {
+					if time.Now().After(deadline) {
+						t.Fatal("in memory, ann did not resync after the restart")
+					}
+				}
+				for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+					var tr transcript
+					getJSON(t, base+"/api/rooms/kept/messages", &tr)
+					if len(tr.Messages) > 0 {
+						if len(tr.Messages) != 1 || string(tr.Messages[0].Data) != text(4) {
+							t.Errorf("in memory, the transcript after the restart is %+v, want message 4 alone", tr.Messages)
+						}
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatal("in memory, message 4 is not in the transcript after 10 s")
+					}
+				}
+				return
+			}
+
+			after := ann.await(t, "ann", 4)
+			var tr transcript
+			getJSON(t, base+"/api/rooms/kept/messages", &tr)
+			// A client of a restarted process, from the position it kept;
+			// and one from the start of the epoch.
+			resumed := join(t, base, "dave", topic, before[2].Position)
+			fresh := join(t, base, "carol", topic, tether.Position{Epoch: epoch})
+			time.Sleep(200 * time.Millisecond) // for a late resync or repeat
+			if got := ann.resynced(); len(got) > 0 {
+				t.Errorf("ann resynced %v after the restart: she should have resumed", got)
+			}
+			if m := after[3]; m.Position != (tether.Position{Epoch: epoch, Seq: 4}) || string(m.Data) != text(4) {
+				t.Errorf("after the restart ann got %s at %+v, want message 4 at seq 4 of epoch %q", m.Data, m.Position, epoch)
+			}
+			if len(tr.Messages) != 4 {
+				t.Fatalf("the transcript after the restart has %d messages, want 4", len(tr.Messages))
+			}
+			for i, m := range tr.Messages {
+				if m.Epoch != epoch || m.Seq != uint64(i+1) || string(m.Data) != text(i+1) {
+					t.Errorf("transcript message %d: %+v, want message %d at seq %d of epoch %q", i, m, i+1, i+1, epoch)
+				}
+			}
+			replayed := fresh.await(t, "carol", 4)
+			for i, m := range replayed {
+				if m.Position != (tether.Position{Epoch: epoch, Seq: uint64(i + 1)}) || string(m.Data) != text(i+1) {
+					t.Errorf("carol, from the start of the epoch: message %d is %s at %+v, want message %d", i, m.Data, m.Position, i+1)
+				}
+			}
+			if got := fresh.resynced(); len(got) > 0 {
+				t.Errorf("carol resynced %v", got)
+			}
+			if got := resumed.messages(); len(got) != 1 || got[0].Position != after[3].Position || len(resumed.resynced()) > 0 {
+				t.Errorf("dave, from message 3: %d messages, resyncs %v; want message 4 alone", len(got), resumed.resynced())
+			}
+		})
 	}
 }

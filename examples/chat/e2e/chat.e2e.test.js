@@ -5,14 +5,17 @@
 // have reconnected by themselves. Second, a page at a phone's size (390 x
 // 844) logs in and chats with nothing cut off or overflowing, no request
 // of its own or of a desktop page gets a 404, and the two pages' footers
-// show the same server-wide figures.
+// show the same server-wide figures. Third, with -data (the rooms kept in
+// a file), the server is killed and started again: the open page resumes
+// without a resync, and a page that joins afterwards shows the messages
+// from before the kill.
 //
 //	cd examples/chat/e2e && npm ci && npm test
 //
-// It needs Go (it builds the example) and Debian's Chromium at
-// /usr/bin/chromium (apt-get install chromium; .ci/run installs it), or
-// the browser named by $CHROMIUM. Without one it fails: it never skips.
-// It never downloads a browser.
+// It needs Go (it builds the example, in its module's directory) and
+// Debian's Chromium at /usr/bin/chromium (apt-get install chromium;
+// .ci/run installs it), or the browser named by $CHROMIUM. Without one it
+// fails: it never skips. It never downloads a browser.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFile } from "node:child_process";
@@ -35,7 +38,8 @@ const CHROMIUM_ARGS = [
   "--disable-component-update",
   "--disable-sync",
 ];
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
+const CHAT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
+const ROOT = path.resolve(CHAT, "..", "..");
 const TEST_TIMEOUT = 60_000;
 const ROOM = "e2e";
 
@@ -68,10 +72,11 @@ async function freePort() {
   return port;
 }
 
+// build builds the chat, a module of its own, in its directory.
 function build(bin) {
   return new Promise((resolve, reject) => {
-    execFile("go", ["build", "-o", bin, "./examples/chat"], { cwd: ROOT, timeout: 40_000 }, (err, stdout, stderr) => {
-      if (err) reject(new Error(`go build ./examples/chat: ${err.message}\n${stdout}${stderr}`));
+    execFile("go", ["build", "-o", bin, "."], { cwd: CHAT, timeout: 40_000 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`go build in examples/chat: ${err.message}\n${stdout}${stderr}`));
       else resolve();
     });
   });
@@ -80,15 +85,16 @@ function build(bin) {
 // server runs the chat binary on port until stopped; its output is kept
 // in log, to show when the test fails.
 class Server {
-  constructor(bin, port, log) {
+  constructor(bin, port, log, args = []) {
     this.bin = bin;
     this.port = port;
     this.log = log;
+    this.args = args;
     this.proc = null;
   }
 
   async start() {
-    const proc = spawn(this.bin, ["-addr", `127.0.0.1:${this.port}`, "-grace", "2s"], {
+    const proc = spawn(this.bin, ["-addr", `127.0.0.1:${this.port}`, "-grace", "2s", ...this.args], {
       cwd: ROOT,
       stdio: ["ignore", "pipe", "pipe"],
     });
@@ -218,9 +224,10 @@ async function assertNoHorizontalOverflow(page, what) {
   assert.ok(scroll <= inner, `${what}: the page is ${scroll} px wide in a ${inner} px window`);
 }
 
-// launch builds the chat, runs it on a free port and starts Chromium,
-// all stopped by cleanup.
-async function launch(t, t0, log) {
+// launch builds the chat, runs it on a free port (with args, and, when
+// data is set, -data in a directory of its own) and starts Chromium, all
+// stopped by cleanup.
+async function launch(t, t0, log, { data = false } = {}) {
   assert.ok(
     existsSync(CHROMIUM),
     `no Chromium at ${CHROMIUM}: install Debian's (apt-get install -y chromium; .ci/run does), or set $CHROMIUM. ` +
@@ -232,7 +239,7 @@ async function launch(t, t0, log) {
   await build(bin);
   t.diagnostic(`built the chat in ${since(t0)}`);
 
-  const server = new Server(bin, await freePort(), log);
+  const server = new Server(bin, await freePort(), log, data ? ["-data", path.join(work, "data")] : []);
   cleanups.push(() => server.kill());
   const env = { server, log, base: `http://127.0.0.1:${server.port}`, browser: null };
   cleanups.push(async () => {
@@ -485,5 +492,54 @@ test("a phone-sized page chats; no 404; two pages' footers agree", { timeout: TE
     const c0 = Date.now();
     await cleanup();
     t.diagnostic(`browser and server stopped in ${Date.now() - c0} ms`);
+  }
+});
+
+test("with -data, a room survives a kill of the server: resumed, not reloaded", { timeout: TEST_TIMEOUT }, async (t) => {
+  const t0 = Date.now();
+  const errors = [];
+  const log = [];
+  try {
+    const { server, base, browser } = await launch(t, t0, log, { data: true });
+    const room = "e2e-data";
+    const open = async (user) => {
+      const context = await browser.newContext({ viewport: { width: 900, height: 560 } });
+      const page = await context.newPage();
+      page.on("pageerror", (err) => errors.push(`${user}: ${err.stack ?? err}`));
+      await page.goto(`${base}/?user=${user}&room=${room}`);
+      await waitState(page, "connected", 10_000);
+      return page;
+    };
+    const ann = await open("ann");
+    const before = ["ann, before the kill", "ann, again before the kill"];
+    for (const text of before) await say(ann, text);
+    await waitDelivered(ann, before, 10_000);
+
+    // Killed: what the server acknowledged is in its file.
+    await server.kill();
+    await waitState(ann, ["reconnecting", "connecting"], 10_000);
+    await server.start();
+    await waitState(ann, "connected", 35_000);
+    t.diagnostic(`ann's page connected again after the restart, ${since(t0)}`);
+
+    // A page that joins now gets the room's messages from the file.
+    const bob = await open("bob");
+    await waitDelivered(bob, before, 10_000);
+    await say(bob, "bob, after the restart");
+    await waitDelivered(ann, [...before, "bob, after the restart"], 10_000);
+    for (const [name, p] of [["ann", ann], ["bob", bob]]) {
+      const shown = await delivered(p);
+      assert.deepEqual(shown, [...before, "bob, after the restart"], `${name}'s page shows each message once, in order`);
+      const notes = await p.$$eval("#log li.note", (els) => els.map((e) => e.textContent));
+      // ann's page resumed from the file: no resync, so no reload.
+      assert.deepEqual(notes.filter((n) => /could not|cannot|error/.test(n)), [], `${name}: no resync or failure noted`);
+    }
+    assert.deepEqual(errors, [], "no script error in the pages");
+    t.diagnostic(`done in ${since(t0)}`);
+  } catch (err) {
+    console.error(`--- chat server log:\n${log.join("\n")}`);
+    throw err;
+  } finally {
+    await cleanup();
   }
 });
