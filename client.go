@@ -36,6 +36,28 @@ import (
 // and its offline buffer after a reconnect, and Subscribe; Publish and
 // Send past the limit return [ErrRateLimited] instead of sending what the
 // server would refuse.
+//
+// # The user's inbox
+//
+// With a hub that keeps an inbox for each user (PROTOCOL.md, section 10.1;
+// [WithInbox]), the direct messages sent to the client's user come
+// numbered, and the hub keeps each one until a client of the user
+// acknowledges it. The client hands them to the [OnMessage] handler, with
+// [Message].Position set to their place in the inbox (without a handler
+// they are dropped, and acknowledged all the same), then acknowledges them:
+// one received for the last of each WebSocket message it read, paced within
+// the server's rate limit like its other requests (several WebSocket
+// messages then share one), so that a replay of thousands costs a few. An
+// acknowledgement is never kept for the next conn. A message handed over
+// whose acknowledgement was lost with the conn comes again on the next one:
+// the client remembers the last position it handed over, across its
+// reconnects, and drops what it had, so that within one Client each message
+// reaches the handler exactly once. That memory is the Client object's: a
+// new Client, in a new process say, starts without it, and gets again
+// whatever was handed over but not acknowledged before the old one ended.
+// Across restarts delivery is at least once; an application that must not
+// act twice keeps the last Position it handled and skips a message of its
+// epoch at or below its seq.
 type Client struct {
 	cfg      *dialConfig
 	ctx      context.Context // ends when the client closes
@@ -60,6 +82,14 @@ type Client struct {
 	bufBytes int
 	lim      *rate.Limiter // the conn's advertised rate limit; nil for none
 	offline  *time.Timer   // OnOffline, armed while not Connected
+
+	// The user's inbox (PROTOCOL.md, section 10.1). inbox outlives conns;
+	// the rest is ackConn's, the conn the acknowledgements go on.
+	inbox    Position    // of the last inbox message handed to the application
+	ackConn  *Conn       // the conn of ackDue, acked and ackTimer; nil for none
+	ackDue   Position    // what to acknowledge: inbox, once handed over
+	acked    Position    // the last received queued on ackConn
+	ackTimer *time.Timer // a received paced by the rate limit, not sent yet
 }
 
 // subscription is one topic the application subscribed to. It outlives
@@ -476,6 +506,7 @@ func (cl *Client) unsubscribeLocked(sub *subscription) {
 
 // onMessage reads the protocol messages of one WebSocket message.
 func (cl *Client) onMessage(c *Conn, m Message) {
+	inbox := false // an inbox message came in this WebSocket message
 	for f, err := range wire.ServerFrames(m.Data, m.Binary) {
 		if err != nil {
 			err = protocolError(err)
@@ -492,6 +523,11 @@ func (cl *Client) onMessage(c *Conn, m Message) {
 		case wire.OpPong:
 			c.pings.pong(f.TS)
 		case wire.OpMsg:
+			if f.Topic == "" && f.Epoch != "" {
+				inbox = true
+				cl.deliverInbox(c, f)
+				continue
+			}
 			if f.Topic == "" {
 				if h := cl.cfg.conn.onMessage; h != nil {
 					h(c, Message{Data: f.Data, Binary: f.Kind == wire.KindBinary})
@@ -514,6 +550,11 @@ func (cl *Client) onMessage(c *Conn, m Message) {
 			cl.answer(f, pe)
 		}
 		// welcome (only first, read by connect): nothing to do.
+	}
+	if inbox {
+		// Once the handler has had them, and once per WebSocket message:
+		// a replay of many messages costs few received.
+		cl.ackInbox(c)
 	}
 }
 
@@ -540,6 +581,83 @@ func (cl *Client) deliver(f wire.Frame) {
 		cl.cfg.conn.observer.Resync(f.Topic)
 	}
 	sub.handler(Message{Topic: f.Topic, Position: Position{Epoch: f.Epoch, Seq: f.Seq}, Data: f.Data, Binary: f.Kind == wire.KindBinary})
+}
+
+// deliverInbox hands a message of the user's inbox to the OnMessage
+// handler, unless it is one the handler already had: a replay, on a new
+// conn, of a message whose received was lost with the old one.
+func (cl *Client) deliverInbox(c *Conn, f wire.Frame) {
+	pos := Position{Epoch: f.Epoch, Seq: f.Seq}
+	cl.mu.Lock()
+	if pos.Epoch == cl.inbox.Epoch && pos.Seq <= cl.inbox.Seq {
+		cl.mu.Unlock()
+		return // had it already; acknowledged again after this message
+	}
+	// Another epoch is new whatever its seq: the inbox was emptied and
+	// forgotten, or the server lost it.
+	cl.inbox = pos
+	cl.mu.Unlock()
+	if h := cl.cfg.conn.onMessage; h != nil {
+		h(c, Message{Position: pos, Data: f.Data, Binary: f.Kind == wire.KindBinary})
+	}
+}
+
+// ackInbox acknowledges, on c, the inbox messages handed over so far.
+// The received goes at once when the rate limit the server advertised
+// allows; else a timer sends it when it does, with whatever has been
+// handed over by then, so that many WebSocket messages in a row cost one.
+// It is never kept for another conn: the server replays there what was
+// not acknowledged, and the client drops what it had.
+func (cl *Client) ackInbox(c *Conn) {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	if cl.closed || cl.conn != c {
+		return
+	}
+	if cl.ackConn != c {
+		cl.stopAckLocked()
+		cl.ackConn = c
+	}
+	cl.ackDue = cl.inbox
+	if cl.ackTimer != nil || cl.ackDue == cl.acked {
+		return // due already, or said already on this conn
+	}
+	var delay time.Duration
+	if cl.lim != nil {
+		delay = cl.lim.Reserve().Delay()
+	}
+	if delay <= 0 {
+		cl.sendAckLocked(c)
+		return
+	}
+	cl.ackTimer = time.AfterFunc(delay, func() {
+		cl.mu.Lock()
+		defer cl.mu.Unlock()
+		if cl.ackConn != c || cl.ackTimer == nil {
+			return // the conn is gone
+		}
+		cl.ackTimer = nil
+		if !cl.closed && cl.conn == c {
+			cl.sendAckLocked(c)
+		}
+	})
+}
+
+// sendAckLocked queues a received of ackDue on c, past the queue's
+// bounds as a subscription goes: it is small, and without it the hub
+// keeps the messages.
+func (cl *Client) sendAckLocked(c *Conn) {
+	c.enqueueAll(wire.AppendReceived(nil, cl.ackDue.Epoch, cl.ackDue.Seq, ""))
+	cl.acked = cl.ackDue
+}
+
+// stopAckLocked forgets the acknowledgements of the conn they were for.
+func (cl *Client) stopAckLocked() {
+	if cl.ackTimer != nil {
+		cl.ackTimer.Stop()
+	}
+	cl.ackConn, cl.ackTimer = nil, nil
+	cl.ackDue, cl.acked = Position{}, Position{}
 }
 
 // presence applies a presence message to its subscription and reports

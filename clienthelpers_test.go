@@ -280,11 +280,12 @@ type proxy struct {
 	ln     net.Listener
 	target string
 
-	mu      sync.Mutex
-	frozen  []chan struct{} // one per pair; closed to freeze it
-	replies []chan struct{} // one per pair; closed to stop the server's side alone
-	conns   []net.Conn
-	wg      sync.WaitGroup
+	mu       sync.Mutex
+	frozen   []chan struct{} // one per pair; closed to freeze it
+	replies  []chan struct{} // one per pair; closed to stop the server's side alone
+	requests []chan struct{} // one per pair; closed to stop the client's side alone
+	conns    []net.Conn
+	wg       sync.WaitGroup
 }
 
 func newProxy(t testing.TB, target string) *proxy {
@@ -314,15 +315,16 @@ func (p *proxy) accept() {
 			in.Close()
 			continue
 		}
-		freeze, replies := make(chan struct{}), make(chan struct{})
+		freeze, replies, requests := make(chan struct{}), make(chan struct{}), make(chan struct{})
 		p.mu.Lock()
 		p.frozen = append(p.frozen, freeze)
 		p.replies = append(p.replies, replies)
+		p.requests = append(p.requests, requests)
 		p.conns = append(p.conns, in, out)
 		p.mu.Unlock()
 		p.wg.Add(2)
 		go p.pipe(in, out, freeze, replies)
-		go p.pipe(out, in, freeze, nil)
+		go p.pipe(out, in, freeze, requests)
 	}
 }
 
@@ -376,6 +378,20 @@ func (p *proxy) freezeReplies() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, f := range p.replies {
+		select {
+		case <-f:
+		default:
+			close(f)
+		}
+	}
+}
+
+// freezeRequests stops forwarding from the client on every conn open now:
+// what the server sends still arrives, but nothing the client sends does.
+func (p *proxy) freezeRequests() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, f := range p.requests {
 		select {
 		case <-f:
 		default:

@@ -13,6 +13,7 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 )
 
 // An echo handler with a heartbeat suited to mobile clients: a client that
@@ -432,4 +433,41 @@ func ExampleHub_PublishBinary() {
 	// client: binary=false 66 72 61 6d 65 20 32 20 66 6f 6c 6c 6f 77 73
 	// raw peer: MessageBinary ff d8 00
 	// raw peer: MessageText 66 72 61 6d 65 20 32 20 66 6f 6c 6c 6f 77 73
+}
+
+// A user's inbox: what the server sends to the user while the user is away
+// (or while the user's conn is dying unnoticed) waits until a client of the
+// user has handed it to the application; the client acknowledges it, and
+// drops a replay of what it had.
+func ExampleClient_inbox() {
+	hub, err := tether.NewHub(
+		tether.WithInbox(adapter.NewMemoryInbox(1000, 24*time.Hour, 64<<20)),
+		tether.WithAuth(func(r *http.Request) (string, error) { return r.URL.Query().Get("user"), nil }), // for the example only
+	)
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv := httptest.NewServer(hub)
+	defer srv.Close()
+	defer hub.Close()
+
+	// Sent while ann has no conn: kept in her inbox.
+	hub.SendToUser("ann", []byte(`{"text":"while you were away"}`))
+	hub.SendToUser("ann", []byte(`{"text":"and this too"}`))
+
+	got := make(chan tether.Message, 2)
+	client, err := tether.Dial(context.Background(), "ws"+strings.TrimPrefix(srv.URL, "http")+"?user=ann",
+		tether.OnMessage(func(_ *tether.Conn, m tether.Message) { got <- m }),
+	)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer client.Close()
+	for range 2 {
+		m := <-got
+		fmt.Printf("#%d %s\n", m.Position.Seq, m.Data)
+	}
+	// Output:
+	// #1 {"text":"while you were away"}
+	// #2 {"text":"and this too"}
 }

@@ -136,4 +136,3 @@ func TestHubInboxBounds(t *testing.T) {
 		t.Fatalf("received on a hub without inbox answered %s", m.line)
 	}
 }
-

@@ -140,6 +140,7 @@ func (cl *Client) finish(reason error, first chan<- error) {
 		cl.offline.Stop()
 	}
 	cl.buffer, cl.bufBytes = nil, 0
+	cl.stopAckLocked()
 	for _, sub := range cl.subs {
 		if sub.retry != nil {
 			sub.retry.Stop()
@@ -439,6 +440,9 @@ func (cl *Client) lost(c *Conn, reason error) {
 		}
 	}
 	cl.conn, cl.live, cl.lim = nil, false, nil
+	// A received not yet queued is not carried over: the next conn gets
+	// the messages again, and the client drops and acknowledges them.
+	cl.stopAckLocked()
 	closed := cl.closed
 	if !closed && cl.offline == nil {
 		cl.armOfflineLocked()

@@ -78,6 +78,12 @@ export interface MessageMeta {
   seq: number
 }
 
+/** Where a message of the user's inbox sits in it (PROTOCOL.md, section 10.1): the inbox's epoch and the message's seq. */
+export interface InboxMeta {
+  epoch: string
+  seq: number
+}
+
 /** Options of subscribe(). */
 export interface SubscribeOptions {
   /** Start after this message (the meta of the last one the application handled): the server replays what came after it, or the client gets a 'resync' event. Wins over latest. */
@@ -132,8 +138,8 @@ export interface Welcome {
 export interface TetherEvents {
   /** A new state; err is why the conn was lost (reconnecting) or why the client closed (closed). */
   state: (state: TetherState, err: TetherError | undefined) => void
-  /** A direct message from the server application: a JSON value, a string for text that is not JSON, or a Uint8Array for bytes. */
-  message: (data: any) => void
+  /** A direct message from the server application: a JSON value, a string for text that is not JSON, or a Uint8Array for bytes. meta is its place in the user's inbox for a message of the inbox (a server with one, such as a hub WithInbox), else undefined; the client acknowledges inbox messages once the listeners have had them, and drops a replay of one they had: once each within a TetherClient, at least once across page loads. */
+  message: (data: any, meta: InboxMeta | undefined) => void
   /** The client has not been connected for offlineAfter ms: once per outage. */
   offline: () => void
   /** A presence message of a subscribed topic, applied to presence(topic) before the event. */

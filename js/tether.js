@@ -3,7 +3,8 @@
 // (client.go, reconnect.go): it reconnects with backoff and jitter, tries
 // failover URLs in turn, resumes every topic from its position so that
 // nothing is missed or repeated, keeps what is published while offline and
-// sends it once the subscriptions are back, and finds dead servers with
+// sends it once the subscriptions are back, acknowledges the messages of
+// the user's inbox and drops their replays, and finds dead servers with
 // protocol pings, without mistaking a throttled background tab for one.
 //
 //   import { TetherClient } from './tether.js'
@@ -127,7 +128,15 @@ export class TetherError extends Error {
  * Events (`on(event, fn)`):
  * - `state` (state, err): a new state; err is why the conn was lost
  *   (reconnecting) or why the client closed (closed), else undefined.
- * - `message` (data): a direct message from the server application.
+ * - `message` (data, meta): a direct message from the server application;
+ *   meta is {epoch, seq}, its place in the user's inbox, for a message of
+ *   the inbox (PROTOCOL.md, section 10.1), else undefined. The client
+ *   acknowledges inbox messages once the listeners have had them, and
+ *   drops one it handed over already (a replay on a new conn of a message
+ *   whose acknowledgement was lost): within one TetherClient, each reaches
+ *   the listeners once. A new TetherClient (a reloaded page) starts
+ *   without that memory: what was handed over but not acknowledged comes
+ *   again, at least once across reloads.
  * - `presence` (topic, {joins, leaves, count, snapshot}): who arrived at
  *   and left a topic, and how many are on it now; with snapshot, joins
  *   replaces everything known of it. presence(topic) holds what they
@@ -189,6 +198,8 @@ export class TetherClient {
     /** @internal @type {Req[]} */ this._buffer = []
     /** @internal */ this._bufBytes = 0
     /** @internal */ this._ids = 0
+    /** @internal The position of the last inbox message handed to the listeners, across conns. */
+    this._inbox = { epoch: '', seq: 0 }
     /** @internal */ this._attempt = 0 // backoff step: failures since the last stable conn
     /** @internal */ this._failures = 0 // rounds in a row that failed, for maxRetries
     /** @internal */ this._good = 0 // the URL to try first: the last that worked
@@ -778,7 +789,15 @@ export class TetherClient {
         const topic = m.topic ?? ''
         if (typeof topic !== 'string') return this._bad('"topic" is not a string', line)
         if (topic === '') {
-          this._emit('message', m.data)
+          if (m.epoch == null && m.seq == null) {
+            this._emit('message', m.data)
+            return
+          }
+          // A message of the user's inbox (PROTOCOL.md, section 10.1).
+          if (typeof m.epoch !== 'string' || m.epoch === '') return this._bad('"epoch" missing', line)
+          if (!isUint(m.seq)) return this._bad('"seq" missing or not an integer', line)
+          link.inboxSeen = true
+          this._deliverInbox(m.epoch, m.seq, m.data)
           return
         }
         if (typeof m.epoch !== 'string') return this._bad('"epoch" missing', line)
@@ -866,6 +885,44 @@ export class TetherClient {
     } catch (err) {
       this._report(new TetherError('handler', `tether: the handler of ${JSON.stringify(topic)} threw: ${err?.message ?? err}`, { topic, cause: err }))
     }
+  }
+
+  /**
+   * @internal Hands a message of the user's inbox to the message listeners,
+   * unless they had it already: a replay, on a new conn, of a message whose
+   * received was lost with the old one. Another epoch is new whatever its
+   * seq: the inbox was emptied and forgotten, or the server lost it.
+   */
+  _deliverInbox (epoch, seq, data) {
+    const last = this._inbox
+    if (epoch === last.epoch && seq <= last.seq) return // had it; acknowledged again after this message
+    this._inbox = { epoch, seq }
+    this._emit('message', data, { epoch, seq })
+  }
+
+  /**
+   * @internal Acknowledges, on link, the inbox messages handed over so
+   * far: once per WebSocket message read, after its listeners ran. The
+   * received goes at once when the welcome's rate limit allows, else when
+   * it does, with whatever has been handed over by then, so that many
+   * WebSocket messages in a row cost one. It is never kept for another
+   * conn: the server replays there what was not acknowledged, and the
+   * client drops what it had.
+   */
+  _ackInbox (link) {
+    if (link.ended || this._closed || this._link !== link) return
+    link.ackDue = this._inbox
+    if (link.ackTimer !== null || link.ackDue === link.acked) return // due already, or said already
+    const go = () => {
+      const wait = link.bucket ? link.bucket.take(this._now()) : 0
+      if (wait > 0) {
+        link.ackTimer = link.timer(() => { link.ackTimer = null; go() }, wait)
+        return
+      }
+      const { epoch, seq } = link.ackDue
+      if (link.send(`{"op":"received","epoch":${JSON.stringify(epoch)},"seq":${seq}}`)) link.acked = link.ackDue
+    }
+    go()
   }
 
   /**
@@ -1049,6 +1106,13 @@ class Link {
     this.reprobed = false // a late timer has had its one extra probe
     this.hbTimer = null
     this.hbDue = 0
+    // The user's inbox: a message of it was read in the WebSocket message
+    // being read; the position to acknowledge, and the last acknowledged,
+    // on this conn; a received waiting for the rate limit.
+    this.inboxSeen = false
+    this.ackDue = null
+    this.acked = null
+    this.ackTimer = null
   }
 
   /** A timer of this conn, cleared when it ends. */
@@ -1187,6 +1251,14 @@ class Link {
     for (; i < lines.length && !this.ended; i++) {
       if (lines[i] !== '') c._onLine(this, lines[i])
     }
+    this.acknowledge()
+  }
+
+  /** After a WebSocket message that held inbox messages: one received for them all. */
+  acknowledge () {
+    if (!this.inboxSeen) return
+    this.inboxSeen = false
+    this.c._ackInbox(this)
   }
 
   /**
@@ -1221,6 +1293,7 @@ class Link {
       }
       c._onProtocolMessage(this, r.m, r.line)
     }
+    this.acknowledge()
   }
 
   onWelcome (w) {

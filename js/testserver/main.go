@@ -18,14 +18,18 @@
 //     -presence-list members (0: the hub's default, 100) and only counting
 //     them above that;
 //   - answers a client's send by sending the same data, text or binary,
-//     back to its user (to the conn itself when anonymous).
+//     back to its user (to the conn itself when anonymous);
+//   - with -inbox N, keeps a user's direct messages in an inbox (WithInbox,
+//     a memory inbox of N messages per user) until a client acknowledges
+//     them; the inbox outlives /restart, as a shared store would.
 //
 // Control routes (GET unless said), answering JSON:
 //
 //	/publish?topic=T&data=J    publish J (any text); or POST a body of JSON values,
 //	                           one a line; or &b64=B: publish the bytes B (base64)
 //	                           with PublishBinary
-//	/send?user=U&data=J        hub.SendToUser; or &b64=B: SendToUserBinary
+//	/send?user=U&data=J        hub.SendToUser; or &b64=B: SendToUserBinary; or POST
+//	                           a body of JSON values, one a line, each a SendToUser
 //	/conns?user=U              {"conns": n}: U's live conns
 //	/refused                   {"refused": n}: handshakes the hub refused with 503
 //	/mute?user=U               nothing reaches U's conns any more, but what they
@@ -35,6 +39,12 @@
 //	/close?user=U&code=C&reason=R   close U's conns with code C
 //	/freeze?user=U             U's conns go silent: what they send is lost and
 //	                           nothing reaches them (a dead server, as U sees it)
+//	/deafen?user=U             what U's conns send is lost (the hub hears nothing,
+//	                           and drops them after its heartbeat timeout); what
+//	                           the hub sends still arrives
+//	/pending?user=U            {"epoch": e, "seqs": [...]}: U's unacknowledged
+//	                           inbox messages (with -inbox)
+//	/received                  {"received": n}: acknowledgements the inbox got
 //	/restart?delay=ms[&mode=shutdown]  drop every conn (or shut down: 1001 and
 //	                           retry_ms), stop listening, and listen again on the
 //	                           same port after the delay, with a new hub (new epochs)
@@ -73,6 +83,7 @@ type server struct {
 	list     int // PresencePolicy.List
 	slow     bool
 	admit    float64
+	inbox    *countingInbox // nil without -inbox
 
 	mu    sync.Mutex
 	hub   *tether.Hub
@@ -91,7 +102,11 @@ func main() {
 	flag.IntVar(&s.list, "presence-list", 0, "most members a topic lists in its presence (0: the hub's default; negative: counts only)")
 	flag.BoolVar(&s.slow, "slow", false, "a low rate limit: 20 messages/s, bursts of 10")
 	flag.Float64Var(&s.admit, "admission", 0, "handshakes admitted per second, bursts of 1 (0: no limit)")
+	inbox := flag.Int("inbox", 0, "keep each user's direct messages in an inbox of this many, until acknowledged (0: no inbox)")
 	flag.Parse()
+	if *inbox > 0 {
+		s.inbox = &countingInbox{Inbox: adapter.NewMemoryInbox(*inbox, 10*time.Minute, 64<<20)}
+	}
 	log.SetPrefix("testserver: ")
 
 	ln, err := net.Listen("tcp", *addr)
@@ -173,6 +188,9 @@ func (s *server) newHub() error {
 	if s.slow {
 		opts = append(opts, tether.WithRateLimit(20, 10))
 	}
+	if s.inbox != nil {
+		opts = append(opts, tether.WithInbox(s.inbox))
+	}
 	hub, err := tether.NewHub(opts...)
 	if err != nil {
 		return err
@@ -205,6 +223,15 @@ func (s *server) serve(ln net.Listener) {
 	mux.HandleFunc("/close", s.close)
 	mux.HandleFunc("/freeze", s.freeze)
 	mux.HandleFunc("/mute", s.mute)
+	mux.HandleFunc("/deafen", s.deafen)
+	mux.HandleFunc("/pending", s.pending)
+	mux.HandleFunc("/received", func(w http.ResponseWriter, _ *http.Request) {
+		var n int64
+		if s.inbox != nil {
+			n = s.inbox.acks.Load()
+		}
+		reply(w, map[string]int64{"received": n})
+	})
 	mux.HandleFunc("/duplicates", func(w http.ResponseWriter, _ *http.Request) {
 		reply(w, map[string]uint64{"duplicates": s.current().Stats().Duplicates})
 	})
@@ -287,6 +314,22 @@ func (s *server) publish(w http.ResponseWriter, r *http.Request) {
 
 func (s *server) send(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
+	if r.Method == http.MethodPost {
+		sc := bufio.NewScanner(r.Body)
+		sc.Buffer(nil, 1<<20)
+		n := 0
+		for sc.Scan() {
+			if line := strings.TrimSpace(sc.Text()); line != "" {
+				if err := s.current().SendToUser(q.Get("user"), []byte(line)); err != nil {
+					fail(w, http.StatusBadRequest, err)
+					return
+				}
+				n++
+			}
+		}
+		reply(w, map[string]int{"sent": n})
+		return
+	}
 	send, data := s.current().SendToUser, []byte(q.Get("data"))
 	if b64 := q.Get("b64"); b64 != "" {
 		var err error
@@ -373,6 +416,47 @@ func (s *server) mute(w http.ResponseWriter, r *http.Request) {
 	reply(w, map[string]int{"muted": n})
 }
 
+func (s *server) deafen(w http.ResponseWriter, r *http.Request) {
+	user := r.URL.Query().Get("user")
+	s.mu.Lock()
+	n := 0
+	for fc := range s.socks[user] {
+		fc.deaf.Store(true)
+		n++
+	}
+	s.mu.Unlock()
+	reply(w, map[string]int{"deafened": n})
+}
+
+func (s *server) pending(w http.ResponseWriter, r *http.Request) {
+	if s.inbox == nil {
+		fail(w, http.StatusBadRequest, errors.New("no inbox: start with -inbox"))
+		return
+	}
+	epoch, entries, err := s.inbox.Pending(r.Context(), r.URL.Query().Get("user"))
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err)
+		return
+	}
+	seqs := make([]uint64, len(entries))
+	for i, e := range entries {
+		seqs[i] = e.Seq
+	}
+	reply(w, map[string]any{"epoch": epoch, "seqs": seqs})
+}
+
+// countingInbox is the inbox of -inbox, counting the acknowledgements
+// (one per received a client sent).
+type countingInbox struct {
+	adapter.Inbox
+	acks atomic.Int64
+}
+
+func (b *countingInbox) Ack(ctx context.Context, userID string, pos adapter.Position) error {
+	b.acks.Add(1)
+	return b.Inbox.Ack(ctx, userID, pos)
+}
+
 func (s *server) restart(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	delay, err := strconv.Atoi(q.Get("delay"))
@@ -436,6 +520,7 @@ type freezable struct {
 	net.Conn
 	frozen  atomic.Bool
 	muted   atomic.Bool // what is written goes nowhere; what arrives is read
+	deaf    atomic.Bool // what arrives is read and dropped; what is written goes
 	onClose func()
 	once    sync.Once
 }
@@ -443,7 +528,7 @@ type freezable struct {
 func (c *freezable) Read(p []byte) (int, error) {
 	for {
 		n, err := c.Conn.Read(p)
-		if err != nil || !c.frozen.Load() {
+		if err != nil || !c.frozen.Load() && !c.deaf.Load() {
 			if err != nil && c.frozen.Load() {
 				c.Conn.Close() // the client left: close for real
 			}
