@@ -587,7 +587,9 @@ func OnMessage(f func(c *Conn, m Message)) Option {
 //     timeout also bounds each connection attempt, welcome included.
 //     [WithAdaptiveHeartbeat] does not apply: the server's timeout rules.
 //   - [OnMessage] receives the server application's direct messages (see
-//     [Hub.SendToUser]); [Message].Data is the JSON value that was sent.
+//     [Hub.SendToUser]); [Message].Data is what was sent, and with a hub's
+//     inbox ([WithInbox]) [Message].Position is its place in the inbox:
+//     the client acknowledges it and drops replays (see [Client]).
 //   - [Limits].MaxMessageSize defaults to 1 MiB.
 //   - When the send queue is full, [Client.Publish] and [Client.Send]
 //     return [ErrQueueFull] and the conn stays, whatever
