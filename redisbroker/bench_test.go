@@ -20,6 +20,7 @@ import (
 	"github.com/coder/websocket"
 	"github.com/redis/go-redis/v9"
 	"github.com/tether-ws/tether"
+	"github.com/tether-ws/tether/adapter"
 	"github.com/tether-ws/tether/redisbroker"
 	"github.com/tether-ws/tether/redisbroker/internal/redistest"
 )
@@ -30,7 +31,9 @@ import (
 // reading in a goroutine of its own) share the machine's cores with
 // redis-server.
 //
-//	go test -run '^$' -bench . -benchtime 200x     # ~30 s on 2 cores
+//	go test -run '^$' -bench 'CrossNode|SingleNode' -benchtime 200x     # ~30 s on 2 cores
+//
+// (bench_cluster_test.go has the three-node and cluster benchmarks.)
 //
 // BenchmarkCrossNode/subs=2x1000: two hubs linked by one Redis, with
 // 1,000 subscribers of one topic on each (2,000 in all); node 1 publishes
@@ -70,19 +73,21 @@ const (
 )
 
 // benchMode is how a sub-benchmark publishes: at most inflight messages
-// outstanding, and with a pause (the machine idle) before each one.
+// outstanding, and with a pause (the machine idle) before each one; from
+// one goroutine, or from publishers goroutines at once (0 or 1: one).
 type benchMode struct {
-	name     string
-	inflight int
-	pause    time.Duration
+	name       string
+	inflight   int
+	pause      time.Duration
+	publishers int
 }
 
 var (
 	// benchPaced publishes each message alone, once the previous one has
 	// reached every subscriber and the machine has been idle for 2 ms.
-	benchPaced = benchMode{"paced", 1, 2 * time.Millisecond}
+	benchPaced = benchMode{name: "paced", inflight: 1, pause: 2 * time.Millisecond}
 	// benchPipelined keeps 64 messages outstanding.
-	benchPipelined = benchMode{"inflight=64", 64, 0}
+	benchPipelined = benchMode{name: "inflight=64", inflight: 64}
 )
 
 func BenchmarkCrossNode(b *testing.B) {
@@ -114,33 +119,87 @@ func BenchmarkSingleNode(b *testing.B) {
 
 // benchCluster is hubs (nodes) with their subscribers.
 type benchCluster struct {
+	spec  benchSpec
 	nodes []*benchNode
 	subs  []*benchSub
-	run   atomic.Pointer[benchRun] // the run the subscribers report to
-	wg    sync.WaitGroup           // subscribers' readers
+	want  []int32 // per topic, its subscribers on every node
+	// masters are clients of every Redis master, for INFO: set, the
+	// many-topic runs report what Redis spent (see redisSample).
+	masters []*redis.Client
+	run     atomic.Pointer[benchRun] // the run the subscribers report to
+	wg      sync.WaitGroup           // subscribers' readers
+}
+
+// benchSpec is what startBenchHubs sets up: subs[node][topic]
+// subscribers of each topic on each node, and per topic the node that
+// publishes it. Message i of a run goes to topic i % len(topics).
+type benchSpec struct {
+	topics    []string
+	subs      [][]int
+	publisher []int
 }
 
 type benchNode struct {
-	hub *tether.Hub
-	rdb *redis.Client // nil without a broker
-	srv *http.Server
-	url string
+	hub    *tether.Hub
+	rdb    redis.UniversalClient // nil without a broker
+	broker *countingBroker       // nil without a broker
+	srv    *http.Server
+	url    string
+}
+
+// countingBroker is the Redis broker counting the topic messages it
+// hands its hub: the publications this node received over pub/sub.
+type countingBroker struct {
+	*redisbroker.Broker
+	delivered atomic.Uint64
+}
+
+func (b *countingBroker) Open(node adapter.Node) error {
+	return b.Broker.Open(countingNode{node, &b.delivered})
+}
+
+type countingNode struct {
+	adapter.Node
+	delivered *atomic.Uint64
+}
+
+func (n countingNode) Deliver(topic string, pos adapter.Position, data []byte) {
+	n.delivered.Add(1)
+	n.Node.Deliver(topic, pos, data)
 }
 
 // startBenchCluster starts a hub for each element of perNode, linked by
 // the Redis at redisAddr ("": one hub without a broker), and connects
-// perNode[i] subscribers of benchTopic to hub i. Everything is closed
-// when b ends.
+// perNode[i] subscribers of benchTopic to hub i; node 1 publishes.
+// Everything is closed when b ends.
 func startBenchCluster(b *testing.B, redisAddr string, perNode []int) *benchCluster {
 	b.Helper()
-	c := &benchCluster{}
+	var client func() redis.UniversalClient
+	if redisAddr != "" {
+		client = func() redis.UniversalClient { return newRedisClient(redisAddr) }
+	}
+	spec := benchSpec{topics: []string{benchTopic}, publisher: []int{0}}
+	for _, n := range perNode {
+		spec.subs = append(spec.subs, []int{n})
+	}
+	return startBenchHubs(b, client, spec)
+}
+
+// startBenchHubs starts a hub for each element of spec.subs, each with
+// the Redis broker on a client of its own from client (nil: one hub
+// without a broker), and connects their subscribers. Everything is
+// closed when b ends.
+func startBenchHubs(b *testing.B, client func() redis.UniversalClient, spec benchSpec) *benchCluster {
+	b.Helper()
+	c := &benchCluster{spec: spec, want: make([]int32, len(spec.topics))}
 	b.Cleanup(c.close)
-	for range perNode {
+	for range spec.subs {
 		n := &benchNode{}
 		opts := []tether.HubOption{tether.WithLogger(slog.New(slog.DiscardHandler))}
-		if redisAddr != "" {
-			n.rdb = redis.NewClient(&redis.Options{Addr: redisAddr, DialTimeout: time.Second})
-			opts = append(opts, tether.WithBroker(redisbroker.New(n.rdb, redisbroker.WithLogger(slog.New(slog.DiscardHandler)))))
+		if client != nil {
+			n.rdb = client()
+			n.broker = &countingBroker{Broker: redisbroker.New(n.rdb, redisbroker.WithLogger(slog.New(slog.DiscardHandler)))}
+			opts = append(opts, tether.WithBroker(n.broker))
 		}
 		hub, err := tether.NewHub(opts...)
 		if err != nil {
@@ -162,8 +221,11 @@ func startBenchCluster(b *testing.B, redisAddr string, perNode []int) *benchClus
 		if n.rdb != nil {
 			benchWaitLinked(b, n.hub)
 		}
-		if err := c.dial(n.url, i, perNode[i]); err != nil {
-			b.Fatalf("node %d: %v", i+1, err)
+		for t, count := range spec.subs[i] {
+			if err := c.dial(n.url, i, t, count); err != nil {
+				b.Fatalf("node %d, topic %s: %v", i+1, spec.topics[t], err)
+			}
+			c.want[t] += int32(count)
 		}
 	}
 	return c
@@ -186,9 +248,9 @@ func benchWaitLinked(b *testing.B, hub *tether.Hub) {
 	}
 }
 
-// dial connects n subscribers to url, 50 at a time, each subscribed
-// (acked) before dial returns.
-func (c *benchCluster) dial(url string, node, n int) error {
+// dial connects n subscribers of topic (an index of c.spec.topics) to
+// url, 50 at a time, each subscribed (acked) before dial returns.
+func (c *benchCluster) dial(url string, node, topic, n int) error {
 	ctx, cancel := context.WithTimeout(context.Background(), benchDeadline)
 	defer cancel()
 	subs := make([]*benchSub, n)
@@ -201,7 +263,7 @@ func (c *benchCluster) dial(url string, node, n int) error {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			s, err := dialBenchSub(ctx, url, node)
+			s, err := dialBenchSub(ctx, url, node, topic, c.spec.topics[topic])
 			subs[i] = s
 			errs <- err
 		}()
@@ -238,18 +300,19 @@ func (c *benchCluster) close() {
 
 // benchSub is one subscriber.
 type benchSub struct {
-	ws   *websocket.Conn
-	node int
-	run  *benchRun // the run next belongs to
-	next int       // index of the next message due in run
+	ws    *websocket.Conn
+	node  int
+	topic int       // an index of spec.topics
+	run   *benchRun // the run next belongs to
+	next  int       // index of the next message due in run
 }
 
-func dialBenchSub(ctx context.Context, url string, node int) (*benchSub, error) {
+func dialBenchSub(ctx context.Context, url string, node, topic int, name string) (*benchSub, error) {
 	ws, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{Subprotocols: []string{tether.Subprotocol}})
 	if err != nil {
 		return nil, err
 	}
-	if err := ws.Write(ctx, websocket.MessageText, []byte(`{"op":"sub","topic":"`+benchTopic+`","id":"1"}`)); err != nil {
+	if err := ws.Write(ctx, websocket.MessageText, []byte(`{"op":"sub","topic":"`+name+`","id":"1"}`)); err != nil {
 		ws.CloseNow()
 		return nil, err
 	}
@@ -260,7 +323,7 @@ func dialBenchSub(ctx context.Context, url string, node int) (*benchSub, error) 
 			return nil, err
 		}
 		if bytes.Contains(data, []byte(`"op":"ack"`)) {
-			return &benchSub{ws: ws, node: node}, nil
+			return &benchSub{ws: ws, node: node, topic: topic}, nil
 		}
 		if bytes.Contains(data, []byte(`"op":"error"`)) {
 			ws.CloseNow()
@@ -311,10 +374,12 @@ func (c *benchCluster) read(s *benchSub) {
 	}
 }
 
-// benchRun is one run of n publications.
+// benchRun is one run of n publications, message i to topic i % topics.
 type benchRun struct {
 	id     int64
 	n      int
+	topics int
+	want   []int32          // per topic, its subscribers
 	total  int32            // subscribers
 	counts []atomic.Int32   // per message, the subscribers that have it
 	done   chan struct{}    // a message every subscriber has, one each
@@ -331,6 +396,8 @@ func (c *benchCluster) newRun(n int) *benchRun {
 	r := &benchRun{
 		id:     benchRunID.Add(1),
 		n:      n,
+		topics: len(c.spec.topics),
+		want:   c.want,
 		total:  int32(len(c.subs)),
 		counts: make([]atomic.Int32, n),
 		done:   make(chan struct{}, n),
@@ -346,7 +413,7 @@ func (c *benchCluster) newRun(n int) *benchRun {
 // reader.
 func (r *benchRun) receive(s *benchSub, i int, lat time.Duration) {
 	if s.run != r {
-		s.run, s.next = r, 0
+		s.run, s.next = r, s.topic
 	}
 	if i != s.next || i >= r.n {
 		if r.bad.Add(1) == 1 {
@@ -356,7 +423,7 @@ func (r *benchRun) receive(s *benchSub, i int, lat time.Duration) {
 			return // repeated: counted once already
 		}
 	}
-	s.next = i + 1
+	s.next = i + r.topics
 	r.lat[s.node].add(lat)
 	for f := &r.first[s.node][i]; ; {
 		cur := f.Load()
@@ -364,66 +431,47 @@ func (r *benchRun) receive(s *benchSub, i int, lat time.Duration) {
 			break
 		}
 	}
-	if r.counts[i].Add(1) == r.total {
+	if r.counts[i].Add(1) == r.want[i%r.topics] {
 		r.done <- struct{}{}
 	}
 }
 
 func (c *benchCluster) runAll(b *testing.B, modes ...benchMode) {
 	for _, m := range modes {
-		b.Run(m.name, func(b *testing.B) { c.measure(b, m.inflight, m.pause) })
+		b.Run(m.name, func(b *testing.B) { c.measure(b, m) })
 	}
 }
 
-// measure publishes b.N messages on node 1 with at most inflight
-// outstanding, waits until every subscriber has every one, and reports.
-func (c *benchCluster) measure(b *testing.B, inflight int, pause time.Duration) {
+// measure publishes b.N messages, message i to topic i % len(topics) on
+// that topic's publisher node, with at most m.inflight outstanding, from
+// one goroutine or from m.publishers at once; waits until every
+// subscriber has every message of its topic, and reports.
+func (c *benchCluster) measure(b *testing.B, m benchMode) {
 	run := c.newRun(b.N)
 	c.run.Store(run)
 	defer c.run.Store(nil)
-	pub := c.nodes[0].hub
-	msg := make([]byte, 0, 2*benchSize)
-	completed := 0
-	await := func() {
-		select {
-		case <-run.done:
-			completed++
-		case <-time.After(benchDeadline):
-			b.Fatalf("message %d of %d has reached %d of %d subscribers after %v (%d repeated, skipped or reordered: %v)",
-				completed, run.n, run.counts[completed].Load(), run.total, benchDeadline, run.bad.Load(), run.badMsg.Load())
-		}
-	}
 	before := make([]tether.Stats, len(c.nodes))
+	delivered := make([]uint64, len(c.nodes))
 	for i, n := range c.nodes {
 		before[i] = n.hub.Stats()
+		if n.broker != nil {
+			delivered[i] = n.broker.delivered.Load()
+		}
 	}
+	redis0 := c.redisSample(b)
 	cpu0 := benchCPU()
-	var paused, publishing time.Duration
 	b.ResetTimer()
 	start := time.Now()
-	for i := range b.N {
-		if i-completed >= inflight {
-			await()
-		}
-		if pause > 0 && i > 0 {
-			b.StopTimer()
-			time.Sleep(pause)
-			paused += pause
-			b.StartTimer()
-		}
-		at := time.Now()
-		msg = appendBenchMessage(msg[:0], run.id, i, at.UnixNano())
-		if err := pub.Publish(benchTopic, msg); err != nil {
-			b.Fatal(err)
-		}
-		publishing += time.Since(at)
-	}
-	for completed < b.N {
-		await()
+	var paused, publishing time.Duration
+	if m.publishers <= 1 {
+		paused, publishing = c.publishSerial(b, run, m)
+	} else {
+		publishing = c.publishConcurrent(b, run, m)
 	}
 	elapsed := time.Since(start) - paused
 	cpu := benchCPU() - cpu0
 	b.StopTimer()
+	redis1 := c.redisSample(b)
 	if n := run.bad.Load(); n > 0 {
 		b.Fatalf("%d messages repeated, skipped or reordered; the first: %v", n, run.badMsg.Load())
 	}
@@ -437,19 +485,148 @@ func (c *benchCluster) measure(b *testing.B, inflight int, pause time.Duration) 
 	for _, h := range run.lat {
 		all.merge(h)
 	}
+	var deliveries float64
+	for i := range b.N {
+		deliveries += float64(run.want[i%run.topics])
+	}
 	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-	b.ReportMetric(float64(run.total)*float64(b.N)/elapsed.Seconds(), "deliveries/s")
+	b.ReportMetric(deliveries/elapsed.Seconds(), "deliveries/s")
 	b.ReportMetric(float64(cpu.Microseconds())/1000/float64(b.N), "cpu-ms/op")
-	b.ReportMetric(float64(run.total)*float64(b.N)/float64(run.frames.Load()), "msgs/frame")
+	b.ReportMetric(deliveries/float64(run.frames.Load()), "msgs/frame")
 	b.ReportMetric(ms(publishing)/float64(b.N), "publish-ms")
 	b.ReportMetric(ms(all.quantile(0.50)), "p50-ms")
 	b.ReportMetric(ms(all.quantile(0.99)), "p99-ms")
-	b.ReportMetric(ms(firstMedian(run.first, 0)), "first-p50-ms")
-	if len(run.lat) > 1 {
-		b.ReportMetric(ms(firstMedian(run.first, 1)), "remote-first-p50-ms")
-		b.ReportMetric(ms(run.lat[1].quantile(0.50)), "remote-p50-ms")
-		b.ReportMetric(ms(run.lat[1].quantile(0.99)), "remote-p99-ms")
+	if run.topics == 1 {
+		b.ReportMetric(ms(firstMedian(run.first, 0)), "first-p50-ms")
+		if len(run.lat) > 1 {
+			b.ReportMetric(ms(firstMedian(run.first, 1)), "remote-first-p50-ms")
+			b.ReportMetric(ms(run.lat[1].quantile(0.50)), "remote-p50-ms")
+			b.ReportMetric(ms(run.lat[1].quantile(0.99)), "remote-p99-ms")
+		}
+		return
 	}
+	// Many topics: what each node received over pub/sub, and what Redis
+	// spent on it.
+	var recv, recvMax float64
+	for i, n := range c.nodes {
+		if n.broker != nil {
+			got := float64(n.broker.delivered.Load()-delivered[i]) / float64(b.N)
+			recv += got / float64(len(c.nodes))
+			recvMax = max(recvMax, got)
+		}
+	}
+	if c.nodes[0].broker != nil {
+		b.ReportMetric(recv, "recv/pub/node")
+		b.ReportMetric(recvMax, "max-recv/pub/node")
+	}
+	if len(redis0) > 0 {
+		var cpuUs, scriptUs, calls, maxCalls float64
+		for i := range redis0 {
+			d := redis1[i].minus(redis0[i])
+			cpuUs += d.cpuUs
+			scriptUs += d.scriptUs
+			calls += d.calls
+			maxCalls = max(maxCalls, d.calls)
+		}
+		b.ReportMetric(cpuUs/float64(b.N), "redis-cpu-us/pub")
+		b.ReportMetric(scriptUs/float64(b.N), "script-us/pub")
+		b.ReportMetric(maxCalls/calls, "busiest-master-share")
+	}
+}
+
+// publishSerial publishes from this goroutine, each message once fewer
+// than m.inflight are outstanding, after m.pause (not timed). It returns
+// the time paused and the time spent in Publish.
+func (c *benchCluster) publishSerial(b *testing.B, run *benchRun, m benchMode) (paused, publishing time.Duration) {
+	msg := make([]byte, 0, 2*benchSize)
+	completed := 0
+	await := func() {
+		select {
+		case <-run.done:
+			completed++
+		case <-time.After(benchDeadline):
+			b.Fatalf("message %d of %d has reached %d of %d subscribers after %v (%d repeated, skipped or reordered: %v)",
+				completed, run.n, run.counts[completed].Load(), run.want[completed%run.topics], benchDeadline, run.bad.Load(), run.badMsg.Load())
+		}
+	}
+	for i := range b.N {
+		if i-completed >= m.inflight {
+			await()
+		}
+		if m.pause > 0 && i > 0 {
+			b.StopTimer()
+			time.Sleep(m.pause)
+			paused += m.pause
+			b.StartTimer()
+		}
+		t := i % run.topics
+		at := time.Now()
+		msg = appendBenchMessage(msg[:0], run.id, i, at.UnixNano())
+		if err := c.nodes[c.spec.publisher[t]].hub.Publish(c.spec.topics[t], msg); err != nil {
+			b.Fatal(err)
+		}
+		publishing += time.Since(at)
+	}
+	for completed < b.N {
+		await()
+	}
+	return paused, publishing
+}
+
+// publishConcurrent publishes from m.publishers goroutines: goroutine g
+// publishes the messages i with i % m.publishers == g, in order, so each
+// topic has one publishing goroutine and its messages keep their order
+// (m.publishers divides the number of topics). A message is published
+// once fewer than m.inflight are outstanding in all. It returns the time
+// spent in Publish, summed over the goroutines.
+func (c *benchCluster) publishConcurrent(b *testing.B, run *benchRun, m benchMode) time.Duration {
+	if run.topics%m.publishers != 0 {
+		b.Fatalf("%d publishers for %d topics: they must divide them", m.publishers, run.topics)
+	}
+	slots := make(chan struct{}, m.inflight) // a token per outstanding message
+	stop := make(chan struct{})
+	failed := make(chan error, m.publishers)
+	var publishing atomic.Int64
+	var wg sync.WaitGroup
+	for g := range m.publishers {
+		wg.Go(func() {
+			msg := make([]byte, 0, 2*benchSize)
+			for i := g; i < b.N; i += m.publishers {
+				select {
+				case slots <- struct{}{}:
+				case <-stop:
+					return
+				}
+				t := i % run.topics
+				at := time.Now()
+				msg = appendBenchMessage(msg[:0], run.id, i, at.UnixNano())
+				if err := c.nodes[c.spec.publisher[t]].hub.Publish(c.spec.topics[t], msg); err != nil {
+					failed <- err
+					return
+				}
+				publishing.Add(int64(time.Since(at)))
+			}
+		})
+	}
+	fail := func(format string, args ...any) {
+		close(stop)
+		wg.Wait()
+		b.Fatalf(format, args...)
+	}
+	for completed := 0; completed < b.N; {
+		select {
+		case <-run.done:
+			completed++
+			<-slots
+		case err := <-failed:
+			fail("publish: %v", err)
+		case <-time.After(benchDeadline):
+			fail("%d of %d messages reached every subscriber of their topic, none more in %v (%d repeated, skipped or reordered: %v)",
+				completed, run.n, benchDeadline, run.bad.Load(), run.badMsg.Load())
+		}
+	}
+	wg.Wait()
+	return time.Duration(publishing.Load())
 }
 
 // firstMedian returns the median, over the messages, of the earliest
