@@ -22,8 +22,11 @@ type Message struct {
 	// Topic is the topic of a Client's subscription; "" for a message a
 	// conn read, and for a direct message.
 	Topic string
-	// Position is where a topic's message sits in the topic's history;
-	// the client resumes from the last one it delivered. Zero elsewhere.
+	// Position is where a topic's message sits in the topic's history (the
+	// client resumes from the last one it delivered), or where a direct
+	// message from the user's inbox sits in the inbox ([WithInbox],
+	// PROTOCOL.md section 10.1): the inbox's epoch and the message's seq.
+	// Zero elsewhere.
 	Position Position
 	// Data is the payload, owned by the receiver: exactly the bytes that
 	// were sent, but that a JSON value a protocol v1 peer sent or received
