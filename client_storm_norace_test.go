@@ -19,8 +19,10 @@ import (
 )
 
 // 1,000 clients dropped at once by a server restart all come back, spread
-// by the backoff's jitter: no 100 ms window holds more than 3x the mean
-// rate of connection attempts.
+// by the backoff's jitter: no 100 ms window holds more than 4x the mean
+// rate of connection attempts. (A herd that waits a fixed delay is 6x and
+// more, see TestPeakAndMean; a machine whose CPUs other processes keep
+// busy stalls timers and bunches the first retries up to about 3.2x.)
 func TestClientReconnectStorm(t *testing.T) {
 	const n = 1000
 	s := newSite(t)
@@ -103,8 +105,8 @@ func TestClientReconnectStorm(t *testing.T) {
 	t.Logf("%d clients back %v after the restart; %d attempts, the last %v after the drop, the 99th percentile %v; peak %d per 100 ms; mean %.1f (to the last) %.1f (to p99); peak/mean %.2f, %.2f",
 		n, back.Round(time.Millisecond), len(at), span.Round(time.Millisecond), span99.Round(time.Millisecond),
 		peak, mean, mean99, float64(peak)/mean, float64(peak)/mean99)
-	if float64(peak) > 3*mean99 {
-		t.Errorf("peak of %d attempts in 100 ms is over 3x the mean %.1f: reconnects are not spread", peak, mean99)
+	if float64(peak) > stormFactor*mean99 {
+		t.Errorf("peak of %d attempts in 100 ms is over %vx the mean %.1f: reconnects are not spread", peak, stormFactor, mean99)
 	}
 }
 
