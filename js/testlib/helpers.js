@@ -88,6 +88,8 @@ function request (addr, pathAndQuery, body) {
         if (res.statusCode !== 200) reject(new Error(`${pathAndQuery}: HTTP ${res.statusCode}: ${text}`))
         else resolve(JSON.parse(text))
       })
+      // A conn closed before the answer ended fails the call, never hangs it.
+      res.on('close', () => { if (!res.complete) reject(new Error(`${pathAndQuery}: the conn closed before the answer ended`)) })
     })
     req.on('error', reject)
     req.end(body)

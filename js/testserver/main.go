@@ -268,9 +268,19 @@ func (s *server) ws(w http.ResponseWriter, r *http.Request) {
 	s.current().ServeHTTP(w, r)
 }
 
+// reply answers with v in JSON, with its length, so that a client has
+// the whole answer once it is flushed: /restart closes the conn right
+// after, and a chunked answer cut before its last chunk never ends.
 func reply(w http.ResponseWriter, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err)
+		return
+	}
+	b = append(b, '\n')
 	w.Header().Set("Content-Type", "application/json")
-	json.NewEncoder(w).Encode(v)
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.Write(b)
 }
 
 func fail(w http.ResponseWriter, code int, err error) {
