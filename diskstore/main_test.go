@@ -1,6 +1,7 @@
 package diskstore_test
 
 import (
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -11,6 +12,9 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	if path := os.Getenv(helperEnv); path != "" {
+		os.Exit(runHelperServer(path))
+	}
 	goleak.VerifyTestMain(m)
 }
 

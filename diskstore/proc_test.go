@@ -53,25 +53,25 @@ func helperHubOptions(st *diskstore.Store) []tether.HubOption {
 	}
 }
 
-// TestHelperServer is not a test: it is the hub process of the tests
-// below, which start it. It serves the hub on /ws, SendToUser on
-// /send?user=&data=, the hub's Stats on /stats, the store's Inbox on /inbox?user=&data= (Append:
+// runHelperServer is the hub process of the kill -9 tests, which start
+// this test binary with helperEnv set (TestMain runs it instead of the
+// tests). It serves the hub on /ws, SendToUser on /send?user=&data=, the
+// hub's Stats on /stats, the store's Inbox on /inbox?user=&data= (Append:
 // answers the position as JSON) and /pending?user= (Pending: answers
 // {"epoch":..., "entries":[{"Seq":1,"Data":"<base64>"}]}), prints its
-// address, and runs until its stdin closes or it is killed.
-func TestHelperServer(t *testing.T) {
-	path := os.Getenv(helperEnv)
-	if path == "" {
-		t.Skip("the hub process of the kill -9 tests, which run it")
-	}
+// address, and runs until its stdin closes or it is killed. It returns
+// the process's exit code.
+func runHelperServer(path string) int {
 	st, err := diskstore.Open(path, diskstore.WithHistory(10000, time.Hour), diskstore.WithLockTimeout(10*time.Second))
 	if err != nil {
-		t.Fatal(err)
+		fmt.Fprintln(os.Stderr, "hub process: open:", err)
+		return 1
 	}
 	defer st.Close()
 	hub, err := tether.NewHub(helperHubOptions(st)...)
 	if err != nil {
-		t.Fatal(err)
+		fmt.Fprintln(os.Stderr, "hub process: NewHub:", err)
+		return 1
 	}
 	defer hub.Close()
 	mux := http.NewServeMux()
@@ -109,7 +109,8 @@ func TestHelperServer(t *testing.T) {
 		}
 	}
 	if err != nil {
-		t.Fatal(err)
+		fmt.Fprintln(os.Stderr, "hub process: listen:", err)
+		return 1
 	}
 	srv := &http.Server{Handler: mux}
 	served := make(chan struct{})
@@ -121,6 +122,7 @@ func TestHelperServer(t *testing.T) {
 	io.Copy(io.Discard, os.Stdin)
 	srv.Close()
 	<-served
+	return 0
 }
 
 // helperProc is a running hub process.
@@ -137,7 +139,7 @@ type helperProc struct {
 // killed when the test ends, if it still runs.
 func startHelper(t *testing.T, path, addr string) *helperProc {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperServer$")
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), helperEnv+"="+path, helperAddrEnv+"="+addr)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // if this process dies first
 	p := &helperProc{cmd: cmd, stderr: &syncBuffer{}, done: make(chan struct{})}
