@@ -408,8 +408,7 @@ func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text s
 	if !c.writing {
 		// No writer to hand the close to: start one with an empty queue.
 		c.writing = true
-		c.wg.Add(1)
-		go c.writeLoop()
+		c.startWriterLocked()
 	}
 	c.mu.Unlock()
 	// The peer's close reply, or the budget's abort, ends a running reader.

@@ -26,6 +26,7 @@ import (
 	"github.com/tether-ws/tether/adapter"
 	"github.com/tether-ws/tether/internal/shrink"
 	"github.com/tether-ws/tether/internal/wire"
+	"github.com/tether-ws/tether/internal/workers"
 	"golang.org/x/time/rate"
 )
 
@@ -203,6 +204,16 @@ const (
 	strikeBurst = 10
 )
 
+// A hub keeps up to maxIdleWriters of its conns' writer goroutines idle,
+// each for up to idleWriterTTL, for the next conn that has data to write
+// (see internal/workers): enough that a paced fan-out to a thousand
+// subscribers starts none, and an idle worker costs its stack, which the
+// garbage collector shrinks, and a small struct.
+const (
+	maxIdleWriters = 1024
+	idleWriterTTL  = 10 * time.Second
+)
+
 // NewHub returns a hub configured by opts. Every [Option] applies to the
 // hub's conns. An invalid set of options is an error.
 func NewHub(opts ...HubOption) (*Hub, error) {
@@ -223,6 +234,7 @@ func NewHub(opts ...HubOption) (*Hub, error) {
 	cc.onEnd = h.unregister
 	cc.onDone = func(*Conn) { h.release() }
 	cc.pingsSent = &h.count.pings
+	cc.writers = workers.New(maxIdleWriters, idleWriterTTL)
 	others := slices.DeleteFunc(slices.Clone(cc.subprotocols), func(p string) bool { return p == Subprotocol })
 	cc.subprotocols = append([]string{Subprotocol}, others...)
 	user := cc.observer
@@ -1363,6 +1375,7 @@ func (h *Hub) shutdown(ctx context.Context, graceful bool) error {
 		<-h.drained
 	}
 	h.stopTimers()
+	h.connCfg.writers.Close() // every conn has ended: its writer too
 	h.breaker.close()
 	h.stopRelays()
 	if h.broker != nil {

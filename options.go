@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tether-ws/tether/adapter"
+	"github.com/tether-ws/tether/internal/workers"
 	"golang.org/x/time/rate"
 )
 
@@ -408,6 +409,7 @@ type config struct {
 	onEnd     func(*Conn, error) // after the conn's goroutines, before observer.Disconnect
 	onDone    func(*Conn)        // last thing the conn's reader does
 	pingsSent *atomic.Uint64     // heartbeat pings, counted for Stats
+	writers   *workers.Pool      // runs the conns' writers; nil: a go statement each
 }
 
 func defaultConfig() *config {

@@ -104,8 +104,7 @@ func (c *Conn) enqueueAt(msg []byte, prio Priority, key uint64) error {
 	}
 	if ok && !c.writing {
 		c.writing = true
-		c.wg.Add(1)
-		go c.writeLoop()
+		c.startWriterLocked()
 	}
 	c.mu.Unlock()
 	refused := !ok && (c.cfg.overflow != Disconnect || prio < PriorityNormal)
@@ -197,8 +196,7 @@ func (c *Conn) enqueueControl(msg []byte) error {
 	_, ok := c.control.Push(msg, math.MaxInt, maxControlBytes, false)
 	if ok && !c.writing {
 		c.writing = true
-		c.wg.Add(1)
-		go c.writeLoop()
+		c.startWriterLocked()
 	}
 	c.mu.Unlock()
 	if !ok {
@@ -231,10 +229,21 @@ func (c *Conn) enqueueAllAt(prio Priority, msgs ...[]byte) bool {
 	}
 	if !c.writing && len(msgs) > 0 {
 		c.writing = true
-		c.wg.Add(1)
-		go c.writeLoop()
+		c.startWriterLocked()
 	}
 	return true
+}
+
+// startWriterLocked starts the conn's writer, on one of the hub's writer
+// workers if it has them (see internal/workers for why). c.writing must
+// have just been set, under c.mu.
+func (c *Conn) startWriterLocked() {
+	c.wg.Add(1)
+	if w := c.cfg.writers; w != nil {
+		w.Go(c.writeLoop)
+		return
+	}
+	go c.writeLoop()
 }
 
 func (c *Conn) writeLoop() {
