@@ -115,7 +115,12 @@ type heartbeat struct {
 	sampled      bool // srtt and rttvar hold a measurement
 	onTime       int
 	seenLife     bool // any frame or pong since connect
-	timer        wheel.Timer
+	// consumed is how far the peer had read what we sent when the conn
+	// was last looked at for being silent past a ping (parking conns
+	// only; consumedOK: it was known): see check.
+	consumed   uint64
+	consumedOK bool
+	timer      wheel.Timer
 }
 
 func (h *heartbeat) init(cfg *config) {
@@ -208,6 +213,20 @@ func (h *heartbeat) pongLocked(rtt time.Duration, heldUp bool) {
 	}
 }
 
+// progressLocked reads how far the peer has read what we sent, as its TCP
+// reports it (park.Conn.Consumed), and reports whether that grew since it
+// last did. Only parking conns can tell; c.hb.mu must be held.
+func (c *Conn) progressLocked() bool {
+	if c.park == nil {
+		return false
+	}
+	h := &c.hb
+	n, ok := c.park.Consumed()
+	grew := ok && h.consumedOK && n > h.consumed
+	h.consumed, h.consumedOK = n, ok
+	return grew
+}
+
 // check runs on the scheduler when the conn's timer is due. It decides
 // between nothing, a ping and death, and returns when to look again.
 func (c *Conn) check(now time.Time) time.Time {
@@ -239,6 +258,17 @@ func (c *Conn) check(now time.Time) time.Time {
 				h.mu.Unlock()
 				return next
 			}
+			// Our writes may all fit in the socket buffers, so that none
+			// waits and none tells us the peer drains them; then it reads
+			// our ping only after megabytes. Its TCP reporting since we
+			// last looked that it read more says it is alive: another
+			// timeout. A peer that stopped reading, or whose host is
+			// gone, gets none.
+			if c.progressLocked() {
+				next := now.Add(h.timeout)
+				h.mu.Unlock()
+				return next
+			}
 		}
 		h.mu.Unlock()
 		c.end(ErrHeartbeatTimeout, endForced, 0, "")
@@ -256,6 +286,9 @@ func (c *Conn) check(now time.Time) time.Time {
 		deadline := h.pingSent + h.suspectAfter()
 		if h.since(now) >= deadline {
 			suspect = h.state.CompareAndSwap(int32(Connected), int32(Suspect))
+			if suspect {
+				c.progressLocked() // where the timeout's look will start from
+			}
 		} else {
 			next = earliest(next, h.born.Add(deadline))
 		}

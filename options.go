@@ -484,6 +484,14 @@ func (c *config) validate() error {
 // the scheduler's tick (timeout/64, between 1 ms and 250 ms). timeout must
 // exceed interval; 2×interval lets one ping go unanswered before death.
 // The default is [HeartbeatInternet], 15 s / 30 s.
+//
+// A peer we are sending to reads our ping only after what we sent before
+// it, which may take it longer than timeout. Such a peer's silence counts
+// from the latest of: our last ping, a write of ours that waited for it to
+// make room in the socket, and (accepted conns on Linux) a look, once it
+// is silent past a ping, at which its TCP reported that it had read more
+// of what we sent. A peer that stops reading, or whose host is gone, moves
+// none of these and is dropped as any silent peer.
 func WithHeartbeat(interval, timeout time.Duration) Option {
 	return optionFunc(func(c *config) { c.interval, c.timeout = interval, timeout })
 }

@@ -497,3 +497,89 @@ func TestPingBetweenChunksToSlowReader(t *testing.T) {
 			len(during), drained, gap)
 	}
 }
+
+// A peer reading a backlog larger than its receive buffer, slowly, reads
+// our ping only seconds later; no write of ours waits (our send buffer
+// holds the backlog), so nothing but its TCP tells us that it reads: the
+// window it advertises moving on (park.Conn.Consumed). It is not declared
+// dead while it reads; once it stops reading, with data still waiting for
+// it, it is, within a couple of timeouts.
+func TestSlowReaderBehindBuffersNotDeclaredDead(t *testing.T) {
+	const interval, timeout = 200 * time.Millisecond, 400 * time.Millisecond
+	const chunk, chunks = 64 << 10, 32 // 2 MiB, read over about 2.5 s
+	s := newParkServer(t, WithHeartbeat(interval, timeout), WithLimits(Limits{SendQueue: 1024, SendQueueBytes: 64 << 20}))
+	dialer := &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) {
+			// A small receive buffer: the backlog waits in ours, and
+			// leaves it only as the reader reads.
+			_ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 32<<10)
+		})
+	}}
+	ws, c := s.dial(t, &websocket.DialOptions{HTTPClient: &http.Client{Transport: &http.Transport{DialContext: dialer.DialContext}}})
+	defer ws.CloseNow()
+	if _, ok := c.park.Consumed(); !ok {
+		t.Skip("this kernel's TCP_INFO has no tcpi_snd_wnd (Linux 5.4 and later have)")
+	}
+	tc, ok := c.nc.(*net.TCPConn)
+	if !ok {
+		t.Fatalf("server conn is %T", c.nc)
+	}
+	if err := tc.SetWriteBuffer(16 << 20); err != nil {
+		t.Fatal(err)
+	}
+	msg := bytes.Repeat([]byte("x"), chunk)
+	send := func() {
+		for range chunks {
+			if err := c.Send(t.Context(), msg); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	send()
+	start := time.Now()
+	for i := range chunks {
+		if _, _, err := ws.Read(t.Context()); err != nil {
+			t.Fatalf("chunk %d after %v: %v (conn: %v)", i, time.Since(start), err, c.Err())
+		}
+		time.Sleep(80 * time.Millisecond)
+	}
+	drained := time.Duration(c.hb.lastDrain.Load())
+	// The ping went out behind the backlog; a message behind the ping
+	// makes the peer read it, and answer.
+	for c.hb.lastSeen.Load() == 0 {
+		if err := c.Send(t.Context(), []byte("behind the ping")); err != nil {
+			t.Fatalf("slow reader ended after %v of reading: %v", time.Since(start), c.Err())
+		}
+		if _, _, err := ws.Read(t.Context()); err != nil {
+			t.Fatalf("slow reader ended after %v of reading: %v (conn: %v)", time.Since(start), err, c.Err())
+		}
+	}
+	if err := c.Err(); err != nil {
+		t.Fatalf("slow reader ended after %v of reading: %v", time.Since(start), err)
+	}
+	// What the test is about: silent past ping + timeout, with no write of
+	// ours that waited for the socket after the ping, so that the rule of
+	// TestBusyReceiverNotDeclaredDead would have ended it.
+	c.hb.mu.Lock()
+	lastPing := c.hb.lastPing
+	c.hb.mu.Unlock()
+	if answered := time.Duration(c.hb.lastSeen.Load()); answered < lastPing+timeout {
+		t.Fatalf("the peer answered %v after its first ping, within the timeout: the test proves nothing", answered-lastPing)
+	}
+	if drained >= lastPing {
+		t.Fatalf("a write waited for the socket at %v, after the ping at %v: the test proves nothing", drained, lastPing)
+	}
+
+	// Now it stops reading, with a backlog waiting: found dead.
+	send()
+	stopped := time.Now()
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("a peer that stopped reading was not found dead within 10 s")
+	}
+	if !errors.Is(c.Err(), ErrHeartbeatTimeout) {
+		t.Fatalf("peer that stopped reading ended with %v", c.Err())
+	}
+	t.Logf("read for %v; found dead %v after it stopped reading", stopped.Sub(start), time.Since(stopped))
+}

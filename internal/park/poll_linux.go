@@ -1,6 +1,7 @@
 package park
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -346,3 +347,35 @@ func (p *poller) run() {
 		}
 	}
 }
+
+// Consumed returns how far into what we wrote the peer's application has
+// read, give or take its receive buffer: the bytes its TCP acknowledged
+// plus the window it advertises, the right edge of that window (RFC 9293,
+// section 3.8.6). It grows only when the application reads (and the
+// buffer has room for more), never as data merely arrives: a frozen
+// process with data waiting does not move it. ok is false when the kernel
+// does not say (Linux before 5.4 has no tcpi_snd_wnd).
+func (pc *Conn) Consumed() (edge uint64, ok bool) {
+	var info [tcpInfoLen]byte
+	size := uint32(len(info))
+	var errno syscall.Errno
+	err := pc.reg.rc.Control(func(fd uintptr) {
+		_, _, errno = syscall.Syscall6(syscall.SYS_GETSOCKOPT, fd, syscall.IPPROTO_TCP, syscall.TCP_INFO,
+			uintptr(unsafe.Pointer(&info[0])), uintptr(unsafe.Pointer(&size)), 0)
+	})
+	if err != nil || errno != 0 || size < tcpInfoLen {
+		return 0, false
+	}
+	acked := binary.NativeEndian.Uint64(info[tcpiBytesAcked:])
+	wnd := binary.NativeEndian.Uint32(info[tcpiSndWnd:])
+	return acked + uint64(wnd), true
+}
+
+// Offsets in struct tcp_info (include/uapi/linux/tcp.h), the same on every
+// Linux architecture: tcpi_bytes_acked (since 4.1) and tcpi_snd_wnd, the
+// peer's window after scaling (since 5.4).
+const (
+	tcpiBytesAcked = 120
+	tcpiSndWnd     = 228
+	tcpInfoLen     = tcpiSndWnd + 4
+)

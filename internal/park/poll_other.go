@@ -17,6 +17,8 @@ func (pc *Conn) readNow([]byte) (int, error) { return 0, errWouldBlock }
 
 func (pc *Conn) writeNow([]byte) (int, error) { return 0, errors.ErrUnsupported }
 
+func (pc *Conn) Consumed() (uint64, bool) { return 0, false }
+
 func (pc *Conn) writev(*net.Buffers) (int64, error) { return 0, errors.ErrUnsupported }
 
 type pollReg struct{}
