@@ -491,7 +491,8 @@ func (c *config) validate() error {
 // make room in the socket, and (accepted conns on Linux) a look, once it
 // is silent past a ping, at which its TCP reported that it had read more
 // of what we sent. A peer that stops reading, or whose host is gone, moves
-// none of these and is dropped as any silent peer.
+// none of these from then on, and is dropped at most one timeout later
+// than a peer that was silent all along.
 func WithHeartbeat(interval, timeout time.Duration) Option {
 	return optionFunc(func(c *config) { c.interval, c.timeout = interval, timeout })
 }
