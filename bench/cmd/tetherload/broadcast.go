@@ -19,6 +19,7 @@ type broadcastConfig struct {
 	loadFlags
 	n, m, size int
 	rate       float64       // publications per second; 0: as fast as Publish goes
+	window     int           // publish this many, wait for their deliveries, go on; 0: all at once
 	deliver    time.Duration // budget for every delivery after the last publish
 	quiet      time.Duration // once published, give up after this long without a delivery
 	queue      int           // the server's send queue per conn, in messages
@@ -38,6 +39,7 @@ func broadcastMain(ctx context.Context, args []string, stdout, stderr io.Writer)
 	fs.IntVar(&cfg.m, "m", 1000, "messages to publish")
 	fs.IntVar(&cfg.size, "size", 64, "bytes of data per message (at least 48)")
 	fs.Float64Var(&cfg.rate, "rate", 0, "publications per second; 0 publishes as fast as the impl's publish call returns")
+	fs.IntVar(&cfg.window, "window", 0, "publish in windows of this many messages, each once every subscriber has the window before it (as a publisher that waits for its readers would); 0: all at once")
 	fs.DurationVar(&cfg.deliver, "deliver", time.Minute, "time allowed for every delivery once publishing is done")
 	fs.DurationVar(&cfg.quiet, "quiet", 3*time.Second, "once publishing is done, stop waiting after this long without any delivery (conns the server dropped never get the rest)")
 	fs.IntVar(&cfg.queue, "queue", 256, "the server's send buffer per conn, in messages: a burst longer than it drops subscribers (or messages) that fall behind")
@@ -96,6 +98,9 @@ func (cfg *broadcastConfig) validate() error {
 	}
 	if cfg.size < 48 {
 		errs = append(errs, fmt.Errorf("-size %d must be at least 48", cfg.size))
+	}
+	if cfg.window < 0 || (cfg.window > 0 && cfg.rate > 0) {
+		errs = append(errs, fmt.Errorf("-window %d must not be negative, nor set with -rate", cfg.window))
 	}
 	if cfg.rate < 0 {
 		errs = append(errs, fmt.Errorf("-rate %v must not be negative", cfg.rate))
@@ -264,21 +269,49 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, im implSpec, progres
 	loadCPU0, _ := cpuSeconds()
 	start := time.Now()
 	profiled := fetchCPUProfile(ctx, sc, cfg.profile, time.Duration(float64(cfg.m)/max(cfg.rate, 1)*float64(time.Second)))
-	url := fmt.Sprintf("%s/publish?topic=bench&n=%d&size=%d&rate=%g", sc.base, cfg.m, cfg.size, cfg.rate)
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, nil)
-	if err != nil {
-		return nil, err
+	publish := func(from, n int) error {
+		url := fmt.Sprintf("%s/publish?topic=bench&n=%d&from=%d&size=%d&rate=%g", sc.base, n, from, cfg.size, cfg.rate)
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, nil)
+		if err != nil {
+			return err
+		}
+		// Publishing to 10,000 subscribers takes some impls longer than
+		// the stats client's 30 s: ctx bounds this request instead.
+		resp, err := (&http.Client{Transport: sc.hc.Transport}).Do(req)
+		if err != nil {
+			return fmt.Errorf("publish: %w", err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("publish: %s: %s", resp.Status, body)
+		}
+		return nil
 	}
-	// Publishing to 10,000 subscribers takes some impls longer than the
-	// stats client's 30 s: ctx bounds this request instead.
-	resp, err := (&http.Client{Transport: sc.hc.Transport}).Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("publish: %w", err)
+	window := cfg.m
+	if cfg.window > 0 {
+		window = cfg.window
 	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("publish: %s: %s", resp.Status, body)
+	for from := 0; from < cfg.m; from += window {
+		n := min(window, cfg.m-from)
+		if err := publish(from, n); err != nil {
+			return nil, err
+		}
+		if from+n == cfg.m {
+			break
+		}
+		// The window's deliveries, or a quiet spell (subscribers the
+		// server dropped never get theirs).
+		for delivered.Load() < int64(from+n)*int64(cfg.n) {
+			if time.Since(time.Unix(0, max(lastAt.Load(), start.UnixNano()))) >= cfg.quiet {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-time.After(100 * time.Microsecond):
+			}
+		}
 	}
 	publishSecs := time.Since(start).Seconds()
 	// Wait for every delivery; but subscribers the server dropped never get
@@ -338,6 +371,9 @@ wait:
 	}
 	if cfg.rate > 0 {
 		res.Rate = strconv.FormatFloat(cfg.rate, 'f', -1, 64) + "/s"
+	}
+	if cfg.window > 0 {
+		res.Rate = "windows of " + strconv.Itoa(cfg.window)
 	}
 	if total > 0 && res.Seconds > 0 {
 		res.PerSecond = float64(total) / res.Seconds

@@ -267,8 +267,10 @@ func TestImplFlag(t *testing.T) {
 	if code := run([]string{"broadcast", "-impl", "list"}, &out, &out); code != 0 || !strings.Contains(out.String(), "tether-raw") {
 		t.Errorf("broadcast -impl list: exit %d, output %q", code, out.String())
 	}
-	if code := run([]string{"broadcast", "-pin", "0,0"}, &out, &out); code != 1 {
-		t.Errorf("broadcast -pin 0,0: exit %d, want 1", code)
+	for _, args := range [][]string{{"broadcast", "-pin", "0,0"}, {"broadcast", "-window", "10", "-rate", "5"}, {"broadcast", "-window", "-1"}} {
+		if code := run(args, &out, &out); code != 1 {
+			t.Errorf("%q: exit %d, want 1", args, code)
+		}
 	}
 	for _, args := range [][]string{{"overload", "-pin", "0,0"}, {"overload", "-hirate", "0"}, {"overload", "-breaker", "-1s"}} {
 		if code := run(args, &out, &out); code != 1 {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"syscall"
 	"testing"
@@ -149,10 +150,18 @@ func TestIdleImpls(t *testing.T) {
 // TestBroadcast runs the broadcast scenario end to end on a small scale
 // against tether, tether's hub with raw peers, the gorilla pattern and
 // centrifuge (centrifuge-go clients): a server process fans 200 messages
-// out to 50 subscribers.
+// out to 50 subscribers; and tether-raw in windows of 40 (-window), whose
+// indexes go on from window to window.
 func TestBroadcast(t *testing.T) {
-	for _, name := range []string{"tether", "tether-raw", "gorilla", "centrifuge"} {
-		t.Run(name, func(t *testing.T) {
+	for _, run := range []struct {
+		name   string
+		window int
+	}{{"tether", 0}, {"tether-raw", 0}, {"gorilla", 0}, {"centrifuge", 0}, {"tether-raw", 40}} {
+		name, test := run.name, run.name
+		if run.window > 0 {
+			test = fmt.Sprintf("%s-window-%d", name, run.window)
+		}
+		t.Run(test, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 			defer cancel()
 			cfg := broadcastConfig{
@@ -161,7 +170,7 @@ func TestBroadcast(t *testing.T) {
 					interval: time.Second, timeout: 5 * time.Second,
 					sources: 49, concurrency: 16, setup: 20 * time.Second,
 				},
-				deliver: 20 * time.Second, quiet: 3 * time.Second,
+				deliver: 20 * time.Second, quiet: 3 * time.Second, window: run.window,
 			}
 			res, err := runBroadcast(ctx, cfg, implOf(t, name), t.Output())
 			if err != nil {
@@ -181,6 +190,9 @@ func TestBroadcast(t *testing.T) {
 			framesOK := res.Frames > 0 && res.Frames <= res.Deliveries || name == "centrifuge" && res.Frames == 0
 			if res.P50ms <= 0 || res.P99ms < res.P50ms || res.PerSecond <= 0 || !framesOK {
 				t.Errorf("implausible figures: %+v", res)
+			}
+			if run.window > 0 && res.Rate != fmt.Sprintf("windows of %d", run.window) {
+				t.Errorf("rate %q, want windows of %d", res.Rate, run.window)
 			}
 			// The server sends a raw peer each message in a frame of its own.
 			if name == "tether-raw" && res.Frames != res.Deliveries {

@@ -171,8 +171,9 @@ func newServer(cfg serveConfig, stderr io.Writer) (*server, error) {
 // in Unix nanoseconds as "t", and answers once they are all published with
 // the count published and the nanoseconds it took.
 //
-//	POST /publish?topic=bench&n=1000&size=64&rate=0[&for=20s]
+//	POST /publish?topic=bench&n=1000&size=64&rate=0[&for=20s][&from=0]
 //
+// from is the index of the first message (the next window's, say).
 // With for, publishing also stops once that long has passed (n 0: no
 // count limit), so that a flood is bounded in time whatever the server
 // manages; it stops too when the request's client goes away. Requests run
@@ -187,8 +188,9 @@ func (s *server) handlePublish(w http.ResponseWriter, r *http.Request) {
 	size, err2 := strconv.Atoi(q.Get("size"))
 	perSec, err3 := strconv.ParseFloat(cmpOr(q.Get("rate"), "0"), 64)
 	dur, err4 := time.ParseDuration(cmpOr(q.Get("for"), "0s"))
-	if err := errors.Join(err1, err2, err3, err4); err != nil || n < 0 || size < 0 || perSec < 0 || dur < 0 {
-		http.Error(w, "bad n, size, rate or for", http.StatusBadRequest)
+	from, err5 := strconv.Atoi(cmpOr(q.Get("from"), "0"))
+	if err := errors.Join(err1, err2, err3, err4, err5); err != nil || n < 0 || size < 0 || perSec < 0 || dur < 0 || from < 0 {
+		http.Error(w, "bad n, size, rate, for or from", http.StatusBadRequest)
 		return
 	}
 	if dur > 0 && n == 0 {
@@ -206,7 +208,7 @@ func (s *server) handlePublish(w http.ResponseWriter, r *http.Request) {
 				time.Sleep(d)
 			}
 		}
-		msg := benchMessage(make([]byte, 0, size+64), time.Now().UnixNano(), i, size)
+		msg := benchMessage(make([]byte, 0, size+64), time.Now().UnixNano(), from+i, size)
 		if err := s.impl.publish(topic, msg); err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
