@@ -419,10 +419,10 @@ func (c *Conn) end(reason error, mode endMode, code websocket.StatusCode, text s
 // abort fails every pending and future operation on the conn at once.
 func (c *Conn) abort() {
 	c.cancel()
-	if c.nc != nil {
+	switch {
+	case c.park != nil:
+		c.park.Abort() // the parking socket's own way: see park.Conn
+	case c.nc != nil:
 		c.nc.Close()
-	}
-	if c.park != nil {
-		c.park.Closed()
 	}
 }

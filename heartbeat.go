@@ -137,8 +137,11 @@ func (h *heartbeat) since(t time.Time) time.Duration { return t.Sub(h.born) }
 
 // touch records an inbound frame: proof of life. It is on the hot path of
 // every frame, so it is two atomic operations and nothing else.
-func (h *heartbeat) touch() {
-	h.lastSeen.Store(int64(time.Since(h.born)))
+func (h *heartbeat) touch() { h.touchAt(time.Now()) }
+
+// touchAt is touch with the time already read.
+func (h *heartbeat) touchAt(now time.Time) {
+	h.lastSeen.Store(int64(now.Sub(h.born)))
 	if h.state.Load() == int32(Suspect) {
 		h.state.CompareAndSwap(int32(Suspect), int32(Connected))
 	}
@@ -407,7 +410,11 @@ func (c *Conn) rawPong(payload []byte) bool {
 	if len(payload) != 8 {
 		return false
 	}
-	sent := time.Duration(binary.BigEndian.Uint64(payload))
+	return c.rawPongAt(time.Duration(binary.BigEndian.Uint64(payload)), time.Now())
+}
+
+// rawPongAt is rawPong with the payload read, sent, and the time it came.
+func (c *Conn) rawPongAt(sent time.Duration, now time.Time) bool {
 	h := &c.hb
 	h.mu.Lock()
 	if h.pingSent == 0 || sent != h.pingSent {
@@ -415,7 +422,7 @@ func (c *Conn) rawPong(payload []byte) bool {
 		return false
 	}
 	// A message handled between ping and pong held the pong up.
-	c.settlePingAndUnlock(max(h.since(time.Now())-sent, 0), h.handled.Load() != h.pingHandled)
+	c.settlePingAndUnlock(max(h.since(now)-sent, 0), h.handled.Load() != h.pingHandled)
 	return true
 }
 

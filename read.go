@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/coder/websocket"
 	"github.com/tether-ws/tether/internal/park"
@@ -148,9 +149,10 @@ func (o *parkOwner) Ending() bool { return o.hb.state.Load() == int32(Closed) }
 
 func (o *parkOwner) Resume() { go o.conn().readLoop() }
 
-func (o *parkOwner) Pong(payload []byte) bool {
-	o.hb.touch()
-	return o.conn().rawPong(payload)
+func (o *parkOwner) Pong(payload uint64) bool {
+	now := time.Now()
+	o.hb.touchAt(now)
+	return o.conn().rawPongAt(time.Duration(payload), now)
 }
 
 func (o *parkOwner) GoWrite(write func()) { o.conn().goWrite(write) }

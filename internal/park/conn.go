@@ -43,11 +43,11 @@ type Owner interface {
 	// Resume starts a reader goroutine: bytes came for a parked reader, or
 	// it must meet the end of its conn.
 	Resume()
-	// Pong is the payload of a pong frame the poller read, which proves the
-	// peer alive. It reports whether that was the pong of the raw ping in
-	// flight (see [Conn.Ping]) and so is settled; if not, the frame goes
-	// to a reader.
-	Pong(payload []byte) bool
+	// Pong is the payload of a pong frame the poller read, 8 bytes as a
+	// big-endian number, which proves the peer alive. It reports whether
+	// that was the pong of the raw ping in flight (see [Conn.Ping]) and so
+	// is settled; if not, the frame goes to a reader.
+	Pong(payload uint64) bool
 	// GoWrite runs write on a goroutine the conn owns, bounded by its
 	// write timeout: a ping that finds the socket taken waits there.
 	GoWrite(write func())
@@ -321,13 +321,21 @@ func (pc *Conn) pingLocked(payload uint64) (stuck bool) {
 // meet the end and report it (coder/websocket closes the socket itself
 // when a write's context expires).
 func (pc *Conn) Close() error {
-	err := pc.Conn.Close()
+	err := pc.closeSocket()
 	pc.Closed()
 	pc.reg.release()
 	if pc.owner != nil {
 		pc.Unpark()
 	}
 	return err
+}
+
+// Abort closes the socket, which fails every operation on it at once, and
+// tells WriteFrames (Closed). The conn's owner closes the socket this way,
+// never through the net.Conn beneath: see pollReg.
+func (pc *Conn) Abort() {
+	_ = pc.closeSocket()
+	pc.Closed()
 }
 
 // Closed tells a WriteFrames waiting for coder/websocket to end a frame
@@ -401,21 +409,23 @@ func (pc *Conn) Release() { pc.reg.release() }
 // wake runs on the poller when bytes reached a parked conn's socket. Most
 // often they are the pong of the heartbeat's last ping: settled here, with
 // no reader started and nothing for coder/websocket to do. Anything else
-// goes to a reader, which coder/websocket reads it through.
-func (pc *Conn) wake() {
+// goes to a reader, which coder/websocket reads it through. buf is the
+// poller's own buffer, to read the socket into.
+func (pc *Conn) wake(buf []byte) {
 	if !pc.state.CompareAndSwap(readerParked, readerRunning) {
 		return // a reader runs, and sees pending
 	}
-	if !pc.takePongs() {
+	if !pc.takePongs(buf) {
 		pc.owner.Resume()
 	}
 }
 
-// takePongs reads the socket while all it holds is pongs to the raw pings,
-// then parks the conn again and reports true. It reports false when a
-// reader must take over, with whatever it read in the read-ahead buffer.
-// The caller owns the read side (it won the conn from readerParked).
-func (pc *Conn) takePongs() bool {
+// takePongs reads the socket into buf while all it holds is pongs to the
+// raw pings, then parks the conn again and reports true. It reports false
+// when a reader must take over, with whatever it read in the read-ahead
+// buffer. The caller owns the read side (it won the conn from
+// readerParked).
+func (pc *Conn) takePongs(buf []byte) bool {
 	if !pc.rmu.TryLock() {
 		return false // Close's handshake reads: a reader waits behind it
 	}
@@ -426,8 +436,7 @@ func (pc *Conn) takePongs() bool {
 			return false
 		}
 		pc.pending.Store(false)
-		var buf [64]byte
-		n, err := pc.readNow(buf[:])
+		n, err := pc.readNow(buf)
 		switch {
 		case errors.Is(err, errWouldBlock):
 			pc.drained = true
@@ -467,9 +476,9 @@ func (pc *Conn) takePong(frame []byte) bool {
 	if frame[0] != 0x8a || frame[1] != 0x80|8 {
 		return false
 	}
-	var payload [8]byte
-	for i := range payload {
-		payload[i] = frame[6+i] ^ frame[2+i%4]
+	var payload uint64
+	for i := range 8 {
+		payload = payload<<8 | uint64(frame[6+i]^frame[2+i%4])
 	}
-	return pc.owner.Pong(payload[:])
+	return pc.owner.Pong(payload)
 }

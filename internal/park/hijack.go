@@ -24,7 +24,9 @@ const (
 type Hijacker struct {
 	http.ResponseWriter
 	// NetConn is the hijacked socket (under TLS, the TCP conn beneath),
-	// once websocket.Accept has hijacked it.
+	// once websocket.Accept has hijacked it. When Park is set, close the
+	// socket through Park (Close or Abort), never through NetConn: Park
+	// reads and writes its descriptor directly.
 	NetConn net.Conn
 	// Park is the socket wrapped for parking, or nil when it cannot park
 	// (TLS, not TCP, not Linux).

@@ -27,59 +27,117 @@ func newConn(nc net.Conn, prefix []byte) *Conn {
 	if err != nil {
 		return nil
 	}
-	pc := &Conn{Conn: nc, prefix: prefix, reg: pollReg{rc: rc}}
+	// The descriptor, for readNow and writeNow, which must never wait: the
+	// runtime makes every socket non-blocking, but check.
+	fd := -1
+	err = rc.Control(func(f uintptr) {
+		flags, _, errno := syscall.Syscall(syscall.SYS_FCNTL, f, syscall.F_GETFL, 0)
+		if errno == 0 && flags&syscall.O_NONBLOCK != 0 {
+			fd = int(f)
+		}
+	})
+	if err != nil || fd < 0 {
+		return nil
+	}
+	pc := &Conn{Conn: nc, prefix: prefix, reg: pollReg{rc: rc, fd: fd}}
 	pc.between.L = &pc.wmu
 	return pc
 }
 
 // readNow reads what the socket holds without waiting: errWouldBlock when
-// it holds nothing. The fd stays referenced (and cannot be reused by
-// another socket) for the duration of the call.
+// it holds nothing. It reads the descriptor directly, not through the
+// runtime's poller, which the conn does not wait in for this read: see
+// pollReg.fd for why the descriptor cannot be another socket's meanwhile.
 func (pc *Conn) readNow(b []byte) (int, error) {
-	var n int
-	var rerr error
-	err := pc.reg.rc.Read(func(fd uintptr) bool {
-		for {
-			n, rerr = syscall.Read(int(fd), b)
-			if rerr != syscall.EINTR {
-				return true // never wait: parking is the wait
-			}
-		}
-	})
+	r := &pc.reg
+	if !r.fdmu.TryRLock() {
+		return 0, net.ErrClosed // the socket is being closed
+	}
+	if r.fdClosed {
+		r.fdmu.RUnlock()
+		return 0, net.ErrClosed
+	}
+	n, rerr := rawIO(syscall.SYS_RECVFROM, r.fd, b)
+	r.fdmu.RUnlock()
 	switch {
-	case err != nil:
-		return 0, err
 	case rerr == syscall.EAGAIN:
 		return 0, errWouldBlock
-	case rerr != nil:
-		return 0, &net.OpError{Op: "read", Net: "tcp", Addr: pc.LocalAddr(), Err: os.NewSyscallError("read", rerr)}
+	case rerr != 0:
+		return 0, &net.OpError{Op: "read", Net: "tcp", Addr: pc.LocalAddr(), Err: os.NewSyscallError("recvfrom", rerr)}
 	case n == 0:
 		return 0, io.EOF
 	}
 	return n, nil
 }
 
-// writeNow writes what the socket takes without waiting.
+// writeNow writes what the socket takes without waiting, on the
+// descriptor directly, as readNow reads.
 func (pc *Conn) writeNow(b []byte) (int, error) {
-	var n int
-	var werr error
-	err := pc.reg.rc.Write(func(fd uintptr) bool {
-		for {
-			n, werr = syscall.Write(int(fd), b)
-			if werr != syscall.EINTR {
-				return true
-			}
-		}
-	})
+	r := &pc.reg
+	if !r.fdmu.TryRLock() {
+		return 0, net.ErrClosed
+	}
+	if r.fdClosed {
+		r.fdmu.RUnlock()
+		return 0, net.ErrClosed
+	}
+	n, werr := rawIO(syscall.SYS_SENDTO, r.fd, b)
+	r.fdmu.RUnlock()
 	switch {
-	case err != nil:
-		return 0, err
 	case werr == syscall.EAGAIN:
 		return 0, nil
-	case werr != nil:
+	case werr != 0:
 		return 0, werr
 	}
 	return max(n, 0), nil
+}
+
+// rawIO is recvfrom(2) or sendto(2) (trap), with no address, of b on a
+// non-blocking socket, which returns without waiting: read(2) and
+// write(2) would do the same through the file layer first. Up to rawMax
+// bytes it is a raw system call, which the scheduler is not told of, as
+// the runtime's poller makes its own epoll_wait when it does not wait: of
+// a call it is told of, the monitor thread hands the caller's P to another
+// thread when it sees the call last over 20 µs, and the wheel's pings, a
+// burst of writes of about 10 µs each (the kernel delivers each over
+// loopback within the write), turned that into thread switches that cost
+// more than the writes. A larger read may copy long enough for the
+// handoff to pay.
+func rawIO(trap uintptr, fd int, b []byte) (int, syscall.Errno) {
+	var p unsafe.Pointer
+	if len(b) > 0 {
+		p = unsafe.Pointer(&b[0])
+	}
+	// Never wait, whatever the socket's mode; and a peer gone is an
+	// error, not a SIGPIPE.
+	const flags = syscall.MSG_DONTWAIT | syscall.MSG_NOSIGNAL
+	for {
+		var n uintptr
+		var errno syscall.Errno
+		if len(b) <= rawMax {
+			n, _, errno = syscall.RawSyscall6(trap, uintptr(fd), uintptr(p), uintptr(len(b)), flags, 0, 0)
+		} else {
+			n, _, errno = syscall.Syscall6(trap, uintptr(fd), uintptr(p), uintptr(len(b)), flags, 0, 0)
+		}
+		if errno != syscall.EINTR {
+			return int(n), errno
+		}
+	}
+}
+
+// rawMax is the most bytes rawIO moves in a raw system call: the
+// read-ahead buffer.
+const rawMax = readAhead
+
+// closeSocket closes the socket once no readNow or writeNow is using its
+// descriptor, and keeps them from using it afterwards, when the number may
+// already be another file's.
+func (pc *Conn) closeSocket() error {
+	r := &pc.reg
+	r.fdmu.Lock()
+	r.fdClosed = true
+	r.fdmu.Unlock()
+	return pc.Conn.Close()
 }
 
 // maxIovecs is IOV_MAX on Linux: the most buffers one writev takes.
@@ -162,6 +220,17 @@ func consume(bufs *net.Buffers, n int) {
 // pollReg is a conn's registration with the poller.
 type pollReg struct {
 	rc syscall.RawConn
+	// fd is the socket's descriptor, for readNow and writeNow: a read and
+	// a write that never wait need nothing of the runtime's poller, and
+	// going around it saves its locks and bookkeeping on the heartbeat's
+	// path. fdmu (read-locked around each of those calls) and fdClosed
+	// (set under its write lock) keep them off the number once the socket
+	// is closed: every close of the socket goes through closeSocket (the
+	// conn's Close, or Abort), never through the net.Conn beneath.
+	fd       int
+	fdmu     sync.RWMutex
+	fdClosed bool
+
 	mu sync.Mutex // guards the fields below
 	p  *poller    // set by the first arm, until release
 	id uint64
@@ -223,25 +292,45 @@ func (r *pollReg) release() {
 }
 
 // poller waits for parked conns' sockets with one epoll instance and one
-// goroutine, which runs while any conn is registered.
+// goroutine, which runs while any conn is registered. The epoll instance
+// itself waits in the runtime's poller (it is readable while it has events
+// to report), so the goroutine parks there, as a socket read does: no
+// thread blocks in epoll_wait, and a wakeup takes every event that came
+// meanwhile in one call.
 type poller struct {
 	epfd int
-	pipe [2]int // a byte on pipe[1] stops the loop
+	file *os.File // epfd, registered with the runtime's poller
+	rc   syscall.RawConn
 	done chan struct{}
+	// stopping is set before file is closed, which ends run.
+	stopping atomic.Bool
 
 	nextID atomic.Uint64
 	mu     sync.Mutex
 	conns  map[uint64]*Conn
+
+	// Used by run alone: the events of one wakeup, their conns, and the
+	// buffer takePongs reads a parked conn's socket into.
+	events []syscall.EpollEvent
+	batch  []*Conn
+	buf    [pongBuf]byte
+	poll   func(fd uintptr) bool // pollOnce
+	n      int                   // pollOnce's events
+	werr   error                 // and its error
 }
+
+// pongBuf is the size of the poller's read buffer: room for several
+// pongs, and for the start of whatever else came, which goes to a reader.
+const pongBuf = 256
+
+// maxEvents is the most events one epoll_wait returns.
+const maxEvents = 256
 
 var pollers struct {
 	mu   sync.Mutex
 	p    *poller
 	refs int
 }
-
-// pipeID marks the stop pipe's events; conn IDs start at 1.
-const pipeID = 0
 
 func acquirePoller() (*poller, error) {
 	pollers.mu.Lock()
@@ -275,7 +364,8 @@ func releasePoller() {
 	}
 	p := pollers.p
 	pollers.p = nil
-	_, _ = syscall.Write(p.pipe[1], []byte{0})
+	p.stopping.Store(true)
+	_ = p.file.Close() // wakes run, which returns; the fd closes then
 	<-p.done
 }
 
@@ -284,23 +374,26 @@ func newPoller() (*poller, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tether: epoll_create1: %w", err)
 	}
-	p := &poller{epfd: epfd, done: make(chan struct{}), conns: make(map[uint64]*Conn)}
-	if err := syscall.Pipe2(p.pipe[:], syscall.O_CLOEXEC|syscall.O_NONBLOCK); err != nil {
+	// Non-blocking, so that os.NewFile registers it with the runtime's
+	// poller; epoll_wait's own timeout (always 0 here) is what counts.
+	if err := syscall.SetNonblock(epfd, true); err != nil {
 		syscall.Close(epfd)
-		return nil, fmt.Errorf("tether: pipe2: %w", err)
+		return nil, fmt.Errorf("tether: epoll fd: %w", err)
 	}
-	ev := syscall.EpollEvent{Events: syscall.EPOLLIN} // Fd, Pad: pipeID
-	if err := syscall.EpollCtl(epfd, syscall.EPOLL_CTL_ADD, p.pipe[0], &ev); err != nil {
-		p.closeFDs()
-		return nil, fmt.Errorf("tether: epoll_ctl: %w", err)
+	file := os.NewFile(uintptr(epfd), "tether-epoll")
+	rc, err := file.SyscallConn()
+	if err != nil {
+		file.Close()
+		return nil, fmt.Errorf("tether: epoll fd: %w", err)
 	}
+	p := &poller{
+		epfd: epfd, file: file, rc: rc, done: make(chan struct{}),
+		conns:  make(map[uint64]*Conn),
+		events: make([]syscall.EpollEvent, maxEvents),
+		batch:  make([]*Conn, maxEvents),
+	}
+	p.poll = p.pollOnce
 	return p, nil
-}
-
-func (p *poller) closeFDs() {
-	syscall.Close(p.pipe[0])
-	syscall.Close(p.pipe[1])
-	syscall.Close(p.epfd)
 }
 
 func (p *poller) add(pc *Conn) uint64 {
@@ -317,32 +410,61 @@ func (p *poller) remove(id uint64) {
 	p.mu.Unlock()
 }
 
+// wait returns the events that came since the last call, waiting in the
+// runtime's poller while there are none.
+func (p *poller) wait() (int, error) {
+	p.n, p.werr = 0, nil
+	if err := p.rc.Read(p.poll); err != nil {
+		return 0, err
+	}
+	return p.n, p.werr
+}
+
+// pollOnce is wait's try, as p.poll (made once, by newPoller): it takes
+// the events there are without waiting, and reports whether there were
+// any.
+func (p *poller) pollOnce(fd uintptr) bool {
+	for {
+		// Raw, as the runtime's poller makes it: it never waits (see
+		// rawIO).
+		r, _, errno := syscall.RawSyscall6(syscall.SYS_EPOLL_WAIT, fd,
+			uintptr(unsafe.Pointer(&p.events[0])), uintptr(len(p.events)), 0, 0, 0)
+		switch errno {
+		case 0:
+			p.n = int(r)
+			return p.n > 0 // none: wait until the epoll fd is readable
+		case syscall.EINTR:
+			continue
+		}
+		p.werr = os.NewSyscallError("epoll_wait", errno)
+		return true
+	}
+}
+
 func (p *poller) run() {
 	defer close(p.done)
-	defer p.closeFDs()
-	events := make([]syscall.EpollEvent, 256)
 	for {
-		n, err := syscall.EpollWait(p.epfd, events, -1)
+		n, err := p.wait()
 		if err != nil {
-			if err == syscall.EINTR {
-				continue
+			if p.stopping.Load() {
+				return
 			}
-			// Not expected for a valid epoll fd; keep the poller's state
-			// whole (conns hold its fds) and try again shortly.
+			// Not expected for a valid epoll fd: keep the poller's
+			// state whole (conns hold its fds) and look again shortly.
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
-		for i := range n {
-			id := uint64(uint32(events[i].Fd)) | uint64(uint32(events[i].Pad))<<32
-			if id == pipeID {
-				return
-			}
-			p.mu.Lock()
-			pc := p.conns[id]
-			p.mu.Unlock()
+		// One lock for the whole batch.
+		p.mu.Lock()
+		for i, ev := range p.events[:n] {
+			p.batch[i] = p.conns[uint64(uint32(ev.Fd))|uint64(uint32(ev.Pad))<<32]
+		}
+		p.mu.Unlock()
+		for i, pc := range p.batch[:n] {
+			p.batch[i] = nil
 			if pc != nil {
 				pc.pending.Store(true)
-				pc.wake()
+				pc.wake(p.buf[:])
 			}
 		}
 	}

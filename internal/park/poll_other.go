@@ -19,6 +19,8 @@ func (pc *Conn) writeNow([]byte) (int, error) { return 0, errors.ErrUnsupported 
 
 func (pc *Conn) Consumed() (uint64, bool) { return 0, false }
 
+func (pc *Conn) closeSocket() error { return pc.Conn.Close() }
+
 func (pc *Conn) writev(*net.Buffers) (int64, error) { return 0, errors.ErrUnsupported }
 
 type pollReg struct{}

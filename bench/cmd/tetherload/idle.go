@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -29,6 +30,8 @@ type idleConfig struct {
 	bare           bool          // centrifuge: its protocol by hand, not centrifuge-go
 	heapProfile    string        // file for the server's heap profile at the end of the hold
 	memProfileRate int           // the server's runtime.MemProfileRate, with heapProfile
+	cpuProfile     string        // file for the server's CPU profile of the hold
+	pin            string        // "S,L": the server on CPU S, the load on CPU L; "" no pinning
 }
 
 func idleMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -44,11 +47,17 @@ func idleMain(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.BoolVar(&cfg.bare, "bare", false, "centrifuge: dial bare coder/websocket clients that speak its JSON protocol by hand instead of centrifuge-go (the other impls' clients are bare already)")
 	fs.StringVar(&cfg.heapProfile, "heapprofile", "", "write the server's heap profile at the end of the hold to `file` (starts it with -pprof; with several impls, the impl's name is added)")
 	fs.IntVar(&cfg.memProfileRate, "memprofilerate", 0, "the server's runtime.MemProfileRate (1: every allocation); 0 keeps the default")
+	fs.StringVar(&cfg.cpuProfile, "cpuprofile", "", "write the server's CPU profile of the hold (whole seconds, from its start) to `file` (with several impls, the impl's name is added)")
+	fs.StringVar(&cfg.pin, "pin", "", "pin the server to CPU S and this load process to CPU L, given as `S,L` (GOMAXPROCS 1 each), as room -pin does; empty: no pinning")
 	return s.run(ctx, args, cfg.validate, stdout, stderr, func(ctx context.Context, im implSpec) (implResult, error) {
 		c := cfg
 		if c.heapProfile != "" && len(s.specs) > 1 {
 			dir, file := filepath.Split(c.heapProfile)
 			c.heapProfile = filepath.Join(dir, im.name+"-"+file)
+		}
+		if c.cpuProfile != "" && len(s.specs) > 1 {
+			dir, file := filepath.Split(c.cpuProfile)
+			c.cpuProfile = filepath.Join(dir, im.name+"-"+file)
 		}
 		return runIdle(ctx, c, im, stderr)
 	})
@@ -67,6 +76,14 @@ func (cfg *idleConfig) validate() error {
 	}
 	if cfg.interval <= 0 || cfg.timeout <= cfg.interval {
 		errs = append(errs, fmt.Errorf("heartbeat %v/%v: need 0 < interval < timeout", cfg.interval, cfg.timeout))
+	}
+	if cfg.pin != "" {
+		if cpus, err := parseCPUs(cfg.pin); err != nil || len(cpus) != 2 || cpus[0] == cpus[1] {
+			errs = append(errs, fmt.Errorf("-pin %q: want two different CPUs, server first: 0,1", cfg.pin))
+		}
+	}
+	if cfg.cpuProfile != "" && cfg.hold < time.Second {
+		errs = append(errs, errors.New("-cpuprofile needs a -hold of at least 1s"))
 	}
 	if cfg.hold < 0 || cfg.sample <= 0 || cfg.setup <= 0 {
 		errs = append(errs, errors.New("-hold must not be negative, -sample and -setup must be positive"))
@@ -111,7 +128,9 @@ type IdleResult struct {
 	// HeartbeatPongs is conns x hold / interval, one ping per interval.
 	PongsEstimated bool   `json:"pongs_estimated,omitempty"`
 	ServerPID      int    `json:"server_pid"`
+	Pinned         string `json:"pinned,omitempty"` // server CPU, load CPU
 	HeapProfile    string `json:"heap_profile,omitempty"`
+	CPUProfile     string `json:"cpu_profile,omitempty"`
 }
 
 // runIdle runs one idle scenario against a child server process running
@@ -126,9 +145,18 @@ func runIdle(ctx context.Context, cfg idleConfig, im implSpec, progress io.Write
 	setupCtx, setupCancel := context.WithTimeout(ctx, cfg.setup)
 	defer setupCancel()
 
+	var serverCPUs string
+	if cfg.pin != "" {
+		cpus, _ := parseCPUs(cfg.pin) // validated
+		serverCPUs = strconv.Itoa(cpus[0])
+		if err := pinProcess(cpus[1:]); err != nil {
+			return nil, fmt.Errorf("-pin: %w", err)
+		}
+	}
 	child, sc, err := startImpl(setupCtx, serverSpec{
 		impl: im.server, interval: cfg.interval, timeout: cfg.timeout, cmd: cfg.serverCmd,
-		pprof: cfg.heapProfile != "", memProfileRate: cfg.memProfileRate,
+		pprof: cfg.heapProfile != "" || cfg.cpuProfile != "", memProfileRate: cfg.memProfileRate,
+		cpus: serverCPUs,
 	}, progress)
 	if err != nil {
 		return nil, err
@@ -148,6 +176,7 @@ func runIdle(ctx context.Context, cfg idleConfig, im implSpec, progress io.Write
 		Hold:      cfg.hold.String(),
 		Sources:   cfg.sources,
 		Bare:      cfg.bare,
+		Pinned:    cfg.pin,
 		ServerPID: child.cmd.Process.Pid,
 	}
 	if res.Baseline, err = sc.get(setupCtx, "gc=1"); err != nil {
@@ -199,6 +228,9 @@ func runIdle(ctx context.Context, cfg idleConfig, im implSpec, progress io.Write
 
 	// Hold, sampling without forcing GCs, which would be charged as CPU.
 	holdEnd := time.Now().Add(cfg.hold)
+	// The profile covers the hold's whole seconds; its own cost (the
+	// runtime's sampling) is in the hold's CPU figure.
+	profiled := fetchCPUProfile(ctx, sc, cfg.cpuProfile, cfg.hold.Truncate(time.Second))
 	for {
 		left := time.Until(holdEnd)
 		if left <= 0 {
@@ -225,6 +257,10 @@ func runIdle(ctx context.Context, cfg idleConfig, im implSpec, progress io.Write
 	if res.Final, err = sc.get(ctx, "gc=1"); err != nil {
 		return nil, err
 	}
+	if err := profiled(); err != nil {
+		return nil, err
+	}
+	res.CPUProfile = cfg.cpuProfile
 	if cfg.heapProfile != "" {
 		if err := sc.saveHeapProfile(ctx, cfg.heapProfile); err != nil {
 			return nil, err
@@ -293,8 +329,12 @@ func (r *IdleResult) figures() []figure {
 
 func (r *IdleResult) print(w io.Writer) error {
 	const kib = 1 << 10
-	fmt.Fprintf(w, "tetherload idle -impl %s: %d conns, heartbeat %s/%s, hold %s, %d source IPs, dialled in %.1fs\n\n",
-		r.Impl, r.Conns, r.Interval, r.Timeout, r.Hold, r.Sources, r.DialSecs)
+	pin := ""
+	if r.Pinned != "" {
+		pin = ", pinned " + r.Pinned
+	}
+	fmt.Fprintf(w, "tetherload idle -impl %s: %d conns, heartbeat %s/%s, hold %s, %d source IPs%s, dialled in %.1fs\n\n",
+		r.Impl, r.Conns, r.Interval, r.Timeout, r.Hold, r.Sources, pin, r.DialSecs)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "server\tRSS MiB\theap MiB\tstack MiB\tgoroutines\topen conns\t")
 	for _, row := range []struct {
@@ -334,6 +374,9 @@ func (r *IdleResult) print(w io.Writer) error {
 	}
 	if r.HeapProfile != "" {
 		fmt.Fprintf(w, "server heap profile: %s\n", r.HeapProfile)
+	}
+	if r.CPUProfile != "" {
+		fmt.Fprintf(w, "server CPU profile of the hold: %s\n", r.CPUProfile)
 	}
 	return nil
 }
