@@ -101,12 +101,24 @@ func (s *site) stop() {
 }
 
 // kick closes every conn the site has accepted with 1000, as a server
-// application that ends them would.
+// application that ends them would. It waits for at least one: the hub
+// sends the welcome, which a client takes for being connected, before its
+// Observer.Connect records the conn here.
 func (s *site) kick() {
-	s.mu.Lock()
-	conns := s.conns
-	s.conns = nil
-	s.mu.Unlock()
+	s.t.Helper()
+	var conns []*tether.Conn
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		s.mu.Lock()
+		conns = s.conns
+		s.conns = nil
+		s.mu.Unlock()
+		if len(conns) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			s.t.Fatal("kick: no conn to close within 10 s")
+		}
+	}
 	for _, c := range conns {
 		c.Close(websocket.StatusNormalClosure, "kicked")
 	}
