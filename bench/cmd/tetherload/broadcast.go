@@ -268,7 +268,14 @@ func runBroadcast(ctx context.Context, cfg broadcastConfig, im implSpec, progres
 	}
 	loadCPU0, _ := cpuSeconds()
 	start := time.Now()
-	profiled := fetchCPUProfile(ctx, sc, cfg.profile, time.Duration(float64(cfg.m)/max(cfg.rate, 1)*float64(time.Second)))
+	// Paced, the profile spans the publishing; a burst's deliveries take a
+	// second or two (m seconds, as the pace of 1/s it was taken for, made
+	// a burst of 1,000 a profile of 17 minutes).
+	profileFor := 2 * time.Second
+	if cfg.rate > 0 {
+		profileFor = time.Duration(float64(cfg.m) / cfg.rate * float64(time.Second))
+	}
+	profiled := fetchCPUProfile(ctx, sc, cfg.profile, profileFor)
 	publish := func(from, n int) error {
 		url := fmt.Sprintf("%s/publish?topic=bench&n=%d&from=%d&size=%d&rate=%g", sc.base, n, from, cfg.size, cfg.rate)
 		req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, nil)
