@@ -1039,43 +1039,53 @@ func (b *Broker) unavailable() error {
 }
 
 // topicServer returns the server that runs the scripts of a topic whose
-// keys include key, and that server's run_id. In a cluster the scripts
+// keys include key, that server's run_id, and the guard the scripts check
+// it with (sameRun). In a cluster the scripts
 // run on the slot's master itself, following no redirection: a script
 // sent to a master that failed, and retried by the client on the replica
 // promoted in its place, would carry the failed master's run_id, which
 // the topic's record also holds (it was replicated), and the new master
 // would go on numbering where its copy stopped, reusing seqs that
 // clients may already have for other messages.
-func (b *Broker) topicServer(ctx context.Context, key string) (redis.Scripter, string, error) {
+func (b *Broker) topicServer(ctx context.Context, key string) (srv redis.Scripter, run, guard string, err error) {
 	if b.cluster == nil {
 		b.mu.Lock()
 		defer b.mu.Unlock()
-		return b.rdb, b.run, nil
+		// Until the session's subscription is in effect its run_id is
+		// fresh from the server, and there is nothing to check against.
+		if s := b.sess; s != nil {
+			select {
+			case <-s.nodeReady:
+				guard = b.nodeChannel(b.id)
+			default:
+			}
+		}
+		return b.rdb, b.run, guard, nil
 	}
 	c, err := b.cluster.MasterForKey(ctx, key)
 	if err != nil {
-		return nil, "", err
+		return nil, "", "", err
 	}
 	addr := c.Options().Addr
 	b.mu.Lock()
 	run, ok := b.runs[addr]
 	b.mu.Unlock()
 	if ok {
-		return c, run, nil
+		return c, run, "", nil
 	}
 	info, err := c.Info(ctx, "server").Result()
 	if err != nil {
-		return nil, "", err
+		return nil, "", "", err
 	}
 	if run, ok = infoField(info, "run_id"); !ok {
-		return nil, "", errors.New("redisbroker: INFO server has no run_id")
+		return nil, "", "", errors.New("redisbroker: INFO server has no run_id")
 	}
 	b.mu.Lock()
 	if b.runs != nil {
 		b.runs[addr] = run
 	}
 	b.mu.Unlock()
-	return c, run, nil
+	return c, run, "", nil
 }
 
 // infoField returns a field of an INFO reply.
@@ -1127,12 +1137,12 @@ func (b *Broker) Publish(ctx context.Context, topic string, data []byte) (adapte
 	}
 	defer done()
 	n := b.names(topic)
-	srv, run, err := b.topicServer(ctx, n.key("h"))
+	srv, run, guard, err := b.topicServer(ctx, n.key("h"))
 	if err != nil {
 		return adapter.Position{}, err
 	}
 	res, err := publishScript.Run(ctx, srv, []string{n.key("h"), n.key("x")},
-		data, newEpoch(), b.cfg.historyLen, b.ttl(b.cfg.historyAge), n.key("t"), run).Slice()
+		data, newEpoch(), b.cfg.historyLen, b.ttl(b.cfg.historyAge), n.key("t"), run, guard).Slice()
 	if err != nil {
 		b.topicFailed(err)
 		return adapter.Position{}, err
@@ -1151,6 +1161,15 @@ func (b *Broker) Publish(ctx context.Context, topic string, data []byte) (adapte
 // master's run_id, so it does).
 func (b *Broker) topicFailed(err error) {
 	if b.cluster == nil {
+		if redis.HasErrorPrefix(err, staleRun) {
+			// Another run of the server than the session's: a new
+			// session reads its run_id.
+			b.mu.Lock()
+			if s := b.sess; s != nil {
+				b.endLocked(s, fmt.Errorf("%w: %w", ErrUnavailable, err))
+			}
+			b.mu.Unlock()
+		}
 		return
 	}
 	b.mu.Lock()
@@ -1191,12 +1210,12 @@ func (b *Broker) Since(ctx context.Context, topic string, pos adapter.Position) 
 	}
 	defer done()
 	n := b.names(topic)
-	srv, run, err := b.topicServer(ctx, n.key("h"))
+	srv, run, guard, err := b.topicServer(ctx, n.key("h"))
 	if err != nil {
 		return nil, adapter.Position{}, false, err
 	}
 	res, err := sinceScript.Run(ctx, srv, []string{n.key("h"), n.key("x")},
-		pos.Epoch, pos.Seq, newEpoch(), b.ttl(b.cfg.historyAge), b.cfg.historyAge.Milliseconds(), run).Slice()
+		pos.Epoch, pos.Seq, newEpoch(), b.ttl(b.cfg.historyAge), b.cfg.historyAge.Milliseconds(), run, guard).Slice()
 	if err != nil {
 		b.topicFailed(err)
 		return nil, adapter.Position{}, false, err

@@ -30,12 +30,12 @@ func (ib inbox) Append(ctx context.Context, userID string, data []byte) (adapter
 	}
 	defer done()
 	u := b.names(userID)
-	srv, run, err := b.topicServer(ctx, u.key("ie"))
+	srv, run, guard, err := b.topicServer(ctx, u.key("ie"))
 	if err != nil {
 		return adapter.Position{}, err
 	}
 	res, err := inboxAppendScript.Run(ctx, srv, []string{u.key("ie"), u.key("i")},
-		data, newEpoch(), b.cfg.inboxLen, b.ttl(b.cfg.inboxAge), run, b.cfg.inboxAge.Milliseconds()).Slice()
+		data, newEpoch(), b.cfg.inboxLen, b.ttl(b.cfg.inboxAge), run, b.cfg.inboxAge.Milliseconds(), guard).Slice()
 	if err != nil {
 		b.topicFailed(err)
 		return adapter.Position{}, err
@@ -55,11 +55,11 @@ func (ib inbox) Pending(ctx context.Context, userID string) (string, []adapter.I
 	}
 	defer done()
 	u := b.names(userID)
-	srv, run, err := b.topicServer(ctx, u.key("ie"))
+	srv, run, guard, err := b.topicServer(ctx, u.key("ie"))
 	if err != nil {
 		return "", nil, err
 	}
-	res, err := inboxPendingScript.Run(ctx, srv, []string{u.key("ie"), u.key("i")}, run, b.cfg.inboxAge.Milliseconds()).Slice()
+	res, err := inboxPendingScript.Run(ctx, srv, []string{u.key("ie"), u.key("i")}, run, b.cfg.inboxAge.Milliseconds(), guard).Slice()
 	if err != nil {
 		b.topicFailed(err)
 		return "", nil, err
@@ -90,9 +90,10 @@ func (ib inbox) Ack(ctx context.Context, userID string, pos adapter.Position) er
 
 // inboxAppendScript: KEYS meta (e epoch, s last seq, r run_id), stream
 // (IDs <seq>-0, fields d data, t ms); ARGV data, candidate epoch, max
-// messages, key ttl ms, run_id, max age ms (0: none). Returns {epoch,
+// messages, key ttl ms, run_id, max age ms (0: none), guard (sameRun).
+// Returns {epoch,
 // seq}, seq 0 when the inbox is full.
-var inboxAppendScript = redis.NewScript(nowMs + `
+var inboxAppendScript = redis.NewScript(nowMs + sameRun + `
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e or redis.call('HGET', KEYS[1], 'r') ~= ARGV[5] then
   e = ARGV[2]
@@ -121,10 +122,11 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return {e, s}
 `)
 
-// inboxPendingScript: KEYS meta, stream; ARGV run_id, max age ms.
+// inboxPendingScript: KEYS meta, stream; ARGV run_id, max age ms, guard
+// (sameRun).
 // Returns {} when the user has none, else {epoch, seq, data, seq, data,
 // ...}, oldest first, without the expired.
-var inboxPendingScript = redis.NewScript(nowMs + `
+var inboxPendingScript = redis.NewScript(nowMs + sameRun + `
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e or redis.call('HGET', KEYS[1], 'r') ~= ARGV[1] then
   return {}
