@@ -490,9 +490,9 @@ func (c *config) validate() error {
 // from the latest of: our last ping, a write of ours that waited for it to
 // make room in the socket, and (accepted conns on Linux) a look, once it
 // is silent past a ping, at which its TCP reported that it had read more
-// of what we sent. A peer that stops reading, or whose host is gone, moves
-// none of these from then on, and is dropped at most one timeout later
-// than a peer that was silent all along.
+// of what we sent. A peer whose host is gone moves none of these, and is
+// dropped at most one timeout later than a peer silent all along; one
+// whose application stopped reading, once its receive buffer is full.
 func WithHeartbeat(interval, timeout time.Duration) Option {
 	return optionFunc(func(c *config) { c.interval, c.timeout = interval, timeout })
 }

@@ -473,10 +473,11 @@ func (p *poller) run() {
 // Consumed returns how far into what we wrote the peer's application has
 // read, give or take its receive buffer: the bytes its TCP acknowledged
 // plus the window it advertises, the right edge of that window (RFC 9293,
-// section 3.8.6). It grows only when the application reads (and the
-// buffer has room for more), never as data merely arrives: a frozen
-// process with data waiting does not move it. ok is false when the kernel
-// does not say (Linux before 5.4 has no tcpi_snd_wnd).
+// section 3.8.6). It grows when the application reads. As data merely
+// arrives it grows only while the peer's kernel still enlarges the
+// receive buffer toward its limit: a frozen process moves it by at most
+// that buffer, and once the buffer is full not at all. ok is false when
+// the kernel does not say (Linux before 5.4 has no tcpi_snd_wnd).
 func (pc *Conn) Consumed() (edge uint64, ok bool) {
 	var info [tcpInfoLen]byte
 	size := uint32(len(info))
