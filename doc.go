@@ -21,8 +21,9 @@
 // # Sending and receiving
 //
 // [Conn.Send] queues without blocking onto a queue bounded in messages and
-// bytes ([Limits]); a writer goroutine exists only while the queue holds
-// messages, and each write has a timeout so a stalled reader is dropped
+// bytes ([Limits]); a writer goroutine runs only while the queue holds
+// messages (a hub keeps finished ones for the next writer), and each write
+// has a timeout so a stalled reader is dropped
 // rather than holding anyone up. Inbound messages go to the [OnMessage]
 // function.
 //
