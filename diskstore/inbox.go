@@ -282,33 +282,17 @@ func (ib *inbox) sweepTx(tx *bolt.Tx, now int64, limit int) error {
 	if ib.s.cfg.inAge <= 0 {
 		return nil
 	}
-	age := tx.Bucket(bucketIAge)
-	for range limit {
-		k, user := age.Cursor().First()
-		if k == nil {
-			return nil
-		}
-		ks, err := decodeKey(k, 3)
-		if err != nil {
-			return err
-		}
-		if !ib.expired(int64(ks[0]), now) {
-			return nil
-		}
-		userID := string(user)
+	return sweepAges(tx, bucketIAge, limit, func(t int64) bool { return ib.expired(t, now) }, func(userID string, id, head uint64) error {
 		r, exists, err := getInbox(tx, userID)
 		if err != nil {
 			return err
 		}
-		if !exists || r.id != ks[1] || r.head != ks[2] {
-			return corrupt("age entry of the inbox of %q, message %d, points to no oldest message", userID, ks[2])
+		if !exists || r.id != id || r.head != head {
+			return corrupt("age entry of the inbox of %q, message %d, points to no oldest message", userID, head)
 		}
 		if err := ib.popTx(tx, &r); err != nil {
 			return err
 		}
-		if err := ib.putTx(tx, userID, r); err != nil {
-			return err
-		}
-	}
-	return nil
+		return ib.putTx(tx, userID, r)
+	})
 }

@@ -273,7 +273,30 @@ func (o *offline) sweepTx(tx *bolt.Tx, now int64, limit int) error {
 	if o.s.cfg.offAge <= 0 {
 		return nil
 	}
-	age := tx.Bucket(bucketOAge)
+	return sweepAges(tx, bucketOAge, limit, func(t int64) bool { return o.expired(t, now) }, func(userID string, id, head uint64) error {
+		r, exists, err := getUser(tx, userID)
+		if err != nil {
+			return err
+		}
+		if !exists || r.id != id || r.head != head {
+			return corrupt("age entry of user %q's message %d points to no oldest message", userID, head)
+		}
+		if err := o.popTx(tx, &r); err != nil {
+			return err
+		}
+		if r.n() == 0 {
+			return o.removeTx(tx, userID)
+		}
+		return tx.Bucket(bucketUsers).Put(nameKey(userID), r.encode())
+	})
+}
+
+// sweepAges drops up to limit of the oldest messages an age bucket lists
+// (keys: time, record id, message index; values: the user), while expired
+// says their time is past: drop removes the user's oldest message, which
+// the entry must be, and its entry with it.
+func sweepAges(tx *bolt.Tx, bucket []byte, limit int, expired func(t int64) bool, drop func(userID string, id, head uint64) error) error {
+	age := tx.Bucket(bucket)
 	for range limit {
 		k, user := age.Cursor().First()
 		if k == nil {
@@ -283,26 +306,10 @@ func (o *offline) sweepTx(tx *bolt.Tx, now int64, limit int) error {
 		if err != nil {
 			return err
 		}
-		if !o.expired(int64(ks[0]), now) {
+		if !expired(int64(ks[0])) {
 			return nil
 		}
-		userID := string(user)
-		r, exists, err := getUser(tx, userID)
-		if err != nil {
-			return err
-		}
-		if !exists || r.id != ks[1] || r.head != ks[2] {
-			return corrupt("age entry of user %q's message %d points to no oldest message", userID, ks[2])
-		}
-		if err := o.popTx(tx, &r); err != nil {
-			return err
-		}
-		if r.n() == 0 {
-			err = o.removeTx(tx, userID)
-		} else {
-			err = tx.Bucket(bucketUsers).Put(nameKey(userID), r.encode())
-		}
-		if err != nil {
+		if err := drop(string(user), ks[1], ks[2]); err != nil {
 			return err
 		}
 	}
