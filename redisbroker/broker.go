@@ -79,6 +79,9 @@ type Broker struct {
 
 	node adapter.Node
 	id   string
+	// ownChannel is this node's channel, set with id: the numbering
+	// scripts check for its subscription on every call (sameRun).
+	ownChannel string
 
 	ctx    context.Context // ends with Close
 	cancel context.CancelFunc
@@ -220,6 +223,7 @@ func (b *Broker) Open(node adapter.Node) error {
 		return errors.New("redisbroker: a broker serves one hub")
 	}
 	b.node, b.id = node, node.ID()
+	b.ownChannel = b.nodeChannel(b.id)
 	b.ctx, b.cancel = context.WithCancel(context.Background())
 	b.writerStop, b.writerDone = make(chan struct{}), make(chan struct{})
 	b.wg.Add(2)
@@ -315,7 +319,7 @@ func (b *Broker) session() error {
 	}
 	s.ctx, s.cancel = context.WithCancel(b.ctx)
 	defer s.cancel()
-	nodeChannel := b.nodeChannel(b.id)
+	nodeChannel := b.ownChannel
 
 	// Where each channel goes is asked of the cluster before taking mu.
 	b.mu.Lock()
@@ -495,7 +499,7 @@ type ticket struct {
 // fails.
 func (b *Broker) receive(s *session, addr string, ps *redis.PubSub) {
 	defer s.receivers.Done()
-	nodeChannel := b.nodeChannel(b.id)
+	nodeChannel := b.ownChannel
 	for {
 		msg, err := ps.Receive(s.ctx)
 		if err != nil {
@@ -1056,7 +1060,7 @@ func (b *Broker) topicServer(ctx context.Context, key string) (srv redis.Scripte
 		if s := b.sess; s != nil {
 			select {
 			case <-s.nodeReady:
-				guard = b.nodeChannel(b.id)
+				guard = b.ownChannel
 			default:
 			}
 		}
