@@ -259,17 +259,8 @@ func (ib *inbox) trimTx(tx *bolt.Tx, userID string, now int64) (inboxRec, bool, 
 // popTx drops the oldest message of r, which must have one, and its
 // cost. The caller writes r (putTx).
 func (ib *inbox) popTx(tx *bolt.Tx, r *inboxRec) error {
-	k := key2(r.id, r.head)
-	msgs := tx.Bucket(bucketIMsgs)
-	at, data, err := decodeMsg(msgs.Get(k))
+	size, err := deleteMsg(tx, bucketIMsgs, bucketIAge, r.id, r.head)
 	if err != nil {
-		return err
-	}
-	size := int64(len(data))
-	if err := tx.Bucket(bucketIAge).Delete(key3(timeKey(at), r.id, r.head)); err != nil {
-		return err
-	}
-	if err := msgs.Delete(k); err != nil {
 		return err
 	}
 	r.head++

@@ -241,17 +241,8 @@ func (o *offline) trimTx(tx *bolt.Tx, userID string, now int64) (userRec, bool, 
 // popTx drops the oldest message of r, which must have one, and its cost.
 // The caller writes r, or removes it once it has no message left.
 func (o *offline) popTx(tx *bolt.Tx, r *userRec) error {
-	k := key2(r.id, r.head)
-	msgs := tx.Bucket(bucketOMsgs)
-	at, data, err := decodeMsg(msgs.Get(k))
+	size, err := deleteMsg(tx, bucketOMsgs, bucketOAge, r.id, r.head)
 	if err != nil {
-		return err
-	}
-	size := int64(len(data))
-	if err := tx.Bucket(bucketOAge).Delete(key3(timeKey(at), r.id, r.head)); err != nil {
-		return err
-	}
-	if err := msgs.Delete(k); err != nil {
 		return err
 	}
 	r.head++
@@ -289,6 +280,22 @@ func (o *offline) sweepTx(tx *bolt.Tx, now int64, limit int) error {
 		}
 		return tx.Bucket(bucketUsers).Put(nameKey(userID), r.encode())
 	})
+}
+
+// deleteMsg deletes message i of the user record id from the msgs bucket,
+// and its entry from the age bucket, and returns the size of its data.
+func deleteMsg(tx *bolt.Tx, msgsBucket, ageBucket []byte, id, i uint64) (int64, error) {
+	k := key2(id, i)
+	msgs := tx.Bucket(msgsBucket)
+	at, data, err := decodeMsg(msgs.Get(k))
+	if err != nil {
+		return 0, err
+	}
+	size := int64(len(data))
+	if err := tx.Bucket(ageBucket).Delete(key3(timeKey(at), id, i)); err != nil {
+		return 0, err
+	}
+	return size, msgs.Delete(k)
 }
 
 // sweepAges drops up to limit of the oldest messages an age bucket lists
