@@ -403,7 +403,7 @@ func (h *Hub) relayed(b []byte) {
 		if h.cfg.inbox == nil {
 			return
 		}
-		if entry, ok := inboxEntry(Position{Epoch: cmd.Epoch, Seq: cmd.Seq}, cmd.Data); ok {
+		if entry, ok := directEntryAt(Position{Epoch: cmd.Epoch, Seq: cmd.Seq}, cmd.Data); ok {
 			h.deliverInbox(cmd.User, cmd.Data, entry)
 		}
 	case relaySubscribe, relayUnsubscribe:

@@ -2,8 +2,6 @@ package tether
 
 import (
 	"fmt"
-
-	"github.com/tether-ws/tether/internal/wire"
 )
 
 // This file is the hub's side of an inbox (WithInbox, PROTOCOL.md "The
@@ -26,7 +24,7 @@ func (h *Hub) sendToInbox(userID string, raw []byte) error {
 	if err != nil {
 		return fmt.Errorf("tether: inbox: %w", err)
 	}
-	entry, ok := inboxEntry(pos, raw)
+	entry, ok := directEntryAt(pos, raw)
 	if !ok {
 		return nil
 	}
@@ -39,20 +37,6 @@ func (h *Hub) sendToInbox(userID string, raw []byte) error {
 		}
 	}
 	return nil
-}
-
-// inboxEntry returns a v1 peer's queue entry for the inbox message raw at
-// pos, and false for data no v1 peer could read.
-func inboxEntry(pos Position, raw []byte) ([]byte, bool) {
-	kind, data := wire.Load(raw)
-	if kind == wire.KindJSON {
-		compact, err := wire.CompactData(data)
-		if err != nil {
-			return nil, false
-		}
-		data = compact
-	}
-	return msgEntryOf("", pos.Epoch, pos.Seq, kind, data), true
 }
 
 // deliverInbox queues an inbox message for the user's conns on this
@@ -87,7 +71,7 @@ func (h *Hub) replayInbox(c *Conn) {
 	}
 	var j joiner
 	for _, e := range pending {
-		if entry, ok := inboxEntry(Position{Epoch: epoch, Seq: e.Seq}, e.Data); ok {
+		if entry, ok := directEntryAt(Position{Epoch: epoch, Seq: e.Seq}, e.Data); ok {
 			j.add(entry)
 		}
 	}

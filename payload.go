@@ -81,7 +81,10 @@ func msgEntryOf(topic, epoch string, seq uint64, kind wire.Kind, data []byte) []
 // directEntry returns a v1 peer's queue entry for a direct message kept
 // as a raw peer gets it (by the offline store, or a broker), and false
 // for one no v1 peer could read (not from SendToUser).
-func directEntry(raw []byte) ([]byte, bool) {
+func directEntry(raw []byte) ([]byte, bool) { return directEntryAt(Position{}, raw) }
+
+// directEntryAt is directEntry for an inbox message, at pos.
+func directEntryAt(pos Position, raw []byte) ([]byte, bool) {
 	kind, data := wire.Load(raw)
 	if kind == wire.KindJSON {
 		compact, err := wire.CompactData(data)
@@ -90,7 +93,7 @@ func directEntry(raw []byte) ([]byte, bool) {
 		}
 		data = compact
 	}
-	return msgEntryOf("", "", 0, kind, data), true
+	return msgEntryOf("", pos.Epoch, pos.Seq, kind, data), true
 }
 
 // joiner joins v1 queue entries, with newlines, into entries of up to
